@@ -1,0 +1,193 @@
+//! Blob files: contents named by their BLAKE3 hash, and the staging files
+//! bytes are written to before they are published.
+//!
+//! Invariants:
+//! - A blob file's bytes hash to its name. It is made durable (fsync of the
+//!   file and of its shard directory) before it is linked into place, and
+//!   it is linked create-only (`link()`), so a blob file never changes.
+//! - A blob is checked against its hash when it is read back from anywhere
+//!   it could have been damaged; one that fails is moved to `quarantine/`
+//!   and never served.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::ids::{BlobId, Ino};
+
+/// Bytes read per step while hashing or copying.
+const CHUNK_BYTES: usize = 256 * 1024;
+
+pub struct Blobs {
+    root: PathBuf,
+}
+
+/// What hashing a file found.
+pub struct Hashed {
+    pub id: BlobId,
+    pub size: u64,
+    /// The first bytes, for classes decided by a header.
+    pub head: [u8; 4],
+    pub head_len: usize,
+}
+
+impl Blobs {
+    pub fn new(root: &Path) -> Blobs {
+        Blobs { root: root.to_path_buf() }
+    }
+
+    pub fn blob_path(&self, id: &BlobId) -> PathBuf {
+        let hex = id.hex();
+        self.root.join("blobs").join(&hex[..2]).join(hex)
+    }
+
+    pub fn staging_path(&self, ino: Ino) -> PathBuf {
+        self.root.join("staging").join(ino.0.to_string())
+    }
+
+    pub fn staging_dir(&self) -> PathBuf {
+        self.root.join("staging")
+    }
+
+    /// Creates (or truncates) the staging file of `ino`.
+    pub fn create_staging(&self, ino: Ino) -> Result<File> {
+        let path = self.staging_path(ino);
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| Error::io(e, format_args!("create staging file {}", path.display())))
+    }
+
+    pub fn open_staging(&self, ino: Ino, write: bool) -> Result<File> {
+        let path = self.staging_path(ino);
+        OpenOptions::new()
+            .read(true)
+            .write(write)
+            .open(&path)
+            .map_err(|e| Error::io(e, format_args!("open staging file {}", path.display())))
+    }
+
+    pub fn remove_staging(&self, ino: Ino) {
+        let path = self.staging_path(ino);
+        if let Err(e) = fs::remove_file(&path) {
+            if e.kind() != io::ErrorKind::NotFound {
+                log::warn!("remove staging file {} failed: {e}", path.display());
+            }
+        }
+    }
+
+    pub fn open_blob(&self, id: &BlobId) -> Result<File> {
+        let path = self.blob_path(id);
+        File::open(&path).map_err(|e| Error::io(e, format_args!("open blob {id}")))
+    }
+
+    /// Hashes a whole file.
+    pub fn hash_file(file: &File) -> Result<Hashed> {
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; CHUNK_BYTES];
+        let mut head = [0u8; 4];
+        let mut head_len = 0;
+        let mut offset = 0u64;
+        loop {
+            let n = file.read_at(&mut buf, offset).map_err(|e| Error::io(e, "read file to hash"))?;
+            if n == 0 {
+                break;
+            }
+            if head_len < 4 {
+                let take = (4 - head_len).min(n);
+                head[head_len..head_len + take].copy_from_slice(&buf[..take]);
+                head_len += take;
+            }
+            hasher.update(&buf[..n]);
+            offset += n as u64;
+        }
+        Ok(Hashed { id: BlobId(*hasher.finalize().as_bytes()), size: offset, head, head_len })
+    }
+
+    /// True if the blob's bytes on disk still hash to its name.
+    pub fn verify(file: &File, id: &BlobId) -> Result<bool> {
+        Ok(Blobs::hash_file(file)?.id == *id)
+    }
+
+    /// Makes `staged` (a file whose bytes hash to `id`) the blob `id`.
+    /// Returns false if the blob was already there (dedup): then the staged
+    /// file is left alone for the caller to drop.
+    pub fn install(&self, staged: &Path, staged_file: &File, id: &BlobId) -> Result<bool> {
+        let dest = self.blob_path(id);
+        if dest.exists() {
+            return Ok(false);
+        }
+        staged_file.sync_data().map_err(|e| Error::io(e, format_args!("fsync {}", staged.display())))?;
+        match fs::hard_link(staged, &dest) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
+            Err(e) => return Err(Error::io(e, format_args!("link blob {id}"))),
+        }
+        let _ = fs::set_permissions(&dest, fs::Permissions::from_mode(0o444));
+        let shard = dest.parent().expect("blob paths have a shard directory");
+        File::open(shard)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| Error::io(e, format_args!("fsync {}", shard.display())))?;
+        Ok(true)
+    }
+
+    /// Copies `src` into a fresh file at `dest` (for publishing bytes that a
+    /// writer still holds open, and for copy-up of a blob about to change).
+    pub fn copy_file(src: &File, dest: &File, limit: Option<u64>) -> Result<()> {
+        let mut buf = vec![0u8; CHUNK_BYTES];
+        let mut offset = 0u64;
+        loop {
+            let want = match limit {
+                Some(l) if offset >= l => break,
+                Some(l) => ((l - offset) as usize).min(CHUNK_BYTES),
+                None => CHUNK_BYTES,
+            };
+            let n = src.read_at(&mut buf[..want], offset).map_err(|e| Error::io(e, "copy: read"))?;
+            if n == 0 {
+                break;
+            }
+            dest.write_all_at(&buf[..n], offset).map_err(|e| Error::io(e, "copy: write"))?;
+            offset += n as u64;
+        }
+        Ok(())
+    }
+
+    pub fn remove_blob(&self, id: &BlobId) {
+        let path = self.blob_path(id);
+        if let Err(e) = fs::remove_file(&path) {
+            if e.kind() != io::ErrorKind::NotFound {
+                log::warn!("remove blob {id} failed: {e}");
+            }
+        }
+    }
+
+    /// Moves a blob that failed verification out of the way.
+    pub fn quarantine(&self, id: &BlobId) {
+        let from = self.blob_path(id);
+        let to = self.root.join("quarantine").join(id.hex());
+        if let Err(e) = fs::rename(&from, &to) {
+            log::warn!("quarantine blob {id} failed: {e}; removing it");
+            self.remove_blob(id);
+        }
+    }
+
+    /// Names of files in the staging directory (bounded by the number of
+    /// files being written plus host-local files).
+    pub fn staging_files(&self) -> Vec<(String, PathBuf)> {
+        let Ok(rd) = fs::read_dir(self.staging_dir()) else { return Vec::new() };
+        rd.filter_map(|e| e.ok()).map(|e| (e.file_name().to_string_lossy().into_owned(), e.path())).collect()
+    }
+}
+
+/// Reads a whole small file (used by tests and fsck).
+pub fn read_all(mut f: &File) -> io::Result<Vec<u8>> {
+    let mut v = Vec::new();
+    f.read_to_end(&mut v)?;
+    Ok(v)
+}

@@ -1,0 +1,269 @@
+//! Unit tests of the core without FUSE: a real store in a temporary
+//! directory, driven through the same calls the adapter makes.
+
+use super::*;
+use crate::meta::open_store;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicUsize;
+
+static SEQ: AtomicUsize = AtomicUsize::new(0);
+
+struct TempStore(PathBuf);
+
+impl TempStore {
+    fn new() -> TempStore {
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("casfs-unit-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        TempStore(p)
+    }
+    fn core(&self) -> Core {
+        self.core_with(100)
+    }
+    fn core_with(&self, verify_percent: u32) -> Core {
+        let store = open_store(&self.0).unwrap();
+        Core::start(store, Config { rules: Rules::new(&[]).unwrap(), verify_percent }).unwrap()
+    }
+}
+
+impl Drop for TempStore {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+const ME: Caller = Caller { uid: 0, gid: 0 };
+const RESULT: &[u8] = b"c8aiq5frsd7ctaaepqbvl8shkb4kcjcR";
+
+fn mkdirs(core: &Core) -> Ino {
+    let a = core.mkdir(Ino::ROOT, b"a", 0o755, ME).unwrap().ino;
+    core.mkdir(a, b"e", 0o755, ME).unwrap().ino
+}
+
+/// Writes `bytes` to a new temporary file in `dir`, closes it, returns its name.
+fn write_tmp(core: &Core, dir: Ino, name: &str, bytes: &[u8]) -> Vec<u8> {
+    let (_, fh) = core.create(dir, name.as_bytes(), 0o644, libc::O_EXCL, ME).unwrap();
+    core.write(fh, 0, bytes).unwrap();
+    core.flush(fh).unwrap();
+    core.release(fh).unwrap();
+    name.as_bytes().to_vec()
+}
+
+fn read_name(core: &Core, dir: Ino, name: &[u8]) -> Result<Vec<u8>> {
+    let ino = core.lookup(dir, name)?.ino;
+    let (fh, _) = core.open(ino, libc::O_RDONLY)?;
+    let data = core.read(fh, 0, 1 << 20);
+    core.release(fh)?;
+    data
+}
+
+fn count(c: &AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
+}
+
+#[test]
+fn rename_onto_existing_result_keeps_first_writer() {
+    let t = TempStore::new();
+    let core = t.core();
+    let d = mkdirs(&core);
+    let first = write_tmp(&core, d, "x.tmp.1.tmp", b"first");
+    core.rename(d, &first, d, RESULT, 0).unwrap();
+    let second = write_tmp(&core, d, "x.tmp.2.tmp", b"second");
+    core.rename(d, &second, d, RESULT, 0).unwrap();
+    assert_eq!(read_name(&core, d, RESULT).unwrap(), b"first");
+    assert_eq!(core.lookup(d, &second).unwrap_err().code(), libc::ENOENT);
+    assert_eq!(count(&core.stats.counters.conflicts), 1);
+    assert_eq!(count(&core.stats.counters.publications), 1);
+}
+
+#[test]
+fn link_onto_existing_result_succeeds_and_keeps_content() {
+    let t = TempStore::new();
+    let core = t.core();
+    let d = mkdirs(&core);
+    let a = write_tmp(&core, d, "a.tmp", b"one");
+    core.rename(d, &a, d, RESULT, 0).unwrap();
+    let b = write_tmp(&core, d, "b.tmp", b"two");
+    let b_ino = core.lookup(d, &b).unwrap().ino;
+    core.link(b_ino, d, RESULT).unwrap();
+    assert_eq!(read_name(&core, d, RESULT).unwrap(), b"one");
+    assert_eq!(count(&core.stats.counters.conflicts), 1);
+}
+
+#[test]
+fn rename_noreplace_refuses_existing_name() {
+    let t = TempStore::new();
+    let core = t.core();
+    let a = write_tmp(&core, Ino::ROOT, "a.tmp", b"1");
+    let b = write_tmp(&core, Ino::ROOT, "b.tmp", b"2");
+    let e = core.rename(Ino::ROOT, &a, Ino::ROOT, &b, libc::RENAME_NOREPLACE).unwrap_err();
+    assert_eq!(e.code(), libc::EEXIST);
+}
+
+#[test]
+fn identical_contents_are_stored_once() {
+    let t = TempStore::new();
+    let core = t.core();
+    let d = mkdirs(&core);
+    for (i, name) in [b"aaaaaaaaaaaaaaaaaaaaR".as_ref(), b"bbbbbbbbbbbbbbbbbbbbR"].iter().enumerate() {
+        let tmp = write_tmp(&core, d, &format!("t{i}.tmp"), b"same bytes");
+        core.rename(d, &tmp, d, name, 0).unwrap();
+    }
+    let g = core.inner.lock().unwrap().gauges;
+    assert_eq!(g.blobs, 1);
+    assert_eq!(g.bytes_stored, 10);
+    assert_eq!(g.bytes_logical, 20);
+}
+
+#[test]
+fn manifest_rename_replaces_last_writer_wins() {
+    let t = TempStore::new();
+    let core = t.core();
+    let d = mkdirs(&core);
+    let m = b"7akuu12pqg5l3n8scba4tpo4qcidrbgM";
+    for body in [b"v1".as_ref(), b"v2"] {
+        let tmp = write_tmp(&core, d, "m.tmp", body);
+        core.rename(d, &tmp, d, m, 0).unwrap();
+    }
+    assert_eq!(read_name(&core, d, m).unwrap(), b"v2");
+    let g = core.inner.lock().unwrap().gauges;
+    assert_eq!(g.blobs, 1, "the replaced manifest's blob is freed");
+}
+
+#[test]
+fn file_created_under_result_name_appears_only_at_close() {
+    let t = TempStore::new();
+    let core = t.core();
+    let d = mkdirs(&core);
+    let (_, fh) = core.create(d, RESULT, 0o644, 0, ME).unwrap();
+    core.write(fh, 0, b"partial").unwrap();
+    assert_eq!(core.lookup(d, RESULT).unwrap_err().code(), libc::ENOENT);
+    core.write(fh, 7, b" and whole").unwrap();
+    core.flush(fh).unwrap();
+    core.release(fh).unwrap();
+    assert_eq!(read_name(&core, d, RESULT).unwrap(), b"partial and whole");
+}
+
+#[test]
+fn open_file_keeps_its_bytes_after_unlink_and_replace() {
+    let t = TempStore::new();
+    let core = t.core();
+    let d = mkdirs(&core);
+    let m = b"7akuu12pqg5l3n8scba4tpo4qcidrbgM";
+    let tmp = write_tmp(&core, d, "m.tmp", b"old");
+    core.rename(d, &tmp, d, m, 0).unwrap();
+    let ino = core.lookup(d, m).unwrap().ino;
+    let (fh, _) = core.open(ino, libc::O_RDONLY).unwrap();
+    let tmp = write_tmp(&core, d, "m2.tmp", b"new");
+    core.rename(d, &tmp, d, m, 0).unwrap();
+    assert_eq!(core.read(fh, 0, 100).unwrap(), b"old");
+    core.release(fh).unwrap();
+    core.forget(ino, 1);
+    assert_eq!(read_name(&core, d, m).unwrap(), b"new");
+}
+
+#[test]
+fn posix_errors_are_the_expected_errno() {
+    let t = TempStore::new();
+    let core = t.core();
+    let d = mkdirs(&core);
+    assert_eq!(core.lookup(d, b"nope").unwrap_err().code(), libc::ENOENT);
+    assert_eq!(core.mkdir(Ino::ROOT, b"a", 0o755, ME).unwrap_err().code(), libc::EEXIST);
+    assert_eq!(core.rmdir(Ino::ROOT, b"a").unwrap_err().code(), libc::ENOTEMPTY);
+    let long = vec![b'x'; 256];
+    assert_eq!(core.create(d, &long, 0o644, 0, ME).unwrap_err().code(), libc::ENAMETOOLONG);
+    assert_eq!(core.lookup(d, &long).unwrap_err().code(), libc::ENAMETOOLONG);
+    write_tmp(&core, d, "f.tmp", b"x");
+    assert_eq!(core.create(d, b"f.tmp", 0o644, libc::O_EXCL, ME).unwrap_err().code(), libc::EEXIST);
+    assert_eq!(core.unlink(Ino::ROOT, b"a").unwrap_err().code(), libc::EISDIR);
+    assert_eq!(core.rmdir(d, b"f.tmp").unwrap_err().code(), libc::ENOTDIR);
+    let f = core.lookup(d, b"f.tmp").unwrap().ino;
+    assert_eq!(core.mkdir(f, b"x", 0o755, ME).unwrap_err().code(), libc::ENOTDIR);
+    assert_eq!(core.mkdir(Ino::ROOT, b".casfs", 0o755, ME).unwrap_err().code(), libc::EEXIST);
+}
+
+#[test]
+fn touches_never_move_mtime_backwards() {
+    let t = TempStore::new();
+    let core = t.core();
+    let name = write_tmp(&core, Ino::ROOT, "x.alive", b"");
+    let ino = core.lookup(Ino::ROOT, &name).unwrap().ino;
+    let mut prev = core.getattr(ino).unwrap().mtime_ns;
+    for _ in 0..100 {
+        let now = core.setattr(ino, SetAttr { touch: true, ..Default::default() }).unwrap().mtime_ns;
+        assert!(now > prev);
+        prev = now;
+    }
+}
+
+#[test]
+fn entries_survive_a_restart_and_unpublished_files_do_not() {
+    let t = TempStore::new();
+    let d;
+    {
+        let core = t.core();
+        d = mkdirs(&core);
+        let tmp = write_tmp(&core, d, "a.tmp", b"kept");
+        core.rename(d, &tmp, d, RESULT, 0).unwrap();
+        // A file still being written under a result name when we "crash".
+        let (_, fh) = core.create(d, b"zzzzzzzzzzzzzzzzzzzzzzzzR", 0o644, 0, ME).unwrap();
+        core.write(fh, 0, b"half").unwrap();
+    }
+    let core = t.core();
+    assert_eq!(read_name(&core, d, RESULT).unwrap(), b"kept");
+    assert_eq!(core.lookup(d, b"zzzzzzzzzzzzzzzzzzzzzzzzR").unwrap_err().code(), libc::ENOENT);
+    assert_eq!(std::fs::read_dir(t.0.join("staging")).unwrap().count(), 0);
+}
+
+#[test]
+fn corrupt_blob_is_never_served() {
+    let t = TempStore::new();
+    let core = t.core();
+    let d = mkdirs(&core);
+    let tmp = write_tmp(&core, d, "a.tmp", b"good bytes");
+    core.rename(d, &tmp, d, RESULT, 0).unwrap();
+    let path = core.blobs.blob_path(&BlobId::of(b"good bytes"));
+    let mut perms = std::fs::metadata(&path).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o644);
+    std::fs::set_permissions(&path, perms).unwrap();
+    std::fs::write(&path, b"evil bytes").unwrap();
+    assert_eq!(read_name(&core, d, RESULT).unwrap_err().code(), libc::EIO);
+    assert_eq!(count(&core.stats.counters.corrupt_blobs), 1);
+    // The name is gone: the next lookup is a miss, so the cache refills it.
+    assert_eq!(core.lookup(d, RESULT).unwrap_err().code(), libc::ENOENT);
+}
+
+#[test]
+fn ccache_4_13_entries_are_classed_by_header() {
+    let t = TempStore::new();
+    let core = t.core();
+    let d = mkdirs(&core);
+    let result_name = b"0123456789abcdef0123456789abcd";
+    let manifest_name = b"fedcba9876543210fedcba98765432";
+    for body in [&[0xcc, 0xac, 1, 0, b'a'][..], &[0xcc, 0xac, 1, 0, b'b']] {
+        let tmp = write_tmp(&core, d, "r.tmp", body);
+        core.rename(d, &tmp, d, result_name, 0).unwrap();
+    }
+    assert_eq!(read_name(&core, d, result_name).unwrap(), [0xcc, 0xac, 1, 0, b'a']);
+    for body in [&[0xcc, 0xac, 1, 1, b'a'][..], &[0xcc, 0xac, 1, 1, b'b']] {
+        let tmp = write_tmp(&core, d, "m.tmp", body);
+        core.rename(d, &tmp, d, manifest_name, 0).unwrap();
+    }
+    assert_eq!(read_name(&core, d, manifest_name).unwrap(), [0xcc, 0xac, 1, 1, b'b']);
+}
+
+#[test]
+fn stats_directory_is_read_only_and_only_at_root() {
+    let t = TempStore::new();
+    let core = t.core();
+    let d = mkdirs(&core);
+    let s = core.lookup(Ino::ROOT, b".casfs").unwrap().ino;
+    let f = core.lookup(s, b"stats.json").unwrap().ino;
+    assert_eq!(core.open(f, libc::O_WRONLY).unwrap_err().code(), libc::EROFS);
+    assert_eq!(core.create(s, b"x", 0o644, 0, ME).unwrap_err().code(), libc::EROFS);
+    assert_eq!(core.lookup(d, b".casfs").unwrap_err().code(), libc::ENOENT);
+    let (fh, direct) = core.open(f, libc::O_RDONLY).unwrap();
+    assert!(direct);
+    let text = String::from_utf8(core.read(fh, 0, 1 << 16).unwrap()).unwrap();
+    assert!(text.contains("\"fuse_requests_total\":"));
+}

@@ -1,0 +1,88 @@
+//! Identities: inode numbers and blob ids, each its own type.
+
+use std::fmt;
+
+/// An inode number. `Ino::ROOT` is the mount root; numbers below
+/// `Ino::FIRST_DYNAMIC` are reserved for the daemon's virtual files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Ino(pub u64);
+
+impl Ino {
+    pub const ROOT: Ino = Ino(1);
+    /// The read-only statistics directory `.casfs` and its files.
+    pub const STATS_DIR: Ino = Ino(2);
+    pub const STATS_TEXT: Ino = Ino(3);
+    pub const STATS_JSON: Ino = Ino(4);
+    pub const STATS_METRICS: Ino = Ino(5);
+    /// First number handed out to real files and directories.
+    pub const FIRST_DYNAMIC: Ino = Ino(16);
+
+    pub fn is_virtual(self) -> bool {
+        self.0 >= Ino::STATS_DIR.0 && self.0 < Ino::FIRST_DYNAMIC.0
+    }
+
+    pub fn key(self) -> [u8; 8] {
+        self.0.to_be_bytes()
+    }
+
+    pub fn from_key(key: &[u8]) -> Ino {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&key[..8]);
+        Ino(u64::from_be_bytes(b))
+    }
+}
+
+impl fmt::Display for Ino {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// A blob's name: the BLAKE3 hash of its bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BlobId(pub [u8; 32]);
+
+impl BlobId {
+    pub fn of(bytes: &[u8]) -> BlobId {
+        BlobId(*blake3::hash(bytes).as_bytes())
+    }
+
+    pub fn hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    pub fn from_hex(s: &str) -> Option<BlobId> {
+        if s.len() != 64 || !s.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(BlobId(out))
+    }
+}
+
+impl fmt::Display for BlobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.hex())
+    }
+}
+
+impl fmt::Debug for BlobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "BlobId({})", &self.hex()[..16])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blob_id_hex_round_trips() {
+        let id = BlobId::of(b"hello");
+        assert_eq!(BlobId::from_hex(&id.hex()), Some(id));
+        assert_eq!(BlobId::from_hex("zz"), None);
+    }
+}

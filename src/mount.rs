@@ -1,0 +1,202 @@
+//! The daemon's life: check the mountpoint, open the store, mount, serve
+//! until unmounted (by `umount`, `casfs unmount`, SIGINT or SIGTERM), then
+//! flush and exit 0. Also `casfs unmount`.
+
+use std::fs;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fuser::{Config as FuseConfig, MountOption, Session, SessionACL};
+use log::{error, info, warn};
+
+use crate::core::{Config, Core};
+use crate::fuse::{invalidator, CasFs, INVALIDATION_QUEUE_LEN_MAX};
+use crate::meta::open_store;
+
+/// Everything `casfs mount` needs, validated.
+pub struct MountArgs {
+    pub store: PathBuf,
+    pub mountpoint: PathBuf,
+    pub config: Config,
+    pub allow_other: bool,
+    pub force: bool,
+    pub threads: usize,
+}
+
+/// Refuses mountpoints that would surprise an operator, saying what to do.
+pub fn check_mountpoint(path: &Path, force: bool) -> Result<PathBuf, String> {
+    let meta = match fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(format!("mountpoint {} does not exist; create it with `mkdir -p {}`", path.display(), path.display()))
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            return Err(format!(
+                "mountpoint {} is a dead FUSE mount (its daemon is gone); clear it with `casfs unmount {}`",
+                path.display(),
+                path.display()
+            ))
+        }
+        Err(e) => return Err(format!("cannot use mountpoint {}: {e}", path.display())),
+    };
+    if !meta.is_dir() {
+        return Err(format!("mountpoint {} is not a directory", path.display()));
+    }
+    let path = fs::canonicalize(path).map_err(|e| format!("cannot resolve {}: {e}", path.display()))?;
+    if let Some(fstype) = mounted_fs_type(&path) {
+        return Err(format!(
+            "{} is already a mountpoint ({fstype}); unmount it first, or choose another directory",
+            path.display()
+        ));
+    }
+    let non_empty = fs::read_dir(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?.next().is_some();
+    if non_empty && !force {
+        return Err(format!(
+            "mountpoint {} is not empty; its files would be hidden by the mount. Use an empty directory, or --force",
+            path.display()
+        ));
+    }
+    Ok(path)
+}
+
+/// The filesystem type mounted exactly at `path`, if any.
+fn mounted_fs_type(path: &Path) -> Option<String> {
+    let text = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = path.as_os_str().as_bytes();
+    text.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let mnt = unescape_mount_path(fields.get(4)?);
+        if mnt.as_slice() != want {
+            return None;
+        }
+        let sep = fields.iter().position(|f| *f == "-")?;
+        fields.get(sep + 1).map(|s| s.to_string())
+    })
+}
+
+fn unescape_mount_path(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() + 0 && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// Blocks SIGINT, SIGTERM and SIGHUP in this thread and every thread it
+/// starts afterwards, so that only the signal thread receives them.
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: plain sigset manipulation on a local value.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// Runs the daemon in the foreground until the filesystem is unmounted.
+pub fn run(args: MountArgs) -> Result<(), String> {
+    let signals = block_signals();
+    let mountpoint = check_mountpoint(&args.mountpoint, args.force)?;
+    let store = open_store(&args.store)?;
+    let core = Arc::new(Core::start(store, args.config).map_err(|e| format!("cannot start on store {}: {e}", args.store.display()))?);
+
+    let mut options = vec![
+        MountOption::FSName(format!("casfs:{}", args.store.display())),
+        MountOption::Subtype("casfs".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoAtime,
+    ];
+    options.push(MountOption::NoDev);
+    options.push(MountOption::NoSuid);
+    let mut fuse_config = FuseConfig::default();
+    fuse_config.mount_options = options;
+    fuse_config.acl = if args.allow_other { SessionACL::All } else { SessionACL::Owner };
+    fuse_config.n_threads = Some(args.threads.max(1));
+
+    let session = Session::new(CasFs::new(core.clone()), &mountpoint, &fuse_config)
+        .map_err(|e| format!("cannot mount {}: {e}", mountpoint.display()))?;
+    let (tx, rx) = crossbeam_channel::bounded(INVALIDATION_QUEUE_LEN_MAX);
+    core.set_invalidation_sender(tx);
+    let notifier = session.notifier();
+    std::thread::Builder::new()
+        .name("invalidator".into())
+        .spawn(move || invalidator(notifier, rx))
+        .map_err(|e| e.to_string())?;
+    let mp = mountpoint.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: waits on the set blocked above.
+            unsafe { libc::sigwait(&signals, &mut sig) };
+            info!("signal {sig}: unmounting {}", mp.display());
+            if let Err(e) = unmount(&mp, false) {
+                warn!("{e}; detaching it lazily");
+                let _ = unmount(&mp, true);
+            }
+        })
+        .map_err(|e| e.to_string())?;
+
+    info!("mounted store={} at {}", args.store.display(), mountpoint.display());
+    let result = session.run();
+    core.shutdown();
+    match result {
+        Ok(()) => {
+            info!("unmounted {}", mountpoint.display());
+            Ok(())
+        }
+        Err(e) => {
+            error!("session ended with an error: {e}");
+            Err(format!("serving {} failed: {e}", mountpoint.display()))
+        }
+    }
+}
+
+/// Unmounts `path` (also a dead mount whose daemon was killed).
+pub fn unmount(path: &Path, lazy: bool) -> Result<(), String> {
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
+    let flags = if lazy { libc::MNT_DETACH } else { 0 };
+    // SAFETY: valid C string.
+    if unsafe { libc::umount2(c.as_ptr(), flags) } == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EPERM) => {
+            // Not root: the setuid helper unmounts FUSE mounts we own.
+            let mut cmd = std::process::Command::new("fusermount3");
+            cmd.arg("-u");
+            if lazy {
+                cmd.arg("-z");
+            }
+            let status = cmd.arg(path).status().map_err(|e| format!("cannot run fusermount3: {e}"))?;
+            if status.success() {
+                Ok(())
+            } else {
+                Err(format!("fusermount3 -u {} failed", path.display()))
+            }
+        }
+        Some(libc::EINVAL) => Err(format!("{} is not mounted", path.display())),
+        Some(libc::ENOENT) => Err(format!("{} does not exist", path.display())),
+        Some(libc::EBUSY) => Err(format!(
+            "{} is busy: processes still use it (see `fuser -vm {}`); stop them, or use `casfs unmount --lazy`",
+            path.display(),
+            path.display()
+        )),
+        _ => Err(format!("cannot unmount {}: {err}", path.display())),
+    }
+}

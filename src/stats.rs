@@ -1,0 +1,165 @@
+//! Statistics: counters kept in memory by the daemon and rendered as the
+//! read-only files under `.casfs/` (text, JSON, Prometheus).
+//!
+//! Event counters (hits, misses, ...) count since the daemon started; store
+//! gauges (blobs, bytes) are read from the metadata, which keeps them exact.
+//! Counter names are part of the interface: add, never rename.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($($name:ident : $help:literal),* $(,)?) => {
+        /// Event counters since the daemon started.
+        #[derive(Default)]
+        pub struct Counters { $(pub $name: AtomicU64,)* }
+
+        impl Counters {
+            fn each(&self) -> Vec<(&'static str, &'static str, u64)> {
+                vec![$((stringify!($name), $help, self.$name.load(Ordering::Relaxed)),)*]
+            }
+        }
+    };
+}
+
+counters! {
+    lookups: "Name lookups answered by the daemon",
+    hits: "Opens of published results",
+    misses: "Lookups that found no name",
+    publications: "Contents published under a shared name (result or mutable)",
+    conflicts: "Create-only conflicts: a rename, link or write onto an existing result that kept the first content",
+    blobs_deduplicated: "Publications whose bytes were already stored",
+    corrupt_blobs: "Blobs that failed hash verification (quarantined, never served)",
+    blobs_verified: "Blob reads verified against their hash",
+    errors: "Operations that failed with an operating error (disk, database)",
+}
+
+/// FUSE operations, for the per-operation request counts.
+#[derive(Clone, Copy, Debug)]
+pub enum Op {
+    Lookup, Forget, Getattr, Setattr, Readlink, Mkdir, Unlink, Rmdir, Symlink, Rename, Link,
+    Open, Read, Write, Flush, Release, Fsync, Opendir, Readdir, Releasedir, Statfs, Access,
+    Create, Xattr, Other,
+}
+
+pub const OPS: [(Op, &str); 25] = [
+    (Op::Lookup, "lookup"), (Op::Forget, "forget"), (Op::Getattr, "getattr"),
+    (Op::Setattr, "setattr"), (Op::Readlink, "readlink"), (Op::Mkdir, "mkdir"),
+    (Op::Unlink, "unlink"), (Op::Rmdir, "rmdir"), (Op::Symlink, "symlink"),
+    (Op::Rename, "rename"), (Op::Link, "link"), (Op::Open, "open"), (Op::Read, "read"),
+    (Op::Write, "write"), (Op::Flush, "flush"), (Op::Release, "release"),
+    (Op::Fsync, "fsync"), (Op::Opendir, "opendir"), (Op::Readdir, "readdir"),
+    (Op::Releasedir, "releasedir"), (Op::Statfs, "statfs"), (Op::Access, "access"),
+    (Op::Create, "create"), (Op::Xattr, "xattr"), (Op::Other, "other"),
+];
+
+/// Gauges read from the store when the files are rendered.
+#[derive(Clone, Copy, Default, Debug)]
+pub struct StoreGauges {
+    pub blobs: u64,
+    pub bytes_stored: u64,
+    /// Bytes of all names that point at blobs, counting shared blobs once
+    /// per name: `bytes_logical - bytes_stored` is what dedup saved.
+    pub bytes_logical: u64,
+}
+
+#[derive(Default)]
+pub struct Stats {
+    pub counters: Counters,
+    requests: [AtomicU64; OPS.len()],
+}
+
+impl Stats {
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn request(&self, op: Op) {
+        self.requests[op as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn requests(&self) -> Vec<(&'static str, u64)> {
+        OPS.iter().map(|(op, name)| (*name, self.requests[*op as usize].load(Ordering::Relaxed))).collect()
+    }
+
+    fn values(&self, g: StoreGauges) -> Vec<(&'static str, &'static str, u64)> {
+        let mut v = self.counters.each();
+        v.push(("blobs", "Blobs in the local store", g.blobs));
+        v.push(("bytes_stored", "Bytes of blobs in the local store", g.bytes_stored));
+        v.push(("bytes_logical", "Bytes of all names pointing at blobs", g.bytes_logical));
+        v.push((
+            "bytes_saved",
+            "Bytes deduplication saved (logical minus stored)",
+            g.bytes_logical.saturating_sub(g.bytes_stored),
+        ));
+        let total = self.requests().iter().map(|(_, n)| n).sum();
+        v.push(("fuse_requests_total", "FUSE requests that reached the daemon", total));
+        v
+    }
+
+    pub fn render_text(&self, g: StoreGauges) -> String {
+        let mut out = String::from("casfs statistics\n");
+        for (name, _, value) in self.values(g) {
+            let _ = writeln!(out, "{name:<24} {value}");
+        }
+        let ratio = if g.bytes_stored == 0 { 1.0 } else { g.bytes_logical as f64 / g.bytes_stored as f64 };
+        let _ = writeln!(out, "{:<24} {ratio:.2}", "dedup_ratio");
+        out.push_str("fuse requests by operation:\n");
+        for (name, n) in self.requests().into_iter().filter(|(_, n)| *n > 0) {
+            let _ = writeln!(out, "  {name:<22} {n}");
+        }
+        out
+    }
+
+    pub fn render_json(&self, g: StoreGauges) -> String {
+        let mut out = String::from("{");
+        for (name, _, value) in self.values(g) {
+            let _ = write!(out, "\"{name}\":{value},");
+        }
+        out.push_str("\"fuse_requests\":{");
+        let reqs: Vec<String> = self.requests().into_iter().map(|(n, v)| format!("\"{n}\":{v}")).collect();
+        out.push_str(&reqs.join(","));
+        out.push_str("}}\n");
+        out
+    }
+
+    pub fn render_prometheus(&self, g: StoreGauges) -> String {
+        let mut out = String::new();
+        for (name, help, value) in self.values(g) {
+            let gauge = matches!(name, "blobs" | "bytes_stored" | "bytes_logical" | "bytes_saved");
+            let metric = if gauge { format!("casfs_{name}") } else { format!("casfs_{}_total", name.trim_end_matches("_total")) };
+            let kind = if gauge { "gauge" } else { "counter" };
+            let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} {kind}\n{metric} {value}");
+        }
+        out.push_str("# HELP casfs_fuse_requests_by_op_total FUSE requests by operation\n");
+        out.push_str("# TYPE casfs_fuse_requests_by_op_total counter\n");
+        for (name, n) in self.requests() {
+            let _ = writeln!(out, "casfs_fuse_requests_by_op_total{{op=\"{name}\"}} {n}");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_all_three_formats_with_the_same_numbers() {
+        let s = Stats::default();
+        Stats::bump(&s.counters.hits);
+        s.request(Op::Lookup);
+        s.request(Op::Open);
+        let g = StoreGauges { blobs: 2, bytes_stored: 100, bytes_logical: 250 };
+        assert!(s.render_text(g).contains("hits                     1"));
+        let json = s.render_json(g);
+        assert!(json.contains("\"hits\":1,"));
+        assert!(json.contains("\"bytes_saved\":150,"));
+        assert!(json.contains("\"fuse_requests_total\":2,"));
+        assert!(json.contains("\"lookup\":1"));
+        let prom = s.render_prometheus(g);
+        assert!(prom.contains("\ncasfs_hits_total 1\n"));
+        assert!(prom.contains("\ncasfs_blobs 2\n"));
+        assert!(prom.contains("casfs_fuse_requests_by_op_total{op=\"open\"} 1"));
+    }
+}

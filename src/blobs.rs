@@ -10,7 +10,7 @@
 //!   and never served.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -183,11 +183,4 @@ impl Blobs {
         let Ok(rd) = fs::read_dir(self.staging_dir()) else { return Vec::new() };
         rd.filter_map(|e| e.ok()).map(|e| (e.file_name().to_string_lossy().into_owned(), e.path())).collect()
     }
-}
-
-/// Reads a whole small file (used by tests and fsck).
-pub fn read_all(mut f: &File) -> io::Result<Vec<u8>> {
-    let mut v = Vec::new();
-    f.read_to_end(&mut v)?;
-    Ok(v)
 }

@@ -6,8 +6,6 @@
 //! - After a restart the clock starts above every timestamp it handed out
 //!   before: it persists a *lease* (an upper bound it will not pass without
 //!   persisting a new one), and restarts from the lease.
-//! - `observe(t)` takes in a timestamp seen elsewhere (another host's
-//!   mtime), so later ticks are above it.
 
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -62,12 +60,6 @@ impl Clock {
         Tick { ns, new_lease_ns }
     }
 
-    /// Takes in a timestamp seen elsewhere.
-    pub fn observe(&self, ns: u64) {
-        let mut s = self.state.lock().unwrap();
-        s.last_ns = s.last_ns.max(ns);
-    }
-
     pub fn last_ns(&self) -> u64 {
         self.state.lock().unwrap().last_ns
     }
@@ -97,13 +89,5 @@ mod tests {
         let t = clock.tick();
         assert!(t.ns > future);
         assert!(t.new_lease_ns.unwrap() > t.ns);
-    }
-
-    #[test]
-    fn observe_moves_clock_forward() {
-        let clock = Clock::start(0);
-        let far = wall_ns() + 10_000_000_000;
-        clock.observe(far);
-        assert!(clock.tick().ns > far);
     }
 }

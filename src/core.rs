@@ -47,6 +47,12 @@ pub const NAME_BYTES_MAX: usize = 255;
 pub const SYMLINK_BYTES_MAX: usize = 4095;
 /// Most entries one directory listing holds in memory.
 pub const DIR_ENTRIES_MAX: usize = 1 << 20;
+/// Free space kept back on the store's filesystem, as a fraction (1/N) of
+/// its size, clamped to the bounds below: writers get ENOSPC before the
+/// metadata database could run out of room for its own log and flushes.
+const SPACE_RESERVE_DIVISOR: u64 = 100;
+const SPACE_RESERVE_BYTES_MIN: u64 = 8 << 20;
+const SPACE_RESERVE_BYTES_MAX: u64 = 128 << 20;
 /// The statistics directory's name at the mount root.
 pub const STATS_DIR_NAME: &[u8] = b".casfs";
 const STATS_FILES: [(&[u8], Ino); 3] =
@@ -98,7 +104,6 @@ pub struct Caller {
 #[derive(Debug)]
 pub enum Invalidate {
     Entry(Ino, Vec<u8>),
-    Inode(Ino),
 }
 
 /// One directory entry in a listing.
@@ -168,6 +173,8 @@ pub struct Core {
     inner: Mutex<Inner>,
     invalidations: Mutex<Option<Sender<Invalidate>>>,
     open_counter: AtomicU64,
+    /// Wall second of the last "disk full" warning, to log it once a minute.
+    full_warned_s: AtomicU64,
 }
 
 /// Work to do once a batch is committed.
@@ -227,6 +234,7 @@ impl Core {
             inner: Mutex::new(inner),
             invalidations: Mutex::new(None),
             open_counter: AtomicU64::new(0),
+            full_warned_s: AtomicU64::new(0),
         };
         core.ensure_root()?;
         core.recover()?;
@@ -620,6 +628,27 @@ impl Core {
         Ok(())
     }
 
+    /// Refuses new bytes when the store's filesystem is down to its reserve.
+    fn check_space(&self) -> Result<()> {
+        let s = self.statfs()?;
+        let total = s.blocks * s.bsize as u64;
+        let free = s.bavail * s.bsize as u64;
+        let reserve = (total / SPACE_RESERVE_DIVISOR).clamp(SPACE_RESERVE_BYTES_MIN, SPACE_RESERVE_BYTES_MAX);
+        if free >= reserve {
+            return Ok(());
+        }
+        Stats::bump(&self.stats.counters.errors);
+        let now_s = crate::clock::wall_ns() / 1_000_000_000;
+        if now_s >= self.full_warned_s.load(Ordering::Relaxed) + 60 {
+            self.full_warned_s.store(now_s, Ordering::Relaxed);
+            warn!(
+                "store {} is full ({free} bytes free, {reserve} kept in reserve): writes get ENOSPC, reads go on",
+                self.store.root.display()
+            );
+        }
+        Err(Error::errno(libc::ENOSPC))
+    }
+
     pub fn statfs(&self) -> Result<Statfs> {
         let path = std::ffi::CString::new(self.store.root.as_os_str().as_encoded_bytes()).unwrap();
         let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
@@ -1008,6 +1037,9 @@ impl Core {
         if self.store.blob_known(&id)? || txn.new_blobs.contains(&id) {
             Stats::bump(&self.stats.counters.blobs_deduplicated);
         } else {
+            // `install` finds the file already there after a crash between
+            // linking and committing: its bytes were hashed and synced
+            // before the link, so recording it is enough.
             self.blobs.install(path, file, &id)?;
             txn.batch.put_blob(&id, hashed.size);
             txn.new_blobs.push(id);
@@ -1073,7 +1105,8 @@ impl Core {
         }
         let mut txn = self.txn(&inner);
         if !awaiting_bind {
-            self.seal_staged(&inner, &mut txn, &mut inode, inode.class)?;
+            let class = inode.class;
+            self.seal_staged(&inner, &mut txn, &mut inode, class)?;
             txn.batch.put_inode(&inode);
             return self.commit_locked(&mut inner, txn, true);
         }
@@ -1267,6 +1300,7 @@ impl Core {
             self.remember(existing);
             return Ok((attr, fh));
         }
+        self.check_space()?;
         let class = self.class_of(parent, name)?;
         let mut txn = self.txn(&inner);
         let now = self.tick(&mut txn);
@@ -1337,6 +1371,7 @@ impl Core {
                 if h.sealed.load(Ordering::Acquire) {
                     return Err(Error::errno(libc::EBADF));
                 }
+                self.check_space()?;
                 let file = h.file.as_ref().expect("write handles hold a file");
                 file.write_all_at(data, offset).map_err(|e| self.count_error(Error::io(e, format_args!("write ino={}", h.ino))))?;
                 h.dirty.store(true, Ordering::Relaxed);

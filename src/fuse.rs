@@ -46,10 +46,8 @@ impl CasFs {
 /// Sends queued invalidations to the kernel until the channel closes.
 pub fn invalidator(notifier: Notifier, rx: crossbeam_channel::Receiver<Invalidate>) {
     for inv in rx {
-        let result = match &inv {
-            Invalidate::Entry(parent, name) => notifier.inval_entry(INodeNo(parent.0), OsStr::from_bytes(name)),
-            Invalidate::Inode(ino) => notifier.inval_inode(INodeNo(ino.0), 0, 0),
-        };
+        let Invalidate::Entry(parent, name) = &inv;
+        let result = notifier.inval_entry(INodeNo(parent.0), OsStr::from_bytes(name));
         if let Err(e) = result {
             // ENOENT just means the kernel had nothing cached.
             if e.raw_os_error() != Some(libc::ENOENT) {

@@ -453,18 +453,6 @@ impl Store {
         })
     }
 
-    /// Every blob metadata knows of, with its size (for fsck and scrub).
-    pub fn all_blobs(&self) -> Result<Vec<(BlobId, u64)>> {
-        let mut out = Vec::new();
-        for item in self.db.iterator_cf(self.cf(Cf::Blobs), IteratorMode::Start) {
-            let (k, v) = item.map_err(|e| Error::db(e, "list blobs"))?;
-            if let Ok(id) = <[u8; 32]>::try_from(&k[..]) {
-                out.push((BlobId(id), u64_value(&v)));
-            }
-        }
-        Ok(out)
-    }
-
     pub fn flush(&self) -> Result<()> {
         self.db.flush_wal(true).map_err(|e| Error::db(e, "flush log"))
     }

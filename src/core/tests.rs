@@ -121,13 +121,16 @@ fn manifest_rename_replaces_last_writer_wins() {
     let core = t.core();
     let d = mkdirs(&core);
     let m = b"7akuu12pqg5l3n8scba4tpo4qcidrbgM";
+    let mut replaced = Vec::new();
     for body in [b"v1".as_ref(), b"v2"] {
         let tmp = write_tmp(&core, d, "m.tmp", body);
+        replaced.push(core.lookup(d, &tmp).unwrap().ino);
         core.rename(d, &tmp, d, m, 0).unwrap();
     }
     assert_eq!(read_name(&core, d, m).unwrap(), b"v2");
-    let g = core.inner.lock().unwrap().gauges;
-    assert_eq!(g.blobs, 1, "the replaced manifest's blob is freed");
+    assert_eq!(core.inner.lock().unwrap().gauges.blobs, 2, "the kernel still holds the old one");
+    core.forget(replaced[0], 2);
+    assert_eq!(core.inner.lock().unwrap().gauges.blobs, 1, "freed once the kernel forgets it");
 }
 
 #[test]

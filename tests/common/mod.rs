@@ -210,14 +210,21 @@ pub fn mounts_under(root: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// How many mounts are stacked on `mp` right now.
+pub fn mount_count(mp: &Path) -> usize {
+    let text = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    text.lines()
+        .filter(|line| {
+            line.split(' ')
+                .nth(1)
+                .is_some_and(|f| Path::new(&unescape_mount_field(f)) == mp)
+        })
+        .count()
+}
+
 /// Whether `mp` is currently a mount point.
 pub fn is_mounted(mp: &Path) -> bool {
-    let text = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    text.lines().any(|line| {
-        line.split(' ')
-            .nth(1)
-            .is_some_and(|f| Path::new(&unescape_mount_field(f)) == mp)
-    })
+    mount_count(mp) > 0
 }
 
 fn is_root() -> bool {
@@ -295,6 +302,10 @@ pub struct Mount {
     pid: u32,
     status: Option<ExitStatus>,
     watchdog_stop: Arc<AtomicBool>,
+    /// Mounts already stacked on the mountpoint before this daemon started
+    /// (another test daemon's, when a mount must be refused): cleanup only
+    /// removes mounts above this count.
+    mounts_before: usize,
 }
 
 impl Mount {
@@ -309,13 +320,15 @@ impl Mount {
     /// Starts the daemon without waiting for it to be ready.
     pub fn spawn(store: &Path, mountpoint: &Path, extra: &[&str]) -> Mount {
         require_tools();
+        let mounts_before = mount_count(mountpoint);
         let log_dir = mountpoint.parent().unwrap_or(Path::new("/tmp"));
         let name = mountpoint
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "mnt".into());
         let log_path = log_dir.join(format!("{name}-daemon-{}.log", unique_suffix()));
-        let log = fs::File::create(&log_path).unwrap_or_else(|e| panic!("create {log_path:?}: {e}"));
+        let log =
+            fs::File::create(&log_path).unwrap_or_else(|e| panic!("create {log_path:?}: {e}"));
         let log2 = log.try_clone().unwrap();
         let child = Command::new(CASFS_BIN)
             .arg("mount")
@@ -362,6 +375,7 @@ impl Mount {
             pid,
             status: None,
             watchdog_stop,
+            mounts_before,
         }
     }
 
@@ -410,7 +424,7 @@ impl Mount {
                     self.log()
                 );
             }
-            if is_mounted(&self.mountpoint) && fs::read(&stats).is_ok() {
+            if mount_count(&self.mountpoint) > self.mounts_before && fs::read(&stats).is_ok() {
                 return;
             }
             if Instant::now() >= deadline {
@@ -473,7 +487,13 @@ impl Mount {
     pub fn signal(&self, sig: libc::c_int) {
         // SAFETY: plain kill(2); the pid is our own unreaped child.
         let rc = unsafe { libc::kill(self.pid as libc::pid_t, sig) };
-        assert_eq!(rc, 0, "kill({}, {sig}): {}", self.pid, io::Error::last_os_error());
+        assert_eq!(
+            rc,
+            0,
+            "kill({}, {sig}): {}",
+            self.pid,
+            io::Error::last_os_error()
+        );
     }
 
     /// `kill -9` the daemon and reap it; the mount is left dead.
@@ -543,8 +563,24 @@ impl Drop for Mount {
                 }
             }
         }
-        if is_mounted(&self.mountpoint) {
-            force_unmount(&self.mountpoint);
+        // Only what this daemon stacked on the mountpoint, never a mount that
+        // was there before it started.
+        for _ in 0..3 {
+            if mount_count(&self.mountpoint) <= self.mounts_before {
+                break;
+            }
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&self.mountpoint)
+                .stderr(Stdio::null())
+                .status();
+            if mount_count(&self.mountpoint) > self.mounts_before {
+                let _ = Command::new("fusermount3")
+                    .arg("-uz")
+                    .arg(&self.mountpoint)
+                    .stderr(Stdio::null())
+                    .status();
+            }
         }
         if thread::panicking() {
             eprintln!(
@@ -700,7 +736,15 @@ pub fn timespec(sec: i64, nsec: i64) -> libc::timespec {
 pub fn renameat2(from: &Path, to: &Path, flags: libc::c_uint) -> io::Result<()> {
     let (a, b) = (cpath(from), cpath(to));
     // SAFETY: both are valid C strings.
-    let rc = unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), flags) };
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            flags,
+        )
+    };
     if rc == 0 {
         Ok(())
     } else {
@@ -745,7 +789,10 @@ pub fn json_u64(json: &str, key: &str) -> Option<u64> {
 pub fn json_object_u64s(json: &str, key: &str) -> Option<Vec<(String, u64)>> {
     let pat = format!("\"{key}\"");
     let pos = json.find(&pat)?;
-    let rest = json[pos + pat.len()..].trim_start().strip_prefix(':')?.trim_start();
+    let rest = json[pos + pat.len()..]
+        .trim_start()
+        .strip_prefix(':')?
+        .trim_start();
     let body = rest.strip_prefix('{')?;
     let end = body.find('}')?;
     let body = &body[..end];
@@ -774,7 +821,10 @@ pub fn parse_metrics(text: &str) -> Result<BTreeMap<String, f64>, Vec<String>> {
             continue;
         }
         let mut parts = line.split_whitespace();
-        match (parts.next(), parts.next().and_then(|v| v.parse::<f64>().ok())) {
+        match (
+            parts.next(),
+            parts.next().and_then(|v| v.parse::<f64>().ok()),
+        ) {
             (Some(name), Some(v)) => {
                 out.insert(name.to_string(), v);
             }
@@ -806,7 +856,10 @@ pub fn sources() -> Vec<PathBuf> {
         .filter(|p| p.extension().is_some_and(|x| x == "c"))
         .collect();
     v.sort();
-    assert!(v.len() >= 10, "expected at least 10 C sources in {dir:?}, found {v:?}");
+    assert!(
+        v.len() >= 10,
+        "expected at least 10 C sources in {dir:?}, found {v:?}"
+    );
     v
 }
 
@@ -1038,7 +1091,14 @@ pub fn assert_all_compiled(results: &[CompileResult], what: &str) {
     let failed: Vec<String> = results
         .iter()
         .filter(|r| !r.success)
-        .map(|r| format!("{} (variant {}):\n{}", r.job.src.display(), r.job.variant, r.output))
+        .map(|r| {
+            format!(
+                "{} (variant {}):\n{}",
+                r.job.src.display(),
+                r.job.variant,
+                r.output
+            )
+        })
         .collect();
     assert!(
         failed.is_empty(),
@@ -1068,7 +1128,10 @@ pub fn assert_objects_identical(jobs: &[Job], dir: &Path, reference: &Path, what
                 job.obj,
                 x.len(),
                 y.len(),
-                x.iter().zip(&y).position(|(p, q)| p != q).unwrap_or(x.len().min(y.len()))
+                x.iter()
+                    .zip(&y)
+                    .position(|(p, q)| p != q)
+                    .unwrap_or(x.len().min(y.len()))
             )),
             (Err(e), _) => bad.push(format!("{}: cannot read {a:?}: {e}", job.obj)),
             (_, Err(e)) => bad.push(format!("{}: cannot read reference {b:?}: {e}", job.obj)),

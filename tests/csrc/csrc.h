@@ -1,6 +1,7 @@
-/* Shared declarations for the casfs test sources. Deterministic: no
- * __DATE__, __TIME__ or other build-time values. CASFS_VARIANT lets a test
- * compile every source several times as distinct cache entries. */
+/* Shared declarations for the casfs test sources. Deterministic: no date,
+ * time or other build-time values (and none of those macro names may appear
+ * even in comments, or ccache turns its direct mode off). CASFS_VARIANT lets
+ * a test compile every source several times as distinct cache entries. */
 #ifndef CSRC_H
 #define CSRC_H
 

@@ -12,9 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, IoctlFlags,
     KernelConfig, LockOwner, Notifier, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use log::debug;
 
@@ -364,18 +364,17 @@ impl Filesystem for CasFs {
         }
     }
 
+    // Extended attributes are not supported. ENOSYS (rather than ENOTSUP)
+    // makes the kernel remember that and answer EOPNOTSUPP itself, so the
+    // security.capability probe on every write stops reaching the daemon.
     fn getxattr(&self, _req: &Request, _i: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
         self.count(Op::Xattr);
-        reply.error(Errno::from_i32(libc::ENOTSUP));
+        reply.error(Errno::from_i32(libc::ENOSYS));
     }
 
-    fn listxattr(&self, _req: &Request, _i: INodeNo, size: u32, reply: ReplyXattr) {
+    fn listxattr(&self, _req: &Request, _i: INodeNo, _size: u32, reply: ReplyXattr) {
         self.count(Op::Xattr);
-        if size == 0 {
-            reply.size(0)
-        } else {
-            reply.data(&[])
-        }
+        reply.error(Errno::from_i32(libc::ENOSYS));
     }
 
     fn setxattr(
@@ -389,11 +388,27 @@ impl Filesystem for CasFs {
         reply: ReplyEmpty,
     ) {
         self.count(Op::Xattr);
-        reply.error(Errno::from_i32(libc::ENOTSUP));
+        reply.error(Errno::from_i32(libc::ENOSYS));
     }
 
     fn removexattr(&self, _req: &Request, _i: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
         self.count(Op::Xattr);
-        reply.error(Errno::from_i32(libc::ENOTSUP));
+        reply.error(Errno::from_i32(libc::ENOSYS));
+    }
+
+    /// No ioctls: `isatty()` on a cache file asks TCGETS, which is ENOTTY.
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _i: INodeNo,
+        _fh: FileHandle,
+        _flags: IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        self.count(Op::Other);
+        reply.error(Errno::from_i32(libc::ENOTTY));
     }
 }

@@ -107,7 +107,9 @@ fn run(cli: Cli) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // fuser warns when it finds the mount already gone at exit (our normal
+    // way out after `umount`), so its session module logs errors only.
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,fuser::session=error")).init();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -222,6 +222,18 @@ pub fn mount_count(mp: &Path) -> usize {
         .count()
 }
 
+/// Whether the top mount on `mp` is a FUSE mount whose daemon is gone
+/// (`statfs` always reaches the daemon, and a dead connection answers ENOTCONN).
+pub fn is_dead_mount(mp: &Path) -> bool {
+    let c = cpath(mp);
+    // SAFETY: `c` is a valid C string and `buf` is a properly sized statfs.
+    let rc = unsafe {
+        let mut buf: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut buf)
+    };
+    rc != 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOTCONN)
+}
+
 /// Whether `mp` is currently a mount point.
 pub fn is_mounted(mp: &Path) -> bool {
     mount_count(mp) > 0
@@ -302,9 +314,8 @@ pub struct Mount {
     pid: u32,
     status: Option<ExitStatus>,
     watchdog_stop: Arc<AtomicBool>,
-    /// Mounts already stacked on the mountpoint before this daemon started
-    /// (another test daemon's, when a mount must be refused): cleanup only
-    /// removes mounts above this count.
+    /// Mounts already on the mountpoint before this daemon started (another
+    /// test daemon's, when a mount must be refused): readiness needs one more.
     mounts_before: usize,
 }
 
@@ -563,10 +574,12 @@ impl Drop for Mount {
                 }
             }
         }
-        // Only what this daemon stacked on the mountpoint, never a mount that
-        // was there before it started.
+        // The daemon is gone now, so its mount is either unmounted or dead.
+        // Clear a dead top mount; leave a live one alone: it belongs to another
+        // daemon (one that was there first, or a later one on the same
+        // mountpoint after this one was unmounted).
         for _ in 0..3 {
-            if mount_count(&self.mountpoint) <= self.mounts_before {
+            if !is_dead_mount(&self.mountpoint) {
                 break;
             }
             let _ = Command::new("umount")
@@ -574,7 +587,7 @@ impl Drop for Mount {
                 .arg(&self.mountpoint)
                 .stderr(Stdio::null())
                 .status();
-            if mount_count(&self.mountpoint) > self.mounts_before {
+            if is_dead_mount(&self.mountpoint) {
                 let _ = Command::new("fusermount3")
                     .arg("-uz")
                     .arg(&self.mountpoint)

@@ -99,11 +99,17 @@ pub struct Caller {
     pub gid: u32,
 }
 
-/// A name's removal or change the kernel may have cached; sent to the
-/// adapter, which tells the kernel after the current request is answered.
+/// Something the kernel may have cached that the daemon changed on its own
+/// (not through the request the kernel sent); the adapter tells the kernel
+/// after the current request is answered.
 #[derive(Debug)]
 pub enum Invalidate {
+    /// A name (positive or negative entry).
     Entry(Ino, Vec<u8>),
+    /// An inode's attributes.
+    Attr(Ino),
+    /// An inode's attributes and cached pages.
+    Data(Ino),
 }
 
 /// One directory entry in a listing.
@@ -924,6 +930,9 @@ impl Core {
             _ => {}
         }
         if self.in_use(inner, loser.ino) {
+            // Pages the kernel cached while the loser was written are not
+            // the winner's bytes.
+            txn.after.push(After::Invalidate(Invalidate::Data(loser.ino)));
             self.add_ref(txn, id, loser.ino, winner.size);
             loser.content = Content::Blob(id);
             loser.size = winner.size;
@@ -1397,6 +1406,7 @@ impl Core {
                         inode.mtime_ns = self.tick(&mut txn);
                         inode.size = h.file.as_ref().and_then(|f| f.metadata().ok()).map_or(inode.size, |m| m.size());
                         txn.batch.put_inode(&inode);
+                        txn.after.push(After::Invalidate(Invalidate::Attr(h.ino)));
                         self.commit_locked(&mut inner, txn, false)?;
                     }
                 }

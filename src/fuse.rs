@@ -25,10 +25,12 @@ use crate::ids::Ino;
 use crate::meta::Kind;
 use crate::stats::Op;
 
-/// How long the kernel may trust names and attributes it was told. Every
-/// change the daemon makes on its own is invalidated explicitly, so this
-/// bounds only what another path could change behind the kernel's back.
-const TTL: Duration = Duration::from_secs(1);
+/// How long the kernel may trust names (present or absent) and attributes.
+/// On one host every change either goes through this kernel, which keeps its
+/// own caches coherent, or is made by the daemon on its own and invalidated
+/// explicitly (`Invalidate`). So the kernel may trust what it was told for
+/// long, and a hit rarely reaches the daemon for lookups and attributes.
+const TTL: Duration = Duration::from_secs(24 * 3600);
 /// Queued kernel invalidations; past this they are dropped (the TTL still
 /// bounds staleness).
 pub const INVALIDATION_QUEUE_LEN_MAX: usize = 4096;
@@ -46,8 +48,12 @@ impl CasFs {
 /// Sends queued invalidations to the kernel until the channel closes.
 pub fn invalidator(notifier: Notifier, rx: crossbeam_channel::Receiver<Invalidate>) {
     for inv in rx {
-        let Invalidate::Entry(parent, name) = &inv;
-        let result = notifier.inval_entry(INodeNo(parent.0), OsStr::from_bytes(name));
+        let result = match &inv {
+            Invalidate::Entry(parent, name) => notifier.inval_entry(INodeNo(parent.0), OsStr::from_bytes(name)),
+            // A negative offset invalidates attributes only.
+            Invalidate::Attr(ino) => notifier.inval_inode(INodeNo(ino.0), -1, 0),
+            Invalidate::Data(ino) => notifier.inval_inode(INodeNo(ino.0), 0, 0),
+        };
         if let Err(e) = result {
             // ENOENT just means the kernel had nothing cached.
             if e.raw_os_error() != Some(libc::ENOENT) {
@@ -85,6 +91,20 @@ fn file_attr(a: &Attr) -> FileAttr {
         flags: 0,
     }
 }
+
+/// The attributes of a negative entry.
+const NO_ENTRY: Attr = Attr {
+    ino: Ino(0),
+    kind: Kind::File,
+    perm: 0,
+    uid: 0,
+    gid: 0,
+    nlink: 0,
+    size: 0,
+    mtime_ns: 0,
+    ctime_ns: 0,
+    cacheable: true,
+};
 
 fn ttl(a: &Attr) -> Duration {
     if a.cacheable {
@@ -137,7 +157,14 @@ impl Filesystem for CasFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         self.count(Op::Lookup);
-        self.entry(self.core.lookup(ino(parent), name.as_bytes()), reply);
+        match self.core.lookup(ino(parent), name.as_bytes()) {
+            // A negative entry (inode 0) the kernel may cache: a name that
+            // appears later either comes through the kernel or is invalidated.
+            Err(e) if e.code() == libc::ENOENT && !ino(parent).is_virtual() => {
+                reply.entry(&TTL, &file_attr(&NO_ENTRY), Generation(0))
+            }
+            r => self.entry(r, reply),
+        }
     }
 
     fn forget(&self, _req: &Request, i: INodeNo, nlookup: u64) {
@@ -232,7 +259,13 @@ impl Filesystem for CasFs {
         self.count(Op::Open);
         match self.core.open(ino(i), flags.0) {
             Ok((fh, direct)) => {
-                let f = if direct { FopenFlags::FOPEN_DIRECT_IO } else { FopenFlags::empty() };
+                // Pages stay cached across opens: bytes change only through
+                // this kernel, or the daemon invalidates them (`Invalidate::Data`).
+                let mut f = if direct { FopenFlags::FOPEN_DIRECT_IO } else { FopenFlags::FOPEN_KEEP_CACHE };
+                // A read-only handle has nothing to do at close: skip FLUSH.
+                if flags.0 & libc::O_ACCMODE == libc::O_RDONLY && flags.0 & libc::O_TRUNC == 0 {
+                    f |= FopenFlags::FOPEN_NOFLUSH;
+                }
                 reply.opened(FileHandle(fh), f)
             }
             Err(e) => reply.error(errno(&e)),
@@ -359,7 +392,9 @@ impl Filesystem for CasFs {
     ) {
         self.count(Op::Create);
         match self.core.create(ino(parent), name.as_bytes(), mode & !umask, flags, caller(req)) {
-            Ok((a, fh)) => reply.created(&ttl(&a), &file_attr(&a), Generation(0), FileHandle(fh), FopenFlags::empty()),
+            Ok((a, fh)) => {
+                reply.created(&ttl(&a), &file_attr(&a), Generation(0), FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }

@@ -35,7 +35,9 @@ pub struct Hashed {
 
 impl Blobs {
     pub fn new(root: &Path) -> Blobs {
-        Blobs { root: root.to_path_buf() }
+        Blobs {
+            root: root.to_path_buf(),
+        }
     }
 
     pub fn blob_path(&self, id: &BlobId) -> PathBuf {
@@ -95,7 +97,9 @@ impl Blobs {
         let mut head_len = 0;
         let mut offset = 0u64;
         loop {
-            let n = file.read_at(&mut buf, offset).map_err(|e| Error::io(e, "read file to hash"))?;
+            let n = file
+                .read_at(&mut buf, offset)
+                .map_err(|e| Error::io(e, "read file to hash"))?;
             if n == 0 {
                 break;
             }
@@ -107,7 +111,12 @@ impl Blobs {
             hasher.update(&buf[..n]);
             offset += n as u64;
         }
-        Ok(Hashed { id: BlobId(*hasher.finalize().as_bytes()), size: offset, head, head_len })
+        Ok(Hashed {
+            id: BlobId(*hasher.finalize().as_bytes()),
+            size: offset,
+            head,
+            head_len,
+        })
     }
 
     /// True if the blob's bytes on disk still hash to its name.
@@ -123,7 +132,9 @@ impl Blobs {
         if dest.exists() {
             return Ok(false);
         }
-        staged_file.sync_data().map_err(|e| Error::io(e, format_args!("fsync {}", staged.display())))?;
+        staged_file
+            .sync_data()
+            .map_err(|e| Error::io(e, format_args!("fsync {}", staged.display())))?;
         match fs::hard_link(staged, &dest) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
@@ -148,11 +159,14 @@ impl Blobs {
                 Some(l) => ((l - offset) as usize).min(CHUNK_BYTES),
                 None => CHUNK_BYTES,
             };
-            let n = src.read_at(&mut buf[..want], offset).map_err(|e| Error::io(e, "copy: read"))?;
+            let n = src
+                .read_at(&mut buf[..want], offset)
+                .map_err(|e| Error::io(e, "copy: read"))?;
             if n == 0 {
                 break;
             }
-            dest.write_all_at(&buf[..n], offset).map_err(|e| Error::io(e, "copy: write"))?;
+            dest.write_all_at(&buf[..n], offset)
+                .map_err(|e| Error::io(e, "copy: write"))?;
             offset += n as u64;
         }
         Ok(())
@@ -180,7 +194,11 @@ impl Blobs {
     /// Names of files in the staging directory (bounded by the number of
     /// files being written plus host-local files).
     pub fn staging_files(&self) -> Vec<(String, PathBuf)> {
-        let Ok(rd) = fs::read_dir(self.staging_dir()) else { return Vec::new() };
-        rd.filter_map(|e| e.ok()).map(|e| (e.file_name().to_string_lossy().into_owned(), e.path())).collect()
+        let Ok(rd) = fs::read_dir(self.staging_dir()) else {
+            return Vec::new();
+        };
+        rd.filter_map(|e| e.ok())
+            .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+            .collect()
     }
 }

@@ -129,7 +129,11 @@ impl Rules {
     /// `overrides` (from the command line) first, then the defaults.
     pub fn new(overrides: &[String]) -> Result<Rules, String> {
         let mut rules = Vec::new();
-        for text in overrides.iter().map(String::as_str).chain(DEFAULT_RULES.iter().copied()) {
+        for text in overrides
+            .iter()
+            .map(String::as_str)
+            .chain(DEFAULT_RULES.iter().copied())
+        {
             rules.push(parse_rule(text)?);
         }
         Ok(Rules { rules })
@@ -157,8 +161,16 @@ fn parse_rule(text: &str) -> Result<Rule, String> {
         return Err(format!("class rule {text:?} has an empty pattern"));
     }
     let anchored = pattern.starts_with('/');
-    let parts = pattern.trim_start_matches('/').split('/').map(str::to_owned).collect();
-    Ok(Rule { anchored, parts, class })
+    let parts = pattern
+        .trim_start_matches('/')
+        .split('/')
+        .map(str::to_owned)
+        .collect();
+    Ok(Rule {
+        anchored,
+        parts,
+        class,
+    })
 }
 
 fn rule_matches(rule: &Rule, path: &[&[u8]]) -> bool {
@@ -195,7 +207,9 @@ fn glob(pat: &[u8], name: &[u8]) -> bool {
             let Some(close) = rest.iter().position(|&c| c == b']') else {
                 return name.first() == Some(&b'[') && glob(rest, &name[1..]);
             };
-            let Some((&c, tail)) = name.split_first() else { return false };
+            let Some((&c, tail)) = name.split_first() else {
+                return false;
+            };
             in_set(&rest[..close], c) && glob(&rest[close + 1..], tail)
         }
         Some((&p, rest)) => name.first() == Some(&p) && glob(rest, &name[1..]),
@@ -234,13 +248,31 @@ mod tests {
         let r = Rules::new(&[]).unwrap();
         for prefix in ["", "ccache/", "a/b/c/"] {
             let p = |s: &str| format!("{prefix}{s}");
-            assert_eq!(class_of(&r, &p("a/e/c8aiq5frsd7ctaaepqbvl8shkb4kcjcR")), Class::Result);
-            assert_eq!(class_of(&r, &p("4/d/7akuu12pqg5l3n8scba4tpo4qcidrbgM")), Class::Mutable);
-            assert_eq!(class_of(&r, &p("4/d/7akuu12pqg5l3n8scba4tpo4qcidrbgW")), Class::Result);
-            assert_eq!(class_of(&r, &p("a/e/c8aiq5frsd7ctaaepqbvl8shkb4kcjcR.tmp.CL3Rln.tmp")), Class::Local);
+            assert_eq!(
+                class_of(&r, &p("a/e/c8aiq5frsd7ctaaepqbvl8shkb4kcjcR")),
+                Class::Result
+            );
+            assert_eq!(
+                class_of(&r, &p("4/d/7akuu12pqg5l3n8scba4tpo4qcidrbgM")),
+                Class::Mutable
+            );
+            assert_eq!(
+                class_of(&r, &p("4/d/7akuu12pqg5l3n8scba4tpo4qcidrbgW")),
+                Class::Result
+            );
+            assert_eq!(
+                class_of(
+                    &r,
+                    &p("a/e/c8aiq5frsd7ctaaepqbvl8shkb4kcjcR.tmp.CL3Rln.tmp")
+                ),
+                Class::Local
+            );
             assert_eq!(class_of(&r, &p("4/stats")), Class::Local);
             assert_eq!(class_of(&r, &p("4/stats.lock")), Class::Local);
-            assert_eq!(class_of(&r, &p("tmp/cpp_stdout.tmp.UbSPh1.i")), Class::Local);
+            assert_eq!(
+                class_of(&r, &p("tmp/cpp_stdout.tmp.UbSPh1.i")),
+                Class::Local
+            );
             assert_eq!(class_of(&r, &p("tmp/.cleaned")), Class::Local);
             assert_eq!(class_of(&r, &p("ccache.conf")), Class::Local);
             assert_eq!(class_of(&r, &p("a/CACHEDIR.TAG")), Class::Local);

@@ -32,7 +32,10 @@ pub struct Tick {
 }
 
 pub fn wall_ns() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }
 
 pub fn to_system_time(ns: u64) -> SystemTime {
@@ -42,7 +45,12 @@ pub fn to_system_time(ns: u64) -> SystemTime {
 impl Clock {
     /// Starts the clock above `persisted_lease_ns` (zero for a new store).
     pub fn start(persisted_lease_ns: u64) -> Clock {
-        Clock { state: Mutex::new(State { last_ns: persisted_lease_ns, lease_ns: persisted_lease_ns }) }
+        Clock {
+            state: Mutex::new(State {
+                last_ns: persisted_lease_ns,
+                lease_ns: persisted_lease_ns,
+            }),
+        }
     }
 
     /// The next timestamp. When it passes the lease, the caller must persist

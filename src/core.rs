@@ -28,9 +28,8 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
-use crossbeam_channel::Sender;
 use log::{debug, info, warn};
 
 use crate::blobs::Blobs;
@@ -55,8 +54,11 @@ const SPACE_RESERVE_BYTES_MIN: u64 = 8 << 20;
 const SPACE_RESERVE_BYTES_MAX: u64 = 128 << 20;
 /// The statistics directory's name at the mount root.
 pub const STATS_DIR_NAME: &[u8] = b".casfs";
-const STATS_FILES: [(&[u8], Ino); 3] =
-    [(b"stats", Ino::STATS_TEXT), (b"stats.json", Ino::STATS_JSON), (b"metrics", Ino::STATS_METRICS)];
+const STATS_FILES: [(&[u8], Ino); 3] = [
+    (b"stats", Ino::STATS_TEXT),
+    (b"stats.json", Ino::STATS_JSON),
+    (b"metrics", Ino::STATS_METRICS),
+];
 
 /// Settings the core needs, validated by the command line.
 pub struct Config {
@@ -110,6 +112,16 @@ pub enum Invalidate {
     Attr(Ino),
     /// An inode's attributes and cached pages.
     Data(Ino),
+}
+
+/// The kernel's caches as the core sees them; the FUSE adapter implements it.
+pub trait KernelCache: Send + Sync {
+    /// Tells the kernel now. Called by `send_urgent_invalidations` with no
+    /// core lock held, before the current request is answered.
+    fn invalidate_now(&self, inv: &Invalidate);
+    /// Tells the kernel once the current request is answered (names: the
+    /// kernel may hold the directory's lock until then).
+    fn invalidate_later(&self, inv: Invalidate);
 }
 
 /// One directory entry in a listing.
@@ -177,17 +189,27 @@ pub struct Core {
     config: Config,
     pub stats: Stats,
     inner: Mutex<Inner>,
-    invalidations: Mutex<Option<Sender<Invalidate>>>,
+    kernel: OnceLock<Box<dyn KernelCache>>,
     open_counter: AtomicU64,
     /// Wall second of the last "disk full" warning, to log it once a minute.
     full_warned_s: AtomicU64,
+}
+
+thread_local! {
+    /// Invalidations the kernel must get before the current request is
+    /// answered; see `Core::send_urgent_invalidations`.
+    static URGENT: std::cell::RefCell<Vec<Invalidate>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Work to do once a batch is committed.
 enum After {
     RemoveBlob(BlobId),
     RemoveStaging(Ino),
+    /// After the reply: for names, whose directory the kernel may hold
+    /// locked until the request is answered.
     Invalidate(Invalidate),
+    /// Before the reply (see `send_urgent_invalidations`).
+    InvalidateNow(Invalidate),
 }
 
 /// One metadata change being assembled: the batch plus what it implies.
@@ -238,7 +260,7 @@ impl Core {
             config,
             stats: Stats::default(),
             inner: Mutex::new(inner),
-            invalidations: Mutex::new(None),
+            kernel: OnceLock::new(),
             open_counter: AtomicU64::new(0),
             full_warned_s: AtomicU64::new(0),
         };
@@ -247,9 +269,24 @@ impl Core {
         Ok(core)
     }
 
-    /// Where the adapter receives kernel invalidations.
-    pub fn set_invalidation_sender(&self, tx: Sender<Invalidate>) {
-        *self.invalidations.lock().unwrap() = Some(tx);
+    /// Sends the invalidations the last call on this thread made urgent: the
+    /// adapter calls this after the core returns and before it replies, so
+    /// no core lock is held (the kernel may wait on another request, which
+    /// needs the core) and the kernel is told before the caller goes on.
+    pub fn send_urgent_invalidations(&self) {
+        let urgent = URGENT.with(|u| std::mem::take(&mut *u.borrow_mut()));
+        if let Some(k) = self.kernel.get() {
+            for inv in &urgent {
+                k.invalidate_now(inv);
+            }
+        }
+    }
+
+    /// Connects the core to the kernel's caches (once, at mount).
+    pub fn set_kernel_cache(&self, kernel: Box<dyn KernelCache>) {
+        if self.kernel.set(kernel).is_err() {
+            warn!("kernel cache connected twice; keeping the first");
+        }
     }
 
     fn ensure_root(&self) -> Result<()> {
@@ -286,20 +323,29 @@ impl Core {
         let mut txn = self.txn(&inner);
         for (ino, reason) in &pending {
             txn.batch.delete_pending(*ino);
-            let Some(inode) = self.store.inode(*ino)? else { continue };
-            if *reason == PendingReason::Unsealed && self.store.dentry(inode.parent, &inode.name)? == Some(*ino) {
+            let Some(inode) = self.store.inode(*ino)? else {
+                continue;
+            };
+            if *reason == PendingReason::Unsealed
+                && self.store.dentry(inode.parent, &inode.name)? == Some(*ino)
+            {
                 txn.batch.delete_dentry(inode.parent, &inode.name);
             }
             self.delete_inode(&mut txn, &inode)?;
         }
         if !pending.is_empty() {
-            info!("recovery: dropped {} unpublished or unfinished files", pending.len());
+            info!(
+                "recovery: dropped {} unpublished or unfinished files",
+                pending.len()
+            );
         }
         self.commit_locked(&mut inner, txn, true)?;
         drop(inner);
         for (name, path) in self.blobs.staging_files() {
             let owned = match name.parse::<u64>() {
-                Ok(n) => matches!(self.store.inode(Ino(n))?, Some(i) if i.content == Content::Staged),
+                Ok(n) => {
+                    matches!(self.store.inode(Ino(n))?, Some(i) if i.content == Content::Staged)
+                }
                 Err(_) => false,
             };
             if !owned {
@@ -345,16 +391,15 @@ impl Core {
             match a {
                 After::RemoveBlob(id) => self.blobs.remove_blob(&id),
                 After::RemoveStaging(ino) => self.blobs.remove_staging(ino),
-                After::Invalidate(inv) => self.invalidate(inv),
+                After::Invalidate(inv) => {
+                    if let Some(k) = self.kernel.get() {
+                        k.invalidate_later(inv)
+                    }
+                }
+                After::InvalidateNow(inv) => URGENT.with(|u| u.borrow_mut().push(inv)),
             }
         }
         Ok(())
-    }
-
-    fn invalidate(&self, inv: Invalidate) {
-        if let Some(tx) = self.invalidations.lock().unwrap().as_ref() {
-            let _ = tx.try_send(inv);
-        }
     }
 
     fn count_error(&self, e: Error) -> Error {
@@ -386,7 +431,10 @@ impl Core {
         txn.gauges.bytes_logical = txn.gauges.bytes_logical.saturating_sub(size);
         let others = self.store.blob_refs(&id, 8)?;
         let still_used = others.iter().any(|o| !txn.removed_refs.contains(&(id, *o)))
-            || txn.added_refs.iter().any(|(a, i)| *a == id && !txn.removed_refs.contains(&(id, *i)));
+            || txn
+                .added_refs
+                .iter()
+                .any(|(a, i)| *a == id && !txn.removed_refs.contains(&(id, *i)));
         if !still_used && !txn.new_blobs.contains(&id) {
             txn.batch.delete_blob(&id);
             txn.gauges.blobs = txn.gauges.blobs.saturating_sub(1);
@@ -409,9 +457,18 @@ impl Core {
     }
 
     /// Removes one name of `inode`; the inode goes when nothing uses it.
-    fn unbind(&self, inner: &Inner, txn: &mut Txn, parent: Ino, name: &[u8], mut inode: Inode) -> Result<()> {
+    fn unbind(
+        &self,
+        inner: &Inner,
+        txn: &mut Txn,
+        parent: Ino,
+        name: &[u8],
+        mut inode: Inode,
+    ) -> Result<()> {
         txn.batch.delete_dentry(parent, name);
-        inode.nlink = inode.nlink.saturating_sub(if inode.kind == Kind::Dir { 2 } else { 1 });
+        inode.nlink = inode
+            .nlink
+            .saturating_sub(if inode.kind == Kind::Dir { 2 } else { 1 });
         if inode.nlink == 0 {
             if self.in_use(inner, inode.ino) {
                 txn.batch.put_pending(inode.ino, PendingReason::Unbound);
@@ -428,7 +485,8 @@ impl Core {
     }
 
     fn in_use(&self, inner: &Inner, ino: Ino) -> bool {
-        inner.open.get(&ino).is_some_and(|o| o.handles > 0) || inner.nlookup.get(&ino).is_some_and(|n| *n > 0)
+        inner.open.get(&ino).is_some_and(|o| o.handles > 0)
+            || inner.nlookup.get(&ino).is_some_and(|n| *n > 0)
     }
 
     /// Deletes an unbound inode once neither a handle nor the kernel holds it.
@@ -436,7 +494,9 @@ impl Core {
         if ino.is_virtual() || ino == Ino::ROOT || self.in_use(inner, ino) {
             return Ok(());
         }
-        let Some(inode) = self.store.inode(ino)? else { return Ok(()) };
+        let Some(inode) = self.store.inode(ino)? else {
+            return Ok(());
+        };
         if inode.nlink > 0 {
             return Ok(());
         }
@@ -456,7 +516,9 @@ impl Core {
 
     fn attr_of(&self, inode: &Inode) -> Attr {
         let size = match (&inode.content, inode.kind) {
-            (Content::Staged, _) => std::fs::metadata(self.blobs.staging_path(inode.ino)).map(|m| m.size()).unwrap_or(inode.size),
+            (Content::Staged, _) => std::fs::metadata(self.blobs.staging_path(inode.ino))
+                .map(|m| m.size())
+                .unwrap_or(inode.size),
             (Content::Symlink(t), _) => t.len() as u64,
             _ => inode.size,
         };
@@ -639,7 +701,8 @@ impl Core {
         let s = self.statfs()?;
         let total = s.blocks * s.bsize as u64;
         let free = s.bavail * s.bsize as u64;
-        let reserve = (total / SPACE_RESERVE_DIVISOR).clamp(SPACE_RESERVE_BYTES_MIN, SPACE_RESERVE_BYTES_MAX);
+        let reserve =
+            (total / SPACE_RESERVE_DIVISOR).clamp(SPACE_RESERVE_BYTES_MIN, SPACE_RESERVE_BYTES_MAX);
         if free >= reserve {
             return Ok(());
         }
@@ -660,7 +723,10 @@ impl Core {
         let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
         // SAFETY: valid C string and out-pointer.
         if unsafe { libc::statvfs(path.as_ptr(), &mut s) } != 0 {
-            return Err(Error::io(std::io::Error::last_os_error(), "statfs of the store"));
+            return Err(Error::io(
+                std::io::Error::last_os_error(),
+                "statfs of the store",
+            ));
         }
         Ok(Statfs {
             blocks: s.f_blocks,
@@ -685,7 +751,10 @@ impl Core {
             at = dir.parent;
             depth += 1;
             if depth > 4096 {
-                return Err(Error::with_context(libc::EIO, format!("directory loop above ino {parent}")));
+                return Err(Error::with_context(
+                    libc::EIO,
+                    format!("directory loop above ino {parent}"),
+                ));
             }
         }
         parts.reverse();
@@ -715,11 +784,25 @@ impl Core {
         Ok(dir)
     }
 
-    fn new_inode(&self, ino: Ino, kind: Kind, class: Class, perm: u16, caller: Caller, dir: &Inode, name: &[u8], now: u64) -> Inode {
+    fn new_inode(
+        &self,
+        ino: Ino,
+        kind: Kind,
+        class: Class,
+        perm: u16,
+        caller: Caller,
+        dir: &Inode,
+        name: &[u8],
+        now: u64,
+    ) -> Inode {
         // A setgid directory hands its group (and, to subdirectories, the bit) down.
         let setgid = dir.perm & 0o2000 != 0;
         let gid = if setgid { dir.gid } else { caller.gid };
-        let perm = if setgid && kind == Kind::Dir { perm | 0o2000 } else { perm };
+        let perm = if setgid && kind == Kind::Dir {
+            perm | 0o2000
+        } else {
+            perm
+        };
         Inode {
             ino,
             kind,
@@ -752,7 +835,16 @@ impl Core {
         let mut txn = self.txn(&inner);
         let now = self.tick(&mut txn);
         let ino = self.alloc_ino(&mut inner, &mut txn);
-        let inode = self.new_inode(ino, Kind::Dir, Class::Local, (mode & 0o7777) as u16, caller, &dir, name, now);
+        let inode = self.new_inode(
+            ino,
+            Kind::Dir,
+            Class::Local,
+            (mode & 0o7777) as u16,
+            caller,
+            &dir,
+            name,
+            now,
+        );
         txn.batch.put_inode(&inode);
         txn.batch.put_dentry(parent, name, ino);
         self.touch_dir(&mut txn, dir, now);
@@ -773,7 +865,16 @@ impl Core {
         let mut txn = self.txn(&inner);
         let now = self.tick(&mut txn);
         let ino = self.alloc_ino(&mut inner, &mut txn);
-        let mut inode = self.new_inode(ino, Kind::Symlink, Class::Local, 0o777, caller, &dir, name, now);
+        let mut inode = self.new_inode(
+            ino,
+            Kind::Symlink,
+            Class::Local,
+            0o777,
+            caller,
+            &dir,
+            name,
+            now,
+        );
         inode.content = Content::Symlink(target.to_vec());
         txn.batch.put_inode(&inode);
         txn.batch.put_dentry(parent, name, ino);
@@ -799,12 +900,16 @@ impl Core {
             return Err(Error::errno(libc::ENAMETOOLONG));
         }
         let mut inner = self.inner.lock().unwrap();
-        let Some(ino) = self.store.dentry(parent, name)? else { return enoent() };
+        let Some(ino) = self.store.dentry(parent, name)? else {
+            return enoent();
+        };
         let inode = self.inode(ino)?;
         match (inode.kind == Kind::Dir, dir_wanted) {
             (true, false) => return Err(Error::errno(libc::EISDIR)),
             (false, true) => return Err(Error::errno(libc::ENOTDIR)),
-            (true, true) if !self.store.dir_is_empty(ino)? => return Err(Error::errno(libc::ENOTEMPTY)),
+            (true, true) if !self.store.dir_is_empty(ino)? => {
+                return Err(Error::errno(libc::ENOTEMPTY))
+            }
             _ => {}
         }
         let mut txn = self.txn(&inner);
@@ -831,10 +936,19 @@ impl Core {
     /// True if `existing` is a published result that a new binding of that
     /// name must leave in place.
     fn is_published_result(existing: &Inode) -> bool {
-        existing.kind == Kind::File && existing.class == Class::Result && matches!(existing.content, Content::Blob(_))
+        existing.kind == Kind::File
+            && existing.class == Class::Result
+            && matches!(existing.content, Content::Blob(_))
     }
 
-    pub fn rename(&self, parent: Ino, name: &[u8], newparent: Ino, newname: &[u8], flags: u32) -> Result<()> {
+    pub fn rename(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        newparent: Ino,
+        newname: &[u8],
+        flags: u32,
+    ) -> Result<()> {
         if flags & libc::RENAME_EXCHANGE != 0 {
             return Err(Error::errno(libc::EINVAL));
         }
@@ -846,7 +960,9 @@ impl Core {
         }
         let newdir = self.check_new_name(newparent, newname)?;
         let mut inner = self.inner.lock().unwrap();
-        let Some(src_ino) = self.store.dentry(parent, name)? else { return enoent() };
+        let Some(src_ino) = self.store.dentry(parent, name)? else {
+            return enoent();
+        };
         let mut src = self.inode(src_ino)?;
         let dst = match self.store.dentry(newparent, newname)? {
             Some(d) => Some(self.inode(d)?),
@@ -862,7 +978,9 @@ impl Core {
             match (src.kind == Kind::Dir, d.kind == Kind::Dir) {
                 (false, true) => return Err(Error::errno(libc::EISDIR)),
                 (true, false) => return Err(Error::errno(libc::ENOTDIR)),
-                (true, true) if !self.store.dir_is_empty(d.ino)? => return Err(Error::errno(libc::ENOTEMPTY)),
+                (true, true) if !self.store.dir_is_empty(d.ino)? => {
+                    return Err(Error::errno(libc::ENOTEMPTY))
+                }
                 _ => {}
             }
         }
@@ -880,7 +998,8 @@ impl Core {
         let mut txn = self.txn(&inner);
         let now = self.tick(&mut txn);
         let class = if src.kind == Kind::File {
-            self.class_of(newparent, newname)?.resolve(&self.head_of(&src))
+            self.class_of(newparent, newname)?
+                .resolve(&self.head_of(&src))
         } else {
             src.class
         };
@@ -889,11 +1008,17 @@ impl Core {
             if let Some(existing) = dst.as_ref().filter(|d| Self::is_published_result(d)) {
                 // Create-only: the existing result stays; the newcomer goes.
                 Stats::bump(&self.stats.counters.conflicts);
-                debug!("rename name={:?} ino={src_ino} outcome=kept-existing", String::from_utf8_lossy(newname));
+                debug!(
+                    "rename name={:?} ino={src_ino} outcome=kept-existing",
+                    String::from_utf8_lossy(newname)
+                );
                 txn.batch.delete_dentry(parent, name);
                 self.become_alias(&inner, &mut txn, src, existing)?;
                 self.touch_dir(&mut txn, self.inode(parent)?, now);
-                txn.after.push(After::Invalidate(Invalidate::Entry(newparent, newname.to_vec())));
+                txn.after.push(After::Invalidate(Invalidate::Entry(
+                    newparent,
+                    newname.to_vec(),
+                )));
                 return self.commit_locked(&mut inner, txn, true);
             }
         }
@@ -922,17 +1047,28 @@ impl Core {
     /// Turns an inode that lost a create-only race into an unnamed alias of
     /// the winner's content, so a reader still holding it sees the winner's
     /// bytes; it is deleted once the kernel forgets it.
-    fn become_alias(&self, inner: &Inner, txn: &mut Txn, mut loser: Inode, winner: &Inode) -> Result<()> {
-        let Content::Blob(id) = winner.content else { unreachable!("winner is a published result") };
+    fn become_alias(
+        &self,
+        inner: &Inner,
+        txn: &mut Txn,
+        mut loser: Inode,
+        winner: &Inode,
+    ) -> Result<()> {
+        let Content::Blob(id) = winner.content else {
+            unreachable!("winner is a published result")
+        };
         match &loser.content {
             Content::Blob(old) => self.drop_ref(txn, *old, loser.ino, loser.size)?,
             Content::Staged => txn.after.push(After::RemoveStaging(loser.ino)),
             _ => {}
         }
         if self.in_use(inner, loser.ino) {
-            // Pages the kernel cached while the loser was written are not
-            // the winner's bytes.
-            txn.after.push(After::Invalidate(Invalidate::Data(loser.ino)));
+            // Pages and size the kernel cached while the loser was written
+            // are not the winner's: drop them before the request is answered,
+            // since the kernel now maps the name to the loser's inode until
+            // the name's own invalidation arrives.
+            txn.after
+                .push(After::InvalidateNow(Invalidate::Data(loser.ino)));
             self.add_ref(txn, id, loser.ino, winner.size);
             loser.content = Content::Blob(id);
             loser.size = winner.size;
@@ -957,7 +1093,8 @@ impl Core {
             return Err(Error::errno(libc::EPERM));
         }
         let class = if src.kind == Kind::File {
-            self.class_of(newparent, newname)?.resolve(&self.head_of(&src))
+            self.class_of(newparent, newname)?
+                .resolve(&self.head_of(&src))
         } else {
             Class::Local
         };
@@ -967,7 +1104,10 @@ impl Core {
             let existing = self.inode(d)?;
             if class == Class::Result && Self::is_published_result(&existing) {
                 Stats::bump(&self.stats.counters.conflicts);
-                debug!("link name={:?} outcome=kept-existing", String::from_utf8_lossy(newname));
+                debug!(
+                    "link name={:?} outcome=kept-existing",
+                    String::from_utf8_lossy(newname)
+                );
                 *inner.nlookup.entry(existing.ino).or_insert(0) += 1;
                 return Ok(self.attr_of(&existing));
             }
@@ -998,7 +1138,19 @@ impl Core {
             _ => return Err(Error::errno(libc::EPERM)),
         };
         let new_ino = self.alloc_ino(&mut inner, &mut txn);
-        let mut inode = self.new_inode(new_ino, Kind::File, class, src.perm, Caller { uid: src.uid, gid: src.gid }, &newdir, newname, now);
+        let mut inode = self.new_inode(
+            new_ino,
+            Kind::File,
+            class,
+            src.perm,
+            Caller {
+                uid: src.uid,
+                gid: src.gid,
+            },
+            &newdir,
+            newname,
+            now,
+        );
         inode.content = Content::Blob(id);
         inode.size = size;
         self.add_ref(&mut txn, id, new_ino, size);
@@ -1016,7 +1168,12 @@ impl Core {
     /// it. The staging file is linked into place unless it must stay
     /// writable (`must_copy`: a writer still holds it, or it keeps its own
     /// name), in which case a snapshot copy is published instead.
-    fn stage_to_blob(&self, txn: &mut Txn, ino: Ino, must_copy: bool) -> Result<(BlobId, u64, Vec<u8>)> {
+    fn stage_to_blob(
+        &self,
+        txn: &mut Txn,
+        ino: Ino,
+        must_copy: bool,
+    ) -> Result<(BlobId, u64, Vec<u8>)> {
         let staging = self.blobs.staging_path(ino);
         let file = self.blobs.open_staging(ino, false)?;
         let (file, path) = if must_copy {
@@ -1040,7 +1197,12 @@ impl Core {
         result
     }
 
-    fn install_blob(&self, txn: &mut Txn, file: &File, path: &std::path::Path) -> Result<(BlobId, u64, Vec<u8>)> {
+    fn install_blob(
+        &self,
+        txn: &mut Txn,
+        file: &File,
+        path: &std::path::Path,
+    ) -> Result<(BlobId, u64, Vec<u8>)> {
         let hashed = Blobs::hash_file(file)?;
         let id = hashed.id;
         if self.store.blob_known(&id)? || txn.new_blobs.contains(&id) {
@@ -1061,7 +1223,13 @@ impl Core {
 
     /// Publishes a staged inode in place: its bytes become a blob and the
     /// inode points at it. The caller binds the name and commits with sync.
-    fn seal_staged(&self, inner: &Inner, txn: &mut Txn, inode: &mut Inode, class: Class) -> Result<()> {
+    fn seal_staged(
+        &self,
+        inner: &Inner,
+        txn: &mut Txn,
+        inode: &mut Inode,
+        class: Class,
+    ) -> Result<()> {
         debug_assert_eq!(inode.content, Content::Staged);
         let writers = inner.open.get(&inode.ino).map_or(0, |o| o.writers);
         let (id, size, head) = self.stage_to_blob(txn, inode.ino, writers > 0)?;
@@ -1072,14 +1240,19 @@ impl Core {
         inode.size = size;
         inode.class = class.resolve(&head);
         inode.mtime_ns = self.tick(txn);
-        debug!("publish ino={} blob={id} size={size} class={}", inode.ino, inode.class);
+        debug!(
+            "publish ino={} blob={id} size={size} class={}",
+            inode.ino, inode.class
+        );
         Ok(())
     }
 
     /// Copies a blob-backed inode back into a staging file so it can be
     /// changed (mutable and local classes only), truncated to `len`.
     fn copy_up(&self, txn: &mut Txn, inode: &mut Inode, len: Option<u64>) -> Result<()> {
-        let Content::Blob(id) = inode.content else { return Ok(()) };
+        let Content::Blob(id) = inode.content else {
+            return Ok(());
+        };
         let staged = self.blobs.create_staging(inode.ino)?;
         if len != Some(0) {
             let src = self.blobs.open_blob(&id)?;
@@ -1104,7 +1277,9 @@ impl Core {
         if inner.open.get(&ino).is_some_and(|o| o.writers > 0) {
             return Ok(());
         }
-        let Some(mut inode) = self.store.inode(ino)? else { return Ok(()) };
+        let Some(mut inode) = self.store.inode(ino)? else {
+            return Ok(());
+        };
         if inode.content != Content::Staged || !inode.class.is_blob() {
             return Ok(());
         }
@@ -1129,11 +1304,17 @@ impl Core {
         match existing {
             Some(e) if class == Class::Result && Self::is_published_result(&e) => {
                 Stats::bump(&self.stats.counters.conflicts);
-                debug!("close-publish name={:?} outcome=kept-existing", String::from_utf8_lossy(&name));
+                debug!(
+                    "close-publish name={:?} outcome=kept-existing",
+                    String::from_utf8_lossy(&name)
+                );
                 self.become_alias(&inner, &mut txn, inode, &e)?;
             }
             Some(e) if e.kind == Kind::Dir => {
-                debug!("close-publish name={:?} outcome=dropped-directory-exists", String::from_utf8_lossy(&name));
+                debug!(
+                    "close-publish name={:?} outcome=dropped-directory-exists",
+                    String::from_utf8_lossy(&name)
+                );
                 self.delete_inode(&mut txn, &inode)?;
             }
             other => {
@@ -1147,13 +1328,23 @@ impl Core {
                 self.touch_dir(&mut txn, self.inode(parent)?, inode.mtime_ns);
             }
         }
-        txn.after.push(After::Invalidate(Invalidate::Entry(parent, name)));
+        // Called from flush, release and setattr, which hold no directory
+        // lock: a reader's negative entry goes before close() returns.
+        txn.after
+            .push(After::InvalidateNow(Invalidate::Entry(parent, name)));
         self.commit_locked(&mut inner, txn, true)
     }
 
     // ----- files -------------------------------------------------------------
 
-    fn new_handle(&self, inner: &mut Inner, ino: Ino, mode: Mode, file: Option<File>, virt: Option<Vec<u8>>) -> u64 {
+    fn new_handle(
+        &self,
+        inner: &mut Inner,
+        ino: Ino,
+        mode: Mode,
+        file: Option<File>,
+        virt: Option<Vec<u8>>,
+    ) -> u64 {
         let fh = inner.next_fh;
         inner.next_fh += 1;
         let h = Handle {
@@ -1175,7 +1366,13 @@ impl Core {
     }
 
     fn handle(&self, fh: u64) -> Result<Arc<Handle>> {
-        self.inner.lock().unwrap().handles.get(&fh).cloned().ok_or_else(|| Error::errno(libc::EBADF))
+        self.inner
+            .lock()
+            .unwrap()
+            .handles
+            .get(&fh)
+            .cloned()
+            .ok_or_else(|| Error::errno(libc::EBADF))
     }
 
     fn should_verify(&self) -> bool {
@@ -1196,7 +1393,10 @@ impl Core {
             }
             let bytes = self.render(ino);
             let mut inner = self.inner.lock().unwrap();
-            return Ok((self.new_handle(&mut inner, ino, Mode::Read, None, Some(bytes)), true));
+            return Ok((
+                self.new_handle(&mut inner, ino, Mode::Read, None, Some(bytes)),
+                true,
+            ));
         }
         let mut inner = self.inner.lock().unwrap();
         let mut inode = self.inode(ino)?;
@@ -1204,7 +1404,10 @@ impl Core {
             if write {
                 return Err(Error::errno(libc::EISDIR));
             }
-            return Ok((self.new_handle(&mut inner, ino, Mode::Read, None, None), false));
+            return Ok((
+                self.new_handle(&mut inner, ino, Mode::Read, None, None),
+                false,
+            ));
         }
         if !write {
             let file = match &inode.content {
@@ -1215,7 +1418,10 @@ impl Core {
             if inode.class == Class::Result && matches!(inode.content, Content::Blob(_)) {
                 Stats::bump(&self.stats.counters.hits);
             }
-            return Ok((self.new_handle(&mut inner, ino, Mode::Read, file, None), false));
+            return Ok((
+                self.new_handle(&mut inner, ino, Mode::Read, file, None),
+                false,
+            ));
         }
         let truncate = flags & libc::O_TRUNC != 0;
         match (&inode.content, inode.class) {
@@ -1224,7 +1430,9 @@ impl Core {
                 let fh = self.new_handle(&mut inner, ino, Mode::Discard, Some(file), None);
                 if truncate {
                     Stats::bump(&self.stats.counters.conflicts);
-                    inner.handles[&fh].conflict_counted.store(true, Ordering::Relaxed);
+                    inner.handles[&fh]
+                        .conflict_counted
+                        .store(true, Ordering::Relaxed);
                 }
                 Ok((fh, false))
             }
@@ -1235,7 +1443,10 @@ impl Core {
                 txn.batch.put_inode(&inode);
                 self.commit_locked(&mut inner, txn, false)?;
                 let file = self.blobs.open_staging(ino, true)?;
-                Ok((self.new_handle(&mut inner, ino, Mode::Write, Some(file), None), false))
+                Ok((
+                    self.new_handle(&mut inner, ino, Mode::Write, Some(file), None),
+                    false,
+                ))
             }
             (Content::Staged, class) => {
                 let file = self.blobs.open_staging(ino, true)?;
@@ -1250,7 +1461,10 @@ impl Core {
                     txn.batch.put_pending(ino, PendingReason::Unsealed);
                 }
                 self.commit_locked(&mut inner, txn, false)?;
-                Ok((self.new_handle(&mut inner, ino, Mode::Write, Some(file), None), false))
+                Ok((
+                    self.new_handle(&mut inner, ino, Mode::Write, Some(file), None),
+                    false,
+                ))
             }
             _ => Err(Error::errno(libc::EINVAL)),
         }
@@ -1264,13 +1478,20 @@ impl Core {
             Err(e) => {
                 warn!("blob {id} of ino={} is missing: {e}", inode.ino);
                 self.drop_corrupt(inner, id)?;
-                return Err(Error::with_context(libc::EIO, format!("blob {id} is missing")));
+                return Err(Error::with_context(
+                    libc::EIO,
+                    format!("blob {id} is missing"),
+                ));
             }
         };
         if self.should_verify() {
             Stats::bump(&self.stats.counters.blobs_verified);
             if !Blobs::verify(&file, &id)? {
-                warn!("corrupt blob={id} ino={} name={:?}: bytes do not match the hash; quarantined", inode.ino, String::from_utf8_lossy(&inode.name));
+                warn!(
+                    "corrupt blob={id} ino={} name={:?}: bytes do not match the hash; quarantined",
+                    inode.ino,
+                    String::from_utf8_lossy(&inode.name)
+                );
                 Stats::bump(&self.stats.counters.corrupt_blobs);
                 self.drop_corrupt(inner, id)?;
                 return Err(Error::errno(libc::EIO));
@@ -1284,11 +1505,14 @@ impl Core {
     fn drop_corrupt(&self, inner: &mut Inner, id: BlobId) -> Result<()> {
         let mut txn = self.txn(inner);
         for ino in self.store.blob_refs(&id, DIR_ENTRIES_MAX)? {
-            let Some(inode) = self.store.inode(ino)? else { continue };
+            let Some(inode) = self.store.inode(ino)? else {
+                continue;
+            };
             let (parent, name) = (inode.parent, inode.name.clone());
             if inode.nlink > 0 && self.store.dentry(parent, &name)? == Some(ino) {
                 self.unbind(inner, &mut txn, parent, &name, inode)?;
-                txn.after.push(After::Invalidate(Invalidate::Entry(parent, name)));
+                txn.after
+                    .push(After::Invalidate(Invalidate::Entry(parent, name)));
             }
         }
         self.commit_locked(inner, txn, false)?;
@@ -1296,7 +1520,14 @@ impl Core {
         Ok(())
     }
 
-    pub fn create(&self, parent: Ino, name: &[u8], mode: u32, flags: i32, caller: Caller) -> Result<(Attr, u64)> {
+    pub fn create(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        flags: i32,
+        caller: Caller,
+    ) -> Result<(Attr, u64)> {
         let dir = self.check_new_name(parent, name)?;
         let mut inner = self.inner.lock().unwrap();
         if let Some(existing) = self.store.dentry(parent, name)? {
@@ -1314,7 +1545,16 @@ impl Core {
         let mut txn = self.txn(&inner);
         let now = self.tick(&mut txn);
         let ino = self.alloc_ino(&mut inner, &mut txn);
-        let mut inode = self.new_inode(ino, Kind::File, class, (mode & 0o7777) as u16, caller, &dir, name, now);
+        let mut inode = self.new_inode(
+            ino,
+            Kind::File,
+            class,
+            (mode & 0o7777) as u16,
+            caller,
+            &dir,
+            name,
+            now,
+        );
         inode.content = Content::Staged;
         let file = self.blobs.create_staging(ino)?;
         match class {
@@ -1351,11 +1591,15 @@ impl Core {
             let end = (start + size as usize).min(v.len());
             return Ok(v[start..end].to_vec());
         }
-        let Some(file) = &h.file else { return Err(Error::errno(libc::EISDIR)) };
+        let Some(file) = &h.file else {
+            return Err(Error::errno(libc::EISDIR));
+        };
         let mut buf = vec![0u8; size as usize];
         let mut done = 0;
         while done < buf.len() {
-            let n = file.read_at(&mut buf[done..], offset + done as u64).map_err(|e| Error::io(e, "read"))?;
+            let n = file
+                .read_at(&mut buf[done..], offset + done as u64)
+                .map_err(|e| Error::io(e, "read"))?;
             if n == 0 {
                 break;
             }
@@ -1382,7 +1626,9 @@ impl Core {
                 }
                 self.check_space()?;
                 let file = h.file.as_ref().expect("write handles hold a file");
-                file.write_all_at(data, offset).map_err(|e| self.count_error(Error::io(e, format_args!("write ino={}", h.ino))))?;
+                file.write_all_at(data, offset).map_err(|e| {
+                    self.count_error(Error::io(e, format_args!("write ino={}", h.ino)))
+                })?;
                 h.dirty.store(true, Ordering::Relaxed);
                 Ok(data.len() as u32)
             }
@@ -1404,7 +1650,11 @@ impl Core {
                     if inode.content == Content::Staged {
                         let mut txn = self.txn(&inner);
                         inode.mtime_ns = self.tick(&mut txn);
-                        inode.size = h.file.as_ref().and_then(|f| f.metadata().ok()).map_or(inode.size, |m| m.size());
+                        inode.size = h
+                            .file
+                            .as_ref()
+                            .and_then(|f| f.metadata().ok())
+                            .map_or(inode.size, |m| m.size());
                         txn.batch.put_inode(&inode);
                         txn.after.push(After::Invalidate(Invalidate::Attr(h.ino)));
                         self.commit_locked(&mut inner, txn, false)?;
@@ -1414,7 +1664,9 @@ impl Core {
             if !only_writer {
                 return Ok(());
             }
-            let Some(inode) = self.store.inode(h.ino)? else { return Ok(()) };
+            let Some(inode) = self.store.inode(h.ino)? else {
+                return Ok(());
+            };
             if inode.content != Content::Staged || !inode.class.is_blob() {
                 return Ok(());
             }
@@ -1430,7 +1682,9 @@ impl Core {
     pub fn release(&self, fh: u64) -> Result<()> {
         let (h, ino) = {
             let mut inner = self.inner.lock().unwrap();
-            let Some(h) = inner.handles.remove(&fh) else { return Err(Error::errno(libc::EBADF)) };
+            let Some(h) = inner.handles.remove(&fh) else {
+                return Err(Error::errno(libc::EBADF));
+            };
             let ino = h.ino;
             if let Some(o) = inner.open.get_mut(&ino) {
                 o.handles = o.handles.saturating_sub(1);
@@ -1469,12 +1723,24 @@ impl Core {
 
     pub fn opendir(&self, ino: Ino) -> Result<u64> {
         let mut entries = vec![
-            DirEntry { ino, kind: Kind::Dir, name: b".".to_vec() },
-            DirEntry { ino: Ino::ROOT, kind: Kind::Dir, name: b"..".to_vec() },
+            DirEntry {
+                ino,
+                kind: Kind::Dir,
+                name: b".".to_vec(),
+            },
+            DirEntry {
+                ino: Ino::ROOT,
+                kind: Kind::Dir,
+                name: b"..".to_vec(),
+            },
         ];
         if ino == Ino::STATS_DIR {
             for (name, i) in STATS_FILES {
-                entries.push(DirEntry { ino: i, kind: Kind::File, name: name.to_vec() });
+                entries.push(DirEntry {
+                    ino: i,
+                    kind: Kind::File,
+                    name: name.to_vec(),
+                });
             }
         } else {
             let dir = self.inode(ino)?;
@@ -1483,11 +1749,19 @@ impl Core {
             }
             entries[1].ino = dir.parent;
             if ino == Ino::ROOT {
-                entries.push(DirEntry { ino: Ino::STATS_DIR, kind: Kind::Dir, name: STATS_DIR_NAME.to_vec() });
+                entries.push(DirEntry {
+                    ino: Ino::STATS_DIR,
+                    kind: Kind::Dir,
+                    name: STATS_DIR_NAME.to_vec(),
+                });
             }
             for (name, child) in self.store.list_dir(ino, DIR_ENTRIES_MAX)? {
                 if let Some(c) = self.store.inode(child)? {
-                    entries.push(DirEntry { ino: child, kind: c.kind, name });
+                    entries.push(DirEntry {
+                        ino: child,
+                        kind: c.kind,
+                        name,
+                    });
                 }
             }
         }
@@ -1500,7 +1774,13 @@ impl Core {
 
     /// Entries from `offset` on; the offset of entry i is i + 1.
     pub fn readdir(&self, fh: u64) -> Result<Arc<Vec<DirEntry>>> {
-        self.inner.lock().unwrap().dirs.get(&fh).cloned().ok_or_else(|| Error::errno(libc::EBADF))
+        self.inner
+            .lock()
+            .unwrap()
+            .dirs
+            .get(&fh)
+            .cloned()
+            .ok_or_else(|| Error::errno(libc::EBADF))
     }
 
     pub fn releasedir(&self, fh: u64) {

@@ -20,18 +20,27 @@ pub type Result<T> = std::result::Result<T, Error>;
 impl Error {
     /// A plain POSIX answer (ENOENT, EEXIST, ...): expected, not logged.
     pub fn errno(errno: i32) -> Error {
-        Error { errno, context: String::new() }
+        Error {
+            errno,
+            context: String::new(),
+        }
     }
 
     /// An operating error with a message saying what failed on what.
     pub fn with_context(errno: i32, context: impl Into<String>) -> Error {
-        Error { errno, context: context.into() }
+        Error {
+            errno,
+            context: context.into(),
+        }
     }
 
     /// An I/O error from the store, with what we were doing.
     pub fn io(err: io::Error, what: impl fmt::Display) -> Error {
         let errno = err.raw_os_error().unwrap_or(libc::EIO);
-        Error { errno, context: format!("{what}: {err}") }
+        Error {
+            errno,
+            context: format!("{what}: {err}"),
+        }
     }
 
     /// A RocksDB error. Out-of-space becomes ENOSPC, everything else EIO.
@@ -42,7 +51,10 @@ impl Error {
         } else {
             libc::EIO
         };
-        Error { errno, context: format!("metadata {what}: {text}") }
+        Error {
+            errno,
+            context: format!("metadata {what}: {text}"),
+        }
     }
 
     /// The errno the kernel sees. This is the only errno mapping in casfs.

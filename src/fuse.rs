@@ -1,9 +1,15 @@
 //! The FUSE adapter: the only file that knows fuser's request and reply
 //! types. Each handler counts the request, calls the core and replies.
 //!
-//! Invariant: a kernel invalidation is never sent from inside a request
-//! handler (the kernel may hold the directory lock until we reply); the core
-//! queues them and the `invalidator` thread sends them.
+//! Invariants:
+//! - The kernel may cache names (also absent ones), attributes and pages
+//!   for long (`TTL`, `FOPEN_KEEP_CACHE`): whatever the daemon changes on its
+//!   own, it invalidates (`Invalidate`).
+//! - An invalidation is sent either before the reply with no core lock held
+//!   (`send_urgent_invalidations`, for requests that hold no directory lock
+//!   or for inode data), or after it by the `invalidator` thread (names
+//!   changed during rename, create and the like, whose directory the kernel
+//!   holds locked until we reply).
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -12,14 +18,15 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, IoctlFlags,
-    KernelConfig, LockOwner, Notifier, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, Notifier, OpenFlags,
+    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
+    ReplyIoctl, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use log::debug;
 
 use crate::clock::to_system_time;
-use crate::core::{Attr, Caller, Core, Invalidate, SetAttr, NAME_BYTES_MAX};
+use crate::core::{Attr, Caller, Core, Invalidate, KernelCache, SetAttr, NAME_BYTES_MAX};
 use crate::error::Error;
 use crate::ids::Ino;
 use crate::meta::Kind;
@@ -45,20 +52,54 @@ impl CasFs {
     }
 }
 
-/// Sends queued invalidations to the kernel until the channel closes.
-pub fn invalidator(notifier: Notifier, rx: crossbeam_channel::Receiver<Invalidate>) {
-    for inv in rx {
-        let result = match &inv {
-            Invalidate::Entry(parent, name) => notifier.inval_entry(INodeNo(parent.0), OsStr::from_bytes(name)),
-            // A negative offset invalidates attributes only.
-            Invalidate::Attr(ino) => notifier.inval_inode(INodeNo(ino.0), -1, 0),
-            Invalidate::Data(ino) => notifier.inval_inode(INodeNo(ino.0), 0, 0),
-        };
-        if let Err(e) = result {
-            // ENOENT just means the kernel had nothing cached.
-            if e.raw_os_error() != Some(libc::ENOENT) {
-                debug!("invalidate {inv:?}: {e}");
-            }
+/// Tells the kernel what the daemon changed on its own: synchronously, or
+/// through a bounded queue drained by the `invalidator` thread.
+pub struct Kernel {
+    notifier: Notifier,
+    queue: crossbeam_channel::Sender<Invalidate>,
+}
+
+impl Kernel {
+    /// Starts the invalidator thread and returns the handle for the core.
+    pub fn start(notifier: Notifier) -> std::io::Result<Kernel> {
+        let (queue, rx) = crossbeam_channel::bounded(INVALIDATION_QUEUE_LEN_MAX);
+        let thread_notifier = notifier.clone();
+        std::thread::Builder::new()
+            .name("invalidator".into())
+            .spawn(move || {
+                for inv in rx {
+                    send(&thread_notifier, &inv);
+                }
+            })?;
+        Ok(Kernel { notifier, queue })
+    }
+}
+
+impl KernelCache for Kernel {
+    fn invalidate_now(&self, inv: &Invalidate) {
+        send(&self.notifier, inv);
+    }
+
+    fn invalidate_later(&self, inv: Invalidate) {
+        if self.queue.try_send(inv).is_err() {
+            debug!("invalidation queue full; the entry TTL bounds staleness");
+        }
+    }
+}
+
+fn send(notifier: &Notifier, inv: &Invalidate) {
+    let result = match inv {
+        Invalidate::Entry(parent, name) => {
+            notifier.inval_entry(INodeNo(parent.0), OsStr::from_bytes(name))
+        }
+        // A negative offset invalidates attributes only.
+        Invalidate::Attr(ino) => notifier.inval_inode(INodeNo(ino.0), -1, 0),
+        Invalidate::Data(ino) => notifier.inval_inode(INodeNo(ino.0), 0, 0),
+    };
+    if let Err(e) = result {
+        // ENOENT just means the kernel had nothing cached.
+        if e.raw_os_error() != Some(libc::ENOENT) {
+            debug!("invalidate {inv:?}: {e}");
         }
     }
 }
@@ -119,7 +160,10 @@ fn errno(e: &Error) -> Errno {
 }
 
 fn caller(req: &Request) -> Caller {
-    Caller { uid: req.uid(), gid: req.gid() }
+    Caller {
+        uid: req.uid(),
+        gid: req.gid(),
+    }
 }
 
 fn ino(i: INodeNo) -> Ino {
@@ -135,6 +179,7 @@ impl CasFs {
     }
 
     fn empty(&self, result: Result<(), Error>, reply: ReplyEmpty) {
+        self.core.send_urgent_invalidations();
         match result {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
@@ -147,7 +192,15 @@ impl CasFs {
 }
 
 impl Filesystem for CasFs {
-    fn init(&mut self, _req: &Request, _config: &mut KernelConfig) -> std::io::Result<()> {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Lookups in one directory may run in parallel (the core's reads
+        // take no lock), and symlink targets (ccache's lock files) are
+        // immutable, so the kernel may cache them. Never the writeback
+        // cache: with it the kernel, not the daemon's clock, owns mtimes.
+        let wanted = InitFlags::FUSE_PARALLEL_DIROPS | InitFlags::FUSE_CACHE_SYMLINKS;
+        if let Err(missing) = config.add_capabilities(wanted) {
+            log::info!("kernel lacks FUSE capabilities {missing:?}; running without them");
+        }
         Ok(())
     }
 
@@ -199,8 +252,16 @@ impl Filesystem for CasFs {
         reply: ReplyAttr,
     ) {
         self.count(Op::Setattr);
-        let set = SetAttr { mode, uid, gid, size, touch: atime.is_some() || mtime.is_some() };
-        match self.core.setattr(ino(i), set) {
+        let set = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            touch: atime.is_some() || mtime.is_some(),
+        };
+        let result = self.core.setattr(ino(i), set);
+        self.core.send_urgent_invalidations();
+        match result {
             Ok(a) => reply.attr(&ttl(&a), &file_attr(&a)),
             Err(e) => reply.error(errno(&e)),
         }
@@ -214,9 +275,21 @@ impl Filesystem for CasFs {
         }
     }
 
-    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
         self.count(Op::Mkdir);
-        self.entry(self.core.mkdir(ino(parent), name.as_bytes(), mode & !umask, caller(req)), reply);
+        self.entry(
+            self.core
+                .mkdir(ino(parent), name.as_bytes(), mode & !umask, caller(req)),
+            reply,
+        );
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -229,9 +302,21 @@ impl Filesystem for CasFs {
         self.empty(self.core.rmdir(ino(parent), name.as_bytes()), reply);
     }
 
-    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
         self.count(Op::Symlink);
-        let r = self.core.symlink(ino(parent), link_name.as_bytes(), target.as_os_str().as_bytes(), caller(req));
+        let r = self.core.symlink(
+            ino(parent),
+            link_name.as_bytes(),
+            target.as_os_str().as_bytes(),
+            caller(req),
+        );
         self.entry(r, reply);
     }
 
@@ -246,13 +331,29 @@ impl Filesystem for CasFs {
         reply: ReplyEmpty,
     ) {
         self.count(Op::Rename);
-        let r = self.core.rename(ino(parent), name.as_bytes(), ino(newparent), newname.as_bytes(), flags.bits());
+        let r = self.core.rename(
+            ino(parent),
+            name.as_bytes(),
+            ino(newparent),
+            newname.as_bytes(),
+            flags.bits(),
+        );
         self.empty(r, reply);
     }
 
-    fn link(&self, _req: &Request, i: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+    fn link(
+        &self,
+        _req: &Request,
+        i: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
         self.count(Op::Link);
-        self.entry(self.core.link(ino(i), ino(newparent), newname.as_bytes()), reply);
+        self.entry(
+            self.core.link(ino(i), ino(newparent), newname.as_bytes()),
+            reply,
+        );
     }
 
     fn open(&self, _req: &Request, i: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -261,7 +362,11 @@ impl Filesystem for CasFs {
             Ok((fh, direct)) => {
                 // Pages stay cached across opens: bytes change only through
                 // this kernel, or the daemon invalidates them (`Invalidate::Data`).
-                let mut f = if direct { FopenFlags::FOPEN_DIRECT_IO } else { FopenFlags::FOPEN_KEEP_CACHE };
+                let mut f = if direct {
+                    FopenFlags::FOPEN_DIRECT_IO
+                } else {
+                    FopenFlags::FOPEN_KEEP_CACHE
+                };
                 // A read-only handle has nothing to do at close: skip FLUSH.
                 if flags.0 & libc::O_ACCMODE == libc::O_RDONLY && flags.0 & libc::O_TRUNC == 0 {
                     f |= FopenFlags::FOPEN_NOFLUSH;
@@ -309,7 +414,14 @@ impl Filesystem for CasFs {
         }
     }
 
-    fn flush(&self, _req: &Request, _i: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        _i: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         self.count(Op::Flush);
         self.empty(self.core.flush(fh.0), reply);
     }
@@ -328,7 +440,14 @@ impl Filesystem for CasFs {
         self.empty(self.core.release(fh.0), reply);
     }
 
-    fn fsync(&self, _req: &Request, _i: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &self,
+        _req: &Request,
+        _i: INodeNo,
+        fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         self.count(Op::Fsync);
         self.empty(self.core.fsync(fh.0), reply);
     }
@@ -341,12 +460,24 @@ impl Filesystem for CasFs {
         }
     }
 
-    fn readdir(&self, _req: &Request, _i: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        _req: &Request,
+        _i: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
         self.count(Op::Readdir);
         match self.core.readdir(fh.0) {
             Ok(entries) => {
                 for (i, e) in entries.iter().enumerate().skip(offset as usize) {
-                    if reply.add(INodeNo(e.ino.0), i as u64 + 1, file_type(e.kind), OsStr::from_bytes(&e.name)) {
+                    if reply.add(
+                        INodeNo(e.ino.0),
+                        i as u64 + 1,
+                        file_type(e.kind),
+                        OsStr::from_bytes(&e.name),
+                    ) {
                         break;
                     }
                 }
@@ -356,13 +487,27 @@ impl Filesystem for CasFs {
         }
     }
 
-    fn releasedir(&self, _req: &Request, _i: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _i: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
         self.count(Op::Releasedir);
         self.core.releasedir(fh.0);
         reply.ok();
     }
 
-    fn fsyncdir(&self, _req: &Request, _i: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _i: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         self.count(Op::Fsync);
         reply.ok();
     }
@@ -370,7 +515,16 @@ impl Filesystem for CasFs {
     fn statfs(&self, _req: &Request, _i: INodeNo, reply: ReplyStatfs) {
         self.count(Op::Statfs);
         match self.core.statfs() {
-            Ok(s) => reply.statfs(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, NAME_BYTES_MAX as u32, s.bsize),
+            Ok(s) => reply.statfs(
+                s.blocks,
+                s.bfree,
+                s.bavail,
+                s.files,
+                s.ffree,
+                s.bsize,
+                NAME_BYTES_MAX as u32,
+                s.bsize,
+            ),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -391,10 +545,20 @@ impl Filesystem for CasFs {
         reply: ReplyCreate,
     ) {
         self.count(Op::Create);
-        match self.core.create(ino(parent), name.as_bytes(), mode & !umask, flags, caller(req)) {
-            Ok((a, fh)) => {
-                reply.created(&ttl(&a), &file_attr(&a), Generation(0), FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
-            }
+        match self.core.create(
+            ino(parent),
+            name.as_bytes(),
+            mode & !umask,
+            flags,
+            caller(req),
+        ) {
+            Ok((a, fh)) => reply.created(
+                &ttl(&a),
+                &file_attr(&a),
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::FOPEN_KEEP_CACHE,
+            ),
             Err(e) => reply.error(errno(&e)),
         }
     }

@@ -19,7 +19,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "casfs", version, about = "A content-addressed FUSE filesystem for shared compiler caches")]
+#[command(
+    name = "casfs",
+    version,
+    about = "A content-addressed FUSE filesystem for shared compiler caches"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -73,23 +77,44 @@ fn default_store() -> PathBuf {
 
 fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
-        Command::Mount { store, classes, verify_percent, options, force, threads, mountpoint } => {
+        Command::Mount {
+            store,
+            classes,
+            verify_percent,
+            options,
+            force,
+            threads,
+            mountpoint,
+        } => {
             if verify_percent > 100 {
-                return Err(format!("--verify-percent {verify_percent} is not a percentage (0-100)"));
+                return Err(format!(
+                    "--verify-percent {verify_percent} is not a percentage (0-100)"
+                ));
             }
             let rules = classes::Rules::new(&classes)?;
             let mut allow_other = false;
-            for opt in options.iter().flat_map(|o| o.split(',')).filter(|o| !o.is_empty()) {
+            for opt in options
+                .iter()
+                .flat_map(|o| o.split(','))
+                .filter(|o| !o.is_empty())
+            {
                 match opt {
                     "allow_other" => allow_other = true,
-                    other => return Err(format!("unknown mount option {other:?} (known: allow_other)")),
+                    other => {
+                        return Err(format!(
+                            "unknown mount option {other:?} (known: allow_other)"
+                        ))
+                    }
                 }
             }
             let store = store.unwrap_or_else(default_store);
             mount::run(mount::MountArgs {
                 store,
                 mountpoint,
-                config: core::Config { rules, verify_percent },
+                config: core::Config {
+                    rules,
+                    verify_percent,
+                },
                 allow_other,
                 force,
                 threads,
@@ -98,8 +123,13 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::Unmount { lazy, mountpoint } => mount::unmount(&mountpoint, lazy),
         Command::Stats { mountpoint } => {
             let path = Path::new(&mountpoint).join(".casfs/stats");
-            let text = std::fs::read_to_string(&path)
-                .map_err(|e| format!("cannot read {}: {e} (is {} a casfs mount?)", path.display(), mountpoint.display()))?;
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                format!(
+                    "cannot read {}: {e} (is {} a casfs mount?)",
+                    path.display(),
+                    mountpoint.display()
+                )
+            })?;
             print!("{text}");
             Ok(())
         }
@@ -109,7 +139,10 @@ fn run(cli: Cli) -> Result<(), String> {
 fn main() -> ExitCode {
     // fuser warns when it finds the mount already gone at exit (our normal
     // way out after `umount`), so its session module logs errors only.
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,fuser::session=error")).init();
+    env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or("info,fuser::session=error"),
+    )
+    .init();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -21,7 +21,10 @@ use std::io::{Read, Write};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use rocksdb::{
+    ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch,
+    WriteOptions, DB,
+};
 
 use crate::classes::Class;
 use crate::error::{Error, Result};
@@ -190,7 +193,21 @@ impl Inode {
             }
             _ => return None,
         };
-        Some(Inode { ino, kind, class, perm, uid, gid, nlink, size, mtime_ns, ctime_ns, parent, name, content })
+        Some(Inode {
+            ino,
+            kind,
+            class,
+            perm,
+            uid,
+            gid,
+            nlink,
+            size,
+            mtime_ns,
+            ctime_ns,
+            parent,
+            name,
+            content,
+        })
     }
 }
 
@@ -231,7 +248,9 @@ fn blob_ref_key(id: &BlobId, ino: Ino) -> Vec<u8> {
 }
 
 fn u64_value(v: &[u8]) -> u64 {
-    v.get(..8).map(|b| u64::from_le_bytes(b.try_into().unwrap())).unwrap_or(0)
+    v.get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+        .unwrap_or(0)
 }
 
 /// An open store: the RocksDB handle and the lock that makes it ours.
@@ -279,8 +298,12 @@ pub fn open_store(root: &Path) -> std::result::Result<Store, String> {
             fs::create_dir_all(&d).map_err(|e| format!("cannot create {}: {e}", d.display()))?;
         }
     } else {
-        let text = fs::read_to_string(&marker).map_err(|e| format!("cannot read {}: {e}", marker.display()))?;
-        let version = text.trim().strip_prefix("casfs store format ").and_then(|v| v.parse::<u32>().ok());
+        let text = fs::read_to_string(&marker)
+            .map_err(|e| format!("cannot read {}: {e}", marker.display()))?;
+        let version = text
+            .trim()
+            .strip_prefix("casfs store format ")
+            .and_then(|v| v.parse::<u32>().ok());
         match version {
             Some(FORMAT_VERSION) => {}
             Some(v) => {
@@ -290,7 +313,13 @@ pub fn open_store(root: &Path) -> std::result::Result<Store, String> {
                     root.display()
                 ))
             }
-            None => return Err(format!("store {}: {} is damaged ({text:?})", root.display(), marker.display())),
+            None => {
+                return Err(format!(
+                    "store {}: {} is damaged ({text:?})",
+                    root.display(),
+                    marker.display()
+                ))
+            }
         }
     }
 
@@ -307,18 +336,38 @@ pub fn open_store(root: &Path) -> std::result::Result<Store, String> {
     });
     let db = DB::open_cf_descriptors(&opts, root.join("meta"), cfs)
         .map_err(|e| format!("cannot open metadata of store {}: {e}", root.display()))?;
-    let store = Store { root: root.to_path_buf(), db, _lock: lock };
+    let store = Store {
+        root: root.to_path_buf(),
+        db,
+        _lock: lock,
+    };
 
-    let recorded = store.db.get_cf(store.cf(Cf::Meta), KEY_FORMAT).map_err(|e| e.to_string())?;
+    let recorded = store
+        .db
+        .get_cf(store.cf(Cf::Meta), KEY_FORMAT)
+        .map_err(|e| e.to_string())?;
     match recorded {
         None if is_new => {
-            store.db.put_cf(store.cf(Cf::Meta), KEY_FORMAT, FORMAT_VERSION.to_le_bytes()).map_err(|e| e.to_string())?;
+            store
+                .db
+                .put_cf(store.cf(Cf::Meta), KEY_FORMAT, FORMAT_VERSION.to_le_bytes())
+                .map_err(|e| e.to_string())?;
             store.db.flush_wal(true).map_err(|e| e.to_string())?;
             write_marker(&marker)?;
         }
-        None => return Err(format!("store {} has no format version in its metadata: it is damaged", root.display())),
+        None => {
+            return Err(format!(
+                "store {} has no format version in its metadata: it is damaged",
+                root.display()
+            ))
+        }
         Some(v) if v.as_slice() == FORMAT_VERSION.to_le_bytes() => {}
-        Some(v) => return Err(format!("store {} metadata has unknown format {v:?}", root.display())),
+        Some(v) => {
+            return Err(format!(
+                "store {} metadata has unknown format {v:?}",
+                root.display()
+            ))
+        }
     }
     Ok(store)
 }
@@ -359,20 +408,28 @@ fn lock_store(root: &Path) -> std::result::Result<File, String> {
 impl Store {
     fn cf(&self, cf: Cf) -> &ColumnFamily {
         let name = CFS[cf as usize].1;
-        self.db.cf_handle(name).expect("every column family is created at open")
+        self.db
+            .cf_handle(name)
+            .expect("every column family is created at open")
     }
 
     pub fn batch(&self) -> Batch<'_> {
-        Batch { store: self, wb: WriteBatch::default() }
+        Batch {
+            store: self,
+            wb: WriteBatch::default(),
+        }
     }
 
     pub fn inode(&self, ino: Ino) -> Result<Option<Inode>> {
-        let v = self.db.get_pinned_cf(self.cf(Cf::Inodes), ino.key()).map_err(|e| Error::db(e, "read inode"))?;
+        let v = self
+            .db
+            .get_pinned_cf(self.cf(Cf::Inodes), ino.key())
+            .map_err(|e| Error::db(e, "read inode"))?;
         match v {
             None => Ok(None),
-            Some(v) => Inode::decode(ino, &v)
-                .map(Some)
-                .ok_or_else(|| Error::with_context(libc::EIO, format!("inode {ino} record is damaged"))),
+            Some(v) => Inode::decode(ino, &v).map(Some).ok_or_else(|| {
+                Error::with_context(libc::EIO, format!("inode {ino} record is damaged"))
+            }),
         }
     }
 
@@ -388,7 +445,10 @@ impl Store {
     pub fn list_dir(&self, parent: Ino, limit: usize) -> Result<Vec<(Vec<u8>, Ino)>> {
         let prefix = parent.key();
         let mut out = Vec::new();
-        let iter = self.db.iterator_cf(self.cf(Cf::Dentries), IteratorMode::From(&prefix, Direction::Forward));
+        let iter = self.db.iterator_cf(
+            self.cf(Cf::Dentries),
+            IteratorMode::From(&prefix, Direction::Forward),
+        );
         for item in iter {
             let (k, v) = item.map_err(|e| Error::db(e, "list directory"))?;
             if !k.starts_with(&prefix) || out.len() >= limit {
@@ -406,7 +466,10 @@ impl Store {
     /// Inodes referencing a blob, at most `limit`.
     pub fn blob_refs(&self, id: &BlobId, limit: usize) -> Result<Vec<Ino>> {
         let mut out = Vec::new();
-        let iter = self.db.iterator_cf(self.cf(Cf::BlobRefs), IteratorMode::From(&id.0, Direction::Forward));
+        let iter = self.db.iterator_cf(
+            self.cf(Cf::BlobRefs),
+            IteratorMode::From(&id.0, Direction::Forward),
+        );
         for item in iter {
             let (k, _) = item.map_err(|e| Error::db(e, "read blob references"))?;
             if !k.starts_with(&id.0) || out.len() >= limit {
@@ -418,31 +481,51 @@ impl Store {
     }
 
     pub fn blob_known(&self, id: &BlobId) -> Result<bool> {
-        Ok(self.db.get_pinned_cf(self.cf(Cf::Blobs), id.0).map_err(|e| Error::db(e, "read blob"))?.is_some())
+        Ok(self
+            .db
+            .get_pinned_cf(self.cf(Cf::Blobs), id.0)
+            .map_err(|e| Error::db(e, "read blob"))?
+            .is_some())
     }
 
     pub fn pending(&self) -> Result<Vec<(Ino, PendingReason)>> {
         let mut out = Vec::new();
-        for item in self.db.iterator_cf(self.cf(Cf::Pending), IteratorMode::Start) {
+        for item in self
+            .db
+            .iterator_cf(self.cf(Cf::Pending), IteratorMode::Start)
+        {
             let (k, v) = item.map_err(|e| Error::db(e, "read pending"))?;
-            let reason = if v.first() == Some(&2) { PendingReason::Unsealed } else { PendingReason::Unbound };
+            let reason = if v.first() == Some(&2) {
+                PendingReason::Unsealed
+            } else {
+                PendingReason::Unbound
+            };
             out.push((Ino::from_key(&k), reason));
         }
         Ok(out)
     }
 
     pub fn next_ino(&self) -> Result<u64> {
-        let v = self.db.get_cf(self.cf(Cf::Meta), KEY_NEXT_INO).map_err(|e| Error::db(e, "read next inode"))?;
+        let v = self
+            .db
+            .get_cf(self.cf(Cf::Meta), KEY_NEXT_INO)
+            .map_err(|e| Error::db(e, "read next inode"))?;
         Ok(v.map(|v| u64_value(&v)).unwrap_or(Ino::FIRST_DYNAMIC.0))
     }
 
     pub fn clock_lease(&self) -> Result<u64> {
-        let v = self.db.get_cf(self.cf(Cf::Clock), KEY_LEASE).map_err(|e| Error::db(e, "read clock"))?;
+        let v = self
+            .db
+            .get_cf(self.cf(Cf::Clock), KEY_LEASE)
+            .map_err(|e| Error::db(e, "read clock"))?;
         Ok(v.map(|v| u64_value(&v)).unwrap_or(0))
     }
 
     pub fn gauges(&self) -> Result<StoreGauges> {
-        let v = self.db.get_cf(self.cf(Cf::Counters), KEY_GAUGES).map_err(|e| Error::db(e, "read counters"))?;
+        let v = self
+            .db
+            .get_cf(self.cf(Cf::Counters), KEY_GAUGES)
+            .map_err(|e| Error::db(e, "read counters"))?;
         Ok(match v {
             Some(v) if v.len() >= 24 => StoreGauges {
                 blobs: u64_value(&v[0..8]),
@@ -454,7 +537,9 @@ impl Store {
     }
 
     pub fn flush(&self) -> Result<()> {
-        self.db.flush_wal(true).map_err(|e| Error::db(e, "flush log"))
+        self.db
+            .flush_wal(true)
+            .map_err(|e| Error::db(e, "flush log"))
     }
 }
 
@@ -466,40 +551,52 @@ pub struct Batch<'a> {
 
 impl Batch<'_> {
     pub fn put_inode(&mut self, inode: &Inode) {
-        self.wb.put_cf(self.store.cf(Cf::Inodes), inode.ino.key(), inode.encode());
+        self.wb
+            .put_cf(self.store.cf(Cf::Inodes), inode.ino.key(), inode.encode());
     }
     pub fn delete_inode(&mut self, ino: Ino) {
         self.wb.delete_cf(self.store.cf(Cf::Inodes), ino.key());
     }
     pub fn put_dentry(&mut self, parent: Ino, name: &[u8], child: Ino) {
-        self.wb.put_cf(self.store.cf(Cf::Dentries), dentry_key(parent, name), child.key());
+        self.wb.put_cf(
+            self.store.cf(Cf::Dentries),
+            dentry_key(parent, name),
+            child.key(),
+        );
     }
     pub fn delete_dentry(&mut self, parent: Ino, name: &[u8]) {
-        self.wb.delete_cf(self.store.cf(Cf::Dentries), dentry_key(parent, name));
+        self.wb
+            .delete_cf(self.store.cf(Cf::Dentries), dentry_key(parent, name));
     }
     pub fn put_blob(&mut self, id: &BlobId, size: u64) {
-        self.wb.put_cf(self.store.cf(Cf::Blobs), id.0, size.to_le_bytes());
+        self.wb
+            .put_cf(self.store.cf(Cf::Blobs), id.0, size.to_le_bytes());
     }
     pub fn delete_blob(&mut self, id: &BlobId) {
         self.wb.delete_cf(self.store.cf(Cf::Blobs), id.0);
     }
     pub fn put_blob_ref(&mut self, id: &BlobId, ino: Ino) {
-        self.wb.put_cf(self.store.cf(Cf::BlobRefs), blob_ref_key(id, ino), []);
+        self.wb
+            .put_cf(self.store.cf(Cf::BlobRefs), blob_ref_key(id, ino), []);
     }
     pub fn delete_blob_ref(&mut self, id: &BlobId, ino: Ino) {
-        self.wb.delete_cf(self.store.cf(Cf::BlobRefs), blob_ref_key(id, ino));
+        self.wb
+            .delete_cf(self.store.cf(Cf::BlobRefs), blob_ref_key(id, ino));
     }
     pub fn put_pending(&mut self, ino: Ino, reason: PendingReason) {
-        self.wb.put_cf(self.store.cf(Cf::Pending), ino.key(), [reason as u8]);
+        self.wb
+            .put_cf(self.store.cf(Cf::Pending), ino.key(), [reason as u8]);
     }
     pub fn delete_pending(&mut self, ino: Ino) {
         self.wb.delete_cf(self.store.cf(Cf::Pending), ino.key());
     }
     pub fn put_next_ino(&mut self, next: u64) {
-        self.wb.put_cf(self.store.cf(Cf::Meta), KEY_NEXT_INO, next.to_le_bytes());
+        self.wb
+            .put_cf(self.store.cf(Cf::Meta), KEY_NEXT_INO, next.to_le_bytes());
     }
     pub fn put_clock_lease(&mut self, lease_ns: u64) {
-        self.wb.put_cf(self.store.cf(Cf::Clock), KEY_LEASE, lease_ns.to_le_bytes());
+        self.wb
+            .put_cf(self.store.cf(Cf::Clock), KEY_LEASE, lease_ns.to_le_bytes());
     }
     pub fn put_gauges(&mut self, g: &StoreGauges) {
         let mut v = Vec::with_capacity(24);
@@ -514,7 +611,10 @@ impl Batch<'_> {
     pub fn commit(self, sync: bool) -> Result<()> {
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
-        self.store.db.write_opt(self.wb, &wo).map_err(|e| Error::db(e, "write batch"))
+        self.store
+            .db
+            .write_opt(self.wb, &wo)
+            .map_err(|e| Error::db(e, "write batch"))
     }
 }
 
@@ -540,7 +640,11 @@ mod tests {
             content: Content::Blob(BlobId::of(b"x")),
         };
         assert_eq!(Inode::decode(Ino(42), &inode.encode()), Some(inode.clone()));
-        let link = Inode { kind: Kind::Symlink, content: Content::Symlink(b"target".to_vec()), ..inode };
+        let link = Inode {
+            kind: Kind::Symlink,
+            content: Content::Symlink(b"target".to_vec()),
+            ..inode
+        };
         assert_eq!(Inode::decode(Ino(42), &link.encode()), Some(link));
         assert_eq!(Inode::decode(Ino(1), &[9, 9]), None);
     }

@@ -12,7 +12,7 @@ use fuser::{Config as FuseConfig, MountOption, Session, SessionACL};
 use log::{error, info, warn};
 
 use crate::core::{Config, Core};
-use crate::fuse::{invalidator, CasFs, INVALIDATION_QUEUE_LEN_MAX};
+use crate::fuse::{CasFs, Kernel};
 use crate::meta::open_store;
 
 /// Everything `casfs mount` needs, validated.
@@ -44,14 +44,18 @@ pub fn check_mountpoint(path: &Path, force: bool) -> Result<PathBuf, String> {
     if !meta.is_dir() {
         return Err(format!("mountpoint {} is not a directory", path.display()));
     }
-    let path = fs::canonicalize(path).map_err(|e| format!("cannot resolve {}: {e}", path.display()))?;
+    let path =
+        fs::canonicalize(path).map_err(|e| format!("cannot resolve {}: {e}", path.display()))?;
     if let Some(fstype) = mounted_fs_type(&path) {
         return Err(format!(
             "{} is already a mountpoint ({fstype}); unmount it first, or choose another directory",
             path.display()
         ));
     }
-    let non_empty = fs::read_dir(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?.next().is_some();
+    let non_empty = fs::read_dir(&path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        .next()
+        .is_some();
     if non_empty && !force {
         return Err(format!(
             "mountpoint {} is not empty; its files would be hidden by the mount. Use an empty directory, or --force",
@@ -81,7 +85,10 @@ fn unescape_mount_path(s: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() + 0 && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len() + 0
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
             i += 4;
         } else {
@@ -112,7 +119,10 @@ pub fn run(args: MountArgs) -> Result<(), String> {
     let signals = block_signals();
     let mountpoint = check_mountpoint(&args.mountpoint, args.force)?;
     let store = open_store(&args.store)?;
-    let core = Arc::new(Core::start(store, args.config).map_err(|e| format!("cannot start on store {}: {e}", args.store.display()))?);
+    let core = Arc::new(
+        Core::start(store, args.config)
+            .map_err(|e| format!("cannot start on store {}: {e}", args.store.display()))?,
+    );
 
     let mut options = vec![
         MountOption::FSName(format!("casfs:{}", args.store.display())),
@@ -124,18 +134,18 @@ pub fn run(args: MountArgs) -> Result<(), String> {
     options.push(MountOption::NoSuid);
     let mut fuse_config = FuseConfig::default();
     fuse_config.mount_options = options;
-    fuse_config.acl = if args.allow_other { SessionACL::All } else { SessionACL::Owner };
+    fuse_config.acl = if args.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
     fuse_config.n_threads = Some(args.threads.max(1));
 
     let session = Session::new(CasFs::new(core.clone()), &mountpoint, &fuse_config)
         .map_err(|e| format!("cannot mount {}: {e}", mountpoint.display()))?;
-    let (tx, rx) = crossbeam_channel::bounded(INVALIDATION_QUEUE_LEN_MAX);
-    core.set_invalidation_sender(tx);
-    let notifier = session.notifier();
-    std::thread::Builder::new()
-        .name("invalidator".into())
-        .spawn(move || invalidator(notifier, rx))
-        .map_err(|e| e.to_string())?;
+    core.set_kernel_cache(Box::new(
+        Kernel::start(session.notifier()).map_err(|e| e.to_string())?,
+    ));
     let mp = mountpoint.clone();
     std::thread::Builder::new()
         .name("signals".into())
@@ -151,7 +161,11 @@ pub fn run(args: MountArgs) -> Result<(), String> {
         })
         .map_err(|e| e.to_string())?;
 
-    info!("mounted store={} at {}", args.store.display(), mountpoint.display());
+    info!(
+        "mounted store={} at {}",
+        args.store.display(),
+        mountpoint.display()
+    );
     let result = session.run();
     core.shutdown();
     match result {

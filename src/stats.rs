@@ -37,20 +37,59 @@ counters! {
 /// FUSE operations, for the per-operation request counts.
 #[derive(Clone, Copy, Debug)]
 pub enum Op {
-    Lookup, Forget, Getattr, Setattr, Readlink, Mkdir, Unlink, Rmdir, Symlink, Rename, Link,
-    Open, Read, Write, Flush, Release, Fsync, Opendir, Readdir, Releasedir, Statfs, Access,
-    Create, Xattr, Other,
+    Lookup,
+    Forget,
+    Getattr,
+    Setattr,
+    Readlink,
+    Mkdir,
+    Unlink,
+    Rmdir,
+    Symlink,
+    Rename,
+    Link,
+    Open,
+    Read,
+    Write,
+    Flush,
+    Release,
+    Fsync,
+    Opendir,
+    Readdir,
+    Releasedir,
+    Statfs,
+    Access,
+    Create,
+    Xattr,
+    Other,
 }
 
 pub const OPS: [(Op, &str); 25] = [
-    (Op::Lookup, "lookup"), (Op::Forget, "forget"), (Op::Getattr, "getattr"),
-    (Op::Setattr, "setattr"), (Op::Readlink, "readlink"), (Op::Mkdir, "mkdir"),
-    (Op::Unlink, "unlink"), (Op::Rmdir, "rmdir"), (Op::Symlink, "symlink"),
-    (Op::Rename, "rename"), (Op::Link, "link"), (Op::Open, "open"), (Op::Read, "read"),
-    (Op::Write, "write"), (Op::Flush, "flush"), (Op::Release, "release"),
-    (Op::Fsync, "fsync"), (Op::Opendir, "opendir"), (Op::Readdir, "readdir"),
-    (Op::Releasedir, "releasedir"), (Op::Statfs, "statfs"), (Op::Access, "access"),
-    (Op::Create, "create"), (Op::Xattr, "xattr"), (Op::Other, "other"),
+    (Op::Lookup, "lookup"),
+    (Op::Forget, "forget"),
+    (Op::Getattr, "getattr"),
+    (Op::Setattr, "setattr"),
+    (Op::Readlink, "readlink"),
+    (Op::Mkdir, "mkdir"),
+    (Op::Unlink, "unlink"),
+    (Op::Rmdir, "rmdir"),
+    (Op::Symlink, "symlink"),
+    (Op::Rename, "rename"),
+    (Op::Link, "link"),
+    (Op::Open, "open"),
+    (Op::Read, "read"),
+    (Op::Write, "write"),
+    (Op::Flush, "flush"),
+    (Op::Release, "release"),
+    (Op::Fsync, "fsync"),
+    (Op::Opendir, "opendir"),
+    (Op::Readdir, "readdir"),
+    (Op::Releasedir, "releasedir"),
+    (Op::Statfs, "statfs"),
+    (Op::Access, "access"),
+    (Op::Create, "create"),
+    (Op::Xattr, "xattr"),
+    (Op::Other, "other"),
 ];
 
 /// Gauges read from the store when the files are rendered.
@@ -79,21 +118,35 @@ impl Stats {
     }
 
     fn requests(&self) -> Vec<(&'static str, u64)> {
-        OPS.iter().map(|(op, name)| (*name, self.requests[*op as usize].load(Ordering::Relaxed))).collect()
+        OPS.iter()
+            .map(|(op, name)| (*name, self.requests[*op as usize].load(Ordering::Relaxed)))
+            .collect()
     }
 
     fn values(&self, g: StoreGauges) -> Vec<(&'static str, &'static str, u64)> {
         let mut v = self.counters.each();
         v.push(("blobs", "Blobs in the local store", g.blobs));
-        v.push(("bytes_stored", "Bytes of blobs in the local store", g.bytes_stored));
-        v.push(("bytes_logical", "Bytes of all names pointing at blobs", g.bytes_logical));
+        v.push((
+            "bytes_stored",
+            "Bytes of blobs in the local store",
+            g.bytes_stored,
+        ));
+        v.push((
+            "bytes_logical",
+            "Bytes of all names pointing at blobs",
+            g.bytes_logical,
+        ));
         v.push((
             "bytes_saved",
             "Bytes deduplication saved (logical minus stored)",
             g.bytes_logical.saturating_sub(g.bytes_stored),
         ));
         let total = self.requests().iter().map(|(_, n)| n).sum();
-        v.push(("fuse_requests_total", "FUSE requests that reached the daemon", total));
+        v.push((
+            "fuse_requests_total",
+            "FUSE requests that reached the daemon",
+            total,
+        ));
         v
     }
 
@@ -102,7 +155,11 @@ impl Stats {
         for (name, _, value) in self.values(g) {
             let _ = writeln!(out, "{name:<24} {value}");
         }
-        let ratio = if g.bytes_stored == 0 { 1.0 } else { g.bytes_logical as f64 / g.bytes_stored as f64 };
+        let ratio = if g.bytes_stored == 0 {
+            1.0
+        } else {
+            g.bytes_logical as f64 / g.bytes_stored as f64
+        };
         let _ = writeln!(out, "{:<24} {ratio:.2}", "dedup_ratio");
         out.push_str("fuse requests by operation:\n");
         for (name, n) in self.requests().into_iter().filter(|(_, n)| *n > 0) {
@@ -117,7 +174,11 @@ impl Stats {
             let _ = write!(out, "\"{name}\":{value},");
         }
         out.push_str("\"fuse_requests\":{");
-        let reqs: Vec<String> = self.requests().into_iter().map(|(n, v)| format!("\"{n}\":{v}")).collect();
+        let reqs: Vec<String> = self
+            .requests()
+            .into_iter()
+            .map(|(n, v)| format!("\"{n}\":{v}"))
+            .collect();
         out.push_str(&reqs.join(","));
         out.push_str("}}\n");
         out
@@ -126,10 +187,20 @@ impl Stats {
     pub fn render_prometheus(&self, g: StoreGauges) -> String {
         let mut out = String::new();
         for (name, help, value) in self.values(g) {
-            let gauge = matches!(name, "blobs" | "bytes_stored" | "bytes_logical" | "bytes_saved");
-            let metric = if gauge { format!("casfs_{name}") } else { format!("casfs_{}_total", name.trim_end_matches("_total")) };
+            let gauge = matches!(
+                name,
+                "blobs" | "bytes_stored" | "bytes_logical" | "bytes_saved"
+            );
+            let metric = if gauge {
+                format!("casfs_{name}")
+            } else {
+                format!("casfs_{}_total", name.trim_end_matches("_total"))
+            };
             let kind = if gauge { "gauge" } else { "counter" };
-            let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} {kind}\n{metric} {value}");
+            let _ = writeln!(
+                out,
+                "# HELP {metric} {help}\n# TYPE {metric} {kind}\n{metric} {value}"
+            );
         }
         out.push_str("# HELP casfs_fuse_requests_by_op_total FUSE requests by operation\n");
         out.push_str("# TYPE casfs_fuse_requests_by_op_total counter\n");
@@ -150,7 +221,11 @@ mod tests {
         Stats::bump(&s.counters.hits);
         s.request(Op::Lookup);
         s.request(Op::Open);
-        let g = StoreGauges { blobs: 2, bytes_stored: 100, bytes_logical: 250 };
+        let g = StoreGauges {
+            blobs: 2,
+            bytes_stored: 100,
+            bytes_logical: 250,
+        };
         assert!(s.render_text(g).contains("hits                     1"));
         let json = s.render_json(g);
         assert!(json.contains("\"hits\":1,"));

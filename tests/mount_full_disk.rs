@@ -19,7 +19,11 @@ fn full_store_gives_enospc_to_writer_keeps_serving_reads_and_recovers() {
         .arg(&fsroot)
         .output()
         .expect("run mount -t tmpfs");
-    assert!(out.status.success(), "mount tmpfs for the store: {}", output_text(&out));
+    assert!(
+        out.status.success(),
+        "mount tmpfs for the store: {}",
+        output_text(&out)
+    );
     let store = fsroot.join("store");
     let mp = td.mountpoint("mnt");
     let mut m = Mount::start(&store, &mp, &[]);
@@ -43,17 +47,34 @@ fn full_store_gives_enospc_to_writer_keeps_serving_reads_and_recovers() {
     }
     drop(f);
     let e = refused.expect("a 32 MiB store accepted 64 MiB");
-    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "the writer must see ENOSPC, got {e}");
+    assert_eq!(
+        e.raw_os_error(),
+        Some(libc::ENOSPC),
+        "the writer must see ENOSPC, got {e}"
+    );
 
     // The daemon is still up and serves what it has.
-    assert!(m.try_status().is_none(), "daemon died on a full disk:\n{}", m.log());
-    assert_eq!(fs::read(d.join("0000000000000000000000000000aR")).unwrap(), kept);
-    assert!(m.counter("errors") >= 1, "a full disk is counted as an error");
+    assert!(
+        m.try_status().is_none(),
+        "daemon died on a full disk:\n{}",
+        m.log()
+    );
+    assert_eq!(
+        fs::read(d.join("0000000000000000000000000000aR")).unwrap(),
+        kept
+    );
+    assert!(
+        m.counter("errors") >= 1,
+        "a full disk is counted as an error"
+    );
 
     // Space comes back: publishing works again.
     fs::remove_file(&big).unwrap();
     let fresh = pattern(3, 4096);
     publish(&d, "y.tmp", "0000000000000000000000000000bR", &fresh);
-    assert_eq!(fs::read(d.join("0000000000000000000000000000bR")).unwrap(), fresh);
+    assert_eq!(
+        fs::read(d.join("0000000000000000000000000000bR")).unwrap(),
+        fresh
+    );
     m.unmount();
 }

@@ -22,7 +22,14 @@ impl TempStore {
     }
     fn core_with(&self, verify_percent: u32) -> Core {
         let store = open_store(&self.0).unwrap();
-        Core::start(store, Config { rules: Rules::new(&[]).unwrap(), verify_percent }).unwrap()
+        Core::start(
+            store,
+            Config {
+                rules: Rules::new(&[]).unwrap(),
+                verify_percent,
+            },
+        )
+        .unwrap()
     }
 }
 
@@ -42,7 +49,9 @@ fn mkdirs(core: &Core) -> Ino {
 
 /// Writes `bytes` to a new temporary file in `dir`, closes it, returns its name.
 fn write_tmp(core: &Core, dir: Ino, name: &str, bytes: &[u8]) -> Vec<u8> {
-    let (_, fh) = core.create(dir, name.as_bytes(), 0o644, libc::O_EXCL, ME).unwrap();
+    let (_, fh) = core
+        .create(dir, name.as_bytes(), 0o644, libc::O_EXCL, ME)
+        .unwrap();
     core.write(fh, 0, bytes).unwrap();
     core.flush(fh).unwrap();
     core.release(fh).unwrap();
@@ -96,7 +105,9 @@ fn rename_noreplace_refuses_existing_name() {
     let core = t.core();
     let a = write_tmp(&core, Ino::ROOT, "a.tmp", b"1");
     let b = write_tmp(&core, Ino::ROOT, "b.tmp", b"2");
-    let e = core.rename(Ino::ROOT, &a, Ino::ROOT, &b, libc::RENAME_NOREPLACE).unwrap_err();
+    let e = core
+        .rename(Ino::ROOT, &a, Ino::ROOT, &b, libc::RENAME_NOREPLACE)
+        .unwrap_err();
     assert_eq!(e.code(), libc::EEXIST);
 }
 
@@ -105,7 +116,10 @@ fn identical_contents_are_stored_once() {
     let t = TempStore::new();
     let core = t.core();
     let d = mkdirs(&core);
-    for (i, name) in [b"aaaaaaaaaaaaaaaaaaaaR".as_ref(), b"bbbbbbbbbbbbbbbbbbbbR"].iter().enumerate() {
+    for (i, name) in [b"aaaaaaaaaaaaaaaaaaaaR".as_ref(), b"bbbbbbbbbbbbbbbbbbbbR"]
+        .iter()
+        .enumerate()
+    {
         let tmp = write_tmp(&core, d, &format!("t{i}.tmp"), b"same bytes");
         core.rename(d, &tmp, d, name, 0).unwrap();
     }
@@ -128,9 +142,17 @@ fn manifest_rename_replaces_last_writer_wins() {
         core.rename(d, &tmp, d, m, 0).unwrap();
     }
     assert_eq!(read_name(&core, d, m).unwrap(), b"v2");
-    assert_eq!(core.inner.lock().unwrap().gauges.blobs, 2, "the kernel still holds the old one");
+    assert_eq!(
+        core.inner.lock().unwrap().gauges.blobs,
+        2,
+        "the kernel still holds the old one"
+    );
     core.forget(replaced[0], 2);
-    assert_eq!(core.inner.lock().unwrap().gauges.blobs, 1, "freed once the kernel forgets it");
+    assert_eq!(
+        core.inner.lock().unwrap().gauges.blobs,
+        1,
+        "freed once the kernel forgets it"
+    );
 }
 
 #[test]
@@ -171,18 +193,46 @@ fn posix_errors_are_the_expected_errno() {
     let core = t.core();
     let d = mkdirs(&core);
     assert_eq!(core.lookup(d, b"nope").unwrap_err().code(), libc::ENOENT);
-    assert_eq!(core.mkdir(Ino::ROOT, b"a", 0o755, ME).unwrap_err().code(), libc::EEXIST);
-    assert_eq!(core.rmdir(Ino::ROOT, b"a").unwrap_err().code(), libc::ENOTEMPTY);
+    assert_eq!(
+        core.mkdir(Ino::ROOT, b"a", 0o755, ME).unwrap_err().code(),
+        libc::EEXIST
+    );
+    assert_eq!(
+        core.rmdir(Ino::ROOT, b"a").unwrap_err().code(),
+        libc::ENOTEMPTY
+    );
     let long = vec![b'x'; 256];
-    assert_eq!(core.create(d, &long, 0o644, 0, ME).unwrap_err().code(), libc::ENAMETOOLONG);
-    assert_eq!(core.lookup(d, &long).unwrap_err().code(), libc::ENAMETOOLONG);
+    assert_eq!(
+        core.create(d, &long, 0o644, 0, ME).unwrap_err().code(),
+        libc::ENAMETOOLONG
+    );
+    assert_eq!(
+        core.lookup(d, &long).unwrap_err().code(),
+        libc::ENAMETOOLONG
+    );
     write_tmp(&core, d, "f.tmp", b"x");
-    assert_eq!(core.create(d, b"f.tmp", 0o644, libc::O_EXCL, ME).unwrap_err().code(), libc::EEXIST);
-    assert_eq!(core.unlink(Ino::ROOT, b"a").unwrap_err().code(), libc::EISDIR);
+    assert_eq!(
+        core.create(d, b"f.tmp", 0o644, libc::O_EXCL, ME)
+            .unwrap_err()
+            .code(),
+        libc::EEXIST
+    );
+    assert_eq!(
+        core.unlink(Ino::ROOT, b"a").unwrap_err().code(),
+        libc::EISDIR
+    );
     assert_eq!(core.rmdir(d, b"f.tmp").unwrap_err().code(), libc::ENOTDIR);
     let f = core.lookup(d, b"f.tmp").unwrap().ino;
-    assert_eq!(core.mkdir(f, b"x", 0o755, ME).unwrap_err().code(), libc::ENOTDIR);
-    assert_eq!(core.mkdir(Ino::ROOT, b".casfs", 0o755, ME).unwrap_err().code(), libc::EEXIST);
+    assert_eq!(
+        core.mkdir(f, b"x", 0o755, ME).unwrap_err().code(),
+        libc::ENOTDIR
+    );
+    assert_eq!(
+        core.mkdir(Ino::ROOT, b".casfs", 0o755, ME)
+            .unwrap_err()
+            .code(),
+        libc::EEXIST
+    );
 }
 
 #[test]
@@ -193,7 +243,16 @@ fn touches_never_move_mtime_backwards() {
     let ino = core.lookup(Ino::ROOT, &name).unwrap().ino;
     let mut prev = core.getattr(ino).unwrap().mtime_ns;
     for _ in 0..100 {
-        let now = core.setattr(ino, SetAttr { touch: true, ..Default::default() }).unwrap().mtime_ns;
+        let now = core
+            .setattr(
+                ino,
+                SetAttr {
+                    touch: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+            .mtime_ns;
         assert!(now > prev);
         prev = now;
     }
@@ -209,12 +268,19 @@ fn entries_survive_a_restart_and_unpublished_files_do_not() {
         let tmp = write_tmp(&core, d, "a.tmp", b"kept");
         core.rename(d, &tmp, d, RESULT, 0).unwrap();
         // A file still being written under a result name when we "crash".
-        let (_, fh) = core.create(d, b"zzzzzzzzzzzzzzzzzzzzzzzzR", 0o644, 0, ME).unwrap();
+        let (_, fh) = core
+            .create(d, b"zzzzzzzzzzzzzzzzzzzzzzzzR", 0o644, 0, ME)
+            .unwrap();
         core.write(fh, 0, b"half").unwrap();
     }
     let core = t.core();
     assert_eq!(read_name(&core, d, RESULT).unwrap(), b"kept");
-    assert_eq!(core.lookup(d, b"zzzzzzzzzzzzzzzzzzzzzzzzR").unwrap_err().code(), libc::ENOENT);
+    assert_eq!(
+        core.lookup(d, b"zzzzzzzzzzzzzzzzzzzzzzzzR")
+            .unwrap_err()
+            .code(),
+        libc::ENOENT
+    );
     assert_eq!(std::fs::read_dir(t.0.join("staging")).unwrap().count(), 0);
 }
 
@@ -247,12 +313,18 @@ fn ccache_4_13_entries_are_classed_by_header() {
         let tmp = write_tmp(&core, d, "r.tmp", body);
         core.rename(d, &tmp, d, result_name, 0).unwrap();
     }
-    assert_eq!(read_name(&core, d, result_name).unwrap(), [0xcc, 0xac, 1, 0, b'a']);
+    assert_eq!(
+        read_name(&core, d, result_name).unwrap(),
+        [0xcc, 0xac, 1, 0, b'a']
+    );
     for body in [&[0xcc, 0xac, 1, 1, b'a'][..], &[0xcc, 0xac, 1, 1, b'b']] {
         let tmp = write_tmp(&core, d, "m.tmp", body);
         core.rename(d, &tmp, d, manifest_name, 0).unwrap();
     }
-    assert_eq!(read_name(&core, d, manifest_name).unwrap(), [0xcc, 0xac, 1, 1, b'b']);
+    assert_eq!(
+        read_name(&core, d, manifest_name).unwrap(),
+        [0xcc, 0xac, 1, 1, b'b']
+    );
 }
 
 #[test]
@@ -262,8 +334,14 @@ fn stats_directory_is_read_only_and_only_at_root() {
     let d = mkdirs(&core);
     let s = core.lookup(Ino::ROOT, b".casfs").unwrap().ino;
     let f = core.lookup(s, b"stats.json").unwrap().ino;
-    assert_eq!(core.open(f, libc::O_WRONLY).unwrap_err().code(), libc::EROFS);
-    assert_eq!(core.create(s, b"x", 0o644, 0, ME).unwrap_err().code(), libc::EROFS);
+    assert_eq!(
+        core.open(f, libc::O_WRONLY).unwrap_err().code(),
+        libc::EROFS
+    );
+    assert_eq!(
+        core.create(s, b"x", 0o644, 0, ME).unwrap_err().code(),
+        libc::EROFS
+    );
     assert_eq!(core.lookup(d, b".casfs").unwrap_err().code(), libc::ENOENT);
     let (fh, direct) = core.open(f, libc::O_RDONLY).unwrap();
     assert!(direct);

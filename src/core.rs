@@ -65,7 +65,16 @@ pub struct Config {
     pub rules: Rules,
     /// Percentage (0..=100) of blob opens verified against the hash.
     pub verify_percent: u32,
+    /// Serve hits, refuse every change with EROFS.
+    pub read_only: bool,
+    /// Owner, group and mode to give the mount root at start.
+    pub root_uid: Option<u32>,
+    pub root_gid: Option<u32>,
+    pub root_mode: Option<u32>,
 }
+
+/// Most eviction candidates one pass of `evict` collects (the oldest ones).
+pub const EVICT_BATCH_MAX: usize = 4096;
 
 /// Attributes of one inode, as the kernel sees them.
 #[derive(Clone, Debug)]
@@ -265,8 +274,28 @@ impl Core {
             full_warned_s: AtomicU64::new(0),
         };
         core.ensure_root()?;
-        core.recover()?;
+        if !core.config.read_only {
+            core.recover()?;
+            core.apply_root_settings()?;
+        }
         Ok(core)
+    }
+
+    fn apply_root_settings(&self) -> Result<()> {
+        let c = &self.config;
+        if c.root_uid.is_none() && c.root_gid.is_none() && c.root_mode.is_none() {
+            return Ok(());
+        }
+        let set = SetAttr { mode: c.root_mode, uid: c.root_uid, gid: c.root_gid, ..Default::default() };
+        self.setattr(Ino::ROOT, set).map(|_| ())
+    }
+
+    /// Refuses changes on a read-only mount.
+    fn writable(&self) -> Result<()> {
+        if self.config.read_only {
+            return Err(Error::errno(libc::EROFS));
+        }
+        Ok(())
     }
 
     /// Sends the invalidations the last call on this thread made urgent: the
@@ -635,6 +664,7 @@ impl Core {
 
     pub fn setattr(&self, ino: Ino, set: SetAttr) -> Result<Attr> {
         Self::refuse_virtual(ino)?;
+        self.writable()?;
         let mut inner = self.inner.lock().unwrap();
         let mut inode = self.inode(ino)?;
         let mut txn = self.txn(&inner);
@@ -773,6 +803,7 @@ impl Core {
         if parent.is_virtual() {
             return Err(Error::errno(libc::EROFS));
         }
+        self.writable()?;
         check_name(name)?;
         if is_stats_name(parent, name) {
             return Err(Error::errno(libc::EEXIST));
@@ -896,6 +927,7 @@ impl Core {
         if parent.is_virtual() || is_stats_name(parent, name) {
             return Err(Error::errno(libc::EPERM));
         }
+        self.writable()?;
         if name.len() > NAME_BYTES_MAX {
             return Err(Error::errno(libc::ENAMETOOLONG));
         }
@@ -1398,6 +1430,9 @@ impl Core {
                 true,
             ));
         }
+        if write {
+            self.writable()?;
+        }
         let mut inner = self.inner.lock().unwrap();
         let mut inode = self.inode(ino)?;
         if inode.kind == Kind::Dir {
@@ -1785,6 +1820,78 @@ impl Core {
 
     pub fn releasedir(&self, fh: u64) {
         self.inner.lock().unwrap().dirs.remove(&fh);
+    }
+
+    // ----- size limit -----------------------------------------------------------
+
+    /// Bytes of blobs in the store now.
+    pub fn bytes_stored(&self) -> u64 {
+        self.inner.lock().unwrap().gauges.bytes_stored
+    }
+
+    /// Evicts least recently used names (oldest mtime first: a hit's touch
+    /// counts as use) of published blobs until the store holds at most
+    /// `target_bytes`. Files being written are not candidates (they are not
+    /// blobs yet) and neither are open ones; an evicted name's blob goes
+    /// with its last reference, and the kernel is told the name is gone.
+    /// Returns the number of names evicted.
+    pub fn evict(&self, target_bytes: u64) -> Result<u64> {
+        let mut evicted = 0;
+        while self.bytes_stored() > target_bytes {
+            // The oldest EVICT_BATCH_MAX candidates, by a scan without the lock.
+            let mut heap = std::collections::BinaryHeap::new();
+            self.store.for_each_inode(|r| {
+                if let Ok(i) = r {
+                    if i.kind == Kind::File && i.nlink > 0 && matches!(i.content, Content::Blob(_)) {
+                        heap.push((i.mtime_ns, i.ino.0));
+                        if heap.len() > EVICT_BATCH_MAX {
+                            heap.pop();
+                        }
+                    }
+                }
+            })?;
+            if heap.is_empty() {
+                break;
+            }
+            let before = evicted;
+            for (mtime_ns, ino) in heap.into_sorted_vec() {
+                if self.bytes_stored() <= target_bytes {
+                    break;
+                }
+                if self.evict_one(Ino(ino), mtime_ns)? {
+                    evicted += 1;
+                }
+            }
+            if evicted == before {
+                break; // everything left is in use
+            }
+        }
+        Ok(evicted)
+    }
+
+    fn evict_one(&self, ino: Ino, seen_mtime_ns: u64) -> Result<bool> {
+        let mut inner = self.inner.lock().unwrap();
+        let Some(inode) = self.store.inode(ino)? else { return Ok(false) };
+        // Used since the scan, open, or no longer a published name: keep.
+        if inode.mtime_ns != seen_mtime_ns
+            || inode.nlink == 0
+            || inner.open.get(&ino).is_some_and(|o| o.handles > 0)
+            || !matches!(inode.content, Content::Blob(_))
+        {
+            return Ok(false);
+        }
+        let (parent, name, size) = (inode.parent, inode.name.clone(), inode.size);
+        if self.store.dentry(parent, &name)? != Some(ino) {
+            return Ok(false);
+        }
+        let mut txn = self.txn(&inner);
+        self.unbind(&inner, &mut txn, parent, &name, inode)?;
+        txn.after.push(After::Invalidate(Invalidate::Entry(parent, name.clone())));
+        self.commit_locked(&mut inner, txn, false)?;
+        Stats::bump(&self.stats.counters.evictions);
+        self.stats.counters.bytes_evicted.fetch_add(size, Ordering::Relaxed);
+        debug!("evict name={:?} ino={ino} size={size}", String::from_utf8_lossy(&name));
+        Ok(true)
     }
 
     /// Flushes the metadata log at unmount.

@@ -42,7 +42,14 @@ enum Command {
         /// Percentage of blob opens verified against their hash (0-100)
         #[arg(long, default_value_t = 100)]
         verify_percent: u32,
-        /// Mount options, comma separated: allow_other
+        /// Keep the store under SIZE (e.g. 20G, 500M) by evicting least recently used entries
+        #[arg(long, value_name = "SIZE")]
+        max_size: Option<String>,
+        /// Serve hits only: every change gets EROFS
+        #[arg(long)]
+        read_only: bool,
+        /// Mount options, comma separated: allow_other, ro, rw, max_size=SIZE,
+        /// uid=N, gid=N, mode=OCTAL (of the cache root), default_permissions
         #[arg(short = 'o', value_name = "OPTS")]
         options: Option<String>,
         /// Mount over a non-empty directory
@@ -75,12 +82,78 @@ fn default_store() -> PathBuf {
     }
 }
 
+/// `-o` options, validated.
+#[derive(Default, Debug)]
+struct MountOptions {
+    allow_other: bool,
+    read_only: bool,
+    max_size_bytes: Option<u64>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    mode: Option<u32>,
+}
+
+fn parse_mount_options(text: &str) -> Result<MountOptions, String> {
+    let mut o = MountOptions::default();
+    for opt in text.split(',').filter(|o| !o.is_empty()) {
+        let (key, value) = match opt.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (opt, None),
+        };
+        let number = |v: Option<&str>, radix: u32| -> Result<u32, String> {
+            v.and_then(|v| u32::from_str_radix(v, radix).ok())
+                .ok_or_else(|| format!("mount option {opt:?} needs a number"))
+        };
+        match key {
+            "allow_other" => o.allow_other = true,
+            "ro" => o.read_only = true,
+            "rw" | "default_permissions" => {}
+            "max_size" => o.max_size_bytes = Some(parse_size(value.unwrap_or(""))?),
+            "uid" => o.uid = Some(number(value, 10)?),
+            "gid" => o.gid = Some(number(value, 10)?),
+            "mode" => o.mode = Some(number(value, 8)? & 0o7777),
+            "shared" | "namespace" => {
+                return Err(format!(
+                    "mount option {key}= (sharing between hosts) is not available in this casfs version"
+                ))
+            }
+            _ => {
+                return Err(format!(
+                    "unknown mount option {opt:?} (known: allow_other, ro, rw, max_size=SIZE, uid=N, gid=N, mode=OCTAL, default_permissions)"
+                ))
+            }
+        }
+    }
+    Ok(o)
+}
+
+/// `20G`, `500M`, `64K`, `1T` (powers of 1024, an optional `B` or `iB`), or bytes.
+fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim().trim_end_matches("iB").trim_end_matches('B');
+    let (digits, shift) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 30),
+        Some('T' | 't') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    let n: f64 = digits
+        .parse()
+        .map_err(|_| format!("size {text:?} is not a size (use e.g. 20G, 500M, 1T)"))?;
+    if !(n > 0.0) {
+        return Err(format!("size {text:?} must be positive"));
+    }
+    Ok((n * (1u64 << shift) as f64) as u64)
+}
+
 fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Command::Mount {
             store,
             classes,
             verify_percent,
+            max_size,
+            read_only,
             options,
             force,
             threads,
@@ -92,20 +165,10 @@ fn run(cli: Cli) -> Result<(), String> {
                 ));
             }
             let rules = classes::Rules::new(&classes)?;
-            let mut allow_other = false;
-            for opt in options
-                .iter()
-                .flat_map(|o| o.split(','))
-                .filter(|o| !o.is_empty())
-            {
-                match opt {
-                    "allow_other" => allow_other = true,
-                    other => {
-                        return Err(format!(
-                            "unknown mount option {other:?} (known: allow_other)"
-                        ))
-                    }
-                }
+            let mut o = parse_mount_options(options.as_deref().unwrap_or(""))?;
+            o.read_only |= read_only;
+            if let Some(size) = max_size {
+                o.max_size_bytes = Some(parse_size(&size)?);
             }
             let store = store.unwrap_or_else(default_store);
             mount::run(mount::MountArgs {
@@ -114,8 +177,13 @@ fn run(cli: Cli) -> Result<(), String> {
                 config: core::Config {
                     rules,
                     verify_percent,
+                    read_only: o.read_only,
+                    root_uid: o.uid,
+                    root_gid: o.gid,
+                    root_mode: o.mode,
                 },
-                allow_other,
+                max_size_bytes: o.max_size_bytes,
+                allow_other: o.allow_other,
                 force,
                 threads,
             })
@@ -133,6 +201,26 @@ fn run(cli: Cli) -> Result<(), String> {
             print!("{text}");
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_mount_options_parse_or_are_refused_clearly() {
+        assert_eq!(parse_size("20G").unwrap(), 20 << 30);
+        assert_eq!(parse_size("500MiB").unwrap(), 500 << 20);
+        assert_eq!(parse_size("1.5K").unwrap(), 1536);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("0").is_err());
+        let o = parse_mount_options("allow_other,ro,max_size=1G,uid=65534,gid=65534,mode=2775").unwrap();
+        assert!(o.allow_other && o.read_only);
+        assert_eq!((o.max_size_bytes, o.uid, o.gid, o.mode), (Some(1 << 30), Some(65534), Some(65534), Some(0o2775)));
+        assert!(parse_mount_options("bogus").is_err());
+        assert!(parse_mount_options("shared=redis://x").unwrap_err().contains("not available"));
     }
 }
 

@@ -20,6 +20,7 @@ pub struct MountArgs {
     pub store: PathBuf,
     pub mountpoint: PathBuf,
     pub config: Config,
+    pub max_size_bytes: Option<u64>,
     pub allow_other: bool,
     pub force: bool,
     pub threads: usize,
@@ -117,6 +118,7 @@ fn block_signals() -> libc::sigset_t {
 /// Runs the daemon in the foreground until the filesystem is unmounted.
 pub fn run(args: MountArgs) -> Result<(), String> {
     let signals = block_signals();
+    let read_only = args.config.read_only;
     let mountpoint = check_mountpoint(&args.mountpoint, args.force)?;
     let store = open_store(&args.store)?;
     let core = Arc::new(
@@ -132,6 +134,9 @@ pub fn run(args: MountArgs) -> Result<(), String> {
     ];
     options.push(MountOption::NoDev);
     options.push(MountOption::NoSuid);
+    if read_only {
+        options.push(MountOption::RO);
+    }
     let mut fuse_config = FuseConfig::default();
     fuse_config.mount_options = options;
     fuse_config.acl = if args.allow_other {
@@ -161,6 +166,13 @@ pub fn run(args: MountArgs) -> Result<(), String> {
         })
         .map_err(|e| e.to_string())?;
 
+    if let Some(max) = args.max_size_bytes {
+        if read_only {
+            warn!("--max-size is ignored on a read-only mount");
+        } else {
+            start_evictor(core.clone(), max)?;
+        }
+    }
     info!(
         "mounted store={} at {}",
         args.store.display(),
@@ -178,6 +190,31 @@ pub fn run(args: MountArgs) -> Result<(), String> {
             Err(format!("serving {} failed: {e}", mountpoint.display()))
         }
     }
+}
+
+/// How often the evictor compares the store with `--max-size`.
+const EVICT_PERIOD_MS: u64 = 500;
+/// An eviction pass brings the store down to this share of `--max-size`,
+/// so that passes are not triggered by every publication.
+const EVICT_TARGET_PERCENT: u64 = 90;
+
+/// Keeps the store under `max_bytes` in the background.
+fn start_evictor(core: Arc<Core>, max_bytes: u64) -> Result<(), String> {
+    info!("size limit: {max_bytes} bytes (evicting least recently used entries)");
+    let target = max_bytes / 100 * EVICT_TARGET_PERCENT;
+    std::thread::Builder::new()
+        .name("evictor".into())
+        .spawn(move || loop {
+            if core.bytes_stored() > max_bytes {
+                match core.evict(target) {
+                    Ok(n) => info!("evicted {n} entries; store now {} bytes", core.bytes_stored()),
+                    Err(e) => warn!("eviction failed: {e}"),
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(EVICT_PERIOD_MS));
+        })
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 /// Unmounts `path` (also a dead mount whose daemon was killed).

@@ -32,6 +32,8 @@ counters! {
     corrupt_blobs: "Blobs that failed hash verification (quarantined, never served)",
     blobs_verified: "Blob reads verified against their hash",
     errors: "Operations that failed with an operating error (disk, database)",
+    evictions: "Names evicted to keep the store under --max-size",
+    bytes_evicted: "Bytes of the names evicted",
 }
 
 /// FUSE operations, for the per-operation request counts.

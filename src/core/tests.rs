@@ -27,6 +27,10 @@ impl TempStore {
             Config {
                 rules: Rules::new(&[]).unwrap(),
                 verify_percent,
+                read_only: false,
+                root_uid: None,
+                root_gid: None,
+                root_mode: None,
             },
         )
         .unwrap()
@@ -347,4 +351,48 @@ fn stats_directory_is_read_only_and_only_at_root() {
     assert!(direct);
     let text = String::from_utf8(core.read(fh, 0, 1 << 16).unwrap()).unwrap();
     assert!(text.contains("\"fuse_requests_total\":"));
+}
+
+#[test]
+fn eviction_removes_least_recently_used_until_under_target() {
+    let t = TempStore::new();
+    let core = t.core();
+    let d = mkdirs(&core);
+    let mut names = Vec::new();
+    for i in 0..10u8 {
+        let name = format!("{i:025}R").into_bytes();
+        let tmp = write_tmp(&core, d, "t.tmp", &vec![i; 1000]);
+        core.rename(d, &tmp, d, &name, 0).unwrap();
+        names.push(name);
+    }
+    // Use the oldest one: it is now the most recently used.
+    let first = core.lookup(d, &names[0]).unwrap().ino;
+    core.setattr(first, SetAttr { touch: true, ..Default::default() }).unwrap();
+    for n in &names {
+        let ino = core.lookup(d, n).unwrap().ino;
+        core.forget(ino, 2);
+    }
+    let evicted = core.evict(5000).unwrap();
+    assert_eq!(evicted, 5);
+    assert!(core.bytes_stored() <= 5000);
+    assert!(core.lookup(d, &names[0]).is_ok(), "touched entry kept");
+    for n in &names[1..6] {
+        assert_eq!(core.lookup(d, n).unwrap_err().code(), libc::ENOENT);
+    }
+    assert_eq!(count(&core.stats.counters.evictions), 5);
+}
+
+#[test]
+fn eviction_never_takes_an_open_file() {
+    let t = TempStore::new();
+    let core = t.core();
+    let d = mkdirs(&core);
+    let tmp = write_tmp(&core, d, "t.tmp", b"held open");
+    core.rename(d, &tmp, d, RESULT, 0).unwrap();
+    let ino = core.lookup(d, RESULT).unwrap().ino;
+    let (fh, _) = core.open(ino, libc::O_RDONLY).unwrap();
+    assert_eq!(core.evict(0).unwrap(), 0);
+    assert_eq!(core.read(fh, 0, 100).unwrap(), b"held open");
+    core.release(fh).unwrap();
+    assert_eq!(core.evict(0).unwrap(), 1);
 }

@@ -7,6 +7,7 @@ mod classes;
 mod clock;
 mod core;
 mod error;
+mod fsck;
 mod fuse;
 mod ids;
 mod meta;
@@ -69,6 +70,14 @@ enum Command {
     },
     /// Print a mount's statistics (the text of MOUNTPOINT/.casfs/stats).
     Stats { mountpoint: PathBuf },
+    /// Check an unmounted store; exit 0 if clean, 1 if problems were found, 2 if it could not be checked.
+    Fsck {
+        #[arg(long)]
+        store: PathBuf,
+        /// Drop what is corrupt or dangling, so the store is clean afterwards
+        #[arg(long)]
+        repair: bool,
+    },
 }
 
 fn default_store() -> PathBuf {
@@ -146,6 +155,31 @@ fn parse_size(text: &str) -> Result<u64, String> {
     Ok((n * (1u64 << shift) as f64) as u64)
 }
 
+/// Runs `casfs fsck` and prints its findings; returns the exit code.
+fn run_fsck(store: &Path, repair: bool) -> u8 {
+    match fsck::run(store, repair) {
+        Err(e) => {
+            eprintln!("casfs fsck: {e}");
+            2
+        }
+        Ok(report) => {
+            for p in &report.problems {
+                println!("problem: {p}");
+            }
+            for l in &report.leftovers {
+                println!("crash leftover: {l}");
+            }
+            let action = if repair { "repaired" } else { "found (run with --repair to drop them)" };
+            match (report.problems.len(), report.leftovers.len()) {
+                (0, 0) => println!("store {} is clean", store.display()),
+                (0, n) => println!("store {} is clean; {n} crash leftovers {}", store.display(), if repair { "removed" } else { "will be cleaned at the next mount" }),
+                (n, _) => println!("store {}: {n} problems {action}", store.display()),
+            }
+            if report.problems.is_empty() { 0 } else { 1 }
+        }
+    }
+}
+
 fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Command::Mount {
@@ -189,6 +223,7 @@ fn run(cli: Cli) -> Result<(), String> {
             })
         }
         Command::Unmount { lazy, mountpoint } => mount::unmount(&mountpoint, lazy),
+        Command::Fsck { store, repair } => std::process::exit(run_fsck(&store, repair).into()),
         Command::Stats { mountpoint } => {
             let path = Path::new(&mountpoint).join(".casfs/stats");
             let text = std::fs::read_to_string(&path).map_err(|e| {

@@ -247,7 +247,7 @@ fn blob_ref_key(id: &BlobId, ino: Ino) -> Vec<u8> {
     k
 }
 
-fn u64_value(v: &[u8]) -> u64 {
+pub fn u64_value(v: &[u8]) -> u64 {
     v.get(..8)
         .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
         .unwrap_or(0)
@@ -534,6 +534,15 @@ impl Store {
             },
             _ => StoreGauges::default(),
         })
+    }
+
+    /// Calls `f` on every raw record of a column family (fsck).
+    pub fn scan(&self, cf: Cf, mut f: impl FnMut(&[u8], &[u8])) -> Result<()> {
+        for item in self.db.iterator_cf(self.cf(cf), IteratorMode::Start) {
+            let (k, v) = item.map_err(|e| Error::db(e, "scan"))?;
+            f(&k, &v);
+        }
+        Ok(())
     }
 
     /// Calls `f` on every inode record (a full scan: eviction and fsck).

@@ -286,7 +286,12 @@ impl Core {
         if c.root_uid.is_none() && c.root_gid.is_none() && c.root_mode.is_none() {
             return Ok(());
         }
-        let set = SetAttr { mode: c.root_mode, uid: c.root_uid, gid: c.root_gid, ..Default::default() };
+        let set = SetAttr {
+            mode: c.root_mode,
+            uid: c.root_uid,
+            gid: c.root_gid,
+            ..Default::default()
+        };
         self.setattr(Ino::ROOT, set).map(|_| ())
     }
 
@@ -1842,7 +1847,8 @@ impl Core {
             let mut heap = std::collections::BinaryHeap::new();
             self.store.for_each_inode(|r| {
                 if let Ok(i) = r {
-                    if i.kind == Kind::File && i.nlink > 0 && matches!(i.content, Content::Blob(_)) {
+                    if i.kind == Kind::File && i.nlink > 0 && matches!(i.content, Content::Blob(_))
+                    {
                         heap.push((i.mtime_ns, i.ino.0));
                         if heap.len() > EVICT_BATCH_MAX {
                             heap.pop();
@@ -1871,7 +1877,9 @@ impl Core {
 
     fn evict_one(&self, ino: Ino, seen_mtime_ns: u64) -> Result<bool> {
         let mut inner = self.inner.lock().unwrap();
-        let Some(inode) = self.store.inode(ino)? else { return Ok(false) };
+        let Some(inode) = self.store.inode(ino)? else {
+            return Ok(false);
+        };
         // Used since the scan, open, or no longer a published name: keep.
         if inode.mtime_ns != seen_mtime_ns
             || inode.nlink == 0
@@ -1886,11 +1894,18 @@ impl Core {
         }
         let mut txn = self.txn(&inner);
         self.unbind(&inner, &mut txn, parent, &name, inode)?;
-        txn.after.push(After::Invalidate(Invalidate::Entry(parent, name.clone())));
+        txn.after
+            .push(After::Invalidate(Invalidate::Entry(parent, name.clone())));
         self.commit_locked(&mut inner, txn, false)?;
         Stats::bump(&self.stats.counters.evictions);
-        self.stats.counters.bytes_evicted.fetch_add(size, Ordering::Relaxed);
-        debug!("evict name={:?} ino={ino} size={size}", String::from_utf8_lossy(&name));
+        self.stats
+            .counters
+            .bytes_evicted
+            .fetch_add(size, Ordering::Relaxed);
+        debug!(
+            "evict name={:?} ino={ino} size={size}",
+            String::from_utf8_lossy(&name)
+        );
         Ok(true)
     }
 

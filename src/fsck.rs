@@ -56,7 +56,10 @@ fn load(store: &Store) -> crate::error::Result<Loaded> {
             None => l.damaged_inodes.push(ino),
         }
     })?;
-    store.scan(Cf::Dentries, |k, v| l.dentries.push((Ino::from_key(k), k[8..].to_vec(), Ino::from_key(v))))?;
+    store.scan(Cf::Dentries, |k, v| {
+        l.dentries
+            .push((Ino::from_key(k), k[8..].to_vec(), Ino::from_key(v)))
+    })?;
     store.scan(Cf::Blobs, |k, v| {
         if let Ok(id) = <[u8; 32]>::try_from(k) {
             l.blobs.insert(BlobId(id), u64_value(v));
@@ -81,7 +84,10 @@ fn name(n: &[u8]) -> String {
 /// store could not be checked at all.
 pub fn run(root: &Path, repair: bool) -> Result<Report, String> {
     if !root.join("casfs-store").exists() {
-        return Err(format!("{} is not a casfs store (no casfs-store file)", root.display()));
+        return Err(format!(
+            "{} is not a casfs store (no casfs-store file)",
+            root.display()
+        ));
     }
     let store = open_store(root)?;
     let blobs = Blobs::new(root);
@@ -108,11 +114,15 @@ pub fn run(root: &Path, repair: bool) -> Result<Report, String> {
             Ok(f) => match Blobs::hash_file(&f) {
                 Ok(h) if h.id == *id && h.size == *size => {}
                 Ok(h) if h.id == *id => {
-                    r.problems.push(format!("blob {id}: recorded size {size}, file has {}", h.size));
+                    r.problems.push(format!(
+                        "blob {id}: recorded size {size}, file has {}",
+                        h.size
+                    ));
                     batch.put_blob(id, h.size);
                 }
                 Ok(_) => {
-                    r.problems.push(format!("blob {id}: bytes do not match the hash (corrupt)"));
+                    r.problems
+                        .push(format!("blob {id}: bytes do not match the hash (corrupt)"));
                     drop_blobs.insert(*id, true);
                 }
                 Err(e) => {
@@ -129,12 +139,16 @@ pub fn run(root: &Path, repair: bool) -> Result<Report, String> {
 
     // Blob files the metadata does not know (linked, then the daemon died
     // before it committed).
-    for shard in fs::read_dir(root.join("blobs")).map_err(|e| format!("cannot list blobs: {e}"))?.flatten() {
+    for shard in fs::read_dir(root.join("blobs"))
+        .map_err(|e| format!("cannot list blobs: {e}"))?
+        .flatten()
+    {
         for f in fs::read_dir(shard.path()).into_iter().flatten().flatten() {
             let fname = f.file_name().to_string_lossy().into_owned();
             let known = l.blobs.keys().any(|id| id.hex() == fname);
             if !known {
-                r.leftovers.push(format!("blob file {fname}: not in the metadata"));
+                r.leftovers
+                    .push(format!("blob file {fname}: not in the metadata"));
                 if repair {
                     let _ = fs::remove_file(f.path());
                 }
@@ -147,7 +161,10 @@ pub fn run(root: &Path, repair: bool) -> Result<Report, String> {
     for (parent, n, child) in &l.dentries {
         let parent_ok = l.inodes.get(parent).is_some_and(|p| p.kind == Kind::Dir);
         if !parent_ok || !l.inodes.contains_key(child) || drop_inodes.contains(child) {
-            r.problems.push(format!("entry {:?} in directory {parent}: points at missing inode {child}", name(n)));
+            r.problems.push(format!(
+                "entry {:?} in directory {parent}: points at missing inode {child}",
+                name(n)
+            ));
             batch.delete_dentry(*parent, n);
             continue;
         }
@@ -160,16 +177,23 @@ pub fn run(root: &Path, repair: bool) -> Result<Report, String> {
             continue; // a crash leftover, judged below
         }
         if *ino != Ino::ROOT && !named.contains_key(ino) {
-            r.problems.push(format!("inode {ino} ({:?}): has no name", name(&i.name)));
+            r.problems
+                .push(format!("inode {ino} ({:?}): has no name", name(&i.name)));
             drop_inodes.insert(*ino);
         }
         match &i.content {
             Content::Blob(id) => {
                 if !l.blobs.contains_key(id) {
-                    r.problems.push(format!("inode {ino} ({:?}): its blob {id} is not stored", name(&i.name)));
+                    r.problems.push(format!(
+                        "inode {ino} ({:?}): its blob {id} is not stored",
+                        name(&i.name)
+                    ));
                     drop_inodes.insert(*ino);
                 } else if !l.refs.contains(&(*id, *ino)) {
-                    r.problems.push(format!("inode {ino} ({:?}): missing reference to blob {id}", name(&i.name)));
+                    r.problems.push(format!(
+                        "inode {ino} ({:?}): missing reference to blob {id}",
+                        name(&i.name)
+                    ));
                     batch.put_blob_ref(id, *ino);
                 }
                 if drop_blobs.contains_key(id) {
@@ -178,7 +202,10 @@ pub fn run(root: &Path, repair: bool) -> Result<Report, String> {
             }
             Content::Staged => {
                 if !blobs.staging_path(*ino).exists() {
-                    r.problems.push(format!("inode {ino} ({:?}): its staging file is missing", name(&i.name)));
+                    r.problems.push(format!(
+                        "inode {ino} ({:?}): its staging file is missing",
+                        name(&i.name)
+                    ));
                     drop_inodes.insert(*ino);
                 }
             }
@@ -186,19 +213,30 @@ pub fn run(root: &Path, repair: bool) -> Result<Report, String> {
         }
     }
     for (id, ino) in &l.refs {
-        let ok = l.inodes.get(ino).is_some_and(|i| i.content == Content::Blob(*id));
+        let ok = l
+            .inodes
+            .get(ino)
+            .is_some_and(|i| i.content == Content::Blob(*id));
         if !ok {
-            r.problems.push(format!("blob {id}: stale reference from inode {ino}"));
+            r.problems
+                .push(format!("blob {id}: stale reference from inode {ino}"));
             batch.delete_blob_ref(id, *ino);
         }
     }
     for ino in &l.pending {
-        r.leftovers.push(format!("inode {ino}: unfinished when the daemon stopped (dropped at next mount)"));
+        r.leftovers.push(format!(
+            "inode {ino}: unfinished when the daemon stopped (dropped at next mount)"
+        ));
     }
     for (fname, path) in blobs.staging_files() {
-        let owned = fname.parse::<u64>().ok().and_then(|n| l.inodes.get(&Ino(n))).is_some_and(|i| i.content == Content::Staged);
+        let owned = fname
+            .parse::<u64>()
+            .ok()
+            .and_then(|n| l.inodes.get(&Ino(n)))
+            .is_some_and(|i| i.content == Content::Staged);
         if !owned {
-            r.leftovers.push(format!("staging file {fname}: no inode owns it"));
+            r.leftovers
+                .push(format!("staging file {fname}: no inode owns it"));
             if repair {
                 let _ = fs::remove_file(path);
             }
@@ -208,7 +246,9 @@ pub fn run(root: &Path, repair: bool) -> Result<Report, String> {
     // The clock never hands out a time at or below one already used.
     let lease = store.clock_lease().map_err(|e| e.to_string())?;
     if lease < max_time_ns {
-        r.problems.push(format!("clock lease {lease} is behind a recorded time {max_time_ns}"));
+        r.problems.push(format!(
+            "clock lease {lease} is behind a recorded time {max_time_ns}"
+        ));
         batch.put_clock_lease(max_time_ns + LEASE_NS);
     }
 
@@ -232,7 +272,11 @@ pub fn run(root: &Path, repair: bool) -> Result<Report, String> {
     }
 
     // Gauges, as they will be after the repair.
-    let kept_blobs: Vec<(&BlobId, &u64)> = l.blobs.iter().filter(|(id, _)| !drop_blobs.contains_key(id)).collect();
+    let kept_blobs: Vec<(&BlobId, &u64)> = l
+        .blobs
+        .iter()
+        .filter(|(id, _)| !drop_blobs.contains_key(id))
+        .collect();
     let expected = StoreGauges {
         blobs: kept_blobs.len() as u64,
         bytes_stored: kept_blobs.iter().map(|(_, s)| **s).sum(),
@@ -240,18 +284,29 @@ pub fn run(root: &Path, repair: bool) -> Result<Report, String> {
             .refs
             .iter()
             .filter(|(id, ino)| !drop_blobs.contains_key(id) && !drop_inodes.contains(ino))
-            .filter_map(|(id, ino)| l.inodes.get(ino).filter(|i| i.content == Content::Blob(*id)).map(|i| i.size))
+            .filter_map(|(id, ino)| {
+                l.inodes
+                    .get(ino)
+                    .filter(|i| i.content == Content::Blob(*id))
+                    .map(|i| i.size)
+            })
             .sum(),
     };
     let recorded = store.gauges().map_err(|e| e.to_string())?;
-    let gauges_off = recorded.blobs != expected.blobs || recorded.bytes_stored != expected.bytes_stored || recorded.bytes_logical != expected.bytes_logical;
+    let gauges_off = recorded.blobs != expected.blobs
+        || recorded.bytes_stored != expected.bytes_stored
+        || recorded.bytes_logical != expected.bytes_logical;
     if gauges_off && r.problems.is_empty() && drop_blobs.is_empty() {
-        r.problems.push(format!("store counters say {recorded:?}, the store holds {expected:?}"));
+        r.problems.push(format!(
+            "store counters say {recorded:?}, the store holds {expected:?}"
+        ));
     }
     batch.put_gauges(&expected);
 
     if repair {
-        batch.commit(true).map_err(|e| format!("cannot write repairs: {e}"))?;
+        batch
+            .commit(true)
+            .map_err(|e| format!("cannot write repairs: {e}"))?;
         for (id, damaged) in &drop_blobs {
             if *damaged {
                 blobs.quarantine(id);

@@ -169,13 +169,29 @@ fn run_fsck(store: &Path, repair: bool) -> u8 {
             for l in &report.leftovers {
                 println!("crash leftover: {l}");
             }
-            let action = if repair { "repaired" } else { "found (run with --repair to drop them)" };
+            let action = if repair {
+                "repaired"
+            } else {
+                "found (run with --repair to drop them)"
+            };
             match (report.problems.len(), report.leftovers.len()) {
                 (0, 0) => println!("store {} is clean", store.display()),
-                (0, n) => println!("store {} is clean; {n} crash leftovers {}", store.display(), if repair { "removed" } else { "will be cleaned at the next mount" }),
+                (0, n) => println!(
+                    "store {} is clean; {n} crash leftovers {}",
+                    store.display(),
+                    if repair {
+                        "removed"
+                    } else {
+                        "will be cleaned at the next mount"
+                    }
+                ),
                 (n, _) => println!("store {}: {n} problems {action}", store.display()),
             }
-            if report.problems.is_empty() { 0 } else { 1 }
+            if report.problems.is_empty() {
+                0
+            } else {
+                1
+            }
         }
     }
 }
@@ -251,11 +267,17 @@ mod tests {
         assert_eq!(parse_size("4096").unwrap(), 4096);
         assert!(parse_size("lots").is_err());
         assert!(parse_size("0").is_err());
-        let o = parse_mount_options("allow_other,ro,max_size=1G,uid=65534,gid=65534,mode=2775").unwrap();
+        let o = parse_mount_options("allow_other,ro,max_size=1G,uid=65534,gid=65534,mode=2775")
+            .unwrap();
         assert!(o.allow_other && o.read_only);
-        assert_eq!((o.max_size_bytes, o.uid, o.gid, o.mode), (Some(1 << 30), Some(65534), Some(65534), Some(0o2775)));
+        assert_eq!(
+            (o.max_size_bytes, o.uid, o.gid, o.mode),
+            (Some(1 << 30), Some(65534), Some(65534), Some(0o2775))
+        );
         assert!(parse_mount_options("bogus").is_err());
-        assert!(parse_mount_options("shared=redis://x").unwrap_err().contains("not available"));
+        assert!(parse_mount_options("shared=redis://x")
+            .unwrap_err()
+            .contains("not available"));
     }
 }
 

@@ -547,10 +547,15 @@ impl Store {
 
     /// Calls `f` on every inode record (a full scan: eviction and fsck).
     pub fn for_each_inode(&self, mut f: impl FnMut(Result<Inode>)) -> Result<()> {
-        for item in self.db.iterator_cf(self.cf(Cf::Inodes), IteratorMode::Start) {
+        for item in self
+            .db
+            .iterator_cf(self.cf(Cf::Inodes), IteratorMode::Start)
+        {
             let (k, v) = item.map_err(|e| Error::db(e, "scan inodes"))?;
             let ino = Ino::from_key(&k);
-            f(Inode::decode(ino, &v).ok_or_else(|| Error::with_context(libc::EIO, format!("inode {ino} record is damaged"))));
+            f(Inode::decode(ino, &v).ok_or_else(|| {
+                Error::with_context(libc::EIO, format!("inode {ino} record is damaged"))
+            }));
         }
         Ok(())
     }

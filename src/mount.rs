@@ -207,7 +207,10 @@ fn start_evictor(core: Arc<Core>, max_bytes: u64) -> Result<(), String> {
         .spawn(move || loop {
             if core.bytes_stored() > max_bytes {
                 match core.evict(target) {
-                    Ok(n) => info!("evicted {n} entries; store now {} bytes", core.bytes_stored()),
+                    Ok(n) => info!(
+                        "evicted {n} entries; store now {} bytes",
+                        core.bytes_stored()
+                    ),
                     Err(e) => warn!("eviction failed: {e}"),
                 }
             }

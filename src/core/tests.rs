@@ -367,7 +367,14 @@ fn eviction_removes_least_recently_used_until_under_target() {
     }
     // Use the oldest one: it is now the most recently used.
     let first = core.lookup(d, &names[0]).unwrap().ino;
-    core.setattr(first, SetAttr { touch: true, ..Default::default() }).unwrap();
+    core.setattr(
+        first,
+        SetAttr {
+            touch: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     for n in &names {
         let ino = core.lookup(d, n).unwrap().ino;
         core.forget(ino, 2);

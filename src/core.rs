@@ -1827,6 +1827,33 @@ impl Core {
         self.inner.lock().unwrap().dirs.remove(&fh);
     }
 
+    // ----- scrub ------------------------------------------------------------------
+
+    /// Checks one blob, picked at random, against its hash; a damaged one
+    /// is quarantined and its names dropped, as on open.
+    pub fn scrub_one(&self) -> Result<()> {
+        let seed = crate::clock::wall_ns().to_le_bytes();
+        let from = *blake3::hash(&seed).as_bytes();
+        let Some(id) = self.store.blob_at_or_after(&from)? else {
+            return Ok(());
+        };
+        let Ok(file) = self.blobs.open_blob(&id) else {
+            warn!("scrub: blob {id} is missing; dropping its names");
+            let mut inner = self.inner.lock().unwrap();
+            return self.drop_corrupt(&mut inner, id);
+        };
+        Stats::bump(&self.stats.counters.blobs_scrubbed);
+        if !Blobs::verify(&file, &id)? {
+            warn!(
+                "scrub: corrupt blob={id}: bytes do not match the hash; quarantined, names dropped"
+            );
+            Stats::bump(&self.stats.counters.corrupt_blobs);
+            let mut inner = self.inner.lock().unwrap();
+            self.drop_corrupt(&mut inner, id)?;
+        }
+        Ok(())
+    }
+
     // ----- size limit -----------------------------------------------------------
 
     /// Bytes of blobs in the store now.

@@ -46,6 +46,9 @@ enum Command {
         /// Keep the store under SIZE (e.g. 20G, 500M) by evicting least recently used entries
         #[arg(long, value_name = "SIZE")]
         max_size: Option<String>,
+        /// Milliseconds between two blobs checked by the background scrub (0 turns it off)
+        #[arg(long, default_value_t = 1000)]
+        scrub_interval_ms: u64,
         /// Serve hits only: every change gets EROFS
         #[arg(long)]
         read_only: bool,
@@ -203,6 +206,7 @@ fn run(cli: Cli) -> Result<(), String> {
             classes,
             verify_percent,
             max_size,
+            scrub_interval_ms,
             read_only,
             options,
             force,
@@ -233,6 +237,7 @@ fn run(cli: Cli) -> Result<(), String> {
                     root_mode: o.mode,
                 },
                 max_size_bytes: o.max_size_bytes,
+                scrub_interval_ms,
                 allow_other: o.allow_other,
                 force,
                 threads,

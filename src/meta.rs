@@ -480,6 +480,24 @@ impl Store {
         Ok(out)
     }
 
+    /// The first blob at or after `from` in id order, wrapping around (the
+    /// scrub's random sample).
+    pub fn blob_at_or_after(&self, from: &[u8; 32]) -> Result<Option<BlobId>> {
+        for start in [&from[..], &[][..]] {
+            let mut iter = self.db.iterator_cf(
+                self.cf(Cf::Blobs),
+                IteratorMode::From(start, Direction::Forward),
+            );
+            if let Some(item) = iter.next() {
+                let (k, _) = item.map_err(|e| Error::db(e, "read blobs"))?;
+                if let Ok(id) = <[u8; 32]>::try_from(&k[..]) {
+                    return Ok(Some(BlobId(id)));
+                }
+            }
+        }
+        Ok(None)
+    }
+
     pub fn blob_known(&self, id: &BlobId) -> Result<bool> {
         Ok(self
             .db

@@ -21,6 +21,8 @@ pub struct MountArgs {
     pub mountpoint: PathBuf,
     pub config: Config,
     pub max_size_bytes: Option<u64>,
+    /// Milliseconds between two blobs checked by the background scrub (0: off).
+    pub scrub_interval_ms: u64,
     pub allow_other: bool,
     pub force: bool,
     pub threads: usize,
@@ -166,6 +168,9 @@ pub fn run(args: MountArgs) -> Result<(), String> {
         })
         .map_err(|e| e.to_string())?;
 
+    if args.scrub_interval_ms > 0 && !read_only {
+        start_scrubber(core.clone(), args.scrub_interval_ms)?;
+    }
     if let Some(max) = args.max_size_bytes {
         if read_only {
             warn!("--max-size is ignored on a read-only mount");
@@ -215,6 +220,20 @@ fn start_evictor(core: Arc<Core>, max_bytes: u64) -> Result<(), String> {
                 }
             }
             std::thread::sleep(std::time::Duration::from_millis(EVICT_PERIOD_MS));
+        })
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Checks one random blob every `interval_ms` in the background.
+fn start_scrubber(core: Arc<Core>, interval_ms: u64) -> Result<(), String> {
+    std::thread::Builder::new()
+        .name("scrub".into())
+        .spawn(move || loop {
+            std::thread::sleep(std::time::Duration::from_millis(interval_ms));
+            if let Err(e) = core.scrub_one() {
+                warn!("scrub: {e}");
+            }
         })
         .map(|_| ())
         .map_err(|e| e.to_string())

@@ -32,6 +32,7 @@ counters! {
     corrupt_blobs: "Blobs that failed hash verification (quarantined, never served)",
     blobs_verified: "Blob reads verified against their hash",
     errors: "Operations that failed with an operating error (disk, database)",
+    blobs_scrubbed: "Blobs checked against their hash by the background scrub",
     evictions: "Names evicted to keep the store under --max-size",
     bytes_evicted: "Bytes of the names evicted",
 }

@@ -278,3 +278,54 @@ fn kill9_loop_during_parallel_builds_leaves_clean_store_and_correct_objects() {
         drop(m);
     }
 }
+
+#[test]
+fn online_scrub_finds_a_corrupt_blob_without_any_read() {
+    let td = TestDir::new("scrub");
+    let store = td.store();
+    let mp = td.mountpoint("mnt");
+    {
+        let m = Mount::start(&store, &mp, &[]);
+        publish(
+            &mp,
+            "t.tmp",
+            "00000000000000000000000000000R",
+            &pattern(9, 5000),
+        );
+        drop(m);
+    }
+    let blob = fs::read_dir(store.join("blobs"))
+        .unwrap()
+        .flat_map(|s| fs::read_dir(s.unwrap().path()).unwrap())
+        .map(|e| e.unwrap().path())
+        .next()
+        .expect("one blob");
+    let _ = Command::new("chmod").arg("u+w").arg(&blob).status();
+    let mut bytes = fs::read(&blob).unwrap();
+    bytes[7] ^= 1;
+    fs::write(&blob, &bytes).unwrap();
+    let m = Mount::start(
+        &store,
+        &mp,
+        &["--scrub-interval-ms", "20", "--verify-percent", "0"],
+    );
+    for _ in 0..100 {
+        if m.counter("corrupt_blobs") > 0 {
+            break;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        m.counter("corrupt_blobs"),
+        1,
+        "the scrub did not find the corrupt blob"
+    );
+    assert!(m.counter("blobs_scrubbed") >= 1);
+    assert_eq!(
+        errno_of(
+            fs::read(mp.join("00000000000000000000000000000R")),
+            "read scrubbed name"
+        ),
+        libc::ENOENT
+    );
+}

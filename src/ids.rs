@@ -48,6 +48,17 @@ impl BlobId {
         BlobId(*blake3::hash(bytes).as_bytes())
     }
 
+    pub fn from_hex(s: &str) -> Option<BlobId> {
+        if s.len() != 64 || !s.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(BlobId(out))
+    }
+
     pub fn hex(&self) -> String {
         self.0.iter().map(|b| format!("{b:02x}")).collect()
     }

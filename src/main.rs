@@ -10,6 +10,7 @@ mod error;
 mod fsck;
 mod fuse;
 mod ids;
+mod shared;
 mod meta;
 mod mount;
 mod stats;

@@ -1,0 +1,185 @@
+//! The shared tier: how hosts share entries through an engine operators
+//! already run. One trait, one implementation per engine (`dir`: a shared
+//! POSIX directory such as NFS; `redis`: Redis or Valkey).
+//!
+//! An engine stores two things, both within one namespace:
+//! - *records*: a path below the mount root (`cc/a/e/c8ai…R`) → a `Record`
+//!   (a file's blob id, size, mode and mtime, or a directory);
+//! - *blobs*: bytes named by their BLAKE3 hash (shared by all namespaces:
+//!   the same bytes have the same name everywhere).
+//!
+//! Invariants every engine keeps:
+//! - `put_record(.., create_only = true)` never replaces an existing record:
+//!   it reports the one that is there (`Put::Exists`). The directory engine
+//!   does this with `link()`, Redis with `SET NX`.
+//! - `put_record(.., create_only = false)` replaces atomically (last writer
+//!   wins): a reader sees the old record or the new one, never a mix.
+//! - `get_blob` returns the bytes as stored, unverified: the caller checks
+//!   them against the id before using them (they crossed a network).
+//! - Every call returns within the engine's timeout, or fails with
+//!   `TierError::Timeout`.
+
+pub mod dir;
+pub mod redis;
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::ids::BlobId;
+
+/// What a record describes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RecordKind {
+    File { blob: BlobId, size: u64, mode: u16 },
+    Dir,
+}
+
+/// A name in the shared tier, with the mtime its publisher's clock gave it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub kind: RecordKind,
+    pub mtime_ns: u64,
+}
+
+/// The outcome of `put_record`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Put {
+    Stored,
+    /// Create-only and a record was already there: this one.
+    Exists(Record),
+}
+
+/// Why a shared-tier call failed.
+#[derive(Debug)]
+pub enum TierError {
+    /// No answer within the timeout.
+    Timeout,
+    /// The engine could not be reached or refused (connection, I/O, auth).
+    Unavailable(String),
+    /// The engine answered something we cannot read.
+    Protocol(String),
+}
+
+impl fmt::Display for TierError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TierError::Timeout => write!(f, "timed out"),
+            TierError::Unavailable(m) => write!(f, "unavailable: {m}"),
+            TierError::Protocol(m) => write!(f, "protocol error: {m}"),
+        }
+    }
+}
+
+pub type TierResult<T> = Result<T, TierError>;
+
+/// One engine, bound to one namespace.
+pub trait Engine: Send + Sync {
+    fn get_record(&self, path: &[u8]) -> TierResult<Option<Record>>;
+    fn put_record(&self, path: &[u8], record: &Record, create_only: bool) -> TierResult<Put>;
+    fn has_blob(&self, id: &BlobId) -> TierResult<bool>;
+    /// The stored bytes (unverified), or None; refuses blobs over `max_bytes`.
+    fn get_blob(&self, id: &BlobId, max_bytes: u64) -> TierResult<Option<Vec<u8>>>;
+    /// Stores bytes under their id; harmless if they are already there or
+    /// another host stores them at the same time.
+    fn put_blob(&self, id: &BlobId, bytes: &[u8]) -> TierResult<()>;
+    /// For logs: the engine and where it is, without secrets.
+    fn describe(&self) -> String;
+}
+
+/// Settings common to all engines.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub namespace: String,
+    /// Bound on every call.
+    pub timeout: Duration,
+    /// umask for files and directories the directory engine creates.
+    pub umask: u32,
+}
+
+/// Opens the engine a `--shared` URL names:
+/// `file:///ABSOLUTE/PATH` or `redis://[:PASSWORD@]HOST:PORT[/DB]`.
+pub fn open(url: &str, config: &EngineConfig) -> Result<Box<dyn Engine>, String> {
+    if !valid_namespace(&config.namespace) {
+        return Err(format!(
+            "namespace {:?} must be 1-64 characters of letters, digits, '.', '_' or '-'",
+            config.namespace
+        ));
+    }
+    if let Some(path) = url.strip_prefix("file://") {
+        if !path.starts_with('/') {
+            return Err(format!("shared URL {url:?}: file:// needs an absolute path (file:///srv/cache)"));
+        }
+        return Ok(Box::new(dir::DirEngine::open(std::path::Path::new(path), config)?));
+    }
+    if url.starts_with("redis://") {
+        return Ok(Box::new(redis::RedisEngine::open(url, config)?));
+    }
+    Err(format!("shared URL {url:?}: use file:///ABSOLUTE/PATH or redis://[:PASSWORD@]HOST:PORT[/DB]"))
+}
+
+pub fn valid_namespace(ns: &str) -> bool {
+    !ns.is_empty() && ns.len() <= 64 && ns.bytes().all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c))
+}
+
+impl Record {
+    /// A small text format, the same for every engine (readable with `cat`
+    /// or `redis-cli GET` when debugging):
+    /// `casfs-record 1\nfile <blob hex> <size> <mode octal> <mtime ns>\n` or
+    /// `casfs-record 1\ndir <mtime ns>\n`.
+    pub fn encode(&self) -> Vec<u8> {
+        match &self.kind {
+            RecordKind::File { blob, size, mode } => {
+                format!("casfs-record 1\nfile {} {size} {mode:o} {}\n", blob.hex(), self.mtime_ns).into_bytes()
+            }
+            RecordKind::Dir => format!("casfs-record 1\ndir {}\n", self.mtime_ns).into_bytes(),
+        }
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<Record> {
+        let text = std::str::from_utf8(bytes).ok()?;
+        let mut lines = text.lines();
+        if lines.next()? != "casfs-record 1" {
+            return None;
+        }
+        let fields: Vec<&str> = lines.next()?.split(' ').collect();
+        match fields.as_slice() {
+            ["file", hex, size, mode, mtime] => Some(Record {
+                kind: RecordKind::File {
+                    blob: BlobId::from_hex(hex)?,
+                    size: size.parse().ok()?,
+                    mode: u16::from_str_radix(mode, 8).ok()?,
+                },
+                mtime_ns: mtime.parse().ok()?,
+            }),
+            ["dir", mtime] => Some(Record { kind: RecordKind::Dir, mtime_ns: mtime.parse().ok()? }),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_garbage_is_refused() {
+        let f = Record {
+            kind: RecordKind::File { blob: BlobId::of(b"x"), size: 12, mode: 0o644 },
+            mtime_ns: 1_700_000_000_000_000_001,
+        };
+        assert_eq!(Record::decode(&f.encode()), Some(f));
+        let d = Record { kind: RecordKind::Dir, mtime_ns: 5 };
+        assert_eq!(Record::decode(&d.encode()), Some(d));
+        assert_eq!(Record::decode(b"casfs-record 2\ndir 5\n"), None);
+        assert_eq!(Record::decode(b"\xff"), None);
+    }
+
+    #[test]
+    fn urls_and_namespaces_are_checked() {
+        let c = EngineConfig { namespace: "default".into(), timeout: Duration::from_millis(100), umask: 0o002 };
+        assert!(open("nfs://x", &c).is_err());
+        assert!(open("file://relative", &c).is_err());
+        assert!(!valid_namespace("a/b"));
+        assert!(valid_namespace("debian-13_gcc.14"));
+    }
+}

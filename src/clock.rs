@@ -3,6 +3,8 @@
 //! Invariants:
 //! - `now()` is never behind wall time and strictly increases, so two
 //!   events never share a timestamp and a name's mtime never decreases.
+//! - `observe(t)` takes in a timestamp seen elsewhere, so later ticks are
+//!   above it (a hybrid logical clock across hosts).
 //! - After a restart the clock starts above every timestamp it handed out
 //!   before: it persists a *lease* (an upper bound it will not pass without
 //!   persisting a new one), and restarts from the lease.
@@ -66,6 +68,13 @@ impl Clock {
             None
         };
         Tick { ns, new_lease_ns }
+    }
+
+    /// Takes in a timestamp seen elsewhere (another host's mtime), so later
+    /// ticks are above it.
+    pub fn observe(&self, ns: u64) {
+        let mut s = self.state.lock().unwrap();
+        s.last_ns = s.last_ns.max(ns);
     }
 
     pub fn last_ns(&self) -> u64 {

@@ -38,7 +38,9 @@ use crate::clock::Clock;
 use crate::error::{enoent, Error, Result};
 use crate::ids::{BlobId, Ino};
 use crate::meta::{Batch, Content, Inode, Kind, PendingReason, Store};
-use crate::stats::{Stats, StoreGauges};
+use crate::shared::tier::{Tier, Upload};
+use crate::shared::{Record, RecordKind};
+use crate::stats::{Snapshot, Stats, StoreGauges};
 
 /// Longest name component, as on Linux filesystems.
 pub const NAME_BYTES_MAX: usize = 255;
@@ -54,7 +56,8 @@ const SPACE_RESERVE_BYTES_MIN: u64 = 8 << 20;
 const SPACE_RESERVE_BYTES_MAX: u64 = 128 << 20;
 /// The statistics directory's name at the mount root.
 pub const STATS_DIR_NAME: &[u8] = b".casfs";
-const STATS_FILES: [(&[u8], Ino); 3] = [
+const STATS_FILES: [(&[u8], Ino); 4] = [
+    (b"sync", Ino::STATS_SYNC),
     (b"stats", Ino::STATS_TEXT),
     (b"stats.json", Ino::STATS_JSON),
     (b"metrics", Ino::STATS_METRICS),
@@ -199,6 +202,8 @@ pub struct Core {
     pub stats: Stats,
     inner: Mutex<Inner>,
     kernel: OnceLock<Box<dyn KernelCache>>,
+    /// The shared tier, when `--shared` is given.
+    tier: OnceLock<Arc<Tier>>,
     open_counter: AtomicU64,
     /// Wall second of the last "disk full" warning, to log it once a minute.
     full_warned_s: AtomicU64,
@@ -219,6 +224,8 @@ enum After {
     Invalidate(Invalidate),
     /// Before the reply (see `send_urgent_invalidations`).
     InvalidateNow(Invalidate),
+    /// Share a publication (queued; never waits on the network).
+    Upload(Upload),
 }
 
 /// One metadata change being assembled: the batch plus what it implies.
@@ -270,6 +277,7 @@ impl Core {
             stats: Stats::default(),
             inner: Mutex::new(inner),
             kernel: OnceLock::new(),
+            tier: OnceLock::new(),
             open_counter: AtomicU64::new(0),
             full_warned_s: AtomicU64::new(0),
         };
@@ -314,6 +322,221 @@ impl Core {
                 k.invalidate_now(inv);
             }
         }
+    }
+
+    /// Connects the core to a shared tier (once, at mount).
+    pub fn attach_tier(&self, tier: Arc<Tier>) {
+        if self.tier.set(tier).is_err() {
+            warn!("shared tier attached twice; keeping the first");
+        }
+    }
+
+    /// How long the kernel may trust that a name does not exist: long on
+    /// a host alone; with a shared tier, as long as the tier's own "missing"
+    /// answers, so names other hosts publish show up.
+    pub fn negative_ttl(&self) -> Option<std::time::Duration> {
+        self.tier
+            .get()
+            .map(|_| std::time::Duration::from_millis(crate::shared::tier::NEGATIVE_TTL_MS))
+    }
+
+    /// Queues the upload of a published name (a no-op without a tier).
+    fn share(&self, txn: &mut Txn, inode: &Inode) -> Result<()> {
+        if self.tier.get().is_none() || !inode.class.is_blob() {
+            return Ok(());
+        }
+        let Content::Blob(id) = inode.content else {
+            return Ok(());
+        };
+        let path = self.path_of(inode.parent, &inode.name)?.join(&b'/');
+        let record = Record {
+            kind: RecordKind::File {
+                blob: id,
+                size: inode.size,
+                mode: inode.perm,
+            },
+            mtime_ns: inode.mtime_ns,
+        };
+        let create_only = inode.class == Class::Result;
+        txn.after.push(After::Upload(Upload {
+            path,
+            record,
+            create_only,
+            blob_file: self.blobs.blob_path(&id),
+            blob: id,
+        }));
+        Ok(())
+    }
+
+    /// Finds the inode bound at a path below the root.
+    fn resolve_path(&self, path: &[u8]) -> Result<Option<(Ino, Vec<u8>, Ino)>> {
+        let mut parent = Ino::ROOT;
+        let parts: Vec<&[u8]> = path.split(|c| *c == b'/').collect();
+        for (i, part) in parts.iter().enumerate() {
+            let Some(child) = self.store.dentry(parent, part)? else {
+                return Ok(None);
+            };
+            if i + 1 == parts.len() {
+                return Ok(Some((parent, part.to_vec(), child)));
+            }
+            parent = child;
+        }
+        Ok(None)
+    }
+
+    /// Another host published a different result under `path` first: the
+    /// shared tier keeps theirs, so this host takes it too (called on an
+    /// upload thread).
+    pub fn adopt_winner(&self, path: &[u8], winner: Record) {
+        let Some(tier) = self.tier.get() else { return };
+        let RecordKind::File { blob, size, .. } = winner.kind else {
+            return;
+        };
+        let Some(bytes) = tier.fetch_blob(blob) else {
+            warn!(
+                "converge {:?}: cannot fetch the winner's blob {blob}; keeping ours for now",
+                String::from_utf8_lossy(path)
+            );
+            return;
+        };
+        let result = (|| -> Result<()> {
+            let Some((parent, name, ino)) = self.resolve_path(path)? else {
+                return Ok(());
+            };
+            let mut inner = self.inner.lock().unwrap();
+            let Some(mut inode) = self.store.inode(ino)? else {
+                return Ok(());
+            };
+            if !Self::is_published_result(&inode) || inode.content == Content::Blob(blob) {
+                return Ok(());
+            }
+            let mut txn = self.txn(&inner);
+            self.install_bytes(&mut txn, &bytes, blob)?;
+            if let Content::Blob(old) = inode.content {
+                self.drop_ref(&mut txn, old, ino, inode.size)?;
+            }
+            self.add_ref(&mut txn, blob, ino, size);
+            self.clock.observe(winner.mtime_ns);
+            inode.content = Content::Blob(blob);
+            inode.size = size;
+            inode.mtime_ns = inode.mtime_ns.max(winner.mtime_ns);
+            inode.ctime_ns = self.tick(&mut txn);
+            txn.batch.put_inode(&inode);
+            txn.after.push(After::InvalidateNow(Invalidate::Data(ino)));
+            txn.after
+                .push(After::Invalidate(Invalidate::Entry(parent, name.clone())));
+            self.commit_locked(&mut inner, txn, true)?;
+            info!(
+                "converge {:?}: another host published it first; now serving its blob {blob}",
+                String::from_utf8_lossy(path)
+            );
+            Ok(())
+        })();
+        self.send_urgent_invalidations();
+        if let Err(e) = result {
+            warn!("converge {:?}: {e}", String::from_utf8_lossy(path));
+        }
+    }
+
+    /// Stores fetched bytes (already verified against `id`) as a local blob.
+    fn install_bytes(&self, txn: &mut Txn, bytes: &[u8], id: BlobId) -> Result<()> {
+        if self.store.blob_known(&id)? || txn.new_blobs.contains(&id) {
+            return Ok(());
+        }
+        let n = self.open_counter.fetch_add(1, Ordering::Relaxed);
+        let tmp = self.blobs.staging_dir().join(format!("fetch-{n}"));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(|e| Error::io(e, "create fetched blob"))?;
+        let result = file
+            .write_all_at(bytes, 0)
+            .map_err(|e| Error::io(e, "write fetched blob"))
+            .and_then(|_| self.blobs.install(&tmp, &file, &id));
+        let _ = std::fs::remove_file(&tmp);
+        result?;
+        txn.batch.put_blob(&id, bytes.len() as u64);
+        txn.new_blobs.push(id);
+        txn.gauges.blobs += 1;
+        txn.gauges.bytes_stored += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// A lookup that missed locally asks the shared tier; what it finds
+    /// (verified) becomes a local name, so the next hit is local.
+    fn lookup_shared(&self, parent: Ino, name: &[u8]) -> Result<Option<Inode>> {
+        let Some(tier) = self.tier.get() else {
+            return Ok(None);
+        };
+        let parts = self.path_of(parent, name)?;
+        let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+        let class = self.config.rules.classify(&refs);
+        if class == Class::Local {
+            return Ok(None);
+        }
+        let path = parts.join(&b'/');
+        let Some((record, bytes)) = tier.fetch(&path) else {
+            return Ok(None);
+        };
+        self.clock.observe(record.mtime_ns);
+        let mut inner = self.inner.lock().unwrap();
+        if let Some(ino) = self.store.dentry(parent, name)? {
+            return self.store.inode(ino); // appeared meanwhile
+        }
+        let dir = self.inode(parent)?;
+        let mut txn = self.txn(&inner);
+        let now = self.tick(&mut txn);
+        let ino = self.alloc_ino(&mut inner, &mut txn);
+        let owner = Caller {
+            uid: dir.uid,
+            gid: dir.gid,
+        };
+        let inode = match (&record.kind, bytes) {
+            (RecordKind::Dir, _) => {
+                let mut d = self.new_inode(
+                    ino,
+                    Kind::Dir,
+                    Class::Local,
+                    dir.perm & 0o7777,
+                    owner,
+                    &dir,
+                    name,
+                    now,
+                );
+                d.mtime_ns = record.mtime_ns.min(now);
+                d
+            }
+            (RecordKind::File { blob, size, mode }, Some(bytes)) => {
+                self.install_bytes(&mut txn, &bytes, *blob)?;
+                let mut f = self.new_inode(
+                    ino,
+                    Kind::File,
+                    class.resolve(&bytes[..bytes.len().min(4)]),
+                    *mode,
+                    owner,
+                    &dir,
+                    name,
+                    now,
+                );
+                f.content = Content::Blob(*blob);
+                f.size = *size;
+                f.mtime_ns = record.mtime_ns;
+                self.add_ref(&mut txn, *blob, ino, *size);
+                f
+            }
+            (RecordKind::File { .. }, None) => return Ok(None),
+        };
+        txn.batch.put_inode(&inode);
+        txn.batch.put_dentry(parent, name, ino);
+        self.commit_locked(&mut inner, txn, false)?;
+        debug!(
+            "fetch name={:?} ino={ino} from the shared tier",
+            String::from_utf8_lossy(name)
+        );
+        Ok(Some(inode))
     }
 
     /// Connects the core to the kernel's caches (once, at mount).
@@ -431,6 +654,11 @@ impl Core {
                     }
                 }
                 After::InvalidateNow(inv) => URGENT.with(|u| u.borrow_mut().push(inv)),
+                After::Upload(up) => {
+                    if let Some(t) = self.tier.get() {
+                        t.enqueue(up)
+                    }
+                }
             }
         }
         Ok(())
@@ -573,6 +801,8 @@ impl Core {
     fn virtual_attr(&self, ino: Ino) -> Attr {
         let (kind, perm, size) = if ino == Ino::STATS_DIR {
             (Kind::Dir, 0o555, 0)
+        } else if ino == Ino::STATS_SYNC {
+            (Kind::File, 0o444, 0)
         } else {
             (Kind::File, 0o444, self.render(ino).len() as u64)
         };
@@ -591,12 +821,31 @@ impl Core {
         }
     }
 
+    /// How long reading `.casfs/sync` waits for uploads at most.
+    const SYNC_WAIT_S: u64 = 300;
+
     fn render(&self, ino: Ino) -> Vec<u8> {
-        let g = self.inner.lock().unwrap().gauges;
+        if ino == Ino::STATS_SYNC {
+            let text = match self.tier.get() {
+                None => "ok: no shared tier\n".to_string(),
+                Some(t) => match t.sync(std::time::Duration::from_secs(Self::SYNC_WAIT_S)) {
+                    Ok(n) => format!("ok: {n} uploads delivered to {}\n", t.describe()),
+                    Err(e) => format!("FAILED: {e}\n"),
+                },
+            };
+            return text.into_bytes();
+        }
+        let mut snap = Snapshot {
+            gauges: self.inner.lock().unwrap().gauges,
+            ..Default::default()
+        };
+        if let Some(t) = self.tier.get() {
+            t.snapshot(&mut snap);
+        }
         match ino {
-            Ino::STATS_TEXT => self.stats.render_text(g),
-            Ino::STATS_JSON => self.stats.render_json(g),
-            _ => self.stats.render_prometheus(g),
+            Ino::STATS_TEXT => self.stats.render_text(&snap),
+            Ino::STATS_JSON => self.stats.render_json(&snap),
+            _ => self.stats.render_prometheus(&snap),
         }
         .into_bytes()
     }
@@ -633,6 +882,10 @@ impl Core {
             None => {
                 if self.store.inode(parent)?.is_none() {
                     return enoent();
+                }
+                if let Some(inode) = self.lookup_shared(parent, name)? {
+                    self.remember(inode.ino);
+                    return Ok(self.attr_of(&inode));
                 }
                 Stats::bump(&self.stats.counters.misses);
                 enoent()
@@ -1074,6 +1327,9 @@ impl Core {
         src.class = class;
         src.ctime_ns = now;
         txn.batch.put_inode(&src);
+        if src.kind == Kind::File {
+            self.share(&mut txn, &src)?;
+        }
         if parent != newparent {
             self.touch_dir(&mut txn, self.inode(parent)?, now);
         }
@@ -1193,6 +1449,7 @@ impl Core {
         self.add_ref(&mut txn, id, new_ino, size);
         txn.batch.put_inode(&inode);
         txn.batch.put_dentry(newparent, newname, new_ino);
+        self.share(&mut txn, &inode)?;
         self.touch_dir(&mut txn, newdir, now);
         self.commit_locked(&mut inner, txn, true)?;
         *inner.nlookup.entry(new_ino).or_insert(0) += 1;
@@ -1329,6 +1586,7 @@ impl Core {
             let class = inode.class;
             self.seal_staged(&inner, &mut txn, &mut inode, class)?;
             txn.batch.put_inode(&inode);
+            self.share(&mut txn, &inode)?;
             return self.commit_locked(&mut inner, txn, true);
         }
         // Created under its final name: bind it now, create-only for results.
@@ -1362,6 +1620,7 @@ impl Core {
                 inode.nlink = 1;
                 txn.batch.put_inode(&inode);
                 txn.batch.put_dentry(parent, &name, ino);
+                self.share(&mut txn, &inode)?;
                 self.touch_dir(&mut txn, self.inode(parent)?, inode.mtime_ns);
             }
         }

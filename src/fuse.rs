@@ -214,7 +214,8 @@ impl Filesystem for CasFs {
             // A negative entry (inode 0) the kernel may cache: a name that
             // appears later either comes through the kernel or is invalidated.
             Err(e) if e.code() == libc::ENOENT && !ino(parent).is_virtual() => {
-                reply.entry(&TTL, &file_attr(&NO_ENTRY), Generation(0))
+                let ttl = self.core.negative_ttl().unwrap_or(TTL);
+                reply.entry(&ttl, &file_attr(&NO_ENTRY), Generation(0))
             }
             r => self.entry(r, reply),
         }

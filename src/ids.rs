@@ -14,6 +14,8 @@ impl Ino {
     pub const STATS_TEXT: Ino = Ino(3);
     pub const STATS_JSON: Ino = Ino(4);
     pub const STATS_METRICS: Ino = Ino(5);
+    /// Reading it waits until this mount's uploads reached the shared tier.
+    pub const STATS_SYNC: Ino = Ino(6);
     /// First number handed out to real files and directories.
     pub const FIRST_DYNAMIC: Ino = Ino(16);
 

@@ -10,9 +10,9 @@ mod error;
 mod fsck;
 mod fuse;
 mod ids;
-mod shared;
 mod meta;
 mod mount;
+mod shared;
 mod stats;
 
 use std::path::{Path, PathBuf};
@@ -47,6 +47,18 @@ enum Command {
         /// Keep the store under SIZE (e.g. 20G, 500M) by evicting least recently used entries
         #[arg(long, value_name = "SIZE")]
         max_size: Option<String>,
+        /// Share entries with other hosts: file:///ABSOLUTE/PATH or redis://[:PASSWORD@]HOST:PORT[/DB]
+        #[arg(long, value_name = "URL")]
+        shared: Option<String>,
+        /// Partition of the shared engine this cache uses (e.g. one per OS release)
+        #[arg(long, value_name = "NAME")]
+        namespace: Option<String>,
+        /// Bound on every shared-tier call, in milliseconds
+        #[arg(long, default_value_t = 500)]
+        shared_timeout_ms: u64,
+        /// umask for files the shared-directory engine creates (octal)
+        #[arg(long, default_value = "002")]
+        shared_umask: String,
         /// Milliseconds between two blobs checked by the background scrub (0 turns it off)
         #[arg(long, default_value_t = 1000)]
         scrub_interval_ms: u64,
@@ -74,6 +86,8 @@ enum Command {
     },
     /// Print a mount's statistics (the text of MOUNTPOINT/.casfs/stats).
     Stats { mountpoint: PathBuf },
+    /// Wait until every publication made so far through the mount is in the shared tier.
+    Sync { mountpoint: PathBuf },
     /// Check an unmounted store; exit 0 if clean, 1 if problems were found, 2 if it could not be checked.
     Fsck {
         #[arg(long)]
@@ -104,6 +118,8 @@ struct MountOptions {
     uid: Option<u32>,
     gid: Option<u32>,
     mode: Option<u32>,
+    shared: Option<String>,
+    namespace: Option<String>,
 }
 
 fn parse_mount_options(text: &str) -> Result<MountOptions, String> {
@@ -125,11 +141,8 @@ fn parse_mount_options(text: &str) -> Result<MountOptions, String> {
             "uid" => o.uid = Some(number(value, 10)?),
             "gid" => o.gid = Some(number(value, 10)?),
             "mode" => o.mode = Some(number(value, 8)? & 0o7777),
-            "shared" | "namespace" => {
-                return Err(format!(
-                    "mount option {key}= (sharing between hosts) is not available in this casfs version"
-                ))
-            }
+            "shared" => o.shared = value.map(str::to_owned),
+            "namespace" => o.namespace = value.map(str::to_owned),
             _ => {
                 return Err(format!(
                     "unknown mount option {opt:?} (known: allow_other, ro, rw, max_size=SIZE, uid=N, gid=N, mode=OCTAL, default_permissions)"
@@ -207,6 +220,10 @@ fn run(cli: Cli) -> Result<(), String> {
             classes,
             verify_percent,
             max_size,
+            shared,
+            namespace,
+            shared_timeout_ms,
+            shared_umask,
             scrub_interval_ms,
             read_only,
             options,
@@ -225,6 +242,26 @@ fn run(cli: Cli) -> Result<(), String> {
             if let Some(size) = max_size {
                 o.max_size_bytes = Some(parse_size(&size)?);
             }
+            o.shared = shared.or(o.shared);
+            o.namespace = namespace.or(o.namespace);
+            let umask = u32::from_str_radix(&shared_umask, 8)
+                .ok()
+                .filter(|u| *u <= 0o777)
+                .ok_or_else(|| format!("--shared-umask {shared_umask:?} is not an octal umask"))?;
+            if o.namespace.is_some() && o.shared.is_none() {
+                return Err("--namespace needs --shared".into());
+            }
+            if shared_timeout_ms == 0 {
+                return Err("--shared-timeout-ms must be at least 1".into());
+            }
+            let shared = o.shared.clone().map(|url| {
+                let config = shared::EngineConfig {
+                    namespace: o.namespace.clone().unwrap_or_else(|| "default".into()),
+                    timeout: std::time::Duration::from_millis(shared_timeout_ms),
+                    umask,
+                };
+                (url, config)
+            });
             let store = store.unwrap_or_else(default_store);
             mount::run(mount::MountArgs {
                 store,
@@ -238,6 +275,7 @@ fn run(cli: Cli) -> Result<(), String> {
                     root_mode: o.mode,
                 },
                 max_size_bytes: o.max_size_bytes,
+                shared,
                 scrub_interval_ms,
                 allow_other: o.allow_other,
                 force,
@@ -245,6 +283,22 @@ fn run(cli: Cli) -> Result<(), String> {
             })
         }
         Command::Unmount { lazy, mountpoint } => mount::unmount(&mountpoint, lazy),
+        Command::Sync { mountpoint } => {
+            let path = Path::new(&mountpoint).join(".casfs/sync");
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                format!(
+                    "cannot read {}: {e} (is {} a casfs mount?)",
+                    path.display(),
+                    mountpoint.display()
+                )
+            })?;
+            print!("{text}");
+            if text.starts_with("ok") {
+                Ok(())
+            } else {
+                Err(format!("sync of {} failed", mountpoint.display()))
+            }
+        }
         Command::Fsck { store, repair } => std::process::exit(run_fsck(&store, repair).into()),
         Command::Stats { mountpoint } => {
             let path = Path::new(&mountpoint).join(".casfs/stats");
@@ -281,9 +335,9 @@ mod tests {
             (Some(1 << 30), Some(65534), Some(65534), Some(0o2775))
         );
         assert!(parse_mount_options("bogus").is_err());
-        assert!(parse_mount_options("shared=redis://x")
-            .unwrap_err()
-            .contains("not available"));
+        let o = parse_mount_options("shared=redis://h:6379/2,namespace=deb13").unwrap();
+        assert_eq!(o.shared.as_deref(), Some("redis://h:6379/2"));
+        assert_eq!(o.namespace.as_deref(), Some("deb13"));
     }
 }
 

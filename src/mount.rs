@@ -14,6 +14,8 @@ use log::{error, info, warn};
 use crate::core::{Config, Core};
 use crate::fuse::{CasFs, Kernel};
 use crate::meta::open_store;
+use crate::shared::tier::{LostRace, Tier};
+use crate::shared::EngineConfig;
 
 /// Everything `casfs mount` needs, validated.
 pub struct MountArgs {
@@ -21,6 +23,8 @@ pub struct MountArgs {
     pub mountpoint: PathBuf,
     pub config: Config,
     pub max_size_bytes: Option<u64>,
+    /// `--shared URL` and the engine's settings.
+    pub shared: Option<(String, EngineConfig)>,
     /// Milliseconds between two blobs checked by the background scrub (0: off).
     pub scrub_interval_ms: u64,
     pub allow_other: bool,
@@ -148,6 +152,17 @@ pub fn run(args: MountArgs) -> Result<(), String> {
     };
     fuse_config.n_threads = Some(args.threads.max(1));
 
+    if let Some((url, engine_config)) = &args.shared {
+        let engine =
+            crate::shared::open(url, engine_config).map_err(|e| format!("--shared {url}: {e}"))?;
+        let weak = Arc::downgrade(&core);
+        let lost: Arc<LostRace> = Arc::new(move |path: &[u8], winner| {
+            if let Some(core) = weak.upgrade() {
+                core.adopt_winner(path, winner);
+            }
+        });
+        core.attach_tier(Tier::start(engine, engine_config.timeout, lost));
+    }
     let session = Session::new(CasFs::new(core.clone()), &mountpoint, &fuse_config)
         .map_err(|e| format!("cannot mount {}: {e}", mountpoint.display()))?;
     core.set_kernel_cache(Box::new(

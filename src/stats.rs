@@ -105,6 +105,66 @@ pub struct StoreGauges {
     pub bytes_logical: u64,
 }
 
+/// Bucket bounds of latency histograms, in milliseconds.
+const HISTOGRAM_BOUNDS_MS: [u64; 12] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000];
+
+/// A latency histogram with fixed buckets.
+#[derive(Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; HISTOGRAM_BOUNDS_MS.len() + 1],
+    count: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: std::time::Duration) {
+        let ms = d.as_millis() as u64;
+        let i = HISTOGRAM_BOUNDS_MS
+            .iter()
+            .position(|b| ms < *b)
+            .unwrap_or(HISTOGRAM_BOUNDS_MS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_us
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// The bucket bound at or below which `q` of the observations fall.
+    fn quantile_ms(&self, q: f64) -> u64 {
+        let count = self.count.load(Ordering::Relaxed);
+        if count == 0 {
+            return 0;
+        }
+        let want = (count as f64 * q).ceil() as u64;
+        let mut seen = 0;
+        for (i, b) in self.buckets.iter().enumerate() {
+            seen += b.load(Ordering::Relaxed);
+            if seen >= want {
+                return HISTOGRAM_BOUNDS_MS.get(i).copied().unwrap_or(u64::MAX);
+            }
+        }
+        u64::MAX
+    }
+}
+
+/// A value that is not one of the daemon's own event counters (shared-tier
+/// figures), for rendering.
+pub struct Extra {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub value: u64,
+    /// A level (queue length, breaker state) rather than a running count.
+    pub gauge: bool,
+}
+
+/// Everything the statistics files show besides the event counters.
+#[derive(Default)]
+pub struct Snapshot<'a> {
+    pub gauges: StoreGauges,
+    pub extras: Vec<Extra>,
+    pub histograms: Vec<(&'static str, &'static str, &'a Histogram)>,
+}
+
 #[derive(Default)]
 pub struct Stats {
     pub counters: Counters,
@@ -126,36 +186,51 @@ impl Stats {
             .collect()
     }
 
-    fn values(&self, g: StoreGauges) -> Vec<(&'static str, &'static str, u64)> {
-        let mut v = self.counters.each();
-        v.push(("blobs", "Blobs in the local store", g.blobs));
+    /// (name, help, value, is_gauge) in display order.
+    fn values(&self, snap: &Snapshot) -> Vec<(&'static str, &'static str, u64, bool)> {
+        let g = snap.gauges;
+        let mut v: Vec<_> = self
+            .counters
+            .each()
+            .into_iter()
+            .map(|(n, h, x)| (n, h, x, false))
+            .collect();
+        v.push(("blobs", "Blobs in the local store", g.blobs, true));
         v.push((
             "bytes_stored",
             "Bytes of blobs in the local store",
             g.bytes_stored,
+            true,
         ));
         v.push((
             "bytes_logical",
             "Bytes of all names pointing at blobs",
             g.bytes_logical,
+            true,
         ));
         v.push((
             "bytes_saved",
             "Bytes deduplication saved (logical minus stored)",
             g.bytes_logical.saturating_sub(g.bytes_stored),
+            true,
         ));
+        for e in &snap.extras {
+            v.push((e.name, e.help, e.value, e.gauge));
+        }
         let total = self.requests().iter().map(|(_, n)| n).sum();
         v.push((
             "fuse_requests_total",
             "FUSE requests that reached the daemon",
             total,
+            false,
         ));
         v
     }
 
-    pub fn render_text(&self, g: StoreGauges) -> String {
+    pub fn render_text(&self, snap: &Snapshot) -> String {
+        let g = snap.gauges;
         let mut out = String::from("casfs statistics\n");
-        for (name, _, value) in self.values(g) {
+        for (name, _, value, _) in self.values(snap) {
             let _ = writeln!(out, "{name:<24} {value}");
         }
         let ratio = if g.bytes_stored == 0 {
@@ -164,6 +239,15 @@ impl Stats {
             g.bytes_logical as f64 / g.bytes_stored as f64
         };
         let _ = writeln!(out, "{:<24} {ratio:.2}", "dedup_ratio");
+        for (name, _, h) in &snap.histograms {
+            let _ = writeln!(
+                out,
+                "{name:<24} count {} p50 <{} ms p99 <{} ms",
+                h.count.load(Ordering::Relaxed),
+                h.quantile_ms(0.5),
+                h.quantile_ms(0.99)
+            );
+        }
         out.push_str("fuse requests by operation:\n");
         for (name, n) in self.requests().into_iter().filter(|(_, n)| *n > 0) {
             let _ = writeln!(out, "  {name:<22} {n}");
@@ -171,10 +255,20 @@ impl Stats {
         out
     }
 
-    pub fn render_json(&self, g: StoreGauges) -> String {
+    pub fn render_json(&self, snap: &Snapshot) -> String {
         let mut out = String::from("{");
-        for (name, _, value) in self.values(g) {
+        for (name, _, value, _) in self.values(snap) {
             let _ = write!(out, "\"{name}\":{value},");
+        }
+        for (name, _, h) in &snap.histograms {
+            let _ = write!(
+                out,
+                "\"{name}\":{{\"count\":{},\"sum_us\":{},\"p50_ms_max\":{},\"p99_ms_max\":{}}},",
+                h.count.load(Ordering::Relaxed),
+                h.sum_us.load(Ordering::Relaxed),
+                h.quantile_ms(0.5),
+                h.quantile_ms(0.99)
+            );
         }
         out.push_str("\"fuse_requests\":{");
         let reqs: Vec<String> = self
@@ -187,13 +281,9 @@ impl Stats {
         out
     }
 
-    pub fn render_prometheus(&self, g: StoreGauges) -> String {
+    pub fn render_prometheus(&self, snap: &Snapshot) -> String {
         let mut out = String::new();
-        for (name, help, value) in self.values(g) {
-            let gauge = matches!(
-                name,
-                "blobs" | "bytes_stored" | "bytes_logical" | "bytes_saved"
-            );
+        for (name, help, value, gauge) in self.values(snap) {
             let metric = if gauge {
                 format!("casfs_{name}")
             } else {
@@ -204,6 +294,25 @@ impl Stats {
                 out,
                 "# HELP {metric} {help}\n# TYPE {metric} {kind}\n{metric} {value}"
             );
+        }
+        for (name, help, h) in &snap.histograms {
+            let metric = format!("casfs_{name}_seconds");
+            let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} histogram");
+            let mut cumulative = 0;
+            for (i, b) in h.buckets.iter().enumerate() {
+                cumulative += b.load(Ordering::Relaxed);
+                let le = match HISTOGRAM_BOUNDS_MS.get(i) {
+                    Some(ms) => format!("{}", *ms as f64 / 1000.0),
+                    None => "+Inf".into(),
+                };
+                let _ = writeln!(out, "{metric}_bucket{{le=\"{le}\"}} {cumulative}");
+            }
+            let _ = writeln!(
+                out,
+                "{metric}_sum {}",
+                h.sum_us.load(Ordering::Relaxed) as f64 / 1e6
+            );
+            let _ = writeln!(out, "{metric}_count {}", h.count.load(Ordering::Relaxed));
         }
         out.push_str("# HELP casfs_fuse_requests_by_op_total FUSE requests by operation\n");
         out.push_str("# TYPE casfs_fuse_requests_by_op_total counter\n");
@@ -235,7 +344,8 @@ mod tests {
         assert!(json.contains("\"bytes_saved\":150,"));
         assert!(json.contains("\"fuse_requests_total\":2,"));
         assert!(json.contains("\"lookup\":1"));
-        let prom = s.render_prometheus(g);
+        let prom = s.render_prometheus(&snap);
+        assert!(prom.contains("casfs_shared_fetch_seconds_bucket{le=\"0.005\"} 1"));
         assert!(prom.contains("\ncasfs_hits_total 1\n"));
         assert!(prom.contains("\ncasfs_blobs 2\n"));
         assert!(prom.contains("casfs_fuse_requests_by_op_total{op=\"open\"} 1"));

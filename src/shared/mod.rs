@@ -21,6 +21,7 @@
 
 pub mod dir;
 pub mod redis;
+pub mod tier;
 
 use std::fmt;
 use std::time::Duration;
@@ -107,18 +108,29 @@ pub fn open(url: &str, config: &EngineConfig) -> Result<Box<dyn Engine>, String>
     }
     if let Some(path) = url.strip_prefix("file://") {
         if !path.starts_with('/') {
-            return Err(format!("shared URL {url:?}: file:// needs an absolute path (file:///srv/cache)"));
+            return Err(format!(
+                "shared URL {url:?}: file:// needs an absolute path (file:///srv/cache)"
+            ));
         }
-        return Ok(Box::new(dir::DirEngine::open(std::path::Path::new(path), config)?));
+        return Ok(Box::new(dir::DirEngine::open(
+            std::path::Path::new(path),
+            config,
+        )?));
     }
     if url.starts_with("redis://") {
         return Ok(Box::new(redis::RedisEngine::open(url, config)?));
     }
-    Err(format!("shared URL {url:?}: use file:///ABSOLUTE/PATH or redis://[:PASSWORD@]HOST:PORT[/DB]"))
+    Err(format!(
+        "shared URL {url:?}: use file:///ABSOLUTE/PATH or redis://[:PASSWORD@]HOST:PORT[/DB]"
+    ))
 }
 
 pub fn valid_namespace(ns: &str) -> bool {
-    !ns.is_empty() && ns.len() <= 64 && ns.bytes().all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c))
+    !ns.is_empty()
+        && ns.len() <= 64
+        && ns
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c))
 }
 
 impl Record {
@@ -128,9 +140,12 @@ impl Record {
     /// `casfs-record 1\ndir <mtime ns>\n`.
     pub fn encode(&self) -> Vec<u8> {
         match &self.kind {
-            RecordKind::File { blob, size, mode } => {
-                format!("casfs-record 1\nfile {} {size} {mode:o} {}\n", blob.hex(), self.mtime_ns).into_bytes()
-            }
+            RecordKind::File { blob, size, mode } => format!(
+                "casfs-record 1\nfile {} {size} {mode:o} {}\n",
+                blob.hex(),
+                self.mtime_ns
+            )
+            .into_bytes(),
             RecordKind::Dir => format!("casfs-record 1\ndir {}\n", self.mtime_ns).into_bytes(),
         }
     }
@@ -151,7 +166,10 @@ impl Record {
                 },
                 mtime_ns: mtime.parse().ok()?,
             }),
-            ["dir", mtime] => Some(Record { kind: RecordKind::Dir, mtime_ns: mtime.parse().ok()? }),
+            ["dir", mtime] => Some(Record {
+                kind: RecordKind::Dir,
+                mtime_ns: mtime.parse().ok()?,
+            }),
             _ => None,
         }
     }
@@ -164,11 +182,18 @@ mod tests {
     #[test]
     fn records_round_trip_and_garbage_is_refused() {
         let f = Record {
-            kind: RecordKind::File { blob: BlobId::of(b"x"), size: 12, mode: 0o644 },
+            kind: RecordKind::File {
+                blob: BlobId::of(b"x"),
+                size: 12,
+                mode: 0o644,
+            },
             mtime_ns: 1_700_000_000_000_000_001,
         };
         assert_eq!(Record::decode(&f.encode()), Some(f));
-        let d = Record { kind: RecordKind::Dir, mtime_ns: 5 };
+        let d = Record {
+            kind: RecordKind::Dir,
+            mtime_ns: 5,
+        };
         assert_eq!(Record::decode(&d.encode()), Some(d));
         assert_eq!(Record::decode(b"casfs-record 2\ndir 5\n"), None);
         assert_eq!(Record::decode(b"\xff"), None);
@@ -176,7 +201,11 @@ mod tests {
 
     #[test]
     fn urls_and_namespaces_are_checked() {
-        let c = EngineConfig { namespace: "default".into(), timeout: Duration::from_millis(100), umask: 0o002 };
+        let c = EngineConfig {
+            namespace: "default".into(),
+            timeout: Duration::from_millis(100),
+            umask: 0o002,
+        };
         assert!(open("nfs://x", &c).is_err());
         assert!(open("file://relative", &c).is_err());
         assert!(!valid_namespace("a/b"));

@@ -1,8 +1,6 @@
 //! The Redis engine (Redis or Valkey). Placeholder:
 //! being written.
 
-
-
 use super::{Engine, EngineConfig, Put, Record, TierError, TierResult};
 use crate::ids::BlobId;
 

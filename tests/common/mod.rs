@@ -1158,3 +1158,345 @@ pub fn assert_objects_identical(jobs: &[Job], dir: &Path, reference: &Path, what
         bad.join("\n")
     );
 }
+
+// ---------------------------------------------------------------------------
+// Operator tooling (mount-helpers/): programs, mount table entries, daemons
+// started by someone else (mount(8) through mount.casfs), other users
+// ---------------------------------------------------------------------------
+
+/// The directory with the operator's scripts (`mount.casfs`, `casfs-chroots`,
+/// `install`, the systemd unit).
+pub fn helpers_dir() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/mount-helpers"))
+}
+
+/// Where `program` is on PATH (or the standard system directories, which
+/// mount(8) uses whatever PATH says), if anywhere.
+pub fn find_program(program: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
+    for d in [
+        "/usr/local/sbin",
+        "/usr/local/bin",
+        "/usr/sbin",
+        "/usr/bin",
+        "/sbin",
+        "/bin",
+    ] {
+        dirs.push(PathBuf::from(d));
+    }
+    dirs.into_iter()
+        .map(|d| d.join(program))
+        .find(|p| fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+}
+
+/// Fails (never skips) when one of `programs` (program, Debian package) is
+/// missing, naming the package to install.
+pub fn require_programs(programs: &[(&str, &str)]) {
+    require_tools();
+    let missing: Vec<String> = programs
+        .iter()
+        .filter(|(p, _)| find_program(p).is_none())
+        .map(|(p, pkg)| format!("`{p}` is not installed (apt-get install {pkg})"))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "casfs mount-helper tests cannot run (they never skip):\n  {}",
+        missing.join("\n  ")
+    );
+}
+
+/// One line of /proc/self/mountinfo.
+#[derive(Clone, Debug)]
+pub struct MountInfo {
+    pub id: u64,
+    /// `major:minor`: a bind mount has the device of what it binds.
+    pub dev: String,
+    /// The directory of the filesystem mounted here (`/` for a whole mount).
+    pub root: String,
+    pub mountpoint: PathBuf,
+    pub mount_options: String,
+    pub fstype: String,
+    pub source: String,
+    pub super_options: String,
+}
+
+/// The top mount on `mp` (the last one stacked there), if any.
+pub fn top_mount(mp: &Path) -> Option<MountInfo> {
+    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut top = None;
+    for line in text.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        let Some(sep) = f.iter().position(|x| *x == "-") else {
+            continue;
+        };
+        if f.len() < sep + 4 || f.len() < 6 {
+            continue;
+        }
+        let mountpoint = PathBuf::from(unescape_mount_field(f[4]));
+        if mountpoint != mp {
+            continue;
+        }
+        top = Some(MountInfo {
+            id: f[0].parse().unwrap_or(0),
+            dev: f[2].to_string(),
+            root: unescape_mount_field(f[3]),
+            mountpoint,
+            mount_options: f[5].to_string(),
+            fstype: f[sep + 1].to_string(),
+            source: unescape_mount_field(f[sep + 2]),
+            super_options: f[sep + 3].to_string(),
+        });
+    }
+    top
+}
+
+/// Whether process `pid` exists and is not a zombie (a daemon whose parent,
+/// a mount helper, has exited is reaped by init, which may take its time).
+pub fn process_alive(pid: u32) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the parenthesised command name.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next());
+    !matches!(state, None | Some('Z') | Some('X'))
+}
+
+/// A process's argument vector.
+pub fn process_cmdline(pid: u32) -> Vec<String> {
+    fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            b.split(|c| *c == 0)
+                .filter(|s| !s.is_empty())
+                .map(|s| String::from_utf8_lossy(s).into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The live `casfs mount ... MOUNTPOINT` daemons serving `mp` (whoever started
+/// them), found in /proc.
+pub fn casfs_daemons_for(mp: &Path) -> Vec<u32> {
+    let mut pids = Vec::new();
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return pids;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let argv = process_cmdline(pid);
+        let is_casfs = argv
+            .first()
+            .is_some_and(|a| Path::new(a).file_name().is_some_and(|n| n == "casfs"));
+        if is_casfs
+            && argv.get(1).is_some_and(|a| a == "mount")
+            && argv.last().is_some_and(|a| Path::new(a) == mp)
+            && process_alive(pid)
+        {
+            pids.push(pid);
+        }
+    }
+    pids.sort();
+    pids
+}
+
+/// A casfs daemon that another program started (mount(8) through
+/// `mount.casfs`), so not our child: found by its command line. Dropping it
+/// unmounts the mountpoint if it is still mounted, stops the daemon (SIGTERM,
+/// then SIGKILL after 3 s) and clears a dead mount, and prints its log if the
+/// test is failing.
+pub struct ForeignDaemon {
+    pub mountpoint: PathBuf,
+    pub pid: u32,
+    /// Where its stdout goes (the helper's log file), if it is a file.
+    pub log_path: Option<PathBuf>,
+}
+
+impl ForeignDaemon {
+    /// The one daemon serving `mp`; fails if there is none or more than one.
+    pub fn find(mp: &Path) -> ForeignDaemon {
+        let pids = casfs_daemons_for(mp);
+        assert!(
+            pids.len() == 1,
+            "expected exactly one `casfs mount` daemon serving {mp:?}, found {pids:?} \
+             (mount table entry: {:?})",
+            top_mount(mp)
+        );
+        let pid = pids[0];
+        let log_path = fs::read_link(format!("/proc/{pid}/fd/1"))
+            .ok()
+            .filter(|p| p.is_absolute() && p.is_file());
+        ForeignDaemon {
+            mountpoint: mp.to_path_buf(),
+            pid,
+            log_path,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        match &self.log_path {
+            Some(p) => {
+                fs::read_to_string(p).unwrap_or_else(|e| format!("<cannot read {p:?}: {e}>"))
+            }
+            None => "<the daemon's output does not go to a file>".to_string(),
+        }
+    }
+
+    /// Waits until the daemon has exited; fails after `timeout_s`.
+    pub fn wait_exit(&self, timeout_s: u64) {
+        let deadline = Instant::now() + Duration::from_secs(timeout_s);
+        while process_alive(self.pid) {
+            if Instant::now() >= deadline {
+                panic!(
+                    "casfs daemon pid {} on {:?} still running {timeout_s} s after it should have \
+                     exited; its log:\n{}",
+                    self.pid,
+                    self.mountpoint,
+                    self.log()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for ForeignDaemon {
+    fn drop(&mut self) {
+        if process_alive(self.pid) {
+            if is_mounted(&self.mountpoint) && !is_dead_mount(&self.mountpoint) {
+                let _ = Command::new("umount")
+                    .arg("-l")
+                    .arg(&self.mountpoint)
+                    .stderr(Stdio::null())
+                    .status();
+            }
+            // SAFETY: plain kill(2); at worst the pid is gone already.
+            unsafe {
+                libc::kill(self.pid as libc::pid_t, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while process_alive(self.pid) && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(20));
+            }
+            if process_alive(self.pid) {
+                // SAFETY: as above.
+                unsafe {
+                    libc::kill(self.pid as libc::pid_t, libc::SIGKILL);
+                }
+                let deadline = Instant::now() + Duration::from_secs(3);
+                while process_alive(self.pid) && Instant::now() < deadline {
+                    thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+        for _ in 0..3 {
+            if !is_dead_mount(&self.mountpoint) {
+                break;
+            }
+            force_unmount(&self.mountpoint);
+        }
+        if thread::panicking() {
+            eprintln!(
+                "---- casfs daemon pid {} on {:?} (started by mount.casfs), log {:?}:\n{}\n---- end \
+                 of daemon log",
+                self.pid,
+                self.mountpoint,
+                self.log_path,
+                self.log()
+            );
+        }
+    }
+}
+
+/// The uid and primary gid of user `name` (e.g. `nobody`); fails if there is
+/// no such user.
+pub fn user_ids(name: &str) -> (u32, u32) {
+    let c = CString::new(name).unwrap();
+    // SAFETY: getpwnam returns NULL or a pointer to a static passwd record,
+    // read at once (the tests do not call getpw* concurrently on other names
+    // in a way that matters: the values are copied out immediately).
+    let pw = unsafe { libc::getpwnam(c.as_ptr()) };
+    assert!(
+        !pw.is_null(),
+        "no user {name:?} on this machine (/etc/passwd)"
+    );
+    // SAFETY: non-NULL pointer from getpwnam.
+    unsafe { ((*pw).pw_uid, (*pw).pw_gid) }
+}
+
+/// The gid of group `name` (e.g. `nogroup`); fails if there is no such group.
+pub fn group_id(name: &str) -> u32 {
+    let c = CString::new(name).unwrap();
+    // SAFETY: as in `user_ids`.
+    let gr = unsafe { libc::getgrnam(c.as_ptr()) };
+    assert!(
+        !gr.is_null(),
+        "no group {name:?} on this machine (/etc/group)"
+    );
+    // SAFETY: non-NULL pointer from getgrnam.
+    unsafe { (*gr).gr_gid }
+}
+
+/// Like `compile_all`, through `ccache`, but every compile runs as `uid`:`gid`
+/// with no supplementary groups (`setpriv --reuid --regid --clear-groups`),
+/// with the same environment `Ccache::command` sets. The sources, the
+/// output directory and the ccache configuration file must be readable (and
+/// the output directory writable) by that user.
+pub fn compile_all_as_user(
+    ccache: &Ccache,
+    jobs: &[Job],
+    out_dir: &Path,
+    parallel: usize,
+    uid: u32,
+    gid: u32,
+) -> Vec<CompileResult> {
+    require_programs(&[("setpriv", "util-linux")]);
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<CompileResult>>> =
+        Mutex::new((0..jobs.len()).map(|_| None).collect());
+    thread::scope(|s| {
+        for _ in 0..parallel.max(1) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                let Some(job) = jobs.get(i) else {
+                    return;
+                };
+                let base = ccache.command();
+                let mut cmd = Command::new("setpriv");
+                cmd.arg(format!("--reuid={uid}"))
+                    .arg(format!("--regid={gid}"))
+                    .arg("--clear-groups")
+                    .arg("--")
+                    .arg("ccache")
+                    .arg("gcc")
+                    .args(gcc_args(job, out_dir));
+                for (k, v) in base.get_envs() {
+                    match v {
+                        Some(v) => cmd.env(k, v),
+                        None => cmd.env_remove(k),
+                    };
+                }
+                cmd.current_dir("/").stdin(Stdio::null());
+                let (success, output) = match cmd.output() {
+                    Ok(out) => (out.status.success(), output_text(&out)),
+                    Err(e) => (false, format!("spawn failed: {e}")),
+                };
+                results.lock().unwrap()[i] = Some(CompileResult {
+                    job: job.clone(),
+                    success,
+                    output,
+                });
+            });
+        }
+    });
+    results
+        .into_inner()
+        .unwrap()
+        .into_iter()
+        .map(|r| r.expect("every job ran"))
+        .collect()
+}

@@ -333,13 +333,18 @@ mod tests {
         Stats::bump(&s.counters.hits);
         s.request(Op::Lookup);
         s.request(Op::Open);
-        let g = StoreGauges {
-            blobs: 2,
-            bytes_stored: 100,
-            bytes_logical: 250,
+        let h = Histogram::default();
+        h.observe(std::time::Duration::from_millis(3));
+        let g = StoreGauges { blobs: 2, bytes_stored: 100, bytes_logical: 250 };
+        let snap = Snapshot {
+            gauges: g,
+            extras: vec![Extra { name: "shared_hits", help: "h", value: 7, gauge: false }],
+            histograms: vec![("shared_fetch", "Fetch latency", &h)],
         };
-        assert!(s.render_text(g).contains("hits                     1"));
-        let json = s.render_json(g);
+        assert!(s.render_text(&snap).contains("hits                     1"));
+        let json = s.render_json(&snap);
+        assert!(json.contains("\"shared_hits\":7,"));
+        assert!(json.contains("\"shared_fetch\":{\"count\":1,"));
         assert!(json.contains("\"hits\":1,"));
         assert!(json.contains("\"bytes_saved\":150,"));
         assert!(json.contains("\"fuse_requests_total\":2,"));

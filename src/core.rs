@@ -28,7 +28,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use log::{debug, info, warn};
 
@@ -165,11 +165,15 @@ enum Mode {
 struct Handle {
     ino: Ino,
     mode: Mode,
-    file: Option<File>,
+    /// The blob or staging file. Replaced when a write arrives after the
+    /// handle's bytes were published (`restage`).
+    file: RwLock<Option<File>>,
     /// Rendered statistics for the virtual files.
     virt: Option<Vec<u8>>,
-    /// Set once this handle's bytes were published: later writes are refused.
-    sealed: AtomicBool,
+    /// Set when this handle's bytes were published at close while the
+    /// handle stays open (a duplicated descriptor): a later write through it
+    /// starts a new version (`restage`) instead of touching the blob.
+    published: AtomicBool,
     dirty: AtomicBool,
     conflict_counted: AtomicBool,
 }
@@ -1646,9 +1650,9 @@ impl Core {
         let h = Handle {
             ino,
             mode,
-            file,
+            file: RwLock::new(file),
             virt,
-            sealed: AtomicBool::new(false),
+            published: AtomicBool::new(false),
             dirty: AtomicBool::new(false),
             conflict_counted: AtomicBool::new(false),
         };
@@ -1890,7 +1894,8 @@ impl Core {
             let end = (start + size as usize).min(v.len());
             return Ok(v[start..end].to_vec());
         }
-        let Some(file) = &h.file else {
+        let guard = h.file.read().unwrap();
+        let Some(file) = guard.as_ref() else {
             return Err(Error::errno(libc::EISDIR));
         };
         let mut buf = vec![0u8; size as usize];
@@ -1920,11 +1925,12 @@ impl Core {
                 Ok(data.len() as u32)
             }
             Mode::Write => {
-                if h.sealed.load(Ordering::Acquire) {
-                    return Err(Error::errno(libc::EBADF));
+                if h.published.load(Ordering::Acquire) && self.restage(&h)? {
+                    return Ok(data.len() as u32);
                 }
                 self.check_space()?;
-                let file = h.file.as_ref().expect("write handles hold a file");
+                let guard = h.file.read().unwrap();
+                let file = guard.as_ref().expect("write handles hold a file");
                 file.write_all_at(data, offset).map_err(|e| {
                     self.count_error(Error::io(e, format_args!("write ino={}", h.ino)))
                 })?;
@@ -1934,11 +1940,45 @@ impl Core {
         }
     }
 
+    /// A write through a handle whose bytes were already published: a
+    /// result keeps its published bytes (the write is discarded, counted as
+    /// a conflict: returns true); anything else is copied back to a staging
+    /// file that this handle writes from now on, published again at close.
+    fn restage(&self, h: &Handle) -> Result<bool> {
+        let mut inner = self.inner.lock().unwrap();
+        if !h.published.load(Ordering::Acquire) {
+            return Ok(false); // another write got here first
+        }
+        let mut inode = self.inode(h.ino)?;
+        match (&inode.content, inode.class) {
+            (Content::Blob(_), Class::Result) => {
+                if !h.conflict_counted.swap(true, Ordering::Relaxed) {
+                    Stats::bump(&self.stats.counters.conflicts);
+                    debug!("write ino={} outcome=discarded-after-publication", h.ino);
+                }
+                return Ok(true);
+            }
+            (Content::Blob(_), _) => {
+                let mut txn = self.txn(&inner);
+                self.copy_up(&mut txn, &mut inode, None)?;
+                inode.mtime_ns = self.tick(&mut txn);
+                txn.batch.put_inode(&inode);
+                self.commit_locked(&mut inner, txn, false)?;
+            }
+            (Content::Staged, _) => {}
+            _ => return Err(Error::errno(libc::EBADF)),
+        }
+        *h.file.write().unwrap() = Some(self.blobs.open_staging(h.ino, true)?);
+        h.published.store(false, Ordering::Release);
+        inner.open.entry(h.ino).or_default().writers += 1;
+        Ok(false)
+    }
+
     /// On close: record size and mtime; if this was the last writer of a
     /// shared-class file, publish it now so close() reports any failure.
     pub fn flush(&self, fh: u64) -> Result<()> {
         let h = self.handle(fh)?;
-        if h.mode != Mode::Write || h.sealed.load(Ordering::Acquire) {
+        if h.mode != Mode::Write || h.published.load(Ordering::Acquire) {
             return Ok(());
         }
         {
@@ -1951,6 +1991,8 @@ impl Core {
                         inode.mtime_ns = self.tick(&mut txn);
                         inode.size = h
                             .file
+                            .read()
+                            .unwrap()
                             .as_ref()
                             .and_then(|f| f.metadata().ok())
                             .map_or(inode.size, |m| m.size());
@@ -1969,7 +2011,7 @@ impl Core {
             if inode.content != Content::Staged || !inode.class.is_blob() {
                 return Ok(());
             }
-            h.sealed.store(true, Ordering::Release);
+            h.published.store(true, Ordering::Release);
             // This handle writes no more: publication sees a stable file.
             if let Some(o) = inner.open.get_mut(&h.ino) {
                 o.writers = o.writers.saturating_sub(1);
@@ -1987,7 +2029,7 @@ impl Core {
             let ino = h.ino;
             if let Some(o) = inner.open.get_mut(&ino) {
                 o.handles = o.handles.saturating_sub(1);
-                if h.mode == Mode::Write && !h.sealed.load(Ordering::Acquire) {
+                if h.mode == Mode::Write && !h.published.load(Ordering::Acquire) {
                     o.writers = o.writers.saturating_sub(1);
                 }
                 if o.handles == 0 {
@@ -1999,7 +2041,7 @@ impl Core {
         if ino.is_virtual() {
             return Ok(());
         }
-        let result = if h.mode == Mode::Write && !h.sealed.load(Ordering::Acquire) {
+        let result = if h.mode == Mode::Write && !h.published.load(Ordering::Acquire) {
             self.publish_if_idle(ino)
         } else {
             Ok(())
@@ -2012,7 +2054,7 @@ impl Core {
 
     pub fn fsync(&self, fh: u64) -> Result<()> {
         let h = self.handle(fh)?;
-        if let (Mode::Write, Some(f)) = (h.mode, &h.file) {
+        if let (Mode::Write, Some(f)) = (h.mode, h.file.read().unwrap().as_ref()) {
             f.sync_all().map_err(|e| Error::io(e, "fsync"))?;
         }
         Ok(())

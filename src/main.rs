@@ -141,11 +141,13 @@ fn parse_mount_options(text: &str) -> Result<MountOptions, String> {
             "uid" => o.uid = Some(number(value, 10)?),
             "gid" => o.gid = Some(number(value, 10)?),
             "mode" => o.mode = Some(number(value, 8)? & 0o7777),
-            "shared" => o.shared = value.map(str::to_owned),
+            // mount(8) takes `shared` for mount propagation and drops its
+            // value, so fstab lines spell it `shared_url=`.
+            "shared" | "shared_url" => o.shared = value.map(str::to_owned),
             "namespace" => o.namespace = value.map(str::to_owned),
             _ => {
                 return Err(format!(
-                    "unknown mount option {opt:?} (known: allow_other, ro, rw, max_size=SIZE, uid=N, gid=N, mode=OCTAL, default_permissions)"
+                    "unknown mount option {opt:?} (known: allow_other, ro, rw, max_size=SIZE, uid=N, gid=N, mode=OCTAL, shared=URL (or shared_url=URL), namespace=NAME, default_permissions)"
                 ))
             }
         }

@@ -65,7 +65,9 @@ impl SbinHelper {
             let ours = helpers_dir().join("mount.casfs");
             if fs::symlink_metadata(p).is_err() {
                 std::os::unix::fs::symlink(&ours, p).unwrap_or_else(|e| {
-                    panic!("cannot create {SBIN_HELPER} -> {ours:?} (are the tests run as root?): {e}")
+                    panic!(
+                        "cannot create {SBIN_HELPER} -> {ours:?} (are the tests run as root?): {e}"
+                    )
                 });
                 g.1 = true;
             } else {
@@ -113,7 +115,10 @@ fn run(mut cmd: Command, what: &str) -> Output {
         .unwrap_or_else(|e| panic!("{what}: cannot run {cmd:?}: {e}"));
     let (tx, rx) = mpsc::channel();
     for (n, mut pipe) in [
-        (1, Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>),
+        (
+            1,
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+        ),
         (2, Box::new(child.stderr.take().unwrap())),
     ] {
         let tx = tx.clone();
@@ -233,7 +238,14 @@ fn mount_t_casfs_starts_a_detached_daemon_that_serves_ccache_and_umount_stops_it
 
     let t0 = Instant::now();
     let out = mount(
-        &["-t".as_ref(), "casfs".as_ref(), store.as_os_str(), mp.as_os_str(), "-o".as_ref(), "allow_other".as_ref()],
+        &[
+            "-t".as_ref(),
+            "casfs".as_ref(),
+            store.as_os_str(),
+            mp.as_os_str(),
+            "-o".as_ref(),
+            "allow_other".as_ref(),
+        ],
         &logs,
     );
     assert_ok(&out, "mount -t casfs STORE MP -o allow_other");
@@ -280,13 +292,24 @@ fn mount_t_casfs_starts_a_detached_daemon_that_serves_ccache_and_umount_stops_it
     fs::create_dir_all(&ccache.dir).unwrap();
     ccache.zero_stats();
     let cold = td.dir("cold");
-    assert_all_compiled(&compile_all(Some(&ccache), &all, &cold, 4), "cold build through mount -t casfs");
+    assert_all_compiled(
+        &compile_all(Some(&ccache), &all, &cold, 4),
+        "cold build through mount -t casfs",
+    );
     assert_objects_identical(&all, &cold, &reference, "cold build");
     let st = ccache.print_stats();
-    assert_eq!(st.misses(), all.len() as u64, "cold build: {}", st.summary());
+    assert_eq!(
+        st.misses(),
+        all.len() as u64,
+        "cold build: {}",
+        st.summary()
+    );
     ccache.zero_stats();
     let warm = td.dir("warm");
-    assert_all_compiled(&compile_all(Some(&ccache), &all, &warm, 4), "warm build through mount -t casfs");
+    assert_all_compiled(
+        &compile_all(Some(&ccache), &all, &warm, 4),
+        "warm build through mount -t casfs",
+    );
     assert_objects_identical(&all, &warm, &reference, "warm build");
     let st = ccache.print_stats();
     assert_eq!(
@@ -416,9 +439,25 @@ fn mount_failures_exit_32_with_the_daemons_message() {
     // A directory that holds something else is not a store.
     let not_a_store = td.dir("not-a-store");
     fs::write(not_a_store.join("precious.txt"), b"someone's data").unwrap();
-    let out = mount(&["-t".as_ref(), "casfs".as_ref(), not_a_store.as_os_str(), mp.as_os_str()], &logs);
-    expect_helper_failure(&out, &mp, "a store that is not a casfs store", &not_a_store.display().to_string());
-    assert!(!is_mounted(&mp), "{mp:?} mounted although the store was refused");
+    let out = mount(
+        &[
+            "-t".as_ref(),
+            "casfs".as_ref(),
+            not_a_store.as_os_str(),
+            mp.as_os_str(),
+        ],
+        &logs,
+    );
+    expect_helper_failure(
+        &out,
+        &mp,
+        "a store that is not a casfs store",
+        &not_a_store.display().to_string(),
+    );
+    assert!(
+        !is_mounted(&mp),
+        "{mp:?} mounted although the store was refused"
+    );
     assert_eq!(
         fs::read(not_a_store.join("precious.txt")).unwrap(),
         b"someone's data",
@@ -428,7 +467,14 @@ fn mount_failures_exit_32_with_the_daemons_message() {
     // An option the daemon does not know.
     let store = td.store();
     let out = mount(
-        &["-t".as_ref(), "casfs".as_ref(), store.as_os_str(), mp.as_os_str(), "-o".as_ref(), "allow_other,frobnicate".as_ref()],
+        &[
+            "-t".as_ref(),
+            "casfs".as_ref(),
+            store.as_os_str(),
+            mp.as_os_str(),
+            "-o".as_ref(),
+            "allow_other,frobnicate".as_ref(),
+        ],
         &logs,
     );
     expect_helper_failure(&out, &mp, "an unknown option", "frobnicate");
@@ -436,18 +482,51 @@ fn mount_failures_exit_32_with_the_daemons_message() {
 
     // A mountpoint that does not exist.
     let missing = td.path("no-such-dir");
-    let out = mount(&["-t".as_ref(), "casfs".as_ref(), store.as_os_str(), missing.as_os_str()], &logs);
+    let out = mount(
+        &[
+            "-t".as_ref(),
+            "casfs".as_ref(),
+            store.as_os_str(),
+            missing.as_os_str(),
+        ],
+        &logs,
+    );
     // mount(8) itself may refuse a missing directory before calling the helper.
-    assert!(!out.status.success(), "mount on a missing directory succeeded:\n{}", output_text(&out));
-    assert_eq!(out.status.code(), Some(MOUNT_FAILURE), "{}", output_text(&out));
+    assert!(
+        !out.status.success(),
+        "mount on a missing directory succeeded:\n{}",
+        output_text(&out)
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(MOUNT_FAILURE),
+        "{}",
+        output_text(&out)
+    );
 
     // Mounting over a live casfs mount: the new daemon is refused, and the
     // mount already there must not pass for a successful one.
-    let first = mount(&["-t".as_ref(), "casfs".as_ref(), store.as_os_str(), mp.as_os_str()], &logs);
+    let first = mount(
+        &[
+            "-t".as_ref(),
+            "casfs".as_ref(),
+            store.as_os_str(),
+            mp.as_os_str(),
+        ],
+        &logs,
+    );
     assert_ok(&first, "mount -t casfs STORE MP");
     let daemon = ForeignDaemon::find(&mp);
     let other = td.dir("store-2");
-    let out = mount(&["-t".as_ref(), "casfs".as_ref(), other.as_os_str(), mp.as_os_str()], &logs);
+    let out = mount(
+        &[
+            "-t".as_ref(),
+            "casfs".as_ref(),
+            other.as_os_str(),
+            mp.as_os_str(),
+        ],
+        &logs,
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
         out.status.code(),
@@ -462,7 +541,11 @@ fn mount_failures_exit_32_with_the_daemons_message() {
     );
     assert_eq!(mount_count(&mp), 1, "a second mount was stacked on {mp:?}");
     assert_casfs_mounted(&mp, &store);
-    assert_eq!(casfs_daemons_for(&mp), vec![daemon.pid], "the refused daemon is still running");
+    assert_eq!(
+        casfs_daemons_for(&mp),
+        vec![daemon.pid],
+        "the refused daemon is still running"
+    );
     umount_and_expect_daemon_exit(&mp, &daemon);
 }
 
@@ -474,10 +557,16 @@ fn helper_stops_a_daemon_that_is_not_ready_in_time_and_fails() {
     let logs = td.dir("log");
     // A "daemon" that never mounts anything.
     let fake = td.path("casfs");
-    fs::write(&fake, "#!/bin/sh\necho 'fake casfs: starting and never ready'\nexec sleep 300\n").unwrap();
+    fs::write(
+        &fake,
+        "#!/bin/sh\necho 'fake casfs: starting and never ready'\nexec sleep 300\n",
+    )
+    .unwrap();
     fs::set_permissions(&fake, fs::Permissions::from_mode(0o755)).unwrap();
     let mut c = Command::new(helpers_dir().join("mount.casfs"));
-    c.arg(td.store()).arg(&mp).args(["-o", "rw"])
+    c.arg(td.store())
+        .arg(&mp)
+        .args(["-o", "rw"])
         .env("CASFS_BIN", &fake)
         .env("CASFS_LOG_DIR", &logs)
         .env("CASFS_READY_TIMEOUT", "2");
@@ -485,13 +574,21 @@ fn helper_stops_a_daemon_that_is_not_ready_in_time_and_fails() {
     let out = run(c, "mount.casfs with a daemon that never gets ready");
     let took = t0.elapsed();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(MOUNT_FAILURE), "{}", output_text(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(MOUNT_FAILURE),
+        "{}",
+        output_text(&out)
+    );
     assert!(
         stderr.contains("not ready after 2 s") && stderr.contains("fake casfs: starting"),
         "the failure must say it timed out and show the daemon's log:\n{}",
         output_text(&out)
     );
-    assert!(took < Duration::from_secs(15), "the helper took {took:?} to give up after 2 s");
+    assert!(
+        took < Duration::from_secs(15),
+        "the helper took {took:?} to give up after 2 s"
+    );
     // The daemon it started is gone.
     let pid: u32 = stderr
         .split("(pid ")
@@ -503,7 +600,10 @@ fn helper_stops_a_daemon_that_is_not_ready_in_time_and_fails() {
     while process_alive(pid) && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(20));
     }
-    assert!(!process_alive(pid), "the helper left the unready daemon (pid {pid}) running");
+    assert!(
+        !process_alive(pid),
+        "the helper left the unready daemon (pid {pid}) running"
+    );
     assert!(!is_mounted(&mp));
 }
 
@@ -523,7 +623,11 @@ impl Drop for Binds {
                 if !is_mounted(t) {
                     break;
                 }
-                let _ = Command::new("umount").arg("-l").arg(t).stderr(Stdio::null()).status();
+                let _ = Command::new("umount")
+                    .arg("-l")
+                    .arg(t)
+                    .stderr(Stdio::null())
+                    .status();
             }
         }
     }
@@ -553,7 +657,11 @@ fn casfs_chroots_binds_the_mount_into_each_chroot_idempotently_and_undo_removes_
     // Refused: a directory that is not a casfs mount; nothing is created.
     let plain = td.dir("plain");
     let out = casfs_chroots(&[plain.as_os_str(), c1.as_os_str()]);
-    assert!(!out.status.success(), "casfs-chroots accepted a plain directory:\n{}", output_text(&out));
+    assert!(
+        !out.status.success(),
+        "casfs-chroots accepted a plain directory:\n{}",
+        output_text(&out)
+    );
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("not a mount point"),
         "unclear error for a plain directory:\n{}",
@@ -564,10 +672,19 @@ fn casfs_chroots_binds_the_mount_into_each_chroot_idempotently_and_undo_removes_
     let out = casfs_chroots(&[mp.as_os_str(), c1.as_os_str(), c2.as_os_str()]);
     assert_ok(&out, "casfs-chroots MP C1 C2");
     for t in [&t1, &t2] {
-        assert_eq!(mount_count(t), 1, "{t:?} after casfs-chroots:\n{}", output_text(&out));
+        assert_eq!(
+            mount_count(t),
+            1,
+            "{t:?} after casfs-chroots:\n{}",
+            output_text(&out)
+        );
         let m = top_mount(t).unwrap();
         assert_eq!(m.root, "/", "{t:?} binds a subdirectory: {m:?}");
-        assert_eq!(fs::metadata(t).unwrap().dev(), mp_dev, "{t:?} is not the casfs mount");
+        assert_eq!(
+            fs::metadata(t).unwrap().dev(),
+            mp_dev,
+            "{t:?} is not the casfs mount"
+        );
     }
     publish(&mp, "x.tmp", "from-host", b"host");
     publish(&t1, "y.tmp", "from-chroot1", b"chroot 1");
@@ -576,10 +693,16 @@ fn casfs_chroots_binds_the_mount_into_each_chroot_idempotently_and_undo_removes_
     assert_eq!(fs::read(mp.join("from-chroot1")).unwrap(), b"chroot 1");
 
     // Again: a no-op that succeeds.
-    let ids: Vec<u64> = [&t1, &t2].iter().map(|t| top_mount(t).unwrap().id).collect();
+    let ids: Vec<u64> = [&t1, &t2]
+        .iter()
+        .map(|t| top_mount(t).unwrap().id)
+        .collect();
     let out = casfs_chroots(&[mp.as_os_str(), c1.as_os_str(), c2.as_os_str()]);
     assert_ok(&out, "a second casfs-chroots MP C1 C2");
-    let ids_after: Vec<u64> = [&t1, &t2].iter().map(|t| top_mount(t).unwrap().id).collect();
+    let ids_after: Vec<u64> = [&t1, &t2]
+        .iter()
+        .map(|t| top_mount(t).unwrap().id)
+        .collect();
     assert_eq!(
         ((mount_count(&t1), mount_count(&t2)), ids_after),
         ((1, 1), ids),
@@ -587,13 +710,30 @@ fn casfs_chroots_binds_the_mount_into_each_chroot_idempotently_and_undo_removes_
         output_text(&out)
     );
 
-    let out = casfs_chroots(&[mp.as_os_str(), c1.as_os_str(), c2.as_os_str(), "--undo".as_ref()]);
+    let out = casfs_chroots(&[
+        mp.as_os_str(),
+        c1.as_os_str(),
+        c2.as_os_str(),
+        "--undo".as_ref(),
+    ]);
     assert_ok(&out, "casfs-chroots --undo");
     for t in [&t1, &t2] {
-        assert!(!is_mounted(t), "{t:?} still mounted after --undo:\n{}", output_text(&out));
-        assert!(!t.join("from-host").exists(), "{t:?} still shows the cache after --undo");
+        assert!(
+            !is_mounted(t),
+            "{t:?} still mounted after --undo:\n{}",
+            output_text(&out)
+        );
+        assert!(
+            !t.join("from-host").exists(),
+            "{t:?} still shows the cache after --undo"
+        );
     }
-    let out = casfs_chroots(&[mp.as_os_str(), c1.as_os_str(), c2.as_os_str(), "--undo".as_ref()]);
+    let out = casfs_chroots(&[
+        mp.as_os_str(),
+        c1.as_os_str(),
+        c2.as_os_str(),
+        "--undo".as_ref(),
+    ]);
     assert_ok(&out, "a second casfs-chroots --undo");
     assert!(!is_mounted(&t1) && !is_mounted(&t2));
     // The mount itself is untouched.
@@ -635,7 +775,10 @@ fn stat_of(text: &str, key: &str) -> u64 {
 
 /// Every regular file below `dir` with its owner.
 fn files_with_owners(dir: &Path, out: &mut Vec<(PathBuf, u32)>) {
-    for e in fs::read_dir(dir).unwrap_or_else(|e| panic!("readdir {dir:?}: {e}")).flatten() {
+    for e in fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("readdir {dir:?}: {e}"))
+        .flatten()
+    {
         let p = e.path();
         let m = fs::symlink_metadata(&p).unwrap();
         if m.is_dir() {
@@ -660,7 +803,14 @@ fn nobody_builds_with_ccache_through_a_chroot_bind_of_an_allow_other_mount() {
 
     let opts = format!("allow_other,uid={uid},gid={gid},mode=0775");
     let out = mount(
-        &["-t".as_ref(), "casfs".as_ref(), store.as_os_str(), mp.as_os_str(), "-o".as_ref(), opts.as_ref()],
+        &[
+            "-t".as_ref(),
+            "casfs".as_ref(),
+            store.as_os_str(),
+            mp.as_os_str(),
+            "-o".as_ref(),
+            opts.as_ref(),
+        ],
         &logs,
     );
     assert_ok(&out, &format!("mount -t casfs STORE MP -o {opts}"));
@@ -706,7 +856,11 @@ fn nobody_builds_with_ccache_through_a_chroot_bind_of_an_allow_other_mount() {
     );
     assert_objects_identical(&all, &cold, &reference, "nobody's cold build");
     let st = ccache_as(&ccache, uid, gid, &["--print-stats"]);
-    assert_eq!(stat_of(&st, "cache_miss"), all.len() as u64, "cold build:\n{st}");
+    assert_eq!(
+        stat_of(&st, "cache_miss"),
+        all.len() as u64,
+        "cold build:\n{st}"
+    );
 
     ccache_as(&ccache, uid, gid, &["-z"]);
     let warm = obj_dir("warm");
@@ -729,7 +883,10 @@ fn nobody_builds_with_ccache_through_a_chroot_bind_of_an_allow_other_mount() {
         .iter()
         .filter(|(p, u)| *u != uid && !p.starts_with(mp.join(".casfs")))
         .collect();
-    assert!(files.len() > all.len(), "too few files in the cache: {files:?}");
+    assert!(
+        files.len() > all.len(),
+        "too few files in the cache: {files:?}"
+    );
     assert!(
         not_nobodys.is_empty(),
         "files in the cache not owned by nobody (uid {uid}): {not_nobodys:?}"
@@ -784,12 +941,36 @@ fn installer_stages_every_file_under_destdir_and_uninstall_removes_them() {
     assert_ok(&out, "DESTDIR=... mount-helpers/install");
     let expect: [(&str, u32, Option<PathBuf>); 8] = [
         ("usr/local/bin/casfs", 0o755, Some(PathBuf::from(CASFS_BIN))),
-        ("sbin/mount.casfs", 0o755, Some(helpers_dir().join("mount.casfs"))),
-        ("usr/local/sbin/casfs-chroots", 0o755, Some(helpers_dir().join("casfs-chroots"))),
-        ("etc/systemd/system/casfs@.service", 0o644, Some(helpers_dir().join("casfs@.service"))),
-        ("etc/default/casfs", 0o644, Some(helpers_dir().join("casfs.default"))),
-        ("usr/local/share/doc/casfs/README.md", 0o644, Some(helpers_dir().join("README.md"))),
-        ("usr/local/share/doc/casfs/ccache.conf.example", 0o644, Some(helpers_dir().join("ccache.conf.example"))),
+        (
+            "sbin/mount.casfs",
+            0o755,
+            Some(helpers_dir().join("mount.casfs")),
+        ),
+        (
+            "usr/local/sbin/casfs-chroots",
+            0o755,
+            Some(helpers_dir().join("casfs-chroots")),
+        ),
+        (
+            "etc/systemd/system/casfs@.service",
+            0o644,
+            Some(helpers_dir().join("casfs@.service")),
+        ),
+        (
+            "etc/default/casfs",
+            0o644,
+            Some(helpers_dir().join("casfs.default")),
+        ),
+        (
+            "usr/local/share/doc/casfs/README.md",
+            0o644,
+            Some(helpers_dir().join("README.md")),
+        ),
+        (
+            "usr/local/share/doc/casfs/ccache.conf.example",
+            0o644,
+            Some(helpers_dir().join("ccache.conf.example")),
+        ),
         ("sbin/mount.fuse.casfs", 0o777, None),
     ];
     for (rel, mode, same_as) in &expect {

@@ -95,3 +95,32 @@ fn loser_of_a_create_only_race_reads_as_the_winner() {
     assert!(m.counter("conflicts") >= 28);
     drop(m);
 }
+
+#[test]
+fn writes_after_closing_a_duplicate_descriptor_are_kept() {
+    use std::os::fd::AsRawFd;
+    require_tools();
+    let td = TestDir::new("dupwrite");
+    let mp = td.mountpoint("mnt");
+    let _m = Mount::start(&td.store(), &mp, &[]);
+    // A shell redirection: open, dup2 onto stdout, close the original.
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!("echo hello > {}/plain; echo more >> {}/plain", mp.display(), mp.display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "bash redirection: {}", output_text(&out));
+    assert_eq!(fs::read(mp.join("plain")).unwrap(), b"hello\nmore\n");
+    // The same with a manifest name, through explicit dup/close/write.
+    let d = mp.join("m");
+    fs::create_dir_all(&d).unwrap();
+    let path = d.join("7akuu12pqg5l3n8scba4tpo4qcidrbgM");
+    let f = fs::File::create(&path).unwrap();
+    let dup = unsafe { libc::dup(f.as_raw_fd()) };
+    assert!(dup >= 0);
+    assert_eq!(unsafe { libc::close(dup) }, 0);
+    let mut f = f;
+    f.write_all(b"after the first close").unwrap();
+    drop(f);
+    assert_eq!(fs::read(&path).unwrap(), b"after the first close");
+}

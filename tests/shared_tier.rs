@@ -1,0 +1,290 @@
+//! Real-mount tests of sharing between hosts: two daemons with separate
+//! stores and mountpoints stand in for two build hosts, sharing through a
+//! real shared directory or a real `redis-server` (started here on a
+//! loopback port and stopped at the end). They prove: a build on A gives all
+//! hits on B with identical objects; concurrent publications of one result
+//! converge on one content; a dead engine never breaks a build and sharing
+//! resumes when it returns; corrupt shared blobs are never served;
+//! namespaces stay apart; shared files get the configured permissions.
+
+mod common;
+
+use common::*;
+use std::fs;
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// A `redis-server` on a free loopback port, stopped on drop.
+struct Redis {
+    child: Child,
+    port: u16,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        Redis::start_on(port)
+    }
+
+    fn start_on(port: u16) -> Redis {
+        let which = Command::new("sh").args(["-c", "command -v redis-server"]).output().unwrap();
+        assert!(
+            which.status.success(),
+            "redis-server is not installed: the shared-tier tests need it (apt-get install redis-server)"
+        );
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start on port {port}");
+            thread::sleep(Duration::from_millis(20));
+        }
+        Redis { child, port }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn sync(mp: &Path) -> (bool, String) {
+    let out = casfs(&["sync".as_ref(), mp.as_os_str()]);
+    (out.status.success(), output_text(&out))
+}
+
+/// Builds every job on host A, syncs, then builds on host B: all hits there.
+fn cross_host_build(tag: &str, shared_args: &[&str]) {
+    let td = TestDir::new(tag);
+    let all = jobs(&[1, 2]);
+    let reference = td.dir("gcc");
+    gcc_reference(&all, &reference);
+    let (mp_a, mp_b) = (td.mountpoint("a"), td.mountpoint("b"));
+    let a = Mount::start(&td.dir("store-a"), &mp_a, shared_args);
+    let b = Mount::start(&td.dir("store-b"), &mp_b, shared_args);
+    let cc_a = Ccache::new(&mp_a.join("cc"), &td.root);
+    let cc_b = Ccache::new(&mp_b.join("cc"), &td.root);
+    cc_a.zero_stats();
+    let out_a = td.dir("out-a");
+    assert_all_compiled(&compile_all(Some(&cc_a), &all, &out_a, 2), "build on host A");
+    let (ok, text) = sync(&mp_a);
+    assert!(ok, "casfs sync on A: {text}");
+    assert!(a.counter("shared_uploads") > 0, "A uploaded nothing");
+
+    cc_b.zero_stats();
+    let out_b = td.dir("out-b");
+    assert_all_compiled(&compile_all(Some(&cc_b), &all, &out_b, 2), "build on host B");
+    let stats = cc_b.print_stats();
+    assert_eq!(stats.misses(), 0, "host B missed after A built and synced: {}", stats.summary());
+    assert_eq!(stats.hits(), all.len() as u64, "{}", stats.summary());
+    assert_objects_identical(&all, &out_b, &reference, "host B's build from the shared tier");
+    assert!(b.counter("shared_hits") > 0);
+
+    // The second build on B is served from B's own store.
+    let fetched = b.counter("shared_hits");
+    let out_b2 = td.dir("out-b2");
+    assert_all_compiled(&compile_all(Some(&cc_b), &all, &out_b2, 2), "second build on B");
+    assert_eq!(b.counter("shared_hits"), fetched, "a warm local hit asked the shared tier again");
+}
+
+#[test]
+fn build_on_a_gives_all_hits_on_b_through_a_shared_directory() {
+    let shared = TestDir::new("shared-dir-root");
+    let url = format!("file://{}", shared.dir("nfs").display());
+    cross_host_build("xhost-dir", &["--shared", &url]);
+}
+
+#[test]
+fn build_on_a_gives_all_hits_on_b_through_redis() {
+    let redis = Redis::start();
+    cross_host_build("xhost-redis", &["--shared", &redis.url()]);
+}
+
+#[test]
+fn concurrent_publications_of_one_result_converge_on_both_hosts() {
+    let redis = Redis::start();
+    let url = redis.url();
+    let td = TestDir::new("converge");
+    let (mp_a, mp_b) = (td.mountpoint("a"), td.mountpoint("b"));
+    let _a = Mount::start(&td.dir("store-a"), &mp_a, &["--shared", &url]);
+    let _b = Mount::start(&td.dir("store-b"), &mp_b, &["--shared", &url]);
+    for mp in [&mp_a, &mp_b] {
+        fs::create_dir_all(mp.join("cc/x/y")).unwrap();
+    }
+    for round in 0..10u64 {
+        let name = format!("{round:02}abcdefghijklmnopqrstuvwxyzR");
+        thread::scope(|s| {
+            for (i, mp) in [&mp_a, &mp_b].into_iter().enumerate() {
+                let name = name.clone();
+                s.spawn(move || publish(&mp.join("cc/x/y"), "t.tmp", &name, &pattern(round * 2 + i as u64, 4000)));
+            }
+        });
+        for mp in [&mp_a, &mp_b] {
+            let (ok, text) = sync(mp);
+            assert!(ok, "sync: {text}");
+        }
+        // A lost race is repaired right after the upload that found it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let a = fs::read(mp_a.join("cc/x/y").join(&name)).unwrap();
+            let b = fs::read(mp_b.join("cc/x/y").join(&name)).unwrap();
+            if a == b {
+                assert!(a == pattern(round * 2, 4000) || a == pattern(round * 2 + 1, 4000));
+                break;
+            }
+            assert!(Instant::now() < deadline, "round {round}: hosts still disagree after sync");
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+#[test]
+fn engine_dying_mid_build_never_breaks_it_and_sharing_resumes() {
+    let mut redis = Redis::start();
+    let port = redis.port;
+    let url = redis.url();
+    let td = TestDir::new("redis-dies");
+    let all = jobs(&[1, 2, 3]);
+    let reference = td.dir("gcc");
+    gcc_reference(&all, &reference);
+    let (mp_a, mp_b) = (td.mountpoint("a"), td.mountpoint("b"));
+    let a = Mount::start(&td.dir("store-a"), &mp_a, &["--shared", &url, "--shared-timeout-ms", "200"]);
+    let cc_a = Ccache::new(&mp_a.join("cc"), &td.root);
+    let out = td.dir("out-a");
+    thread::scope(|s| {
+        let build = s.spawn(|| compile_all(Some(&cc_a), &all, &out, 2));
+        thread::sleep(Duration::from_millis(300));
+        redis.stop();
+        let results = build.join().unwrap();
+        assert_all_compiled(&results, "build while the shared tier died");
+    });
+    assert_objects_identical(&all, &out, &reference, "build while the shared tier died");
+    let (ok, text) = sync(&mp_a);
+    assert!(!ok, "sync with the engine down must fail: {text}");
+
+    // Back on the same port: new publications are shared again.
+    let _redis = Redis::start_on(port);
+    thread::sleep(Duration::from_millis(5_500)); // the breaker retries after 5 s
+    fs::create_dir_all(mp_a.join("cc/late")).unwrap();
+    publish(&mp_a.join("cc/late"), "t.tmp", "0123456789abcdefghijklmnopqrR", b"after the outage");
+    let (ok, text) = sync(&mp_a);
+    assert!(ok, "sync after the engine came back: {text}");
+    let b = Mount::start(&td.dir("store-b"), &mp_b, &["--shared", &url]);
+    assert_eq!(fs::read(mp_b.join("cc/late/0123456789abcdefghijklmnopqrR")).unwrap(), b"after the outage");
+    drop(b);
+    drop(a);
+}
+
+#[test]
+fn corrupt_blob_in_shared_directory_is_recompiled_never_served() {
+    let shared = TestDir::new("shared-corrupt-root");
+    let root = shared.dir("nfs");
+    let url = format!("file://{}", root.display());
+    let td = TestDir::new("shared-corrupt");
+    let all = jobs(&[1]);
+    let reference = td.dir("gcc");
+    gcc_reference(&all, &reference);
+    let (mp_a, mp_b) = (td.mountpoint("a"), td.mountpoint("b"));
+    let _a = Mount::start(&td.dir("store-a"), &mp_a, &["--shared", &url]);
+    let cc_a = Ccache::new(&mp_a.join("cc"), &td.root);
+    assert_all_compiled(&compile_all(Some(&cc_a), &all, &td.dir("out-a"), 2), "build on A");
+    assert!(sync(&mp_a).0);
+    // Flip a byte in every shared blob.
+    let mut flipped = 0;
+    for shard in fs::read_dir(root.join("blobs")).unwrap() {
+        for f in fs::read_dir(shard.unwrap().path()).unwrap() {
+            let p = f.unwrap().path();
+            let mut bytes = fs::read(&p).unwrap();
+            if bytes.is_empty() {
+                continue;
+            }
+            let mid = bytes.len() / 2;
+            bytes[mid] ^= 0x55;
+            let _ = fs::set_permissions(&p, fs::Permissions::from_mode(0o644));
+            fs::write(&p, &bytes).unwrap();
+            flipped += 1;
+        }
+    }
+    assert!(flipped > 0, "no blob found in the shared directory");
+    let b = Mount::start(&td.dir("store-b"), &mp_b, &["--shared", &url]);
+    let cc_b = Ccache::new(&mp_b.join("cc"), &td.root);
+    cc_b.zero_stats();
+    let out_b = td.dir("out-b");
+    assert_all_compiled(&compile_all(Some(&cc_b), &all, &out_b, 2), "build on B over corrupt blobs");
+    assert_objects_identical(&all, &out_b, &reference, "B never uses corrupt shared bytes");
+    assert!(b.counter("shared_corrupt_blobs") > 0, "corrupt shared blobs were not counted");
+    assert!(cc_b.print_stats().misses() > 0, "B must recompile what was corrupt");
+}
+
+#[test]
+fn two_namespaces_on_one_engine_stay_apart() {
+    let redis = Redis::start();
+    let url = redis.url();
+    let td = TestDir::new("namespaces");
+    let (mp_a, mp_b) = (td.mountpoint("a"), td.mountpoint("b"));
+    let _a = Mount::start(&td.dir("store-a"), &mp_a, &["--shared", &url, "--namespace", "debian-12"]);
+    let _b = Mount::start(&td.dir("store-b"), &mp_b, &["--shared", &url, "--namespace", "debian-13"]);
+    fs::create_dir_all(mp_a.join("cc/q")).unwrap();
+    publish(&mp_a.join("cc/q"), "t.tmp", "0123456789abcdefghijklmnopqrR", b"bookworm");
+    assert!(sync(&mp_a).0);
+    assert_eq!(errno_of(fs::metadata(mp_b.join("cc/q/0123456789abcdefghijklmnopqrR")), "other namespace"), libc::ENOENT);
+    let c_mp = td.mountpoint("c");
+    let _c = Mount::start(&td.dir("store-c"), &c_mp, &["--shared", &url, "--namespace", "debian-12"]);
+    assert_eq!(fs::read(c_mp.join("cc/q/0123456789abcdefghijklmnopqrR")).unwrap(), b"bookworm");
+}
+
+#[test]
+fn shared_directory_files_follow_the_configured_umask() {
+    for (umask, file_mode, dir_mode) in [("002", 0o664, 0o775), ("022", 0o644, 0o755)] {
+        let shared = TestDir::new("shared-perm-root");
+        let root = shared.dir("nfs");
+        let url = format!("file://{}", root.display());
+        let td = TestDir::new("shared-perm");
+        let mp = td.mountpoint("a");
+        let _a = Mount::start(&td.dir("store"), &mp, &["--shared", &url, "--shared-umask", umask]);
+        fs::create_dir_all(mp.join("cc/p")).unwrap();
+        publish(&mp.join("cc/p"), "t.tmp", "0123456789abcdefghijklmnopqrR", b"perm");
+        assert!(sync(&mp).0);
+        let mut checked = 0;
+        for entry in walk(&root) {
+            let mode = fs::metadata(&entry).unwrap().permissions().mode() & 0o777;
+            let want = if entry.is_dir() { dir_mode } else { file_mode };
+            if entry.file_name().is_some_and(|n| n == "casfs-shared") {
+                continue;
+            }
+            assert_eq!(mode, want, "umask {umask}: {entry:?} has mode {mode:o}, want {want:o}");
+            checked += 1;
+        }
+        assert!(checked > 3, "nothing was written to the shared directory");
+    }
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        }
+        out.push(p);
+    }
+    out
+}

@@ -22,6 +22,9 @@ const CHUNK_BYTES: usize = 256 * 1024;
 
 pub struct Blobs {
     root: PathBuf,
+    /// fsync blobs and their directories before linking them in (off only
+    /// for generating benchmark stores).
+    durable: bool,
 }
 
 /// What hashing a file found.
@@ -34,10 +37,8 @@ pub struct Hashed {
 }
 
 impl Blobs {
-    pub fn new(root: &Path) -> Blobs {
-        Blobs {
-            root: root.to_path_buf(),
-        }
+    pub fn new(root: &Path, durable: bool) -> Blobs {
+        Blobs { root: root.to_path_buf(), durable }
     }
 
     pub fn blob_path(&self, id: &BlobId) -> PathBuf {
@@ -132,19 +133,23 @@ impl Blobs {
         if dest.exists() {
             return Ok(false);
         }
-        staged_file
-            .sync_data()
-            .map_err(|e| Error::io(e, format_args!("fsync {}", staged.display())))?;
+        if self.durable {
+            staged_file
+                .sync_data()
+                .map_err(|e| Error::io(e, format_args!("fsync {}", staged.display())))?;
+        }
         match fs::hard_link(staged, &dest) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
             Err(e) => return Err(Error::io(e, format_args!("link blob {id}"))),
         }
         let _ = fs::set_permissions(&dest, fs::Permissions::from_mode(0o444));
-        let shard = dest.parent().expect("blob paths have a shard directory");
-        File::open(shard)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| Error::io(e, format_args!("fsync {}", shard.display())))?;
+        if self.durable {
+            let shard = dest.parent().expect("blob paths have a shard directory");
+            File::open(shard)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| Error::io(e, format_args!("fsync {}", shard.display())))?;
+        }
         Ok(true)
     }
 

@@ -70,6 +70,10 @@ pub struct Config {
     pub verify_percent: u32,
     /// Serve hits, refuse every change with EROFS.
     pub read_only: bool,
+    /// Make publications durable against power loss (fsync of blob,
+    /// directory and metadata log). Always on for mounts; off only when
+    /// generating benchmark stores.
+    pub durable: bool,
     /// Owner, group and mode to give the mount root at start.
     pub root_uid: Option<u32>,
     pub root_gid: Option<u32>,
@@ -272,7 +276,7 @@ impl Core {
             dirs: HashMap::new(),
             awaiting_bind: HashSet::new(),
         };
-        let blobs = Blobs::new(&store.root);
+        let blobs = Blobs::new(&store.root, config.durable);
         let core = Core {
             store,
             blobs,
@@ -646,7 +650,7 @@ impl Core {
         }
         txn.batch.put_gauges(&txn.gauges);
         let gauges = txn.gauges;
-        txn.batch.commit(sync).map_err(|e| self.count_error(e))?;
+        txn.batch.commit(sync && self.config.durable).map_err(|e| self.count_error(e))?;
         inner.gauges = gauges;
         for a in txn.after {
             match a {
@@ -2235,6 +2239,43 @@ impl Core {
             String::from_utf8_lossy(&name)
         );
         Ok(true)
+    }
+
+    /// Fills the store with `entries` distinct results in a ccache ≤ 4.12
+    /// layout below `cc/` (for the scale benchmark), through the same calls
+    /// a mount makes. Returns their paths' leaf names in order.
+    pub fn populate(&self, entries: u64) -> Result<()> {
+        let me = Caller { uid: 0, gid: 0 };
+        let cc = match self.store.dentry(Ino::ROOT, b"cc")? {
+            Some(i) => i,
+            None => self.mkdir(Ino::ROOT, b"cc", 0o755, me)?.ino,
+        };
+        let hex = b"0123456789abcdef";
+        let mut dirs = Vec::new();
+        for a in hex {
+            let da = match self.store.dentry(cc, &[*a])? {
+                Some(i) => i,
+                None => self.mkdir(cc, &[*a], 0o755, me)?.ino,
+            };
+            for b in hex {
+                let db = match self.store.dentry(da, &[*b])? {
+                    Some(i) => i,
+                    None => self.mkdir(da, &[*b], 0o755, me)?.ino,
+                };
+                dirs.push(db);
+            }
+        }
+        for i in 0..entries {
+            let dir = dirs[(i % 256) as usize];
+            let (_, fh) = self.create(dir, b"p.tmp", 0o644, libc::O_EXCL, me)?;
+            self.write(fh, 0, format!("casfs scale entry {i}\n").as_bytes())?;
+            self.flush(fh)?;
+            self.release(fh)?;
+            self.rename(dir, b"p.tmp", dir, format!("{i:030}R").as_bytes(), 0)?;
+            let ino = self.store.dentry(dir, format!("{i:030}R").as_bytes())?.expect("just published");
+            self.forget(ino, 1);
+        }
+        Ok(())
     }
 
     /// Flushes the metadata log at unmount.

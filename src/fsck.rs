@@ -90,7 +90,7 @@ pub fn run(root: &Path, repair: bool) -> Result<Report, String> {
         ));
     }
     let store = open_store(root)?;
-    let blobs = Blobs::new(root);
+    let blobs = Blobs::new(root, true);
     let l = load(&store).map_err(|e| e.to_string())?;
     let mut r = Report::default();
     let mut batch = store.batch();

@@ -88,6 +88,14 @@ enum Command {
     Stats { mountpoint: PathBuf },
     /// Wait until every publication made so far through the mount is in the shared tier.
     Sync { mountpoint: PathBuf },
+    /// Benchmark tool: fill a store with N small results (not durable; for the scale run).
+    #[command(hide = true)]
+    BenchPopulate {
+        #[arg(long)]
+        store: PathBuf,
+        #[arg(long)]
+        entries: u64,
+    },
     /// Check an unmounted store; exit 0 if clean, 1 if problems were found, 2 if it could not be checked.
     Fsck {
         #[arg(long)]
@@ -272,6 +280,7 @@ fn run(cli: Cli) -> Result<(), String> {
                     rules,
                     verify_percent,
                     read_only: o.read_only,
+                    durable: true,
                     root_uid: o.uid,
                     root_gid: o.gid,
                     root_mode: o.mode,
@@ -285,6 +294,23 @@ fn run(cli: Cli) -> Result<(), String> {
             })
         }
         Command::Unmount { lazy, mountpoint } => mount::unmount(&mountpoint, lazy),
+        Command::BenchPopulate { store, entries } => {
+            let config = core::Config {
+                rules: classes::Rules::new(&[])?,
+                verify_percent: 0,
+                read_only: false,
+                durable: false,
+                root_uid: None,
+                root_gid: None,
+                root_mode: None,
+            };
+            let core = core::Core::start(meta::open_store(&store)?, config).map_err(|e| e.to_string())?;
+            let started = std::time::Instant::now();
+            core.populate(entries).map_err(|e| e.to_string())?;
+            core.shutdown();
+            println!("populated {entries} entries in {:.1} s", started.elapsed().as_secs_f64());
+            Ok(())
+        }
         Command::Sync { mountpoint } => {
             let path = Path::new(&mountpoint).join(".casfs/sync");
             let text = std::fs::read_to_string(&path).map_err(|e| {

@@ -38,7 +38,10 @@ pub struct Hashed {
 
 impl Blobs {
     pub fn new(root: &Path, durable: bool) -> Blobs {
-        Blobs { root: root.to_path_buf(), durable }
+        Blobs {
+            root: root.to_path_buf(),
+            durable,
+        }
     }
 
     pub fn blob_path(&self, id: &BlobId) -> PathBuf {

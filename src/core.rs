@@ -650,7 +650,9 @@ impl Core {
         }
         txn.batch.put_gauges(&txn.gauges);
         let gauges = txn.gauges;
-        txn.batch.commit(sync && self.config.durable).map_err(|e| self.count_error(e))?;
+        txn.batch
+            .commit(sync && self.config.durable)
+            .map_err(|e| self.count_error(e))?;
         inner.gauges = gauges;
         for a in txn.after {
             match a {
@@ -2272,7 +2274,10 @@ impl Core {
             self.flush(fh)?;
             self.release(fh)?;
             self.rename(dir, b"p.tmp", dir, format!("{i:030}R").as_bytes(), 0)?;
-            let ino = self.store.dentry(dir, format!("{i:030}R").as_bytes())?.expect("just published");
+            let ino = self
+                .store
+                .dentry(dir, format!("{i:030}R").as_bytes())?
+                .expect("just published");
             self.forget(ino, 1);
         }
         Ok(())

@@ -304,11 +304,15 @@ fn run(cli: Cli) -> Result<(), String> {
                 root_gid: None,
                 root_mode: None,
             };
-            let core = core::Core::start(meta::open_store(&store)?, config).map_err(|e| e.to_string())?;
+            let core =
+                core::Core::start(meta::open_store(&store)?, config).map_err(|e| e.to_string())?;
             let started = std::time::Instant::now();
             core.populate(entries).map_err(|e| e.to_string())?;
             core.shutdown();
-            println!("populated {entries} entries in {:.1} s", started.elapsed().as_secs_f64());
+            println!(
+                "populated {entries} entries in {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
             Ok(())
         }
         Command::Sync { mountpoint } => {

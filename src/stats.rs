@@ -335,10 +335,19 @@ mod tests {
         s.request(Op::Open);
         let h = Histogram::default();
         h.observe(std::time::Duration::from_millis(3));
-        let g = StoreGauges { blobs: 2, bytes_stored: 100, bytes_logical: 250 };
+        let g = StoreGauges {
+            blobs: 2,
+            bytes_stored: 100,
+            bytes_logical: 250,
+        };
         let snap = Snapshot {
             gauges: g,
-            extras: vec![Extra { name: "shared_hits", help: "h", value: 7, gauge: false }],
+            extras: vec![Extra {
+                name: "shared_hits",
+                help: "h",
+                value: 7,
+                gauge: false,
+            }],
             histograms: vec![("shared_fetch", "Fetch latency", &h)],
         };
         assert!(s.render_text(&snap).contains("hits                     1"));

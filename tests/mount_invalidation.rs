@@ -106,10 +106,18 @@ fn writes_after_closing_a_duplicate_descriptor_are_kept() {
     // A shell redirection: open, dup2 onto stdout, close the original.
     let out = std::process::Command::new("bash")
         .arg("-c")
-        .arg(format!("echo hello > {}/plain; echo more >> {}/plain", mp.display(), mp.display()))
+        .arg(format!(
+            "echo hello > {}/plain; echo more >> {}/plain",
+            mp.display(),
+            mp.display()
+        ))
         .output()
         .unwrap();
-    assert!(out.status.success(), "bash redirection: {}", output_text(&out));
+    assert!(
+        out.status.success(),
+        "bash redirection: {}",
+        output_text(&out)
+    );
     assert_eq!(fs::read(mp.join("plain")).unwrap(), b"hello\nmore\n");
     // The same with a manifest name, through explicit dup/close/write.
     let d = mp.join("m");

@@ -26,25 +26,44 @@ struct Redis {
 
 impl Redis {
     fn start() -> Redis {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         Redis::start_on(port)
     }
 
     fn start_on(port: u16) -> Redis {
-        let which = Command::new("sh").args(["-c", "command -v redis-server"]).output().unwrap();
+        let which = Command::new("sh")
+            .args(["-c", "command -v redis-server"])
+            .output()
+            .unwrap();
         assert!(
             which.status.success(),
             "redis-server is not installed: the shared-tier tests need it (apt-get install redis-server)"
         );
         let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start redis-server");
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start on port {port}");
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not start on port {port}"
+            );
             thread::sleep(Duration::from_millis(20));
         }
         Redis { child, port }
@@ -84,25 +103,48 @@ fn cross_host_build(tag: &str, shared_args: &[&str]) {
     let cc_b = Ccache::new(&mp_b.join("cc"), &td.root);
     cc_a.zero_stats();
     let out_a = td.dir("out-a");
-    assert_all_compiled(&compile_all(Some(&cc_a), &all, &out_a, 2), "build on host A");
+    assert_all_compiled(
+        &compile_all(Some(&cc_a), &all, &out_a, 2),
+        "build on host A",
+    );
     let (ok, text) = sync(&mp_a);
     assert!(ok, "casfs sync on A: {text}");
     assert!(a.counter("shared_uploads") > 0, "A uploaded nothing");
 
     cc_b.zero_stats();
     let out_b = td.dir("out-b");
-    assert_all_compiled(&compile_all(Some(&cc_b), &all, &out_b, 2), "build on host B");
+    assert_all_compiled(
+        &compile_all(Some(&cc_b), &all, &out_b, 2),
+        "build on host B",
+    );
     let stats = cc_b.print_stats();
-    assert_eq!(stats.misses(), 0, "host B missed after A built and synced: {}", stats.summary());
+    assert_eq!(
+        stats.misses(),
+        0,
+        "host B missed after A built and synced: {}",
+        stats.summary()
+    );
     assert_eq!(stats.hits(), all.len() as u64, "{}", stats.summary());
-    assert_objects_identical(&all, &out_b, &reference, "host B's build from the shared tier");
+    assert_objects_identical(
+        &all,
+        &out_b,
+        &reference,
+        "host B's build from the shared tier",
+    );
     assert!(b.counter("shared_hits") > 0);
 
     // The second build on B is served from B's own store.
     let fetched = b.counter("shared_hits");
     let out_b2 = td.dir("out-b2");
-    assert_all_compiled(&compile_all(Some(&cc_b), &all, &out_b2, 2), "second build on B");
-    assert_eq!(b.counter("shared_hits"), fetched, "a warm local hit asked the shared tier again");
+    assert_all_compiled(
+        &compile_all(Some(&cc_b), &all, &out_b2, 2),
+        "second build on B",
+    );
+    assert_eq!(
+        b.counter("shared_hits"),
+        fetched,
+        "a warm local hit asked the shared tier again"
+    );
 }
 
 #[test]
@@ -134,7 +176,14 @@ fn concurrent_publications_of_one_result_converge_on_both_hosts() {
         thread::scope(|s| {
             for (i, mp) in [&mp_a, &mp_b].into_iter().enumerate() {
                 let name = name.clone();
-                s.spawn(move || publish(&mp.join("cc/x/y"), "t.tmp", &name, &pattern(round * 2 + i as u64, 4000)));
+                s.spawn(move || {
+                    publish(
+                        &mp.join("cc/x/y"),
+                        "t.tmp",
+                        &name,
+                        &pattern(round * 2 + i as u64, 4000),
+                    )
+                });
             }
         });
         for mp in [&mp_a, &mp_b] {
@@ -150,7 +199,10 @@ fn concurrent_publications_of_one_result_converge_on_both_hosts() {
                 assert!(a == pattern(round * 2, 4000) || a == pattern(round * 2 + 1, 4000));
                 break;
             }
-            assert!(Instant::now() < deadline, "round {round}: hosts still disagree after sync");
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: hosts still disagree after sync"
+            );
             thread::sleep(Duration::from_millis(50));
         }
     }
@@ -166,7 +218,11 @@ fn engine_dying_mid_build_never_breaks_it_and_sharing_resumes() {
     let reference = td.dir("gcc");
     gcc_reference(&all, &reference);
     let (mp_a, mp_b) = (td.mountpoint("a"), td.mountpoint("b"));
-    let a = Mount::start(&td.dir("store-a"), &mp_a, &["--shared", &url, "--shared-timeout-ms", "200"]);
+    let a = Mount::start(
+        &td.dir("store-a"),
+        &mp_a,
+        &["--shared", &url, "--shared-timeout-ms", "200"],
+    );
     let cc_a = Ccache::new(&mp_a.join("cc"), &td.root);
     let out = td.dir("out-a");
     thread::scope(|s| {
@@ -184,11 +240,19 @@ fn engine_dying_mid_build_never_breaks_it_and_sharing_resumes() {
     let _redis = Redis::start_on(port);
     thread::sleep(Duration::from_millis(5_500)); // the breaker retries after 5 s
     fs::create_dir_all(mp_a.join("cc/late")).unwrap();
-    publish(&mp_a.join("cc/late"), "t.tmp", "0123456789abcdefghijklmnopqrR", b"after the outage");
+    publish(
+        &mp_a.join("cc/late"),
+        "t.tmp",
+        "0123456789abcdefghijklmnopqrR",
+        b"after the outage",
+    );
     let (ok, text) = sync(&mp_a);
     assert!(ok, "sync after the engine came back: {text}");
     let b = Mount::start(&td.dir("store-b"), &mp_b, &["--shared", &url]);
-    assert_eq!(fs::read(mp_b.join("cc/late/0123456789abcdefghijklmnopqrR")).unwrap(), b"after the outage");
+    assert_eq!(
+        fs::read(mp_b.join("cc/late/0123456789abcdefghijklmnopqrR")).unwrap(),
+        b"after the outage"
+    );
     drop(b);
     drop(a);
 }
@@ -205,7 +269,10 @@ fn corrupt_blob_in_shared_directory_is_recompiled_never_served() {
     let (mp_a, mp_b) = (td.mountpoint("a"), td.mountpoint("b"));
     let _a = Mount::start(&td.dir("store-a"), &mp_a, &["--shared", &url]);
     let cc_a = Ccache::new(&mp_a.join("cc"), &td.root);
-    assert_all_compiled(&compile_all(Some(&cc_a), &all, &td.dir("out-a"), 2), "build on A");
+    assert_all_compiled(
+        &compile_all(Some(&cc_a), &all, &td.dir("out-a"), 2),
+        "build on A",
+    );
     assert!(sync(&mp_a).0);
     // Flip a byte in every shared blob.
     let mut flipped = 0;
@@ -228,10 +295,24 @@ fn corrupt_blob_in_shared_directory_is_recompiled_never_served() {
     let cc_b = Ccache::new(&mp_b.join("cc"), &td.root);
     cc_b.zero_stats();
     let out_b = td.dir("out-b");
-    assert_all_compiled(&compile_all(Some(&cc_b), &all, &out_b, 2), "build on B over corrupt blobs");
-    assert_objects_identical(&all, &out_b, &reference, "B never uses corrupt shared bytes");
-    assert!(b.counter("shared_corrupt_blobs") > 0, "corrupt shared blobs were not counted");
-    assert!(cc_b.print_stats().misses() > 0, "B must recompile what was corrupt");
+    assert_all_compiled(
+        &compile_all(Some(&cc_b), &all, &out_b, 2),
+        "build on B over corrupt blobs",
+    );
+    assert_objects_identical(
+        &all,
+        &out_b,
+        &reference,
+        "B never uses corrupt shared bytes",
+    );
+    assert!(
+        b.counter("shared_corrupt_blobs") > 0,
+        "corrupt shared blobs were not counted"
+    );
+    assert!(
+        cc_b.print_stats().misses() > 0,
+        "B must recompile what was corrupt"
+    );
 }
 
 #[test]
@@ -240,15 +321,41 @@ fn two_namespaces_on_one_engine_stay_apart() {
     let url = redis.url();
     let td = TestDir::new("namespaces");
     let (mp_a, mp_b) = (td.mountpoint("a"), td.mountpoint("b"));
-    let _a = Mount::start(&td.dir("store-a"), &mp_a, &["--shared", &url, "--namespace", "debian-12"]);
-    let _b = Mount::start(&td.dir("store-b"), &mp_b, &["--shared", &url, "--namespace", "debian-13"]);
+    let _a = Mount::start(
+        &td.dir("store-a"),
+        &mp_a,
+        &["--shared", &url, "--namespace", "debian-12"],
+    );
+    let _b = Mount::start(
+        &td.dir("store-b"),
+        &mp_b,
+        &["--shared", &url, "--namespace", "debian-13"],
+    );
     fs::create_dir_all(mp_a.join("cc/q")).unwrap();
-    publish(&mp_a.join("cc/q"), "t.tmp", "0123456789abcdefghijklmnopqrR", b"bookworm");
+    publish(
+        &mp_a.join("cc/q"),
+        "t.tmp",
+        "0123456789abcdefghijklmnopqrR",
+        b"bookworm",
+    );
     assert!(sync(&mp_a).0);
-    assert_eq!(errno_of(fs::metadata(mp_b.join("cc/q/0123456789abcdefghijklmnopqrR")), "other namespace"), libc::ENOENT);
+    assert_eq!(
+        errno_of(
+            fs::metadata(mp_b.join("cc/q/0123456789abcdefghijklmnopqrR")),
+            "other namespace"
+        ),
+        libc::ENOENT
+    );
     let c_mp = td.mountpoint("c");
-    let _c = Mount::start(&td.dir("store-c"), &c_mp, &["--shared", &url, "--namespace", "debian-12"]);
-    assert_eq!(fs::read(c_mp.join("cc/q/0123456789abcdefghijklmnopqrR")).unwrap(), b"bookworm");
+    let _c = Mount::start(
+        &td.dir("store-c"),
+        &c_mp,
+        &["--shared", &url, "--namespace", "debian-12"],
+    );
+    assert_eq!(
+        fs::read(c_mp.join("cc/q/0123456789abcdefghijklmnopqrR")).unwrap(),
+        b"bookworm"
+    );
 }
 
 #[test]
@@ -259,9 +366,18 @@ fn shared_directory_files_follow_the_configured_umask() {
         let url = format!("file://{}", root.display());
         let td = TestDir::new("shared-perm");
         let mp = td.mountpoint("a");
-        let _a = Mount::start(&td.dir("store"), &mp, &["--shared", &url, "--shared-umask", umask]);
+        let _a = Mount::start(
+            &td.dir("store"),
+            &mp,
+            &["--shared", &url, "--shared-umask", umask],
+        );
         fs::create_dir_all(mp.join("cc/p")).unwrap();
-        publish(&mp.join("cc/p"), "t.tmp", "0123456789abcdefghijklmnopqrR", b"perm");
+        publish(
+            &mp.join("cc/p"),
+            "t.tmp",
+            "0123456789abcdefghijklmnopqrR",
+            b"perm",
+        );
         assert!(sync(&mp).0);
         let mut checked = 0;
         for entry in walk(&root) {
@@ -270,7 +386,10 @@ fn shared_directory_files_follow_the_configured_umask() {
             if entry.file_name().is_some_and(|n| n == "casfs-shared") {
                 continue;
             }
-            assert_eq!(mode, want, "umask {umask}: {entry:?} has mode {mode:o}, want {want:o}");
+            assert_eq!(
+                mode, want,
+                "umask {umask}: {entry:?} has mode {mode:o}, want {want:o}"
+            );
             checked += 1;
         }
         assert!(checked > 3, "nothing was written to the shared directory");

@@ -28,6 +28,7 @@ impl TempStore {
                 rules: Rules::new(&[]).unwrap(),
                 verify_percent,
                 read_only: false,
+                durable: true,
                 root_uid: None,
                 root_gid: None,
                 root_mode: None,

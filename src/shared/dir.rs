@@ -1,36 +1,1064 @@
-//! The shared-directory engine (NFS, CephFS, any POSIX path). Placeholder:
-//! being written.
+//! The shared-directory engine: hosts share records and blobs through a
+//! POSIX directory they all mount (NFS, CephFS, or a local disk for tests
+//! and single hosts). URL: `file:///ABSOLUTE/PATH`.
+//!
+//! Layout under ROOT (these names are forever: add new ones, never rename):
+//! ```text
+//! ROOT/casfs-shared                         marker, "casfs shared format 1\n"
+//! ROOT/ns/<namespace>/records/<H:2>/<H>     a record: Record::encode() bytes
+//! ROOT/blobs/<B:2>/<B>                      a blob: its bytes (all namespaces)
+//! ROOT/tmp/<hostname>.<pid>.<counter>.tmp   files being written
+//! ```
+//! H is the BLAKE3 hex of the record's path bytes (paths can be long, deep
+//! and binary; hashing flattens them into one fixed-size name), B is the
+//! blob id in hex, `<X:2>` the first two hex digits of X.
+//!
+//! Protocol (NFS-safe; every file is written whole in `ROOT/tmp`, fsynced,
+//! then bound to its name in one call on the same file system):
+//! - create-only record and blob: if the final name exists, done (a record
+//!   reports it: `Put::Exists`); else `link()` the temp file to the name.
+//!   EEXIST means another writer won (a record reports theirs: `Put::Exists`;
+//!   a blob is the same bytes: success). A link whose reply was lost and
+//!   retransmitted can report EEXIST although it succeeded, so a failed
+//!   link is checked against the temp file's link count (2 = it was ours),
+//!   as open(2) recommends for O_EXCL on NFS.
+//! - replace record (`create_only = false`): `rename()` the temp file onto
+//!   the final name (atomic, last writer wins). Only mutable records are
+//!   ever renamed over; a create-only name is never replaced.
+//! - reads open the final name and read it whole. ENOENT is a miss; ESTALE
+//!   (the name was replaced between lookup and read) is retried once, then
+//!   is a miss. A record that does not decode or a file over its bound is a
+//!   `Protocol` error naming the file. Blobs come back unverified.
+//!
+//! Invariants:
+//! - A final name only ever appears with complete, fsynced content: nothing
+//!   is written in place under a final name.
+//! - A create-only name, once bound, keeps its content (we never rename or
+//!   write over it; eviction, if any, is an unlink by another tool).
+//! - Every temp file we create is unlinked when the call ends (a crash can
+//!   leave one behind: `open` sweeps temp files older than
+//!   `TMP_STALE_SECS`); we never unlink a temp file we did not create.
+//! - Files get mode `0666 & !umask`, directories `0777 & !umask`, set with
+//!   fchmod/chmod right after creation, whatever the process umask is.
+//!
+//! Not done here: file-system calls have no timeout of their own (a hung
+//! NFS server blocks the calling thread); the caller runs engine calls
+//! under its own deadline. Names are not fsynced in their directory: after
+//! a crash of a local-disk ROOT a just-bound name may be missing (a later
+//! miss, never wrong content); NFS commits names on the server at once.
 
-use std::path::Path;
+use std::fs::{self, File, OpenOptions, Permissions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
 
-use super::{Engine, EngineConfig, Put, Record, TierError, TierResult};
+use log::{debug, warn};
+
+use super::{Engine, EngineConfig, Put, Record, TierError, TierResult, RECORD_BYTES_MAX};
 use crate::ids::BlobId;
 
-pub struct DirEngine;
+/// The marker file's name under ROOT, and the one format this code knows.
+pub const MARKER_NAME: &str = "casfs-shared";
+const MARKER_PREFIX: &str = "casfs shared format ";
+pub const MARKER_FORMAT: u32 = 1;
+/// The only names that may sit in ROOT; a ROOT holding just these (and no
+/// marker) is an initialisation that was interrupted or is under way on
+/// another host, and is adopted.
+const LAYOUT_NAMES: [&str; 4] = [MARKER_NAME, "ns", "blobs", "tmp"];
+
+/// A record is about 130 bytes; anything much bigger is not one.
+const MARKER_BYTES_MAX: u64 = 256;
+/// Temp files older than this are left over from a crash; `open` removes
+/// them (a live one exists for the length of one put).
+const TMP_STALE_SECS: u64 = 24 * 3600;
+/// Bound on the temp files one `open` looks at when sweeping.
+const TMP_SWEEP_FILES_MAX: usize = 10_000;
+/// Bound on fresh temp names tried when one is taken (a host with the same
+/// name and pid, e.g. containers, or a leftover from before a reboot).
+const TEMP_NAME_ATTEMPTS_MAX: usize = 64;
+/// Bound on `link()` attempts for one create-only record whose existing
+/// record vanishes (is evicted) between our EEXIST and our read.
+const CREATE_ATTEMPTS_MAX: usize = 2;
+const HOSTNAME_BYTES_MAX: usize = 64;
+
+/// Temp file counter, process-wide so two engines in one process (two
+/// namespaces, tests) never pick the same name.
+static TEMP_SEQ: AtomicU64 = AtomicU64::new(0);
+
+pub struct DirEngine {
+    root: PathBuf,
+    records_dir: PathBuf,
+    blobs_dir: PathBuf,
+    tmp_dir: PathBuf,
+    file_mode: u32,
+    dir_mode: u32,
+    /// `<hostname>.<pid>.`: the start of our temp file names.
+    temp_prefix: String,
+}
 
 impl DirEngine {
-    pub fn open(_root: &Path, _config: &EngineConfig) -> Result<DirEngine, String> {
-        Err("the shared-directory engine is not available yet".into())
+    /// Opens (and, if ROOT is new or empty, initialises) the shared
+    /// directory at `root` for `config.namespace`.
+    pub fn open(root: &Path, config: &EngineConfig) -> Result<DirEngine, String> {
+        if !root.is_absolute() {
+            return Err(format!(
+                "shared directory {}: the path must be absolute",
+                root.display()
+            ));
+        }
+        if !super::valid_namespace(&config.namespace) {
+            return Err(format!(
+                "shared directory {}: bad namespace {:?}",
+                root.display(),
+                config.namespace
+            ));
+        }
+        let umask = config.umask & 0o777;
+        let ns_dir = root.join("ns").join(&config.namespace);
+        let engine = DirEngine {
+            root: root.to_path_buf(),
+            records_dir: ns_dir.join("records"),
+            blobs_dir: root.join("blobs"),
+            tmp_dir: root.join("tmp"),
+            file_mode: 0o666 & !umask,
+            dir_mode: 0o777 & !umask,
+            temp_prefix: format!("{}.{}.", hostname(), std::process::id()),
+        };
+        engine
+            .init(&ns_dir)
+            .map_err(|e| format!("shared directory {}: {e}", root.display()))?;
+        debug!(
+            "shared open dir={} namespace={}",
+            root.display(),
+            config.namespace
+        );
+        Ok(engine)
+    }
+
+    fn init(&self, ns_dir: &Path) -> Result<(), String> {
+        self.make_dir_all(&self.root)
+            .map_err(|e| format!("cannot create it: {e}"))?;
+        let marker = self.root.join(MARKER_NAME);
+        match self
+            .read_tolerant(&marker, MARKER_BYTES_MAX)
+            .map_err(|e| e.to_string())?
+        {
+            Some(text) => check_marker(&text)?,
+            None => {
+                if let Some(name) = first_foreign_entry(&self.root)? {
+                    return Err(format!(
+                        "it is not empty ({name:?} is there) and has no {MARKER_NAME} marker: \
+                         refusing to use a directory casfs did not create (give an empty or new one)"
+                    ));
+                }
+                self.create_layout()?;
+                self.create_marker(&marker)?;
+            }
+        }
+        // Idempotent: also repairs a layout an earlier open left unfinished.
+        self.create_layout()?;
+        for dir in [&self.root.join("ns"), ns_dir, &self.records_dir] {
+            self.make_dir(dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        }
+        self.sweep_stale_temps();
+        Ok(())
+    }
+
+    fn create_layout(&self) -> Result<(), String> {
+        for dir in [&self.tmp_dir, &self.blobs_dir, &self.root.join("ns")] {
+            self.make_dir(dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Writes the marker create-only, so two hosts initialising one ROOT at
+    /// once agree on it.
+    fn create_marker(&self, marker: &Path) -> Result<(), String> {
+        let text = format!("{MARKER_PREFIX}{MARKER_FORMAT}\n");
+        let fail = |e: io::Error| format!("cannot write {}: {e}", marker.display());
+        let temp = self.write_temp(text.as_bytes()).map_err(fail)?;
+        if !self.link_into(&temp, marker).map_err(fail)? {
+            let text = self
+                .read_tolerant(marker, MARKER_BYTES_MAX)
+                .map_err(|e| e.to_string())?;
+            check_marker(text.as_deref().unwrap_or(b""))?;
+        }
+        Ok(())
+    }
+
+    /// Removes temp files a crash left behind (best effort, bounded).
+    fn sweep_stale_temps(&self) {
+        let Ok(entries) = fs::read_dir(&self.tmp_dir) else {
+            return;
+        };
+        let now = SystemTime::now();
+        let stale = Duration::from_secs(TMP_STALE_SECS);
+        for entry in entries.take(TMP_SWEEP_FILES_MAX).flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            let old = meta
+                .modified()
+                .ok()
+                .and_then(|m| now.duration_since(m).ok())
+                .is_some_and(|age| age > stale);
+            if old && entry.file_name().as_encoded_bytes().ends_with(b".tmp") {
+                match fs::remove_file(entry.path()) {
+                    Ok(()) => debug!(
+                        "shared sweep temp={} outcome=removed",
+                        entry.path().display()
+                    ),
+                    Err(e) => debug!(
+                        "shared sweep temp={} outcome=kept error={e}",
+                        entry.path().display()
+                    ),
+                }
+            }
+        }
+    }
+
+    fn record_path(&self, path: &[u8]) -> PathBuf {
+        let h = blake3::hash(path).to_hex();
+        self.records_dir.join(&h[..2]).join(h.as_str())
+    }
+
+    fn blob_path(&self, id: &BlobId) -> PathBuf {
+        let hex = id.hex();
+        self.blobs_dir.join(&hex[..2]).join(&hex)
+    }
+
+    /// Creates one directory with our mode; an existing one is left as is.
+    fn make_dir(&self, dir: &Path) -> io::Result<()> {
+        match fs::create_dir(dir) {
+            Ok(()) => fs::set_permissions(dir, Permissions::from_mode(self.dir_mode)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Creates `dir` and its missing ancestors (only for ROOT at open: once
+    /// open, a missing ROOT is an unmounted share, never recreated).
+    fn make_dir_all(&self, dir: &Path) -> io::Result<()> {
+        match self.make_dir(dir) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if let Some(parent) = dir.parent() {
+                    self.make_dir_all(parent)?;
+                }
+                self.make_dir(dir)
+            }
+            other => other,
+        }
+    }
+
+    /// Writes `bytes` to a new temp file with our file mode, fsyncs and
+    /// closes it. The returned guard unlinks it when dropped.
+    fn write_temp(&self, bytes: &[u8]) -> io::Result<TempFile> {
+        let mut attempts = 0;
+        let (mut file, path) = loop {
+            attempts += 1;
+            let n = TEMP_SEQ.fetch_add(1, Ordering::Relaxed);
+            let path = self.tmp_dir.join(format!("{}{n}.tmp", self.temp_prefix));
+            match OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+            {
+                Ok(file) => break (file, path),
+                Err(e)
+                    if e.kind() == io::ErrorKind::AlreadyExists
+                        && attempts < TEMP_NAME_ATTEMPTS_MAX =>
+                {
+                    continue
+                }
+                Err(e)
+                    if e.kind() == io::ErrorKind::NotFound && attempts < TEMP_NAME_ATTEMPTS_MAX =>
+                {
+                    // Someone removed ROOT/tmp; ROOT itself must still be there.
+                    self.make_dir(&self.tmp_dir)?;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let temp = TempFile { path, armed: true };
+        file.write_all(bytes)?;
+        file.set_permissions(Permissions::from_mode(self.file_mode))?;
+        file.sync_all()?;
+        drop(file); // closed before any unlink: no NFS silly-rename files
+        Ok(temp)
+    }
+
+    /// Links `temp` to `dest` (create-only). Ok(true): we bound the name;
+    /// Ok(false): it was already there.
+    fn link_into(&self, temp: &TempFile, dest: &Path) -> io::Result<bool> {
+        let mut made_parent = false;
+        let mut stale_retried = false;
+        loop {
+            match fs::hard_link(&temp.path, dest) {
+                Ok(()) => return Ok(true),
+                // A retransmitted LINK reports EEXIST for our own link.
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    return Ok(temp.link_count() == 2)
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound && !made_parent => {
+                    made_parent = true;
+                    if let Some(parent) = dest.parent() {
+                        self.make_dir(parent)?;
+                    }
+                }
+                Err(e) if is_stale(&e) && !stale_retried => stale_retried = true,
+                Err(e) if temp.link_count() == 2 => {
+                    debug!(
+                        "shared link dest={} error={e} outcome=linked-anyway",
+                        dest.display()
+                    );
+                    return Ok(true);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Renames `temp` onto `dest` (atomic replace).
+    fn rename_onto(&self, mut temp: TempFile, dest: &Path) -> io::Result<()> {
+        let mut made_parent = false;
+        let mut stale_retried = false;
+        loop {
+            match fs::rename(&temp.path, dest) {
+                Ok(()) => {
+                    temp.armed = false; // the name is no longer ours to unlink
+                    return Ok(());
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    if !temp.exists() {
+                        // A retransmitted RENAME whose first try succeeded.
+                        temp.armed = false;
+                        return Ok(());
+                    }
+                    if made_parent {
+                        return Err(e);
+                    }
+                    made_parent = true;
+                    if let Some(parent) = dest.parent() {
+                        self.make_dir(parent)?;
+                    }
+                }
+                Err(e) if is_stale(&e) && !stale_retried => stale_retried = true,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Reads a whole file of at most `max_bytes`: None if it is not there
+    /// (or stays stale after one retry).
+    fn read_tolerant(&self, path: &Path, max_bytes: u64) -> TierResult<Option<Vec<u8>>> {
+        for _ in 0..2 {
+            match read_once(path, max_bytes) {
+                Ok(bytes) => return Ok(Some(bytes)),
+                Err(ReadFail::TooBig(bytes)) => {
+                    return Err(TierError::Protocol(format!(
+                        "{}: {bytes} bytes, over the {max_bytes} allowed",
+                        path.display()
+                    )))
+                }
+                Err(ReadFail::Io(e)) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(ReadFail::Io(e)) if is_stale(&e) => {
+                    debug!(
+                        "shared read file={} error=ESTALE outcome=retry",
+                        path.display()
+                    );
+                }
+                Err(ReadFail::Io(e)) => return Err(io_error("read", path, e)),
+            }
+        }
+        Ok(None)
+    }
+
+    fn read_record(&self, file: &Path) -> TierResult<Option<Record>> {
+        match self.read_tolerant(file, RECORD_BYTES_MAX)? {
+            None => Ok(None),
+            Some(bytes) => match Record::decode(&bytes) {
+                Some(record) => Ok(Some(record)),
+                None => Err(TierError::Protocol(format!(
+                    "{}: not a casfs record",
+                    file.display()
+                ))),
+            },
+        }
     }
 }
 
 impl Engine for DirEngine {
-    fn get_record(&self, _path: &[u8]) -> TierResult<Option<Record>> {
-        Err(TierError::Unavailable("not implemented".into()))
+    fn get_record(&self, path: &[u8]) -> TierResult<Option<Record>> {
+        self.read_record(&self.record_path(path))
     }
-    fn put_record(&self, _path: &[u8], _record: &Record, _create_only: bool) -> TierResult<Put> {
-        Err(TierError::Unavailable("not implemented".into()))
+
+    fn put_record(&self, path: &[u8], record: &Record, create_only: bool) -> TierResult<Put> {
+        let dest = self.record_path(path);
+        if create_only {
+            // The common case on a farm: another host published it first.
+            // A create-only name never changes, so no temp file is needed.
+            if let Some(existing) = self.read_record(&dest)? {
+                debug!(
+                    "shared put_record path={:?} outcome=kept-existing",
+                    path.escape_ascii().to_string()
+                );
+                return Ok(Put::Exists(existing));
+            }
+        }
+        let temp = self
+            .write_temp(&record.encode())
+            .map_err(|e| io_error("write temp in", &self.tmp_dir, e))?;
+        if !create_only {
+            self.rename_onto(temp, &dest)
+                .map_err(|e| io_error("rename onto", &dest, e))?;
+            debug!(
+                "shared put_record path={:?} outcome=replaced",
+                path.escape_ascii().to_string()
+            );
+            return Ok(Put::Stored);
+        }
+        for _ in 0..CREATE_ATTEMPTS_MAX {
+            if self
+                .link_into(&temp, &dest)
+                .map_err(|e| io_error("link to", &dest, e))?
+            {
+                debug!(
+                    "shared put_record path={:?} outcome=stored",
+                    path.escape_ascii().to_string()
+                );
+                return Ok(Put::Stored);
+            }
+            if let Some(existing) = self.read_record(&dest)? {
+                debug!(
+                    "shared put_record path={:?} outcome=kept-existing",
+                    path.escape_ascii().to_string()
+                );
+                return Ok(Put::Exists(existing));
+            }
+            // It was unlinked (evicted) between our link and our read.
+        }
+        Err(TierError::Unavailable(format!(
+            "{}: the record kept vanishing between link and read ({CREATE_ATTEMPTS_MAX} attempts)",
+            dest.display()
+        )))
     }
-    fn has_blob(&self, _id: &BlobId) -> TierResult<bool> {
-        Err(TierError::Unavailable("not implemented".into()))
+
+    fn has_blob(&self, id: &BlobId) -> TierResult<bool> {
+        let file = self.blob_path(id);
+        for _ in 0..2 {
+            match fs::symlink_metadata(&file) {
+                Ok(meta) => return Ok(meta.is_file()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+                Err(e) if is_stale(&e) => continue,
+                Err(e) => return Err(io_error("stat", &file, e)),
+            }
+        }
+        Ok(false)
     }
-    fn get_blob(&self, _id: &BlobId, _max_bytes: u64) -> TierResult<Option<Vec<u8>>> {
-        Err(TierError::Unavailable("not implemented".into()))
+
+    fn get_blob(&self, id: &BlobId, max_bytes: u64) -> TierResult<Option<Vec<u8>>> {
+        self.read_tolerant(&self.blob_path(id), max_bytes)
     }
-    fn put_blob(&self, _id: &BlobId, _bytes: &[u8]) -> TierResult<()> {
-        Err(TierError::Unavailable("not implemented".into()))
+
+    fn put_blob(&self, id: &BlobId, bytes: &[u8]) -> TierResult<()> {
+        debug_assert_eq!(
+            blake3::hash(bytes).as_bytes(),
+            &id.0,
+            "put_blob with bytes that are not {id}"
+        );
+        if self.has_blob(id)? {
+            return Ok(());
+        }
+        let dest = self.blob_path(id);
+        let temp = self
+            .write_temp(bytes)
+            .map_err(|e| io_error("write temp in", &self.tmp_dir, e))?;
+        let linked = self
+            .link_into(&temp, &dest)
+            .map_err(|e| io_error("link to", &dest, e))?;
+        debug!(
+            "shared put_blob blob={id} outcome={}",
+            if linked { "stored" } else { "already-there" }
+        );
+        Ok(())
     }
+
+    fn repair_blob(&self, id: &BlobId, bytes: &[u8]) -> TierResult<()> {
+        debug_assert_eq!(
+            blake3::hash(bytes).as_bytes(),
+            &id.0,
+            "repair_blob with bytes that are not {id}"
+        );
+        // Blob names are content addresses: replacing damaged bytes with the
+        // verified ones is the one rename over a shared name we allow.
+        let dest = self.blob_path(id);
+        let temp = self
+            .write_temp(bytes)
+            .map_err(|e| io_error("write temp in", &self.tmp_dir, e))?;
+        self.rename_onto(temp, &dest)
+            .map_err(|e| io_error("rename onto", &dest, e))?;
+        log::info!("shared repair_blob blob={id}: damaged copy replaced");
+        Ok(())
+    }
+
     fn describe(&self) -> String {
-        "dir".into()
+        format!("file://{}", self.root.display())
+    }
+}
+
+/// A temp file we created; unlinked on drop unless disarmed (renamed away).
+struct TempFile {
+    path: PathBuf,
+    armed: bool,
+}
+
+impl TempFile {
+    fn link_count(&self) -> u64 {
+        fs::symlink_metadata(&self.path)
+            .map(|m| m.nlink())
+            .unwrap_or(0)
+    }
+    fn exists(&self) -> bool {
+        fs::symlink_metadata(&self.path).is_ok()
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if self.armed {
+            if let Err(e) = fs::remove_file(&self.path) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    warn!(
+                        "shared temp={} outcome=left-behind error={e}",
+                        self.path.display()
+                    );
+                }
+            }
+        }
+    }
+}
+
+enum ReadFail {
+    TooBig(u64),
+    Io(io::Error),
+}
+
+fn read_once(path: &Path, max_bytes: u64) -> Result<Vec<u8>, ReadFail> {
+    let file = File::open(path).map_err(ReadFail::Io)?;
+    let len = file.metadata().map_err(ReadFail::Io)?.len();
+    if len > max_bytes {
+        return Err(ReadFail::TooBig(len));
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    // Bounded even if the file grows while we read it.
+    file.take(max_bytes.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(ReadFail::Io)?;
+    if bytes.len() as u64 > max_bytes {
+        return Err(ReadFail::TooBig(bytes.len() as u64));
+    }
+    Ok(bytes)
+}
+
+fn check_marker(text: &[u8]) -> Result<(), String> {
+    let text = String::from_utf8_lossy(text);
+    let line = text.lines().next().unwrap_or("").trim_end();
+    match line.strip_prefix(MARKER_PREFIX) {
+        Some(v) if v == MARKER_FORMAT.to_string() => Ok(()),
+        Some(v) => Err(format!(
+            "it uses casfs shared format {v:?}, and this casfs knows only format {MARKER_FORMAT} \
+             (upgrade casfs, or give another directory)"
+        )),
+        None => Err(format!(
+            "{MARKER_NAME} is not a casfs marker (it starts {line:?})"
+        )),
+    }
+}
+
+/// The first name in `root` that is not part of our layout, if any.
+fn first_foreign_entry(root: &Path) -> Result<Option<String>, String> {
+    let entries = fs::read_dir(root).map_err(|e| format!("cannot list it: {e}"))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| format!("cannot list it: {e}"))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !LAYOUT_NAMES.contains(&name.as_str()) {
+            return Ok(Some(name));
+        }
+    }
+    Ok(None)
+}
+
+fn is_stale(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ESTALE)
+}
+
+fn io_error(op: &str, path: &Path, e: io::Error) -> TierError {
+    if e.raw_os_error() == Some(libc::ETIMEDOUT) {
+        return TierError::Timeout;
+    }
+    TierError::Unavailable(format!("{op} {}: {e}", path.display()))
+}
+
+/// This host's name, reduced to characters safe in a file name.
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname writes at most that.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let name: &[u8] = if rc == 0 {
+        &buf[..buf.iter().position(|&b| b == 0).unwrap_or(buf.len())]
+    } else {
+        b""
+    };
+    let clean: String = name
+        .iter()
+        .take(HOSTNAME_BYTES_MAX)
+        .map(|&b| {
+            if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
+                b as char
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if clean.is_empty() {
+        "unknown-host".into()
+    } else {
+        clean
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shared::RecordKind;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::{Arc, Barrier};
+
+    static SEQ: AtomicUsize = AtomicUsize::new(0);
+
+    /// A fresh ROOT path (not created), removed at the end of the test.
+    struct TempRoot(PathBuf);
+
+    impl TempRoot {
+        fn new() -> TempRoot {
+            let n = SEQ.fetch_add(1, Ordering::Relaxed);
+            let p =
+                std::env::temp_dir().join(format!("casfs-shared-dir-{}-{n}", std::process::id()));
+            let _ = fs::remove_dir_all(&p);
+            TempRoot(p)
+        }
+        fn open(&self, namespace: &str) -> DirEngine {
+            DirEngine::open(&self.0, &config(namespace, 0o022)).unwrap()
+        }
+        fn tmp_entries(&self) -> Vec<String> {
+            fs::read_dir(self.0.join("tmp"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        }
+    }
+
+    impl Drop for TempRoot {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn config(namespace: &str, umask: u32) -> EngineConfig {
+        EngineConfig {
+            namespace: namespace.into(),
+            timeout: Duration::from_secs(2),
+            umask,
+        }
+    }
+
+    fn record(n: u64) -> Record {
+        Record {
+            kind: RecordKind::File {
+                blob: BlobId::of(&n.to_le_bytes()),
+                size: n,
+                mode: 0o644,
+            },
+            mtime_ns: 1_700_000_000_000_000_000 + n,
+        }
+    }
+
+    fn mode_of(p: &Path) -> u32 {
+        fs::symlink_metadata(p).unwrap().mode() & 0o7777
+    }
+
+    #[test]
+    fn create_only_race_between_eight_writers_keeps_exactly_one() {
+        const ROUNDS: u64 = 30;
+        let root = TempRoot::new();
+        let _ = root.open("default");
+        let path_of =
+            |round: u64| format!("cc/a/e/c8aiq5frsd7ctaaepqbvl8shkb4kc{round}R").into_bytes();
+        let barrier = Arc::new(Barrier::new(8));
+        let threads: Vec<_> = (0..8u64)
+            .map(|i| {
+                // One engine per thread, like one per host; all start each round together.
+                let engine = root.open("default");
+                let barrier = barrier.clone();
+                std::thread::spawn(move || {
+                    let mut outcomes = Vec::new();
+                    for round in 0..ROUNDS {
+                        barrier.wait();
+                        outcomes.push(
+                            engine
+                                .put_record(&path_of(round), &record(round * 100 + i), true)
+                                .unwrap(),
+                        );
+                    }
+                    outcomes
+                })
+            })
+            .collect();
+        let outcomes: Vec<Vec<Put>> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        let engine = root.open("default");
+        for round in 0..ROUNDS {
+            let puts: Vec<&Put> = outcomes.iter().map(|o| &o[round as usize]).collect();
+            let winners: Vec<u64> = (0..8)
+                .filter(|&i| *puts[i as usize] == Put::Stored)
+                .collect();
+            assert_eq!(
+                winners.len(),
+                1,
+                "round {round}: exactly one writer stores: {puts:?}"
+            );
+            let winner = record(round * 100 + winners[0]);
+            for (i, put) in puts.iter().enumerate() {
+                if i as u64 != winners[0] {
+                    assert_eq!(
+                        **put,
+                        Put::Exists(winner.clone()),
+                        "round {round}: writer {i} sees the winner"
+                    );
+                }
+            }
+            let path = path_of(round);
+            assert_eq!(engine.get_record(&path).unwrap(), Some(winner.clone()));
+            // The file itself holds the winner's encoding.
+            assert_eq!(
+                fs::read(engine.record_path(&path)).unwrap(),
+                winner.encode()
+            );
+            // And a later create-only put still reports the winner.
+            assert_eq!(
+                engine.put_record(&path, &record(99), true).unwrap(),
+                Put::Exists(winner)
+            );
+        }
+        assert_eq!(
+            root.tmp_entries(),
+            Vec::<String>::new(),
+            "no temp file is left behind"
+        );
+    }
+
+    #[test]
+    fn link_onto_an_existing_name_reports_it_and_keeps_the_old_content() {
+        let root = TempRoot::new();
+        let engine = root.open("default");
+        let dest = engine.record_path(b"cc/x");
+        let first = engine.write_temp(b"first").unwrap();
+        assert!(
+            engine.link_into(&first, &dest).unwrap(),
+            "a new name is ours"
+        );
+        let second = engine.write_temp(b"second").unwrap();
+        assert!(
+            !engine.link_into(&second, &dest).unwrap(),
+            "an existing name is not"
+        );
+        assert_eq!(fs::read(&dest).unwrap(), b"first");
+        drop((first, second));
+        assert_eq!(root.tmp_entries(), Vec::<String>::new());
+        assert_eq!(fs::read(&dest).unwrap(), b"first");
+    }
+
+    #[test]
+    fn replace_is_last_writer_wins_and_never_mixed() {
+        let root = TempRoot::new();
+        let engine = root.open("default");
+        let path = b"stats";
+        assert_eq!(
+            engine.put_record(path, &record(1), true).unwrap(),
+            Put::Stored
+        );
+        assert_eq!(
+            engine.put_record(path, &record(2), false).unwrap(),
+            Put::Stored
+        );
+        assert_eq!(engine.get_record(path).unwrap(), Some(record(2)));
+        assert_eq!(
+            engine.put_record(path, &record(3), false).unwrap(),
+            Put::Stored
+        );
+        assert_eq!(engine.get_record(path).unwrap(), Some(record(3)));
+
+        // Concurrent replacers and readers: readers only ever see whole records.
+        let engine = Arc::new(engine);
+        let writers: Vec<_> = (10..18u64)
+            .map(|i| {
+                let engine = engine.clone();
+                std::thread::spawn(move || {
+                    for k in 0..20 {
+                        engine
+                            .put_record(path, &record(i * 100 + k), false)
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        let reader = {
+            let engine = engine.clone();
+            std::thread::spawn(move || {
+                for _ in 0..200 {
+                    let r = engine
+                        .get_record(path)
+                        .unwrap()
+                        .expect("a replaced record is never missing");
+                    let RecordKind::File { size, .. } = r.kind else {
+                        panic!("not a file record")
+                    };
+                    assert_eq!(r, record(size));
+                }
+            })
+        };
+        for w in writers {
+            w.join().unwrap();
+        }
+        reader.join().unwrap();
+        let last = engine.get_record(path).unwrap().unwrap();
+        let RecordKind::File { size, .. } = last.kind else {
+            panic!()
+        };
+        assert!(
+            (1000..1820).contains(&size) && size % 100 == 19,
+            "the last put of some writer: {size}"
+        );
+        assert_eq!(root.tmp_entries(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn blobs_put_concurrently_are_harmless_and_read_back() {
+        let root = TempRoot::new();
+        let engine = Arc::new(root.open("default"));
+        let bytes: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let id = BlobId::of(&bytes);
+        assert!(!engine.has_blob(&id).unwrap());
+        assert_eq!(engine.get_blob(&id, 1 << 20).unwrap(), None);
+        let barrier = Arc::new(Barrier::new(8));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (engine, barrier, bytes) = (engine.clone(), barrier.clone(), bytes.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    engine.put_blob(&id, &bytes).unwrap();
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(engine.has_blob(&id).unwrap());
+        assert_eq!(engine.get_blob(&id, 1 << 20).unwrap(), Some(bytes.clone()));
+        assert_eq!(
+            fs::symlink_metadata(engine.blob_path(&id)).unwrap().nlink(),
+            1
+        );
+        engine.put_blob(&id, &bytes).unwrap();
+        assert_eq!(root.tmp_entries(), Vec::<String>::new());
+        // Over max_bytes: refused, not truncated.
+        match engine.get_blob(&id, 1000) {
+            Err(TierError::Protocol(m)) => assert!(m.contains("200000 bytes"), "{m}"),
+            other => panic!("expected a Protocol error, got {other:?}"),
+        }
+        // The empty blob is a blob.
+        let empty = BlobId::of(b"");
+        engine.put_blob(&empty, b"").unwrap();
+        assert_eq!(engine.get_blob(&empty, 0).unwrap(), Some(vec![]));
+    }
+
+    #[test]
+    fn namespaces_do_not_see_each_others_records_but_share_blobs() {
+        let root = TempRoot::new();
+        let a = root.open("debian-13_gcc.14");
+        let b = root.open("other");
+        assert_eq!(
+            a.put_record(b"cc/x", &record(1), true).unwrap(),
+            Put::Stored
+        );
+        assert_eq!(b.get_record(b"cc/x").unwrap(), None);
+        assert_eq!(
+            b.put_record(b"cc/x", &record(2), true).unwrap(),
+            Put::Stored
+        );
+        assert_eq!(a.get_record(b"cc/x").unwrap(), Some(record(1)));
+        assert_eq!(b.get_record(b"cc/x").unwrap(), Some(record(2)));
+        a.put_blob(&BlobId::of(b"shared"), b"shared").unwrap();
+        assert!(b.has_blob(&BlobId::of(b"shared")).unwrap());
+    }
+
+    #[test]
+    fn odd_path_bytes_and_dir_records_round_trip() {
+        let root = TempRoot::new();
+        let engine = root.open("default");
+        let long = vec![b'd'; 5000];
+        let paths: [&[u8]; 4] = [b"", b"a/\0/b\n", &[0xff, 0xfe, b'/'], &long];
+        for (i, p) in paths.iter().enumerate() {
+            assert_eq!(
+                engine.put_record(p, &record(i as u64), true).unwrap(),
+                Put::Stored
+            );
+        }
+        for (i, p) in paths.iter().enumerate() {
+            assert_eq!(engine.get_record(p).unwrap(), Some(record(i as u64)));
+        }
+        let dir = Record {
+            kind: RecordKind::Dir,
+            mtime_ns: 7,
+        };
+        engine.put_record(b"cc/a", &dir, true).unwrap();
+        assert_eq!(engine.get_record(b"cc/a").unwrap(), Some(dir));
+    }
+
+    #[test]
+    fn undecodable_record_is_a_protocol_error_naming_the_file() {
+        let root = TempRoot::new();
+        let engine = root.open("default");
+        let file = engine.record_path(b"cc/bad");
+        fs::create_dir_all(file.parent().unwrap()).unwrap();
+        fs::write(&file, b"casfs-record 9\nwhat\n").unwrap();
+        match engine.get_record(b"cc/bad") {
+            Err(TierError::Protocol(m)) => assert!(m.contains(&*file.to_string_lossy()), "{m}"),
+            other => panic!("expected a Protocol error, got {other:?}"),
+        }
+        // A create-only put onto it reports the error rather than replacing it.
+        assert!(matches!(
+            engine.put_record(b"cc/bad", &record(1), true),
+            Err(TierError::Protocol(_))
+        ));
+        assert_eq!(fs::read(&file).unwrap(), b"casfs-record 9\nwhat\n");
+    }
+
+    #[test]
+    fn root_without_marker_or_with_unknown_format_is_refused() {
+        // Non-empty, no marker.
+        let root = TempRoot::new();
+        fs::create_dir_all(&root.0).unwrap();
+        fs::write(root.0.join("somebody-elses-file"), b"x").unwrap();
+        let err = DirEngine::open(&root.0, &config("default", 0o022))
+            .err()
+            .unwrap();
+        assert!(
+            err.contains("no casfs-shared marker") && err.contains("somebody-elses-file"),
+            "{err}"
+        );
+        assert!(!root.0.join("ns").exists(), "nothing was written into it");
+
+        // A newer format.
+        let root = TempRoot::new();
+        let _ = root.open("default");
+        fs::write(root.0.join(MARKER_NAME), b"casfs shared format 2\n").unwrap();
+        let err = DirEngine::open(&root.0, &config("default", 0o022))
+            .err()
+            .unwrap();
+        assert!(
+            err.contains("format \"2\"") && err.contains("knows only format 1"),
+            "{err}"
+        );
+
+        // Not a marker at all.
+        fs::write(root.0.join(MARKER_NAME), b"hello\n").unwrap();
+        let err = DirEngine::open(&root.0, &config("default", 0o022))
+            .err()
+            .unwrap();
+        assert!(err.contains("not a casfs marker"), "{err}");
+
+        // Empty existing ROOT, and a ROOT holding only our layout, are adopted;
+        // reopening an initialised one works.
+        let root = TempRoot::new();
+        fs::create_dir_all(root.0.join("tmp")).unwrap();
+        let _ = root.open("default");
+        assert_eq!(
+            fs::read(root.0.join(MARKER_NAME)).unwrap(),
+            b"casfs shared format 1\n"
+        );
+        let _ = root.open("default");
+        assert!(DirEngine::open(Path::new("relative/dir"), &config("default", 0o022)).is_err());
+    }
+
+    #[test]
+    fn files_and_dirs_get_the_configured_umask_not_the_process_one() {
+        for (umask, file_mode, dir_mode) in [(0o002, 0o664, 0o775), (0o022, 0o644, 0o755)] {
+            let root = TempRoot::new();
+            let engine = DirEngine::open(&root.0.join("sub"), &config("ns1", umask)).unwrap();
+            engine.put_record(b"cc/r", &record(1), true).unwrap();
+            engine.put_record(b"stats", &record(2), false).unwrap();
+            engine.put_blob(&BlobId::of(b"blob"), b"blob").unwrap();
+            let sub = root.0.join("sub");
+            let dirs = [
+                root.0.clone(),
+                sub.clone(),
+                sub.join("tmp"),
+                sub.join("blobs"),
+                sub.join("ns"),
+                sub.join("ns/ns1"),
+                sub.join("ns/ns1/records"),
+                engine.record_path(b"cc/r").parent().unwrap().to_path_buf(),
+                engine
+                    .blob_path(&BlobId::of(b"blob"))
+                    .parent()
+                    .unwrap()
+                    .to_path_buf(),
+            ];
+            for d in &dirs {
+                assert_eq!(
+                    mode_of(d),
+                    dir_mode,
+                    "umask {umask:03o}: dir {}",
+                    d.display()
+                );
+            }
+            let files = [
+                sub.join(MARKER_NAME),
+                engine.record_path(b"cc/r"),
+                engine.record_path(b"stats"),
+                engine.blob_path(&BlobId::of(b"blob")),
+            ];
+            for f in &files {
+                assert_eq!(
+                    mode_of(f),
+                    file_mode,
+                    "umask {umask:03o}: file {}",
+                    f.display()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn stale_temp_files_are_swept_at_open_and_fresh_ones_kept() {
+        let root = TempRoot::new();
+        let _ = root.open("default");
+        let old = root.0.join("tmp/deadhost.1.0.tmp");
+        let fresh = root.0.join("tmp/livehost.2.0.tmp");
+        fs::write(&old, b"x").unwrap();
+        fs::write(&fresh, b"y").unwrap();
+        let two_days_ago = SystemTime::now() - Duration::from_secs(2 * 24 * 3600);
+        File::options()
+            .write(true)
+            .open(&old)
+            .unwrap()
+            .set_modified(two_days_ago)
+            .unwrap();
+        let _ = root.open("default");
+        assert!(!old.exists());
+        assert!(fresh.exists());
     }
 }

@@ -16,8 +16,11 @@
 //!   wins): a reader sees the old record or the new one, never a mix.
 //! - `get_blob` returns the bytes as stored, unverified: the caller checks
 //!   them against the id before using them (they crossed a network).
-//! - Every call returns within the engine's timeout, or fails with
-//!   `TierError::Timeout`.
+//! - No engine call stalls longer than the timeout without progress (Redis:
+//!   per read and write; the directory engine relies on the caller's
+//!   deadline, see `tier.rs`, which bounds every call as a whole).
+//! - Key layouts are forever: Redis `casfs:<namespace>:r:<path>` and
+//!   `casfs:b:<hex>`; directory layout in `dir.rs`.
 
 pub mod dir;
 pub mod redis;
@@ -73,6 +76,9 @@ impl fmt::Display for TierError {
 
 pub type TierResult<T> = Result<T, TierError>;
 
+/// Largest record an engine reads.
+pub const RECORD_BYTES_MAX: u64 = 4096;
+
 /// One engine, bound to one namespace.
 pub trait Engine: Send + Sync {
     fn get_record(&self, path: &[u8]) -> TierResult<Option<Record>>;
@@ -83,6 +89,9 @@ pub trait Engine: Send + Sync {
     /// Stores bytes under their id; harmless if they are already there or
     /// another host stores them at the same time.
     fn put_blob(&self, id: &BlobId, bytes: &[u8]) -> TierResult<()>;
+    /// Replaces a stored blob that failed verification with `bytes`
+    /// (which the caller has checked against `id`), atomically.
+    fn repair_blob(&self, id: &BlobId, bytes: &[u8]) -> TierResult<()>;
     /// For logs: the engine and where it is, without secrets.
     fn describe(&self) -> String;
 }

@@ -1,34 +1,1340 @@
-//! The Redis engine (Redis or Valkey). Placeholder:
-//! being written.
+//! The Redis engine (Redis or Valkey), over a small RESP2 client of our own
+//! on `std::net::TcpStream`. URL: `redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]`
+//! (port 6379 and DB 0 by default; `%XX` escapes in the password; IPv6 hosts
+//! in brackets).
+//!
+//! Keys (forever: add new ones, never rename):
+//! ```text
+//! casfs:<namespace>:r:<path bytes>   a record: Record::encode() bytes
+//! casfs:b:<64 hex>                   a blob: its bytes (all namespaces)
+//! ```
+//! Keys are binary-safe, so the path goes in as is. A namespace has no ':'
+//! (`valid_namespace`), so the two families cannot collide.
+//!
+//! Protocol:
+//! - create-only record: `SET key value NX`. OK = stored; nil = a record is
+//!   there: `GET` it and report `Put::Exists`. If the GET finds nothing (it
+//!   was deleted in between), the SET is tried once more.
+//! - replace record: `SET key value` (atomic, last writer wins).
+//! - put_blob: `SET key bytes NX` (nil = already there = fine); blobs of
+//!   `REDIS_BLOB_PROBE_BYTES_MIN` or more are first probed with `EXISTS`, so
+//!   a blob other hosts already shared is not sent again.
+//! - has_blob: `EXISTS`; get_blob: `GET`, the reply bounded by `max_bytes`
+//!   (a bigger blob is a `Protocol` error and its connection is dropped).
+//!
+//! Invariants:
+//! - Every reply is bounded (`REDIS_REPLY_BYTES_MAX`, lines by
+//!   `REDIS_LINE_BYTES_MAX`, arrays by `REDIS_ARRAY_LEN_MAX` and
+//!   `REDIS_ARRAY_DEPTH_MAX`); nothing a server sends makes us allocate more.
+//! - A connection goes back to the pool only after a call that succeeded;
+//!   after any error its protocol state is unknown and it is dropped. The
+//!   pool keeps at most `REDIS_POOL_CONNECTIONS_MAX` idle connections and
+//!   connects lazily, so a Redis that comes back is used again.
+//! - A pooled connection found dead (the server restarted: EOF, reset,
+//!   broken pipe) is replaced by a fresh one and the command sent once more;
+//!   every command we send gives the same result when repeated.
+//! - Timeouts: connecting waits at most the configured timeout, and so does
+//!   every socket read and write (an idle bound: a large blob that keeps
+//!   flowing may take longer in all; a stalled server gives
+//!   `TierError::Timeout` within about one timeout). Name resolution of a
+//!   host name uses the system resolver and has no timeout of its own: give
+//!   an address, or a name the resolver answers locally.
+//! - The password never appears in `describe()`, logs or errors.
 
-use super::{Engine, EngineConfig, Put, Record, TierError, TierResult};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use log::{debug, warn};
+
+use super::{Engine, EngineConfig, Put, Record, TierError, TierResult, RECORD_BYTES_MAX};
 use crate::ids::BlobId;
 
-pub struct RedisEngine;
+/// Bound on one reply, framing included (Redis's own default bound on a
+/// value, proto-max-bulk-len, is 512 MiB).
+pub const REDIS_REPLY_BYTES_MAX: u64 = 512 * 1024 * 1024;
+/// Room for a reply's framing (`$<len>\r\n`, status lines) on top of its value.
+const REDIS_REPLY_FRAMING_BYTES: u64 = 4096;
+/// The biggest blob we store, so that it can always be read back.
+pub const REDIS_BLOB_BYTES_MAX: u64 = REDIS_REPLY_BYTES_MAX - REDIS_REPLY_FRAMING_BYTES;
+/// Bound on a status, error or length line.
+const REDIS_LINE_BYTES_MAX: usize = 64 * 1024;
+const REDIS_ARRAY_LEN_MAX: usize = 1024;
+const REDIS_ARRAY_DEPTH_MAX: usize = 2;
+/// Idle connections kept for reuse (more may be open while calls run).
+pub const REDIS_POOL_CONNECTIONS_MAX: usize = 8;
+pub const REDIS_PORT_DEFAULT: u16 = 6379;
+/// A record is about 130 bytes; a bigger value under a record key is not one.
+/// Bound on SET NX attempts when the existing record vanishes before our GET.
+const CREATE_ATTEMPTS_MAX: usize = 2;
+/// Blobs at least this big are probed with EXISTS before being sent.
+const REDIS_BLOB_PROBE_BYTES_MIN: usize = 64 * 1024;
+/// Arguments bigger than this are written straight from the caller's buffer.
+const REDIS_INLINE_ARG_BYTES_MAX: usize = 16 * 1024;
+const REDIS_READ_BUFFER_BYTES: usize = 64 * 1024;
+/// How much of a key an error message quotes.
+const KEY_TEXT_CHARS_MAX: usize = 160;
+
+pub struct RedisEngine {
+    target: Target,
+    /// `redis://HOST:PORT/DB`, no password.
+    described: String,
+    timeout: Duration,
+    /// `casfs:<namespace>:r:`
+    record_prefix: Vec<u8>,
+    pool: Mutex<Vec<Conn>>,
+}
+
+/// Where and how to connect, parsed from the URL.
+#[derive(Clone, PartialEq, Eq)]
+struct Target {
+    /// Without brackets for IPv6.
+    host: String,
+    port: u16,
+    db: u32,
+    user: Option<Vec<u8>>,
+    password: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("db", &self.db)
+            .field(
+                "user",
+                &self
+                    .user
+                    .as_ref()
+                    .map(|u| String::from_utf8_lossy(u).into_owned()),
+            )
+            .field("password", &self.password.as_ref().map(|_| "<hidden>"))
+            .finish()
+    }
+}
+
+impl Target {
+    fn describe(&self) -> String {
+        if self.host.contains(':') {
+            format!("redis://[{}]:{}/{}", self.host, self.port, self.db)
+        } else {
+            format!("redis://{}:{}/{}", self.host, self.port, self.db)
+        }
+    }
+}
 
 impl RedisEngine {
-    pub fn open(_url: &str, _config: &EngineConfig) -> Result<RedisEngine, String> {
-        Err("the Redis engine is not available yet".into())
+    /// Parses the URL and checks the server once. An unreachable server is
+    /// only logged (it may come up later; calls reconnect), but a refused
+    /// password or database is a configuration error and fails here.
+    pub fn open(url: &str, config: &EngineConfig) -> Result<RedisEngine, String> {
+        let target = parse_url(url)?;
+        if !super::valid_namespace(&config.namespace) {
+            return Err(format!("redis: bad namespace {:?}", config.namespace));
+        }
+        let engine = RedisEngine {
+            described: target.describe(),
+            target,
+            timeout: config.timeout.max(Duration::from_millis(1)),
+            record_prefix: format!("casfs:{}:r:", config.namespace).into_bytes(),
+            pool: Mutex::new(Vec::new()),
+        };
+        let probe = Conn::connect(&engine.target, engine.timeout)
+            .and_then(|mut conn| conn.command(&[b"PING"], 0).map(|reply| (conn, reply)));
+        match probe {
+            Ok((conn, Reply::Status(_))) => engine.give_back(conn),
+            Ok((_, Reply::Error(m))) if m.starts_with("NOAUTH") => {
+                return Err(format!(
+                    "{}: the server wants a password (redis://:PASSWORD@HOST:PORT)",
+                    engine.described
+                ))
+            }
+            Ok((_, reply)) => warn!(
+                "shared engine={} open=ping-answered reply={reply:?}",
+                engine.described
+            ),
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                return Err(format!("{}: {e}", engine.described));
+            }
+            Err(e) => warn!(
+                "shared engine={} open=unreachable error={e:?} outcome=retry-on-use",
+                engine.described
+            ),
+        }
+        Ok(engine)
+    }
+
+    fn record_key(&self, path: &[u8]) -> Vec<u8> {
+        let mut key = Vec::with_capacity(self.record_prefix.len() + path.len());
+        key.extend_from_slice(&self.record_prefix);
+        key.extend_from_slice(path);
+        key
+    }
+
+    fn pool(&self) -> MutexGuard<'_, Vec<Conn>> {
+        // A panic while holding the lock leaves a valid Vec: use it.
+        self.pool
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn give_back(&self, conn: Conn) {
+        let mut pool = self.pool();
+        if pool.len() < REDIS_POOL_CONNECTIONS_MAX {
+            pool.push(conn);
+        }
+    }
+
+    fn connect(&self) -> TierResult<Conn> {
+        Conn::connect(&self.target, self.timeout).map_err(|e| self.tier_error("connect", e))
+    }
+
+    /// Sends one command and reads its reply (whose value may be up to
+    /// `value_bytes_max`). Error replies become `Unavailable`.
+    fn call(&self, args: &[&[u8]], value_bytes_max: u64) -> TierResult<Reply> {
+        let name = command_name(args);
+        let pooled = self.pool().pop();
+        let reused = pooled.is_some();
+        let mut conn = match pooled {
+            Some(conn) => conn,
+            None => self.connect()?,
+        };
+        let reply = match conn.command(args, value_bytes_max) {
+            Ok(reply) => reply,
+            Err(e) if reused && is_dead_connection(&e) => {
+                // The server went away since this connection was pooled (a
+                // restart): the others are dead too. Start afresh, once.
+                debug!(
+                    "shared engine={} command={name} error={e} outcome=reconnect",
+                    self.described
+                );
+                drop(conn);
+                self.pool().clear();
+                conn = self.connect()?;
+                conn.command(args, value_bytes_max)
+                    .map_err(|e| self.tier_error(&name, e))?
+            }
+            Err(e) => return Err(self.tier_error(&name, e)),
+        };
+        if let Reply::Error(m) = reply {
+            return Err(TierError::Unavailable(format!(
+                "{} {name}: the server refused: {m}",
+                self.described
+            )));
+        }
+        self.give_back(conn);
+        Ok(reply)
+    }
+
+    fn tier_error(&self, what: &str, e: io::Error) -> TierError {
+        match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => TierError::Timeout,
+            io::ErrorKind::InvalidData => {
+                TierError::Protocol(format!("{} {what}: {e}", self.described))
+            }
+            io::ErrorKind::UnexpectedEof => TierError::Unavailable(format!(
+                "{} {what}: the server closed the connection",
+                self.described
+            )),
+            _ => TierError::Unavailable(format!("{} {what}: {e}", self.described)),
+        }
+    }
+
+    fn unexpected(&self, what: &str, key: &[u8], reply: &Reply) -> TierError {
+        TierError::Protocol(format!(
+            "{} {what} {}: unexpected reply {reply:?}",
+            self.described,
+            key_text(key)
+        ))
+    }
+
+    fn get_record_at(&self, key: &[u8]) -> TierResult<Option<Record>> {
+        match self.call(&[b"GET", key], RECORD_BYTES_MAX)? {
+            Reply::Bulk(None) => Ok(None),
+            Reply::Bulk(Some(bytes)) => match Record::decode(&bytes) {
+                Some(record) => Ok(Some(record)),
+                None => Err(TierError::Protocol(format!(
+                    "{} key {}: not a casfs record",
+                    self.described,
+                    key_text(key)
+                ))),
+            },
+            other => Err(self.unexpected("GET", key, &other)),
+        }
     }
 }
 
 impl Engine for RedisEngine {
-    fn get_record(&self, _path: &[u8]) -> TierResult<Option<Record>> {
-        Err(TierError::Unavailable("not implemented".into()))
+    fn get_record(&self, path: &[u8]) -> TierResult<Option<Record>> {
+        self.get_record_at(&self.record_key(path))
     }
-    fn put_record(&self, _path: &[u8], _record: &Record, _create_only: bool) -> TierResult<Put> {
-        Err(TierError::Unavailable("not implemented".into()))
+
+    fn put_record(&self, path: &[u8], record: &Record, create_only: bool) -> TierResult<Put> {
+        let key = self.record_key(path);
+        let value = record.encode();
+        if !create_only {
+            return match self.call(&[b"SET", &key, &value], 0)? {
+                Reply::Status(s) if s == "OK" => Ok(Put::Stored),
+                other => Err(self.unexpected("SET", &key, &other)),
+            };
+        }
+        for _ in 0..CREATE_ATTEMPTS_MAX {
+            match self.call(&[b"SET", &key, &value, b"NX"], 0)? {
+                Reply::Status(s) if s == "OK" => {
+                    debug!(
+                        "shared put_record path={:?} outcome=stored",
+                        path.escape_ascii().to_string()
+                    );
+                    return Ok(Put::Stored);
+                }
+                Reply::Bulk(None) => {}
+                other => return Err(self.unexpected("SET NX", &key, &other)),
+            }
+            if let Some(existing) = self.get_record_at(&key)? {
+                debug!(
+                    "shared put_record path={:?} outcome=kept-existing",
+                    path.escape_ascii().to_string()
+                );
+                return Ok(Put::Exists(existing));
+            }
+            // Deleted between our SET NX and our GET: try again.
+        }
+        Err(TierError::Unavailable(format!(
+            "{} key {}: the record kept vanishing between SET NX and GET ({CREATE_ATTEMPTS_MAX} attempts)",
+            self.described,
+            key_text(&key)
+        )))
     }
-    fn has_blob(&self, _id: &BlobId) -> TierResult<bool> {
-        Err(TierError::Unavailable("not implemented".into()))
+
+    fn has_blob(&self, id: &BlobId) -> TierResult<bool> {
+        let key = blob_key(id);
+        match self.call(&[b"EXISTS", &key], 0)? {
+            Reply::Int(n) => Ok(n > 0),
+            other => Err(self.unexpected("EXISTS", &key, &other)),
+        }
     }
-    fn get_blob(&self, _id: &BlobId, _max_bytes: u64) -> TierResult<Option<Vec<u8>>> {
-        Err(TierError::Unavailable("not implemented".into()))
+
+    fn get_blob(&self, id: &BlobId, max_bytes: u64) -> TierResult<Option<Vec<u8>>> {
+        let key = blob_key(id);
+        match self.call(&[b"GET", &key], max_bytes.min(REDIS_BLOB_BYTES_MAX))? {
+            Reply::Bulk(None) => Ok(None),
+            Reply::Bulk(Some(bytes)) if bytes.len() as u64 > max_bytes => {
+                Err(TierError::Protocol(format!(
+                    "{} blob {id}: {} bytes, over the {max_bytes} allowed",
+                    self.described,
+                    bytes.len()
+                )))
+            }
+            Reply::Bulk(Some(bytes)) => Ok(Some(bytes)),
+            other => Err(self.unexpected("GET", &key, &other)),
+        }
     }
-    fn put_blob(&self, _id: &BlobId, _bytes: &[u8]) -> TierResult<()> {
-        Err(TierError::Unavailable("not implemented".into()))
+
+    fn put_blob(&self, id: &BlobId, bytes: &[u8]) -> TierResult<()> {
+        debug_assert_eq!(
+            blake3::hash(bytes).as_bytes(),
+            &id.0,
+            "put_blob with bytes that are not {id}"
+        );
+        if bytes.len() as u64 > REDIS_BLOB_BYTES_MAX {
+            return Err(TierError::Unavailable(format!(
+                "{} blob {id}: {} bytes, over the {REDIS_BLOB_BYTES_MAX} a Redis value may hold",
+                self.described,
+                bytes.len()
+            )));
+        }
+        if bytes.len() >= REDIS_BLOB_PROBE_BYTES_MIN && self.has_blob(id)? {
+            debug!("shared put_blob blob={id} outcome=already-there");
+            return Ok(());
+        }
+        let key = blob_key(id);
+        match self.call(&[b"SET", &key, bytes, b"NX"], 0)? {
+            Reply::Status(s) if s == "OK" => debug!("shared put_blob blob={id} outcome=stored"),
+            Reply::Bulk(None) => debug!("shared put_blob blob={id} outcome=already-there"),
+            other => return Err(self.unexpected("SET NX", &key, &other)),
+        }
+        Ok(())
     }
+
+    fn repair_blob(&self, id: &BlobId, bytes: &[u8]) -> TierResult<()> {
+        debug_assert_eq!(
+            blake3::hash(bytes).as_bytes(),
+            &id.0,
+            "repair_blob with bytes that are not {id}"
+        );
+        let key = blob_key(id);
+        match self.call(&[b"SET", &key, bytes], 0)? {
+            Reply::Status(s) if s == "OK" => Ok(()),
+            other => Err(self.unexpected("SET", &key, &other)),
+        }
+    }
+
     fn describe(&self) -> String {
-        "redis".into()
+        self.described.clone()
+    }
+}
+
+/// The command and its key, for errors and logs.
+fn command_name(args: &[&[u8]]) -> String {
+    let mut name = String::from_utf8_lossy(args[0]).into_owned();
+    if let Some(key) = args.get(1).filter(|_| args[0] != b"AUTH") {
+        name.push(' ');
+        name.push_str(&key_text(key));
+    }
+    name
+}
+
+/// A key as printable text, long ones shortened.
+fn key_text(key: &[u8]) -> String {
+    let mut text = key.escape_ascii().to_string();
+    if text.len() > KEY_TEXT_CHARS_MAX {
+        text.truncate(KEY_TEXT_CHARS_MAX);
+        text.push_str("...");
+    }
+    text
+}
+
+fn blob_key(id: &BlobId) -> Vec<u8> {
+    format!("casfs:b:{}", id.hex()).into_bytes()
+}
+
+fn is_dead_connection(e: &io::Error) -> bool {
+    use io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe | NotConnected
+    )
+}
+
+/// Parses `redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]`.
+fn parse_url(url: &str) -> Result<Target, String> {
+    // Errors never quote the URL: it may hold the password.
+    let fail = |why: &str| {
+        Err(format!(
+            "redis URL: {why} (use redis://[:PASSWORD@]HOST:PORT[/DB])"
+        ))
+    };
+    let Some(rest) = url.strip_prefix("redis://") else {
+        return fail("it must start with redis://");
+    };
+    // The last '@' ends the credentials, so a password may hold '@' and '/'.
+    let (userinfo, hostpart) = match rest.rsplit_once('@') {
+        Some((u, h)) => (Some(u), h),
+        None => (None, rest),
+    };
+    let (hostport, db) = match hostpart.split_once('/') {
+        Some((hp, db)) => (hp, db),
+        None => (hostpart, ""),
+    };
+    let (host, port) = if let Some(bracketed) = hostport.strip_prefix('[') {
+        let Some((host, after)) = bracketed.split_once(']') else {
+            return fail("an IPv6 host lacks its ']'");
+        };
+        match after {
+            "" => (host, None),
+            _ => match after.strip_prefix(':') {
+                Some(port) => (host, Some(port)),
+                None => return fail("junk after the IPv6 host"),
+            },
+        }
+    } else {
+        match hostport.rsplit_once(':') {
+            Some((host, _)) if host.contains(':') => {
+                return fail("put an IPv6 host in brackets: [::1]:6379")
+            }
+            Some((host, port)) => (host, Some(port)),
+            None => (hostport, None),
+        }
+    };
+    if host.is_empty() {
+        return fail("the host is missing");
+    }
+    let port = match port {
+        None => REDIS_PORT_DEFAULT,
+        Some(p) => match p.parse::<u16>() {
+            Ok(p) if p > 0 => p,
+            _ => return fail("the port must be a number from 1 to 65535"),
+        },
+    };
+    let db = match db {
+        "" => 0,
+        d => match d.parse::<u32>() {
+            Ok(d) => d,
+            Err(_) => return fail("the database after '/' must be a number"),
+        },
+    };
+    let (user, password) = match userinfo {
+        None => (None, None),
+        Some(info) => {
+            let Some((user, password)) = info.split_once(':') else {
+                return fail("put the password after a colon: redis://:PASSWORD@HOST");
+            };
+            let Some(user) = percent_decode(user) else {
+                return fail("bad %-escape in the user");
+            };
+            let Some(password) = percent_decode(password) else {
+                return fail("bad %-escape in the password");
+            };
+            let user = (!user.is_empty()).then_some(user);
+            if user.is_some() && password.is_empty() {
+                return fail("a user needs a password");
+            }
+            (user, (!password.is_empty()).then_some(password))
+        }
+    };
+    Ok(Target {
+        host: host.to_string(),
+        port,
+        db,
+        user,
+        password,
+    })
+}
+
+fn percent_decode(s: &str) -> Option<Vec<u8>> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .filter(|h| h.iter().all(u8::is_ascii_hexdigit))?;
+            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    Some(out)
+}
+
+/// One RESP2 reply.
+#[derive(Debug, PartialEq, Eq)]
+enum Reply {
+    Status(String),
+    Error(String),
+    Int(i64),
+    Bulk(Option<Vec<u8>>),
+    Array(Option<Vec<Reply>>),
+}
+
+/// One connection, authenticated and on its database.
+struct Conn {
+    reader: BufReader<TcpStream>,
+}
+
+impl Conn {
+    /// Connects within `timeout` (per address tried, all within one
+    /// deadline), then AUTH and SELECT if the URL asks. A refused AUTH or
+    /// SELECT is `PermissionDenied`.
+    fn connect(target: &Target, timeout: Duration) -> io::Result<Conn> {
+        let deadline = Instant::now() + timeout;
+        let addrs = (target.host.as_str(), target.port).to_socket_addrs()?;
+        let mut last_error = io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("{}: no address", target.host),
+        );
+        let mut stream = None;
+        for addr in addrs {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"));
+            }
+            match TcpStream::connect_timeout(&addr, left) {
+                Ok(s) => {
+                    stream = Some(s);
+                    break;
+                }
+                Err(e) => last_error = e,
+            }
+        }
+        let stream = stream.ok_or(last_error)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        stream.set_nodelay(true)?;
+        let mut conn = Conn {
+            reader: BufReader::with_capacity(REDIS_READ_BUFFER_BYTES, stream),
+        };
+        if let Some(password) = &target.password {
+            let reply = match &target.user {
+                Some(user) => conn.command(&[b"AUTH", user, password], 0)?,
+                None => conn.command(&[b"AUTH", password], 0)?,
+            };
+            if reply != Reply::Status("OK".into()) {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!("AUTH refused: {reply:?}"),
+                ));
+            }
+        }
+        if target.db != 0 {
+            let db = target.db.to_string();
+            let reply = conn.command(&[b"SELECT", db.as_bytes()], 0)?;
+            if reply != Reply::Status("OK".into()) {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!("SELECT {db} refused: {reply:?}"),
+                ));
+            }
+        }
+        Ok(conn)
+    }
+
+    /// Sends one command and reads its reply, whose values may hold up to
+    /// `value_bytes_max` bytes.
+    fn command(&mut self, args: &[&[u8]], value_bytes_max: u64) -> io::Result<Reply> {
+        self.send(args)?;
+        read_reply(&mut self.reader, value_bytes_max)
+    }
+
+    /// Writes one command as an array of bulk strings.
+    fn send(&mut self, args: &[&[u8]]) -> io::Result<()> {
+        let stream = self.reader.get_mut();
+        let mut head = Vec::with_capacity(256);
+        write!(head, "*{}\r\n", args.len())?;
+        for arg in args {
+            write!(head, "${}\r\n", arg.len())?;
+            if arg.len() > REDIS_INLINE_ARG_BYTES_MAX {
+                stream.write_all(&head)?;
+                head.clear();
+                stream.write_all(arg)?;
+            } else {
+                head.extend_from_slice(arg);
+            }
+            head.extend_from_slice(b"\r\n");
+        }
+        stream.write_all(&head)
+    }
+}
+
+fn bad_reply(why: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, why)
+}
+
+/// The bounds one reply is read under.
+struct ReplyBounds {
+    /// Bound on each bulk string.
+    value_bytes_max: u64,
+    /// Bound on the whole reply, framing included.
+    limit_bytes: u64,
+    /// What is left of `limit_bytes`.
+    left_bytes: u64,
+}
+
+impl ReplyBounds {
+    fn charge(&mut self, bytes: u64) -> io::Result<()> {
+        match self.left_bytes.checked_sub(bytes) {
+            Some(left) => {
+                self.left_bytes = left;
+                Ok(())
+            }
+            None => Err(bad_reply(format!(
+                "a reply over the {} bytes allowed",
+                self.limit_bytes
+            ))),
+        }
+    }
+}
+
+/// Reads one reply whose bulk strings hold at most `value_bytes_max` bytes
+/// (and which is at most that plus its framing, within
+/// `REDIS_REPLY_BYTES_MAX`).
+fn read_reply<R: BufRead>(r: &mut R, value_bytes_max: u64) -> io::Result<Reply> {
+    let limit_bytes = value_bytes_max
+        .saturating_add(REDIS_REPLY_FRAMING_BYTES)
+        .min(REDIS_REPLY_BYTES_MAX);
+    let mut bounds = ReplyBounds {
+        value_bytes_max,
+        limit_bytes,
+        left_bytes: limit_bytes,
+    };
+    read_value(r, &mut bounds, 0)
+}
+
+fn read_value<R: BufRead>(r: &mut R, bounds: &mut ReplyBounds, depth: usize) -> io::Result<Reply> {
+    let line = read_line(r)?;
+    bounds.charge(line.len() as u64 + 2)?;
+    let Some((&kind, rest)) = line.split_first() else {
+        return Err(bad_reply("an empty reply line".into()));
+    };
+    let text = || String::from_utf8_lossy(rest).into_owned();
+    match kind {
+        b'+' => Ok(Reply::Status(text())),
+        b'-' => Ok(Reply::Error(text())),
+        b':' => Ok(Reply::Int(parse_int(rest)?)),
+        b'$' => {
+            let len = parse_int(rest)?;
+            if len == -1 {
+                return Ok(Reply::Bulk(None));
+            }
+            let len = u64::try_from(len).map_err(|_| bad_reply(format!("bulk length {len}")))?;
+            if len > bounds.value_bytes_max {
+                return Err(bad_reply(format!(
+                    "a value of {len} bytes, over the {} allowed",
+                    bounds.value_bytes_max
+                )));
+            }
+            bounds.charge(len + 2)?;
+            // Grown as bytes arrive, not trusted up front.
+            let mut bytes = Vec::with_capacity(len.min(REDIS_READ_BUFFER_BYTES as u64) as usize);
+            r.by_ref().take(len).read_to_end(&mut bytes)?;
+            if (bytes.len() as u64) < len {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            let mut crlf = [0u8; 2];
+            r.read_exact(&mut crlf)?;
+            if &crlf != b"\r\n" {
+                return Err(bad_reply("a bulk string not ended by CRLF".into()));
+            }
+            Ok(Reply::Bulk(Some(bytes)))
+        }
+        b'*' => {
+            let len = parse_int(rest)?;
+            if len == -1 {
+                return Ok(Reply::Array(None));
+            }
+            let len = usize::try_from(len).map_err(|_| bad_reply(format!("array length {len}")))?;
+            if len > REDIS_ARRAY_LEN_MAX || depth >= REDIS_ARRAY_DEPTH_MAX {
+                return Err(bad_reply(format!(
+                    "an array of {len} at depth {depth}: over our bounds"
+                )));
+            }
+            let mut items = Vec::with_capacity(len);
+            for _ in 0..len {
+                items.push(read_value(r, bounds, depth + 1)?);
+            }
+            Ok(Reply::Array(Some(items)))
+        }
+        other => Err(bad_reply(format!(
+            "a reply starting with {:?}",
+            other as char
+        ))),
+    }
+}
+
+/// One CRLF-ended line, without its CRLF.
+fn read_line<R: BufRead>(r: &mut R) -> io::Result<Vec<u8>> {
+    let mut line = Vec::new();
+    r.by_ref()
+        .take(REDIS_LINE_BYTES_MAX as u64 + 2)
+        .read_until(b'\n', &mut line)?;
+    if line.ends_with(b"\r\n") {
+        line.truncate(line.len() - 2);
+        return Ok(line);
+    }
+    if line.len() >= REDIS_LINE_BYTES_MAX + 2 {
+        return Err(bad_reply(format!(
+            "a reply line over {REDIS_LINE_BYTES_MAX} bytes"
+        )));
+    }
+    if line.last() == Some(&b'\n') {
+        return Err(bad_reply("a reply line ended by LF alone".into()));
+    }
+    Err(io::ErrorKind::UnexpectedEof.into())
+}
+
+fn parse_int(digits: &[u8]) -> io::Result<i64> {
+    std::str::from_utf8(digits)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| {
+            bad_reply(format!(
+                "{:?} is not an integer",
+                digits.escape_ascii().to_string()
+            ))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shared::RecordKind;
+    use std::net::TcpListener;
+    use std::path::PathBuf;
+    use std::process::{Child, Command, Stdio};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Barrier};
+
+    static SEQ: AtomicUsize = AtomicUsize::new(0);
+    const SERVER_START_WAIT: Duration = Duration::from_secs(5);
+
+    /// A real redis-server on a loopback port, killed when dropped (also
+    /// when the test panics).
+    struct RedisServer {
+        child: Child,
+        port: u16,
+        dir: PathBuf,
+    }
+
+    impl RedisServer {
+        fn start(extra: &[&str]) -> RedisServer {
+            RedisServer::start_on(free_port(), extra)
+        }
+
+        fn start_on(port: u16, extra: &[&str]) -> RedisServer {
+            let n = SEQ.fetch_add(1, Ordering::Relaxed);
+            let dir = std::env::temp_dir().join(format!("casfs-redis-{}-{n}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let spawned = Command::new("redis-server")
+                .args([
+                    "--port",
+                    &port.to_string(),
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--bind",
+                    "127.0.0.1",
+                ])
+                .args(["--dir", dir.to_str().unwrap()])
+                .args(extra)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn();
+            if spawned.is_err() {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            let child = match spawned {
+                Ok(child) => child,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => panic!(
+                    "redis-server is not installed, and the Redis engine tests need a real one \
+                     (apt-get install redis-server)"
+                ),
+                Err(e) => panic!("cannot start redis-server: {e}"),
+            };
+            let mut server = RedisServer { child, port, dir };
+            server.wait_until_it_answers();
+            server
+        }
+
+        fn wait_until_it_answers(&mut self) {
+            let start = Instant::now();
+            while start.elapsed() < SERVER_START_WAIT {
+                if let Some(status) = self.child.try_wait().unwrap() {
+                    panic!(
+                        "redis-server on port {} exited at start: {status}",
+                        self.port
+                    );
+                }
+                if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) {
+                    s.set_read_timeout(Some(Duration::from_millis(500)))
+                        .unwrap();
+                    let mut answer = [0u8; 1];
+                    // +PONG, or -NOAUTH from a server with a password: up either way.
+                    if s.write_all(b"*1\r\n$4\r\nPING\r\n").is_ok()
+                        && s.read_exact(&mut answer).is_ok()
+                        && (answer[0] == b'+' || answer[0] == b'-')
+                    {
+                        return;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            panic!(
+                "redis-server on port {} did not answer PING within {SERVER_START_WAIT:?}",
+                self.port
+            );
+        }
+
+        fn url(&self) -> String {
+            format!("redis://127.0.0.1:{}", self.port)
+        }
+    }
+
+    impl Drop for RedisServer {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn free_port() -> u16 {
+        TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    fn config(namespace: &str, timeout: Duration) -> EngineConfig {
+        EngineConfig {
+            namespace: namespace.into(),
+            timeout,
+            umask: 0o002,
+        }
+    }
+
+    fn open(url: &str) -> RedisEngine {
+        RedisEngine::open(url, &config("default", Duration::from_secs(2))).unwrap()
+    }
+
+    fn record(n: u64) -> Record {
+        Record {
+            kind: RecordKind::File {
+                blob: BlobId::of(&n.to_le_bytes()),
+                size: n,
+                mode: 0o644,
+            },
+            mtime_ns: 1_700_000_000_000_000_000 + n,
+        }
+    }
+
+    fn url_parts(url: &str) -> (String, u16, u32, Option<Vec<u8>>, Option<Vec<u8>>) {
+        let t = parse_url(url).unwrap();
+        (t.host, t.port, t.db, t.user, t.password)
+    }
+
+    #[test]
+    fn urls_give_host_port_db_and_credentials() {
+        assert_eq!(
+            url_parts("redis://cache"),
+            ("cache".into(), 6379, 0, None, None)
+        );
+        assert_eq!(
+            url_parts("redis://10.0.0.5:7000"),
+            ("10.0.0.5".into(), 7000, 0, None, None)
+        );
+        assert_eq!(
+            url_parts("redis://10.0.0.5:7000/"),
+            ("10.0.0.5".into(), 7000, 0, None, None)
+        );
+        assert_eq!(url_parts("redis://h:1/15"), ("h".into(), 1, 15, None, None));
+        assert_eq!(
+            url_parts("redis://:pw@h:6380/2"),
+            ("h".into(), 6380, 2, None, Some(b"pw".to_vec()))
+        );
+        assert_eq!(
+            url_parts("redis://casfs:pw@h"),
+            (
+                "h".into(),
+                6379,
+                0,
+                Some(b"casfs".to_vec()),
+                Some(b"pw".to_vec())
+            )
+        );
+        // '@', ':' and '/' in a password, escaped or not.
+        assert_eq!(
+            url_parts("redis://:p%40ss%3Aw%2Frd@h:1/3").4,
+            Some(b"p@ss:w/rd".to_vec())
+        );
+        assert_eq!(
+            url_parts("redis://:p@ss:w/rd@h:1/3"),
+            ("h".into(), 1, 3, None, Some(b"p@ss:w/rd".to_vec()))
+        );
+        assert_eq!(
+            url_parts("redis://[::1]:6390/1"),
+            ("::1".into(), 6390, 1, None, None)
+        );
+        assert_eq!(
+            url_parts("redis://[::1]"),
+            ("::1".into(), 6379, 0, None, None)
+        );
+        assert_eq!(
+            parse_url("redis://:pw@h:6380/2").unwrap().describe(),
+            "redis://h:6380/2"
+        );
+        assert_eq!(
+            parse_url("redis://[::1]").unwrap().describe(),
+            "redis://[::1]:6379/0"
+        );
+        for bad in [
+            "http://h",
+            "redis://",
+            "redis://:7000",
+            "redis://h:0",
+            "redis://h:70000",
+            "redis://h:port",
+            "redis://h/db",
+            "redis://::1:6379",
+            "redis://[::1",
+            "redis://secret@h",
+            "redis://:%zz@h",
+            "redis://:%+f@h",
+            "redis://:%4@h",
+            "redis://user:@h",
+        ] {
+            let err = parse_url(bad)
+                .err()
+                .unwrap_or_else(|| panic!("{bad} was accepted"));
+            assert!(!err.contains("secret"), "errors never quote the URL: {err}");
+        }
+        assert!(!format!("{:?}", parse_url("redis://:topsecret@h").unwrap()).contains("topsecret"));
+    }
+
+    #[test]
+    fn resp_replies_parse_within_bounds() {
+        let parse =
+            |bytes: &[u8], limit: u64| read_reply(&mut io::Cursor::new(bytes.to_vec()), limit);
+        assert_eq!(parse(b"+OK\r\n", 100).unwrap(), Reply::Status("OK".into()));
+        assert_eq!(
+            parse(b"-ERR no\r\n", 100).unwrap(),
+            Reply::Error("ERR no".into())
+        );
+        assert_eq!(parse(b":-42\r\n", 100).unwrap(), Reply::Int(-42));
+        assert_eq!(parse(b"$-1\r\n", 100).unwrap(), Reply::Bulk(None));
+        assert_eq!(
+            parse(b"$0\r\n\r\n", 100).unwrap(),
+            Reply::Bulk(Some(vec![]))
+        );
+        assert_eq!(
+            parse(b"$4\r\na\r\nb\r\n", 100).unwrap(),
+            Reply::Bulk(Some(b"a\r\nb".to_vec()))
+        );
+        assert_eq!(
+            parse(b"*3\r\n:1\r\n$-1\r\n*1\r\n+x\r\n", 100).unwrap(),
+            Reply::Array(Some(vec![
+                Reply::Int(1),
+                Reply::Bulk(None),
+                Reply::Array(Some(vec![Reply::Status("x".into())]))
+            ]))
+        );
+        assert_eq!(parse(b"*-1\r\n", 100).unwrap(), Reply::Array(None));
+        let kind = |bytes: &[u8], limit: u64| parse(bytes, limit).unwrap_err().kind();
+        // Over the bound: refused before the value is read.
+        assert_eq!(kind(b"$1000000000\r\n", 1000), io::ErrorKind::InvalidData);
+        assert_eq!(kind(b"*2\r\n$400\r\n", 500), io::ErrorKind::UnexpectedEof);
+        assert_eq!(kind(b"*9999999\r\n", u64::MAX), io::ErrorKind::InvalidData);
+        assert_eq!(
+            kind(b"*1\r\n*1\r\n*1\r\n:1\r\n", 100),
+            io::ErrorKind::InvalidData
+        );
+        assert_eq!(kind(b"$-2\r\n", 100), io::ErrorKind::InvalidData);
+        assert_eq!(kind(b"?huh\r\n", 100), io::ErrorKind::InvalidData);
+        assert_eq!(kind(b":12x\r\n", 100), io::ErrorKind::InvalidData);
+        assert_eq!(kind(b"+OK\n", 100), io::ErrorKind::InvalidData);
+        assert_eq!(kind(b"$3\r\nabcXY", 100), io::ErrorKind::InvalidData);
+        assert_eq!(kind(b"$3\r\nab", 100), io::ErrorKind::UnexpectedEof);
+        assert_eq!(kind(b"+O", 100), io::ErrorKind::UnexpectedEof);
+        assert_eq!(kind(b"", 100), io::ErrorKind::UnexpectedEof);
+        let long = [
+            b"+".as_slice(),
+            &vec![b'x'; REDIS_LINE_BYTES_MAX + 10],
+            b"\r\n",
+        ]
+        .concat();
+        assert_eq!(kind(&long, u64::MAX), io::ErrorKind::InvalidData);
+    }
+
+    #[test]
+    fn create_only_race_between_eight_writers_keeps_exactly_one() {
+        let server = RedisServer::start(&[]);
+        let path: &[u8] = b"cc/a/e/c8aiq5frsd7ctaaepqbvl8shkb4kcjcR";
+        let barrier = Arc::new(Barrier::new(8));
+        let threads: Vec<_> = (0..8u64)
+            .map(|i| {
+                let engine = open(&server.url()); // one per thread, like one per host
+                let barrier = barrier.clone();
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    (i, engine.put_record(path, &record(i), true).unwrap())
+                })
+            })
+            .collect();
+        let outcomes: Vec<(u64, Put)> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        let winners: Vec<u64> = outcomes
+            .iter()
+            .filter(|(_, p)| *p == Put::Stored)
+            .map(|(i, _)| *i)
+            .collect();
+        assert_eq!(winners.len(), 1, "exactly one writer stores: {outcomes:?}");
+        let winner = record(winners[0]);
+        for (i, put) in &outcomes {
+            if *i != winners[0] {
+                assert_eq!(
+                    *put,
+                    Put::Exists(winner.clone()),
+                    "writer {i} sees the winner"
+                );
+            }
+        }
+        let engine = open(&server.url());
+        assert_eq!(engine.get_record(path).unwrap(), Some(winner.clone()));
+        assert_eq!(
+            engine.put_record(path, &record(99), true).unwrap(),
+            Put::Exists(winner)
+        );
+    }
+
+    #[test]
+    fn replace_is_last_writer_wins() {
+        let server = RedisServer::start(&[]);
+        let engine = open(&server.url());
+        assert_eq!(engine.get_record(b"stats").unwrap(), None);
+        assert_eq!(
+            engine.put_record(b"stats", &record(1), true).unwrap(),
+            Put::Stored
+        );
+        assert_eq!(
+            engine.put_record(b"stats", &record(2), false).unwrap(),
+            Put::Stored
+        );
+        assert_eq!(engine.get_record(b"stats").unwrap(), Some(record(2)));
+        assert_eq!(
+            engine.put_record(b"stats", &record(3), false).unwrap(),
+            Put::Stored
+        );
+        assert_eq!(engine.get_record(b"stats").unwrap(), Some(record(3)));
+        assert_eq!(
+            engine.put_record(b"new", &record(4), false).unwrap(),
+            Put::Stored
+        );
+        assert_eq!(engine.get_record(b"new").unwrap(), Some(record(4)));
+    }
+
+    #[test]
+    fn blobs_round_trip_concurrently_and_are_bounded_on_read() {
+        let server = RedisServer::start(&[]);
+        let engine = Arc::new(open(&server.url()));
+        for size in [0usize, 10, REDIS_INLINE_ARG_BYTES_MAX + 1, 300_000] {
+            let bytes: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+            let id = BlobId::of(&bytes);
+            assert!(!engine.has_blob(&id).unwrap());
+            assert_eq!(engine.get_blob(&id, 1 << 20).unwrap(), None);
+            let barrier = Arc::new(Barrier::new(8));
+            let threads: Vec<_> = (0..8)
+                .map(|_| {
+                    let (engine, barrier, bytes) = (engine.clone(), barrier.clone(), bytes.clone());
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        engine.put_blob(&id, &bytes).unwrap();
+                    })
+                })
+                .collect();
+            for t in threads {
+                t.join().unwrap();
+            }
+            assert!(engine.has_blob(&id).unwrap());
+            assert_eq!(
+                engine.get_blob(&id, 1 << 20).unwrap(),
+                Some(bytes.clone()),
+                "{size} bytes"
+            );
+            assert_eq!(
+                engine.get_blob(&id, size as u64).unwrap().map(|b| b.len()),
+                Some(size)
+            );
+            engine.put_blob(&id, &bytes).unwrap();
+        }
+        let big: Vec<u8> = vec![7; 300_000];
+        let id = BlobId::of(&big);
+        engine.put_blob(&id, &big).unwrap();
+        match engine.get_blob(&id, 1000) {
+            Err(TierError::Protocol(m)) => {
+                assert!(
+                    m.contains("300000 bytes, over the 1000 allowed") && m.contains(&id.hex()),
+                    "{m}"
+                )
+            }
+            other => panic!("a blob over max_bytes must be refused, got {other:?}"),
+        }
+        assert_eq!(
+            engine.get_blob(&id, 1 << 20).unwrap().map(|b| b.len()),
+            Some(300_000),
+            "works after a refusal"
+        );
+        assert!(engine.pool().len() <= REDIS_POOL_CONNECTIONS_MAX);
+    }
+
+    #[test]
+    fn namespaces_are_apart_and_paths_are_binary_safe() {
+        let server = RedisServer::start(&[]);
+        let a = RedisEngine::open(&server.url(), &config("a", Duration::from_secs(2))).unwrap();
+        let b = RedisEngine::open(&server.url(), &config("b", Duration::from_secs(2))).unwrap();
+        assert_eq!(
+            a.put_record(b"cc/x", &record(1), true).unwrap(),
+            Put::Stored
+        );
+        assert_eq!(b.get_record(b"cc/x").unwrap(), None);
+        assert_eq!(
+            b.put_record(b"cc/x", &record(2), true).unwrap(),
+            Put::Stored
+        );
+        assert_eq!(a.get_record(b"cc/x").unwrap(), Some(record(1)));
+        a.put_blob(&BlobId::of(b"both"), b"both").unwrap();
+        assert!(b.has_blob(&BlobId::of(b"both")).unwrap());
+
+        let long = vec![b'd'; 5000];
+        let paths: [&[u8]; 6] = [
+            b"",
+            b"a",
+            b"a\0",
+            b"\r\n*1\r\n$4\r\nPING\r\n",
+            &[0xff, 0xfe, 0],
+            &long,
+        ];
+        for (i, p) in paths.iter().enumerate() {
+            assert_eq!(
+                a.put_record(p, &record(10 + i as u64), true).unwrap(),
+                Put::Stored,
+                "path {i}"
+            );
+        }
+        for (i, p) in paths.iter().enumerate() {
+            assert_eq!(
+                a.get_record(p).unwrap(),
+                Some(record(10 + i as u64)),
+                "path {i}"
+            );
+        }
+    }
+
+    #[test]
+    fn password_and_database_from_the_url_are_used() {
+        let server = RedisServer::start(&["--requirepass", "p@ss:w/rd"]);
+        let port = server.port;
+        let escaped = format!("redis://:p%40ss%3Aw%2Frd@127.0.0.1:{port}/2");
+        let engine = open(&escaped);
+        assert_eq!(engine.describe(), format!("redis://127.0.0.1:{port}/2"));
+        assert_eq!(
+            engine.put_record(b"cc/x", &record(1), true).unwrap(),
+            Put::Stored
+        );
+        // The same password unescaped, on database 0: a different keyspace.
+        let db0 = open(&format!("redis://:p@ss:w/rd@127.0.0.1:{port}"));
+        assert_eq!(db0.get_record(b"cc/x").unwrap(), None);
+        let db2 = open(&format!("redis://:p@ss:w/rd@127.0.0.1:{port}/2"));
+        assert_eq!(db2.get_record(b"cc/x").unwrap(), Some(record(1)));
+
+        let timeout = Duration::from_secs(2);
+        let wrong = RedisEngine::open(
+            &format!("redis://:nope@127.0.0.1:{port}"),
+            &config("default", timeout),
+        );
+        let err = wrong.err().expect("a wrong password fails at open");
+        assert!(
+            err.contains("AUTH refused") && !err.contains("nope"),
+            "{err}"
+        );
+        let none = RedisEngine::open(
+            &format!("redis://127.0.0.1:{port}"),
+            &config("default", timeout),
+        );
+        assert!(none
+            .err()
+            .expect("no password fails at open")
+            .contains("wants a password"));
+        let bad_db = RedisEngine::open(
+            &format!("redis://:p@ss:w/rd@127.0.0.1:{port}/99"),
+            &config("default", timeout),
+        );
+        assert!(bad_db
+            .err()
+            .expect("a database out of range fails at open")
+            .contains("SELECT 99 refused"));
+    }
+
+    #[test]
+    fn dead_server_is_unavailable_quickly() {
+        let port = free_port(); // nothing listens there
+        let engine = RedisEngine::open(
+            &format!("redis://127.0.0.1:{port}"),
+            &config("default", Duration::from_secs(3)),
+        )
+        .expect("an unreachable server is not an error at open");
+        let start = Instant::now();
+        match engine.get_record(b"cc/x") {
+            Err(TierError::Unavailable(m)) => assert!(m.contains("connect"), "{m}"),
+            other => panic!("expected Unavailable, got {other:?}"),
+        }
+        assert!(matches!(
+            engine.put_blob(&BlobId::of(b"x"), b"x"),
+            Err(TierError::Unavailable(_))
+        ));
+        assert!(
+            start.elapsed() < Duration::from_millis(500),
+            "refused at once, not after the timeout"
+        );
+    }
+
+    #[test]
+    fn silent_server_times_out_within_the_timeout() {
+        // Accepts connections (the kernel does, from the backlog) and never answers.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let timeout = Duration::from_millis(300);
+        let engine = RedisEngine::open(
+            &format!("redis://127.0.0.1:{port}"),
+            &config("default", timeout),
+        )
+        .unwrap();
+        let start = Instant::now();
+        assert!(matches!(
+            engine.get_record(b"cc/x"),
+            Err(TierError::Timeout)
+        ));
+        let took = start.elapsed();
+        assert!(took >= timeout && took < timeout * 3, "took {took:?}");
+        drop(listener);
+    }
+
+    #[test]
+    fn stalled_server_times_out_then_is_used_again() {
+        let server = RedisServer::start(&["--enable-debug-command", "yes"]);
+        let timeout = Duration::from_millis(300);
+        let engine = RedisEngine::open(&server.url(), &config("default", timeout)).unwrap();
+        assert_eq!(
+            engine.put_record(b"cc/x", &record(1), true).unwrap(),
+            Put::Stored
+        );
+        // Another client puts the whole server to sleep for a second.
+        let mut sleeper = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+        sleeper
+            .write_all(b"*3\r\n$5\r\nDEBUG\r\n$5\r\nSLEEP\r\n$1\r\n1\r\n")
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let start = Instant::now();
+        assert!(matches!(
+            engine.get_record(b"cc/x"),
+            Err(TierError::Timeout)
+        ));
+        let took = start.elapsed();
+        assert!(took >= timeout && took < timeout * 3, "took {took:?}");
+        // Once it wakes up, the engine works again (on a fresh connection).
+        sleeper
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut ok = [0u8; 5];
+        sleeper.read_exact(&mut ok).unwrap();
+        assert_eq!(&ok, b"+OK\r\n");
+        assert_eq!(engine.get_record(b"cc/x").unwrap(), Some(record(1)));
+    }
+
+    #[test]
+    fn server_restart_on_the_same_port_is_used_again() {
+        let server = RedisServer::start(&[]);
+        let port = server.port;
+        let engine = open(&server.url());
+        assert_eq!(
+            engine.put_record(b"cc/x", &record(1), true).unwrap(),
+            Put::Stored
+        );
+        drop(server);
+        assert!(
+            matches!(engine.get_record(b"cc/x"), Err(TierError::Unavailable(_))),
+            "down while it is down"
+        );
+        let server = RedisServer::start_on(port, &[]);
+        // Nothing persisted (--save ''): the restarted server is empty.
+        assert_eq!(engine.get_record(b"cc/x").unwrap(), None);
+        assert_eq!(
+            engine.put_record(b"cc/x", &record(2), true).unwrap(),
+            Put::Stored
+        );
+        // Restarted again with pooled connections still open to the old one:
+        // the very first call after the restart succeeds.
+        drop(server);
+        let _server = RedisServer::start_on(port, &[]);
+        assert_eq!(
+            engine.put_record(b"cc/x", &record(3), true).unwrap(),
+            Put::Stored
+        );
+        assert_eq!(engine.get_record(b"cc/x").unwrap(), Some(record(3)));
     }
 }

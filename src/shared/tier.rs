@@ -36,6 +36,8 @@ const CALLERS: usize = 4;
 /// Consecutive failures that open the breaker, and how long it stays open.
 const BREAKER_FAILURES_MAX: u32 = 3;
 const BREAKER_OPEN_MS: u64 = 5_000;
+/// How often waiting uploads and `sync` look at the breaker.
+const BREAKER_POLL_MS: u64 = 100;
 /// Attempts per upload before it is given up (counted as failed).
 const UPLOAD_ATTEMPTS_MAX: u32 = 5;
 /// How long a "not in the shared tier" answer is trusted, and how many
@@ -44,6 +46,8 @@ pub const NEGATIVE_TTL_MS: u64 = 2_000;
 const NEGATIVE_ENTRIES_MAX: usize = 65_536;
 /// Directory records this daemon remembers having written.
 const KNOWN_DIRS_MAX: usize = 65_536;
+/// Damaged shared blobs remembered for repair.
+const DAMAGED_MAX: usize = 4096;
 /// Largest blob fetched from the tier.
 pub const FETCH_BYTES_MAX: u64 = 1 << 30;
 
@@ -96,8 +100,11 @@ pub struct Tier {
     pub timeout: Duration,
     pub stats: TierStats,
     breaker: Mutex<Breaker>,
-    breaker_open: AtomicBool,
+    breaker_logged_open: AtomicBool,
     negative: Mutex<HashMap<Vec<u8>, Instant>>,
+    /// Blobs the tier holds damaged copies of: the next upload of one
+    /// replaces it (`Engine::repair_blob`).
+    damaged: Mutex<std::collections::HashSet<BlobId>>,
     /// Directories already recorded in the tier by this daemon.
     known_dirs: Mutex<std::collections::HashSet<Vec<u8>>>,
     callers: Sender<Job>,
@@ -124,9 +131,10 @@ impl Tier {
                 failures: 0,
                 open_until: None,
             }),
-            breaker_open: AtomicBool::new(false),
+            breaker_logged_open: AtomicBool::new(false),
             negative: Mutex::new(HashMap::new()),
             known_dirs: Mutex::new(Default::default()),
+            damaged: Mutex::new(Default::default()),
             callers,
             uploads,
             progress: Mutex::new(Progress::default()),
@@ -255,8 +263,14 @@ impl Tier {
             .push(("shared_upload", "Latency of uploads", &s.upload_ms));
     }
 
+    /// True while calls are refused (until the open period ends; then
+    /// the next call is let through to probe the engine).
     pub fn breaker_is_open(&self) -> bool {
-        self.breaker_open.load(Ordering::Relaxed)
+        self.breaker
+            .lock()
+            .unwrap()
+            .open_until
+            .is_some_and(|t| Instant::now() < t)
     }
 
     pub fn queue_len(&self) -> u64 {
@@ -283,7 +297,7 @@ impl Tier {
         match r {
             Ok(_) => {
                 b.failures = 0;
-                if self.breaker_open.swap(false, Ordering::Relaxed) {
+                if self.breaker_logged_open.swap(false, Ordering::Relaxed) {
                     info!(
                         "shared tier {} answers again: sharing resumes",
                         self.engine.describe()
@@ -298,7 +312,10 @@ impl Tier {
                 b.failures += 1;
                 if b.failures >= BREAKER_FAILURES_MAX {
                     b.open_until = Some(Instant::now() + Duration::from_millis(BREAKER_OPEN_MS));
-                    if !self.breaker_open.swap(true, Ordering::Relaxed) {
+                    // The engine may come back empty (a restarted Redis):
+                    // record the directories again.
+                    self.known_dirs.lock().unwrap().clear();
+                    if !self.breaker_logged_open.swap(true, Ordering::Relaxed) {
                         warn!(
                             "shared tier {} failed {} times ({e}): serving from the local store only; retrying in {} s",
                             self.engine.describe(),
@@ -376,6 +393,7 @@ impl Tier {
                         "shared tier: blob {id} for {:?} does not match its hash: not used (treated as a miss)",
                         String::from_utf8_lossy(path)
                     );
+                    self.mark_damaged(id);
                     return None;
                 }
                 Some(bytes)
@@ -394,9 +412,17 @@ impl Tier {
         if *blake3::hash(&bytes).as_bytes() != id.0 {
             self.stats.corrupt_blobs.fetch_add(1, Ordering::Relaxed);
             warn!("shared tier: blob {id} does not match its hash: not used");
+            self.mark_damaged(id);
             return None;
         }
         Some(bytes)
+    }
+
+    fn mark_damaged(&self, id: BlobId) {
+        let mut d = self.damaged.lock().unwrap();
+        if d.len() < DAMAGED_MAX {
+            d.insert(id);
+        }
     }
 
     fn remember_missing(&self, path: &[u8]) {
@@ -440,14 +466,13 @@ impl Tier {
     fn upload(&self, up: Upload, lost_race: &LostRace) {
         let mut last_error = String::new();
         for attempt in 0..UPLOAD_ATTEMPTS_MAX {
-            if attempt > 0 || self.breaker_is_open() {
-                // Back off, longer while the breaker is open.
-                let wait_ms = if self.breaker_is_open() {
-                    BREAKER_OPEN_MS
-                } else {
-                    200 << attempt
-                };
-                std::thread::sleep(Duration::from_millis(wait_ms));
+            // While the engine is down, uploads wait in the bounded queue
+            // (costing no attempt); between attempts they back off.
+            while self.breaker_is_open() {
+                std::thread::sleep(Duration::from_millis(BREAKER_POLL_MS));
+            }
+            if attempt > 0 {
+                std::thread::sleep(Duration::from_millis(200 << attempt));
             }
             let started = Instant::now();
             match self.try_upload(&up) {
@@ -502,7 +527,14 @@ impl Tier {
             known.insert(dir);
         }
         let id = up.blob;
-        if !self.call(move |e| e.has_blob(&id))? {
+        if self.damaged.lock().unwrap().contains(&id) {
+            let bytes = std::fs::read(&up.blob_file)
+                .map_err(|e| TierError::Unavailable(format!("read local blob {}: {e}", up.blob)))?;
+            if *blake3::hash(&bytes).as_bytes() == id.0 {
+                self.call(move |e| e.repair_blob(&id, &bytes))?;
+                self.damaged.lock().unwrap().remove(&id);
+            }
+        } else if !self.call(move |e| e.has_blob(&id))? {
             let bytes = std::fs::read(&up.blob_file)
                 .map_err(|e| TierError::Unavailable(format!("read local blob {}: {e}", up.blob)))?;
             self.call(move |e| e.put_blob(&id, &bytes))?;
@@ -531,6 +563,13 @@ impl Tier {
         let failed_before = p.failed;
         while p.finished < target {
             let now = Instant::now();
+            if self.breaker_is_open() {
+                return Err(format!(
+                    "{} of {target} uploads cannot be delivered now: shared tier {} is down (they wait and retry in the background)",
+                    target - p.finished,
+                    self.engine.describe()
+                ));
+            }
             if now >= until {
                 return Err(format!(
                     "{} of {target} uploads still pending after {} s (shared tier {})",
@@ -539,7 +578,8 @@ impl Tier {
                     self.engine.describe()
                 ));
             }
-            p = self.progressed.wait_timeout(p, until - now).unwrap().0;
+            let slice = (until - now).min(Duration::from_millis(BREAKER_POLL_MS));
+            p = self.progressed.wait_timeout(p, slice).unwrap().0;
         }
         if p.failed > failed_before {
             return Err(format!(

@@ -1446,6 +1446,16 @@ pub fn group_id(name: &str) -> u32 {
 /// with the same environment `Ccache::command` sets. The sources, the
 /// output directory and the ccache configuration file must be readable (and
 /// the output directory writable) by that user.
+/// `gcc_args`, but with the include directory next to the job's source
+/// (a copy the other user can read; the checkout may not be readable to it).
+fn user_gcc_args(job: &Job, out_dir: &Path) -> Vec<std::ffi::OsString> {
+    let include = job.src.parent().expect("sources live in a directory").to_path_buf();
+    gcc_args(job, out_dir)
+        .into_iter()
+        .map(|a| if Path::new(&a) == csrc_dir() { include.clone().into_os_string() } else { a })
+        .collect()
+}
+
 pub fn compile_all_as_user(
     ccache: &Ccache,
     jobs: &[Job],
@@ -1473,7 +1483,7 @@ pub fn compile_all_as_user(
                     .arg("--")
                     .arg("ccache")
                     .arg("gcc")
-                    .args(gcc_args(job, out_dir));
+                    .args(user_gcc_args(job, out_dir));
                 for (k, v) in base.get_envs() {
                     match v {
                         Some(v) => cmd.env(k, v),

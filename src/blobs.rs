@@ -132,11 +132,28 @@ impl Blobs {
     /// Returns false if the blob was already there (dedup): then the staged
     /// file is left alone for the caller to drop.
     pub fn install(&self, staged: &Path, staged_file: &File, id: &BlobId) -> Result<bool> {
+        self.install_as(staged, staged_file, id, self.durable)
+    }
+
+    /// `install` for a copy fetched from the shared tier: not fsynced. It
+    /// can be fetched again, and a copy damaged by a power loss fails the
+    /// hash check on open and is dropped like any corrupt blob.
+    pub fn install_copy(&self, staged: &Path, staged_file: &File, id: &BlobId) -> Result<bool> {
+        self.install_as(staged, staged_file, id, false)
+    }
+
+    fn install_as(
+        &self,
+        staged: &Path,
+        staged_file: &File,
+        id: &BlobId,
+        durable: bool,
+    ) -> Result<bool> {
         let dest = self.blob_path(id);
         if dest.exists() {
             return Ok(false);
         }
-        if self.durable {
+        if durable {
             staged_file
                 .sync_data()
                 .map_err(|e| Error::io(e, format_args!("fsync {}", staged.display())))?;
@@ -147,7 +164,7 @@ impl Blobs {
             Err(e) => return Err(Error::io(e, format_args!("link blob {id}"))),
         }
         let _ = fs::set_permissions(&dest, fs::Permissions::from_mode(0o444));
-        if self.durable {
+        if durable {
             let shard = dest.parent().expect("blob paths have a shard directory");
             File::open(shard)
                 .and_then(|d| d.sync_all())

@@ -463,7 +463,7 @@ impl Core {
         let result = file
             .write_all_at(bytes, 0)
             .map_err(|e| Error::io(e, "write fetched blob"))
-            .and_then(|_| self.blobs.install(&tmp, &file, &id));
+            .and_then(|_| self.blobs.install_copy(&tmp, &file, &id));
         let _ = std::fs::remove_file(&tmp);
         result?;
         txn.batch.put_blob(&id, bytes.len() as u64);

@@ -131,9 +131,11 @@ fn max_size_keeps_the_store_under_budget_while_builds_run() {
         "store holds {stored} bytes, over the 64 KiB limit"
     );
     assert!(m.counter("evictions") > 0, "nothing was evicted");
-    // ccache's own view through the mount still works, and a second build
-    // (some hits, some misses) is still correct.
+    // ccache's own view and its own cleanup through the mount still work,
+    // and a second build (some hits, some misses) is still correct.
     cc.run(&["-s"]);
+    cc.run(&["--max-size", "100K"]);
+    cc.run(&["-c"]);
     let out2 = td.dir("second");
     assert_all_compiled(&compile_all(Some(&cc), &all, &out2, 3), "second build");
     assert_objects_identical(&all, &out2, &reference, "second build under a size limit");

@@ -404,3 +404,33 @@ fn eviction_never_takes_an_open_file() {
     core.release(fh).unwrap();
     assert_eq!(core.evict(0).unwrap(), 1);
 }
+
+#[test]
+fn setgid_directory_hands_its_group_down_and_umask_is_the_callers() {
+    let t = TempStore::new();
+    let core = t.core();
+    let shared = core.mkdir(Ino::ROOT, b"shared", 0o755, ME).unwrap().ino;
+    core.setattr(
+        shared,
+        SetAttr {
+            gid: Some(4242),
+            mode: Some(0o2775),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let builder = Caller {
+        uid: 1000,
+        gid: 1000,
+    };
+    let sub = core.mkdir(shared, b"a", 0o775 & !0o002, builder).unwrap();
+    assert_eq!(
+        sub.gid, 4242,
+        "new directory takes the setgid directory's group"
+    );
+    assert_eq!(sub.perm & 0o2000, 0o2000, "and keeps the setgid bit");
+    assert_eq!(sub.perm & 0o777, 0o775);
+    let (f, fh) = core.create(sub.ino, b"x.tmp", 0o664, 0, builder).unwrap();
+    core.release(fh).unwrap();
+    assert_eq!((f.uid, f.gid, f.perm), (1000, 4242, 0o664));
+}

@@ -1449,10 +1449,20 @@ pub fn group_id(name: &str) -> u32 {
 /// `gcc_args`, but with the include directory next to the job's source
 /// (a copy the other user can read; the checkout may not be readable to it).
 fn user_gcc_args(job: &Job, out_dir: &Path) -> Vec<std::ffi::OsString> {
-    let include = job.src.parent().expect("sources live in a directory").to_path_buf();
+    let include = job
+        .src
+        .parent()
+        .expect("sources live in a directory")
+        .to_path_buf();
     gcc_args(job, out_dir)
         .into_iter()
-        .map(|a| if Path::new(&a) == csrc_dir() { include.clone().into_os_string() } else { a })
+        .map(|a| {
+            if Path::new(&a) == csrc_dir() {
+                include.clone().into_os_string()
+            } else {
+                a
+            }
+        })
         .collect()
 }
 

@@ -223,6 +223,18 @@ fn run_fsck(store: &Path, repair: bool) -> u8 {
     }
 }
 
+/// Reads one of a mount's `.casfs/` files.
+fn read_casfs_file(mountpoint: &Path, name: &str) -> Result<String, String> {
+    let path = mountpoint.join(".casfs").join(name);
+    std::fs::read_to_string(&path).map_err(|e| {
+        format!(
+            "cannot read {}: {e} (is {} a casfs mount?)",
+            path.display(),
+            mountpoint.display()
+        )
+    })
+}
+
 fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Command::Mount {
@@ -316,14 +328,7 @@ fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Command::Sync { mountpoint } => {
-            let path = Path::new(&mountpoint).join(".casfs/sync");
-            let text = std::fs::read_to_string(&path).map_err(|e| {
-                format!(
-                    "cannot read {}: {e} (is {} a casfs mount?)",
-                    path.display(),
-                    mountpoint.display()
-                )
-            })?;
+            let text = read_casfs_file(&mountpoint, "sync")?;
             print!("{text}");
             if text.starts_with("ok") {
                 Ok(())
@@ -333,15 +338,7 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Fsck { store, repair } => std::process::exit(run_fsck(&store, repair).into()),
         Command::Stats { mountpoint } => {
-            let path = Path::new(&mountpoint).join(".casfs/stats");
-            let text = std::fs::read_to_string(&path).map_err(|e| {
-                format!(
-                    "cannot read {}: {e} (is {} a casfs mount?)",
-                    path.display(),
-                    mountpoint.display()
-                )
-            })?;
-            print!("{text}");
+            print!("{}", read_casfs_file(&mountpoint, "stats")?);
             Ok(())
         }
     }

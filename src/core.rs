@@ -180,6 +180,9 @@ struct Handle {
     published: AtomicBool,
     dirty: AtomicBool,
     conflict_counted: AtomicBool,
+    /// For a read of a published result: its blob, which never changes,
+    /// so the kernel may read the blob file directly (passthrough).
+    immutable_blob: Option<BlobId>,
 }
 
 #[derive(Default)]
@@ -1661,6 +1664,7 @@ impl Core {
             published: AtomicBool::new(false),
             dirty: AtomicBool::new(false),
             conflict_counted: AtomicBool::new(false),
+            immutable_blob: None,
         };
         inner.handles.insert(fh, Arc::new(h));
         let oc = inner.open.entry(ino).or_default();
@@ -1669,6 +1673,15 @@ impl Core {
             oc.writers += 1;
         }
         fh
+    }
+
+    /// For a handle reading a published result: the blob and a descriptor
+    /// of its file, which the kernel may read directly (FUSE passthrough).
+    pub fn passthrough_source(&self, fh: u64) -> Option<(BlobId, File)> {
+        let h = self.handle(fh).ok()?;
+        let id = h.immutable_blob?;
+        let file = h.file.read().unwrap().as_ref()?.try_clone().ok()?;
+        Some((id, file))
     }
 
     fn handle(&self, fh: u64) -> Result<Arc<Handle>> {
@@ -1724,13 +1737,14 @@ impl Core {
                 Content::Staged => Some(self.blobs.open_staging(ino, false)?),
                 _ => None,
             };
-            if inode.class == Class::Result && matches!(inode.content, Content::Blob(_)) {
+            let fh = self.new_handle(&mut inner, ino, Mode::Read, file, None);
+            if let (Class::Result, Content::Blob(id)) = (inode.class, &inode.content) {
                 Stats::bump(&self.stats.counters.hits);
+                if let Some(h) = inner.handles.get_mut(&fh).and_then(Arc::get_mut) {
+                    h.immutable_blob = Some(*id);
+                }
             }
-            return Ok((
-                self.new_handle(&mut inner, ino, Mode::Read, file, None),
-                false,
-            ));
+            return Ok((fh, false));
         }
         let truncate = flags & libc::O_TRUNC != 0;
         match (&inode.content, inode.class) {

@@ -11,24 +11,26 @@
 //!   changed during rename, create and the like, whose directory the kernel
 //!   holds locked until we reply).
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, Notifier, OpenFlags,
-    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
-    ReplyIoctl, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, BackingId, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem,
+    FopenFlags, Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, Notifier,
+    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyIoctl, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+    WriteFlags,
 };
 use log::debug;
 
 use crate::clock::to_system_time;
 use crate::core::{Attr, Caller, Core, Invalidate, KernelCache, SetAttr, NAME_BYTES_MAX};
 use crate::error::Error;
-use crate::ids::Ino;
+use crate::ids::{BlobId, Ino};
 use crate::meta::Kind;
 use crate::stats::Op;
 
@@ -44,11 +46,71 @@ pub const INVALIDATION_QUEUE_LEN_MAX: usize = 4096;
 
 pub struct CasFs {
     core: Arc<Core>,
+    /// Set at init when the kernel supports FUSE passthrough.
+    passthrough: std::sync::atomic::AtomicBool,
+    backing: Mutex<Backing>,
+}
+
+/// Backing files registered with the kernel for passthrough reads. The
+/// kernel wants one backing id per inode while any handle uses it; a handle
+/// holds a strong reference until its release.
+#[derive(Default)]
+struct Backing {
+    by_fh: HashMap<u64, Arc<BackingId>>,
+    by_ino: HashMap<u64, (BlobId, Weak<BackingId>)>,
 }
 
 impl CasFs {
     pub fn new(core: Arc<Core>) -> CasFs {
-        CasFs { core }
+        CasFs {
+            core,
+            passthrough: false.into(),
+            backing: Mutex::default(),
+        }
+    }
+
+    /// Replies to an open of a published result with passthrough: the
+    /// kernel then reads the blob file itself. Falls back to a normal open.
+    fn open_passthrough(&self, ino: u64, fh: u64, flags: FopenFlags, reply: ReplyOpen) {
+        let Some((blob, file)) = self.core.passthrough_source(fh) else {
+            return reply.opened(FileHandle(fh), flags);
+        };
+        let reused = {
+            let b = self.backing.lock().unwrap();
+            b.by_ino
+                .get(&ino)
+                .filter(|(id, _)| *id == blob)
+                .and_then(|(_, w)| w.upgrade())
+        };
+        let id = match reused {
+            Some(id) => id,
+            None => match reply.open_backing(&file) {
+                Ok(id) => Arc::new(id),
+                Err(e) => {
+                    debug!("passthrough for blob {blob} refused ({e}); reading through the daemon");
+                    return reply.opened(FileHandle(fh), flags);
+                }
+            },
+        };
+        {
+            let mut b = self.backing.lock().unwrap();
+            b.by_ino.insert(ino, (blob, Arc::downgrade(&id)));
+            b.by_fh.insert(fh, id.clone());
+        }
+        // Passthrough reads bypass the page cache of this inode.
+        reply.opened_passthrough(FileHandle(fh), flags - FopenFlags::FOPEN_KEEP_CACHE, &id);
+    }
+
+    /// Drops a released handle's hold on its backing file.
+    fn release_backing(&self, ino: u64, fh: u64) {
+        let mut b = self.backing.lock().unwrap();
+        if b.by_fh.remove(&fh).is_some()
+            && b.by_ino
+                .get(&ino)
+                .is_some_and(|(_, w)| w.strong_count() == 0)
+        {
+            b.by_ino.remove(&ino);
+        }
     }
 }
 
@@ -201,6 +263,20 @@ impl Filesystem for CasFs {
         if let Err(missing) = config.add_capabilities(wanted) {
             log::info!("kernel lacks FUSE capabilities {missing:?}; running without them");
         }
+        // Reads of published results go straight to the blob file (kernel
+        // >= 6.9, and the daemon needs CAP_SYS_ADMIN); otherwise through us.
+        let passthrough = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(1).is_ok();
+        self.passthrough
+            .store(passthrough, std::sync::atomic::Ordering::Relaxed);
+        log::info!(
+            "FUSE passthrough for result reads: {}",
+            if passthrough {
+                "on"
+            } else {
+                "off (kernel lacks it): reads go through the daemon"
+            }
+        );
         Ok(())
     }
 
@@ -369,8 +445,16 @@ impl Filesystem for CasFs {
                     FopenFlags::FOPEN_KEEP_CACHE
                 };
                 // A read-only handle has nothing to do at close: skip FLUSH.
-                if flags.0 & libc::O_ACCMODE == libc::O_RDONLY && flags.0 & libc::O_TRUNC == 0 {
+                let read_only =
+                    flags.0 & libc::O_ACCMODE == libc::O_RDONLY && flags.0 & libc::O_TRUNC == 0;
+                if read_only {
                     f |= FopenFlags::FOPEN_NOFLUSH;
+                }
+                if read_only
+                    && !direct
+                    && self.passthrough.load(std::sync::atomic::Ordering::Relaxed)
+                {
+                    return self.open_passthrough(i.0, fh, f, reply);
                 }
                 reply.opened(FileHandle(fh), f)
             }
@@ -430,7 +514,7 @@ impl Filesystem for CasFs {
     fn release(
         &self,
         _req: &Request,
-        _i: INodeNo,
+        i: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
@@ -438,7 +522,9 @@ impl Filesystem for CasFs {
         reply: ReplyEmpty,
     ) {
         self.count(Op::Release);
-        self.empty(self.core.release(fh.0), reply);
+        let result = self.core.release(fh.0);
+        self.release_backing(i.0, fh.0);
+        self.empty(result, reply);
     }
 
     fn fsync(

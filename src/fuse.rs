@@ -5,6 +5,10 @@
 //! - The kernel may cache names (also absent ones), attributes and pages
 //!   for long (`TTL`, `FOPEN_KEEP_CACHE`): whatever the daemon changes on its
 //!   own, it invalidates (`Invalidate`).
+//! - Reads of published results use FUSE passthrough when the kernel has it
+//!   (the kernel reads the blob file itself): a result's blob never changes,
+//!   and the open still goes through the core, which verifies the blob and
+//!   counts the hit. One backing id per inode, held until the last release.
 //! - An invalidation is sent either before the reply with no core lock held
 //!   (`send_urgent_invalidations`, for requests that hold no directory lock
 //!   or for inode data), or after it by the `invalidator` thread (names

@@ -464,6 +464,15 @@ impl Tier {
     }
 
     fn upload(&self, up: Upload, lost_race: &LostRace) {
+        if !up.blob_file.exists() {
+            // Evicted (or dropped as corrupt) before it could be shared:
+            // nothing to deliver.
+            log::debug!(
+                "upload path={:?} outcome=skipped-blob-gone",
+                String::from_utf8_lossy(&up.path)
+            );
+            return self.finish(None);
+        }
         let mut last_error = String::new();
         for attempt in 0..UPLOAD_ATTEMPTS_MAX {
             // While the engine is down, uploads wait in the bounded queue

@@ -1053,6 +1053,31 @@ pub fn compile_all_with_progress(
 ) -> Vec<CompileResult> {
     require_tools();
     fs::create_dir_all(out_dir).unwrap_or_else(|e| panic!("create {out_dir:?}: {e}"));
+    run_jobs(jobs, parallel, progress, |job| {
+        let mut cmd = match ccache {
+            Some(cc) => {
+                let mut c = cc.command();
+                c.arg("gcc");
+                c
+            }
+            None => {
+                let mut c = Command::new("gcc");
+                c.current_dir("/").stdin(Stdio::null());
+                c
+            }
+        };
+        cmd.args(gcc_args(job, out_dir));
+        cmd
+    })
+}
+
+/// Runs one command per job, `parallel` at a time, in job order.
+fn run_jobs(
+    jobs: &[Job],
+    parallel: usize,
+    progress: Option<&Progress>,
+    command: impl Fn(&Job) -> Command + Sync,
+) -> Vec<CompileResult> {
     let next = AtomicUsize::new(0);
     let results: Mutex<Vec<Option<CompileResult>>> =
         Mutex::new((0..jobs.len()).map(|_| None).collect());
@@ -1063,20 +1088,7 @@ pub fn compile_all_with_progress(
                 let Some(job) = jobs.get(i) else {
                     return;
                 };
-                let mut cmd = match ccache {
-                    Some(cc) => {
-                        let mut c = cc.command();
-                        c.arg("gcc");
-                        c
-                    }
-                    None => {
-                        let mut c = Command::new("gcc");
-                        c.current_dir("/").stdin(Stdio::null());
-                        c
-                    }
-                };
-                cmd.args(gcc_args(job, out_dir));
-                let (success, output) = match cmd.output() {
+                let (success, output) = match command(job).output() {
                     Ok(out) => (out.status.success(), output_text(&out)),
                     Err(e) => (false, format!("spawn failed: {e}")),
                 };
@@ -1099,7 +1111,6 @@ pub fn compile_all_with_progress(
         .collect()
 }
 
-/// Fails with every failed compile's output.
 pub fn assert_all_compiled(results: &[CompileResult], what: &str) {
     let failed: Vec<String> = results
         .iter()
@@ -1441,11 +1452,6 @@ pub fn group_id(name: &str) -> u32 {
     unsafe { (*gr).gr_gid }
 }
 
-/// Like `compile_all`, through `ccache`, but every compile runs as `uid`:`gid`
-/// with no supplementary groups (`setpriv --reuid --regid --clear-groups`),
-/// with the same environment `Ccache::command` sets. The sources, the
-/// output directory and the ccache configuration file must be readable (and
-/// the output directory writable) by that user.
 /// `gcc_args`, but with the include directory next to the job's source
 /// (a copy the other user can read; the checkout may not be readable to it).
 fn user_gcc_args(job: &Job, out_dir: &Path) -> Vec<std::ffi::OsString> {
@@ -1466,6 +1472,11 @@ fn user_gcc_args(job: &Job, out_dir: &Path) -> Vec<std::ffi::OsString> {
         .collect()
 }
 
+/// Like `compile_all`, through `ccache`, but every compile runs as `uid`:`gid`
+/// with no supplementary groups (`setpriv --reuid --regid --clear-groups`),
+/// with the same environment `Ccache::command` sets. The sources, the
+/// output directory and the ccache configuration file must be readable (and
+/// the output directory writable) by that user.
 pub fn compile_all_as_user(
     ccache: &Ccache,
     jobs: &[Job],
@@ -1475,48 +1486,23 @@ pub fn compile_all_as_user(
     gid: u32,
 ) -> Vec<CompileResult> {
     require_programs(&[("setpriv", "util-linux")]);
-    let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<Option<CompileResult>>> =
-        Mutex::new((0..jobs.len()).map(|_| None).collect());
-    thread::scope(|s| {
-        for _ in 0..parallel.max(1) {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::SeqCst);
-                let Some(job) = jobs.get(i) else {
-                    return;
-                };
-                let base = ccache.command();
-                let mut cmd = Command::new("setpriv");
-                cmd.arg(format!("--reuid={uid}"))
-                    .arg(format!("--regid={gid}"))
-                    .arg("--clear-groups")
-                    .arg("--")
-                    .arg("ccache")
-                    .arg("gcc")
-                    .args(user_gcc_args(job, out_dir));
-                for (k, v) in base.get_envs() {
-                    match v {
-                        Some(v) => cmd.env(k, v),
-                        None => cmd.env_remove(k),
-                    };
-                }
-                cmd.current_dir("/").stdin(Stdio::null());
-                let (success, output) = match cmd.output() {
-                    Ok(out) => (out.status.success(), output_text(&out)),
-                    Err(e) => (false, format!("spawn failed: {e}")),
-                };
-                results.lock().unwrap()[i] = Some(CompileResult {
-                    job: job.clone(),
-                    success,
-                    output,
-                });
-            });
+    run_jobs(jobs, parallel, None, |job| {
+        let base = ccache.command();
+        let mut cmd = Command::new("setpriv");
+        cmd.arg(format!("--reuid={uid}"))
+            .arg(format!("--regid={gid}"))
+            .arg("--clear-groups")
+            .arg("--")
+            .arg("ccache")
+            .arg("gcc")
+            .args(user_gcc_args(job, out_dir));
+        for (k, v) in base.get_envs() {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
         }
-    });
-    results
-        .into_inner()
-        .unwrap()
-        .into_iter()
-        .map(|r| r.expect("every job ran"))
-        .collect()
+        cmd.current_dir("/").stdin(Stdio::null());
+        cmd
+    })
 }

@@ -2,18 +2,8 @@
 //! ready-to-use values here, and errors become exit codes here and nowhere
 //! else (0 ok, 1 failed, 2 usage).
 
-mod blobs;
-mod classes;
-mod clock;
-mod core;
-mod error;
-mod fsck;
-mod fuse;
-mod ids;
-mod meta;
-mod mount;
-mod shared;
-mod stats;
+use casfs::store::{fsck, meta};
+use casfs::{classes, daemon as mount, fs as core, shared};
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -41,7 +31,7 @@ enum Command {
         /// Class rule PATTERN=CLASS (result, mutable, local, ccache-entry), before the built-in rules; repeatable
         #[arg(long = "class", value_name = "PATTERN=CLASS")]
         classes: Vec<String>,
-        /// Percentage of blob opens verified against their hash (0-100)
+        /// Percentage of blobs verified against their hash at their first open in this mount (0-100); the scrub re-checks them later
         #[arg(long, default_value_t = 100)]
         verify_percent: u32,
         /// Keep the store under SIZE (e.g. 20G, 500M) by evicting least recently used entries
@@ -72,9 +62,9 @@ enum Command {
         /// Mount over a non-empty directory
         #[arg(long)]
         force: bool,
-        /// Threads serving kernel requests
-        #[arg(long, default_value_t = 4)]
-        threads: usize,
+        /// Threads serving kernel requests, each with its own /dev/fuse descriptor [default: the host's parallelism, at most 64]
+        #[arg(long)]
+        threads: Option<usize>,
         mountpoint: PathBuf,
     },
     /// Unmount a casfs mount (also one whose daemon died).
@@ -302,7 +292,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 scrub_interval_ms,
                 allow_other: o.allow_other,
                 force,
-                threads,
+                threads: threads.unwrap_or_else(mount::default_threads),
             })
         }
         Command::Unmount { lazy, mountpoint } => mount::unmount(&mountpoint, lazy),

@@ -105,32 +105,45 @@ pub struct StoreGauges {
     pub bytes_logical: u64,
 }
 
-/// Bucket bounds of latency histograms, in milliseconds.
-const HISTOGRAM_BOUNDS_MS: [u64; 12] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000];
+/// Bucket bounds of latency histograms, in microseconds (1 µs to 5 s: lock
+/// waits are microseconds, shared-tier calls milliseconds).
+const HISTOGRAM_BOUNDS_US: [u64; 21] = [
+    1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000,
+    200_000, 500_000, 1_000_000, 2_000_000, 5_000_000,
+];
 
 /// A latency histogram with fixed buckets.
 #[derive(Default)]
 pub struct Histogram {
-    buckets: [AtomicU64; HISTOGRAM_BOUNDS_MS.len() + 1],
+    buckets: [AtomicU64; HISTOGRAM_BOUNDS_US.len() + 1],
     count: AtomicU64,
     sum_us: AtomicU64,
 }
 
 impl Histogram {
     pub fn observe(&self, d: std::time::Duration) {
-        let ms = d.as_millis() as u64;
-        let i = HISTOGRAM_BOUNDS_MS
+        let us = d.as_micros() as u64;
+        let i = HISTOGRAM_BOUNDS_US
             .iter()
-            .position(|b| ms < *b)
-            .unwrap_or(HISTOGRAM_BOUNDS_MS.len());
+            .position(|b| us < *b)
+            .unwrap_or(HISTOGRAM_BOUNDS_US.len());
         self.buckets[i].fetch_add(1, Ordering::Relaxed);
         self.count.fetch_add(1, Ordering::Relaxed);
         self.sum_us
             .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
     }
 
-    /// The bucket bound at or below which `q` of the observations fall.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// `quantile_us` in whole milliseconds, rounded up.
     fn quantile_ms(&self, q: f64) -> u64 {
+        self.quantile_us(q).div_ceil(1000)
+    }
+
+    /// The bucket bound at or below which `q` of the observations fall.
+    fn quantile_us(&self, q: f64) -> u64 {
         let count = self.count.load(Ordering::Relaxed);
         if count == 0 {
             return 0;
@@ -140,7 +153,7 @@ impl Histogram {
         for (i, b) in self.buckets.iter().enumerate() {
             seen += b.load(Ordering::Relaxed);
             if seen >= want {
-                return HISTOGRAM_BOUNDS_MS.get(i).copied().unwrap_or(u64::MAX);
+                return HISTOGRAM_BOUNDS_US.get(i).copied().unwrap_or(u64::MAX);
             }
         }
         u64::MAX
@@ -169,6 +182,8 @@ pub struct Snapshot<'a> {
 pub struct Stats {
     pub counters: Counters,
     requests: [AtomicU64; OPS.len()],
+    /// Time spent waiting for a contended inode or blob lock.
+    pub lock_wait: Histogram,
 }
 
 impl Stats {
@@ -242,10 +257,10 @@ impl Stats {
         for (name, _, h) in &snap.histograms {
             let _ = writeln!(
                 out,
-                "{name:<24} count {} p50 <{} ms p99 <{} ms",
+                "{name:<24} count {} p50 <{} us p99 <{} us",
                 h.count.load(Ordering::Relaxed),
-                h.quantile_ms(0.5),
-                h.quantile_ms(0.99)
+                h.quantile_us(0.5),
+                h.quantile_us(0.99)
             );
         }
         out.push_str("fuse requests by operation:\n");
@@ -263,11 +278,13 @@ impl Stats {
         for (name, _, h) in &snap.histograms {
             let _ = write!(
                 out,
-                "\"{name}\":{{\"count\":{},\"sum_us\":{},\"p50_ms_max\":{},\"p99_ms_max\":{}}},",
+                "\"{name}\":{{\"count\":{},\"sum_us\":{},\"p50_ms_max\":{},\"p99_ms_max\":{},\"p50_us_max\":{},\"p99_us_max\":{}}},",
                 h.count.load(Ordering::Relaxed),
                 h.sum_us.load(Ordering::Relaxed),
                 h.quantile_ms(0.5),
-                h.quantile_ms(0.99)
+                h.quantile_ms(0.99),
+                h.quantile_us(0.5),
+                h.quantile_us(0.99)
             );
         }
         out.push_str("\"fuse_requests\":{");
@@ -301,8 +318,8 @@ impl Stats {
             let mut cumulative = 0;
             for (i, b) in h.buckets.iter().enumerate() {
                 cumulative += b.load(Ordering::Relaxed);
-                let le = match HISTOGRAM_BOUNDS_MS.get(i) {
-                    Some(ms) => format!("{}", *ms as f64 / 1000.0),
+                let le = match HISTOGRAM_BOUNDS_US.get(i) {
+                    Some(us) => format!("{}", *us as f64 / 1e6),
                     None => "+Inf".into(),
                 };
                 let _ = writeln!(out, "{metric}_bucket{{le=\"{le}\"}} {cumulative}");

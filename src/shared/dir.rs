@@ -57,7 +57,7 @@ use std::time::{Duration, SystemTime};
 use log::{debug, warn};
 
 use super::{Engine, EngineConfig, Put, Record, TierError, TierResult, RECORD_BYTES_MAX};
-use crate::ids::BlobId;
+use crate::store::ids::BlobId;
 
 /// The marker file's name under ROOT, and the one format this code knows.
 pub const MARKER_NAME: &str = "casfs-shared";

@@ -29,7 +29,7 @@ pub mod tier;
 use std::fmt;
 use std::time::Duration;
 
-use crate::ids::BlobId;
+use crate::store::ids::BlobId;
 
 /// What a record describes.
 #[derive(Clone, Debug, PartialEq, Eq)]

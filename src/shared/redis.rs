@@ -49,7 +49,7 @@ use std::time::{Duration, Instant};
 use log::{debug, warn};
 
 use super::{Engine, EngineConfig, Put, Record, TierError, TierResult, RECORD_BYTES_MAX};
-use crate::ids::BlobId;
+use crate::store::ids::BlobId;
 
 /// Bound on one reply, framing included (Redis's own default bound on a
 /// value, proto-max-bulk-len, is 512 MiB).

@@ -24,8 +24,8 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use log::{info, warn};
 
 use super::{Engine, Put, Record, TierError, TierResult};
-use crate::ids::BlobId;
 use crate::stats::{Extra, Histogram, Snapshot};
+use crate::store::ids::BlobId;
 
 /// Uploads waiting for a worker.
 pub const UPLOAD_QUEUE_LEN_MAX: usize = 16_384;

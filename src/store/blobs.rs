@@ -15,7 +15,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::ids::{BlobId, Ino};
+use crate::store::ids::{BlobId, Ino};
 
 /// Bytes read per step while hashing or copying.
 const CHUNK_BYTES: usize = 256 * 1024;

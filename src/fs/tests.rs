@@ -2,7 +2,7 @@
 //! directory, driven through the same calls the adapter makes.
 
 use super::*;
-use crate::meta::open_store;
+use crate::store::meta::open_store;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicUsize;
 
@@ -128,7 +128,7 @@ fn identical_contents_are_stored_once() {
         let tmp = write_tmp(&core, d, &format!("t{i}.tmp"), b"same bytes");
         core.rename(d, &tmp, d, name, 0).unwrap();
     }
-    let g = core.inner.lock().unwrap().gauges;
+    let g = core.gauges.get();
     assert_eq!(g.blobs, 1);
     assert_eq!(g.bytes_stored, 10);
     assert_eq!(g.bytes_logical, 20);
@@ -148,13 +148,13 @@ fn manifest_rename_replaces_last_writer_wins() {
     }
     assert_eq!(read_name(&core, d, m).unwrap(), b"v2");
     assert_eq!(
-        core.inner.lock().unwrap().gauges.blobs,
+        core.gauges.get().blobs,
         2,
         "the kernel still holds the old one"
     );
     core.forget(replaced[0], 2);
     assert_eq!(
-        core.inner.lock().unwrap().gauges.blobs,
+        core.gauges.get().blobs,
         1,
         "freed once the kernel forgets it"
     );
@@ -433,4 +433,108 @@ fn setgid_directory_hands_its_group_down_and_umask_is_the_callers() {
     let (f, fh) = core.create(sub.ino, b"x.tmp", 0o664, 0, builder).unwrap();
     core.release(fh).unwrap();
     assert_eq!((f.uid, f.gid, f.perm), (1000, 4242, 0o664));
+}
+
+#[test]
+fn a_blob_verified_once_is_not_hashed_again_on_open() {
+    let t = TempStore::new();
+    let core = t.core();
+    let d = mkdirs(&core);
+    let tmp = write_tmp(&core, d, "a.tmp", b"verified once");
+    core.rename(d, &tmp, d, RESULT, 0).unwrap();
+    for _ in 0..3 {
+        assert_eq!(read_name(&core, d, RESULT).unwrap(), b"verified once");
+    }
+    assert_eq!(count(&core.stats.counters.blobs_verified), 1);
+    assert_eq!(count(&core.stats.counters.hits), 3);
+}
+
+#[test]
+fn gauges_are_kept_by_deltas_across_a_restart() {
+    let t = TempStore::new();
+    {
+        let core = t.core();
+        let d = mkdirs(&core);
+        let tmp = write_tmp(&core, d, "a.tmp", b"12345");
+        core.rename(d, &tmp, d, RESULT, 0).unwrap();
+        let tmp = write_tmp(&core, d, "b.tmp", b"12345");
+        core.rename(d, &tmp, d, b"bbbbbbbbbbbbbbbbbbbbR", 0)
+            .unwrap();
+        let tmp = write_tmp(&core, d, "c.tmp", b"123");
+        core.rename(d, &tmp, d, b"ccccccccccccccccccccR", 0)
+            .unwrap();
+        core.unlink(d, b"ccccccccccccccccccccR").unwrap();
+    }
+    let core = t.core();
+    let g = core.gauges.get();
+    assert_eq!((g.blobs, g.bytes_stored, g.bytes_logical), (1, 5, 10));
+    assert_eq!(core.store.gauges().unwrap().bytes_logical, 10);
+}
+
+#[test]
+fn inode_numbers_are_never_reused_after_a_restart() {
+    let t = TempStore::new();
+    let first = {
+        let core = t.core();
+        core.mkdir(Ino::ROOT, b"one", 0o755, ME).unwrap().ino
+    };
+    let core = t.core();
+    let second = core.mkdir(Ino::ROOT, b"two", 0o755, ME).unwrap().ino;
+    assert!(second > first, "{second} after {first}");
+}
+
+/// Publications from many threads into different directories, and into
+/// one name, with readers: every name ends with one whole content, and
+/// the gauges match what is stored.
+#[test]
+fn concurrent_publications_converge_and_keep_gauges_exact() {
+    let t = TempStore::new();
+    let core = std::sync::Arc::new(t.core());
+    let top = core.mkdir(Ino::ROOT, b"a", 0o755, ME).unwrap().ino;
+    let dirs: Vec<Ino> = (0..4)
+        .map(|i| {
+            core.mkdir(top, format!("{i}").as_bytes(), 0o755, ME)
+                .unwrap()
+                .ino
+        })
+        .collect();
+    let threads: Vec<_> = (0..8)
+        .map(|w| {
+            let core = core.clone();
+            let dirs = dirs.clone();
+            std::thread::spawn(move || {
+                for i in 0..40 {
+                    let d = dirs[(w + i) % dirs.len()];
+                    let body = format!("writer {w} entry {i} {}", "x".repeat(i * 50));
+                    let tmp = write_tmp(&core, d, &format!("w{w}-{i}.tmp"), body.as_bytes());
+                    // Half the names are shared by all writers: create-only.
+                    let name = if i % 2 == 0 {
+                        format!("{i:020}sharedR")
+                    } else {
+                        format!("{w:010}{i:010}ownR")
+                    };
+                    core.rename(d, &tmp, d, name.as_bytes(), 0).unwrap();
+                    let back = read_name(&core, d, name.as_bytes()).unwrap();
+                    assert!(back.starts_with(b"writer "), "whole content");
+                }
+            })
+        })
+        .collect();
+    for th in threads {
+        th.join().unwrap();
+    }
+    let g = core.gauges.get();
+    let mut stored = 0;
+    let mut files = 0;
+    for shard in std::fs::read_dir(t.0.join("blobs")).unwrap() {
+        for f in std::fs::read_dir(shard.unwrap().path()).unwrap() {
+            stored += f.unwrap().metadata().unwrap().len();
+            files += 1;
+        }
+    }
+    assert_eq!(g.blobs, files);
+    assert_eq!(g.bytes_stored, stored);
+    drop(core);
+    let report = crate::store::fsck::run(&t.0, false).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
 }

@@ -15,11 +15,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::path::Path;
 
-use crate::blobs::Blobs;
-use crate::clock::LEASE_NS;
-use crate::ids::{BlobId, Ino};
-use crate::meta::{open_store, u64_value, Cf, Content, Inode, Kind, Store};
 use crate::stats::StoreGauges;
+use crate::store::blobs::Blobs;
+use crate::store::clock::LEASE_NS;
+use crate::store::ids::{BlobId, Ino};
+use crate::store::meta::{open_store, u64_value, Cf, Content, Inode, Kind, Store};
 
 /// What fsck found.
 #[derive(Default)]
@@ -249,7 +249,11 @@ pub fn run(root: &Path, repair: bool) -> Result<Report, String> {
         r.problems.push(format!(
             "clock lease {lease} is behind a recorded time {max_time_ns}"
         ));
-        batch.put_clock_lease(max_time_ns + LEASE_NS);
+        if repair {
+            store
+                .put_clock_lease(max_time_ns + LEASE_NS)
+                .map_err(|e| e.to_string())?;
+        }
     }
 
     // Drop damaged inodes with their names and references.
@@ -301,7 +305,12 @@ pub fn run(root: &Path, repair: bool) -> Result<Report, String> {
             "store counters say {recorded:?}, the store holds {expected:?}"
         ));
     }
-    batch.put_gauges(&expected);
+    let delta = |want: u64, have: u64| want as i64 - have as i64;
+    batch.add_gauges(
+        delta(expected.blobs, recorded.blobs),
+        delta(expected.bytes_stored, recorded.bytes_stored),
+        delta(expected.bytes_logical, recorded.bytes_logical),
+    );
 
     if repair {
         batch

@@ -28,8 +28,8 @@ use rocksdb::{
 
 use crate::classes::Class;
 use crate::error::{Error, Result};
-use crate::ids::{BlobId, Ino};
 use crate::stats::StoreGauges;
+use crate::store::ids::{BlobId, Ino};
 
 /// The on-disk format this build reads and writes.
 pub const FORMAT_VERSION: u32 = 1;
@@ -38,7 +38,7 @@ const MARKER: &str = "casfs-store";
 /// Every column family, declared once. Retired ones stay listed.
 #[derive(Clone, Copy, Debug)]
 pub enum Cf {
-    /// Store-wide values: format version, next inode number.
+    /// Store-wide values: format version, the inode-number lease.
     Meta,
     /// Ino -> inode record.
     Inodes,
@@ -51,7 +51,9 @@ pub enum Cf {
     /// Ino -> reason: inodes to clean up after a crash (not yet bound, or
     /// bound while their bytes were still being written).
     Pending,
-    /// Store gauges: blobs, bytes stored, logical bytes.
+    /// Store gauges (blobs, bytes stored, logical bytes), one key each,
+    /// changed only by adding deltas through the `add` merge operator, so
+    /// concurrent batches never read-modify-write them.
     Counters,
     /// The clock's persisted lease.
     Clock,
@@ -69,9 +71,36 @@ const CFS: [(Cf, &str); 8] = [
 ];
 
 const KEY_FORMAT: &[u8] = b"format_version";
+/// Inode numbers below this value may have been handed out: a lease, raised
+/// (before any number above the old one is used) in steps of `INO_LEASE`.
 const KEY_NEXT_INO: &[u8] = b"next_ino";
 const KEY_LEASE: &[u8] = b"lease_ns";
-const KEY_GAUGES: &[u8] = b"gauges";
+/// Retired: the three gauges in one record, rewritten by every batch.
+/// Converted to the keys below when a store is opened.
+const KEY_GAUGES_RETIRED: &[u8] = b"gauges";
+const KEY_GAUGE_BLOBS: &[u8] = b"gauge_blobs";
+const KEY_GAUGE_BYTES_STORED: &[u8] = b"gauge_bytes_stored";
+const KEY_GAUGE_BYTES_LOGICAL: &[u8] = b"gauge_bytes_logical";
+/// How many inode numbers one lease covers.
+pub const INO_LEASE: u64 = 1 << 16;
+
+/// The counters' merge operator: values and operands are i64 little-endian
+/// deltas, and the value is their sum (a gauge never goes below zero).
+fn add_merge(
+    _key: &[u8],
+    existing: Option<&[u8]>,
+    operands: &rocksdb::MergeOperands,
+) -> Option<Vec<u8>> {
+    let mut sum = existing.map_or(0, i64_value);
+    for op in operands {
+        sum = sum.wrapping_add(i64_value(op));
+    }
+    Some(sum.to_le_bytes().to_vec())
+}
+
+fn i64_value(v: &[u8]) -> i64 {
+    u64_value(v) as i64
+}
 
 /// What kind of object an inode is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -329,9 +358,12 @@ pub fn open_store(root: &Path) -> std::result::Result<Store, String> {
     opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
     opts.set_keep_log_file_num(4);
     opts.set_max_total_wal_size(64 << 20);
-    let cfs = CFS.iter().map(|(_, name)| {
+    let cfs = CFS.iter().map(|(cf, name)| {
         let mut o = Options::default();
         o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        if matches!(cf, Cf::Counters) {
+            o.set_merge_operator_associative("casfs_add_i64", add_merge);
+        }
         ColumnFamilyDescriptor::new(*name, o)
     });
     let db = DB::open_cf_descriptors(&opts, root.join("meta"), cfs)
@@ -369,6 +401,7 @@ pub fn open_store(root: &Path) -> std::result::Result<Store, String> {
             ))
         }
     }
+    store.convert_retired_gauges()?;
     Ok(store)
 }
 
@@ -523,12 +556,37 @@ impl Store {
         Ok(out)
     }
 
-    pub fn next_ino(&self) -> Result<u64> {
+    /// The inode-number lease: every number at or above it is unused.
+    pub fn ino_lease(&self) -> Result<u64> {
         let v = self
             .db
             .get_cf(self.cf(Cf::Meta), KEY_NEXT_INO)
             .map_err(|e| Error::db(e, "read next inode"))?;
         Ok(v.map(|v| u64_value(&v)).unwrap_or(Ino::FIRST_DYNAMIC.0))
+    }
+
+    /// Raises the inode-number lease. Not synced: a batch that uses a number
+    /// below it is written to the log after this, so a crash that loses the
+    /// lease loses every batch that used it too.
+    pub fn put_ino_lease(&self, lease: u64) -> Result<()> {
+        self.db
+            .put_cf(self.cf(Cf::Meta), KEY_NEXT_INO, lease.to_le_bytes())
+            .map_err(|e| Error::db(e, "write inode lease"))
+    }
+
+    /// Persists the clock's lease (same ordering argument as the inode lease).
+    pub fn put_clock_lease(&self, lease_ns: u64) -> Result<()> {
+        self.db
+            .put_cf(self.cf(Cf::Clock), KEY_LEASE, lease_ns.to_le_bytes())
+            .map_err(|e| Error::db(e, "write clock lease"))
+    }
+
+    /// Makes every batch written so far durable (one fsync of the log; the
+    /// batches of concurrent callers share it).
+    pub fn sync_log(&self) -> Result<()> {
+        self.db
+            .flush_wal(true)
+            .map_err(|e| Error::db(e, "sync log"))
     }
 
     pub fn clock_lease(&self) -> Result<u64> {
@@ -540,18 +598,40 @@ impl Store {
     }
 
     pub fn gauges(&self) -> Result<StoreGauges> {
-        let v = self
-            .db
-            .get_cf(self.cf(Cf::Counters), KEY_GAUGES)
-            .map_err(|e| Error::db(e, "read counters"))?;
-        Ok(match v {
-            Some(v) if v.len() >= 24 => StoreGauges {
-                blobs: u64_value(&v[0..8]),
-                bytes_stored: u64_value(&v[8..16]),
-                bytes_logical: u64_value(&v[16..24]),
-            },
-            _ => StoreGauges::default(),
+        let get = |key: &[u8]| -> Result<u64> {
+            let v = self
+                .db
+                .get_cf(self.cf(Cf::Counters), key)
+                .map_err(|e| Error::db(e, "read counters"))?;
+            Ok(v.map_or(0, |v| i64_value(&v).max(0) as u64))
+        };
+        Ok(StoreGauges {
+            blobs: get(KEY_GAUGE_BLOBS)?,
+            bytes_stored: get(KEY_GAUGE_BYTES_STORED)?,
+            bytes_logical: get(KEY_GAUGE_BYTES_LOGICAL)?,
         })
+    }
+
+    /// Converts the retired one-record gauges of an older store into the
+    /// per-gauge keys (once, in one batch).
+    fn convert_retired_gauges(&self) -> std::result::Result<(), String> {
+        let cf = self.cf(Cf::Counters);
+        let Some(v) = self
+            .db
+            .get_cf(cf, KEY_GAUGES_RETIRED)
+            .map_err(|e| e.to_string())?
+        else {
+            return Ok(());
+        };
+        let mut wb = WriteBatch::default();
+        if v.len() >= 24 {
+            wb.put_cf(cf, KEY_GAUGE_BLOBS, v[0..8].to_vec());
+            wb.put_cf(cf, KEY_GAUGE_BYTES_STORED, v[8..16].to_vec());
+            wb.put_cf(cf, KEY_GAUGE_BYTES_LOGICAL, v[16..24].to_vec());
+        }
+        wb.delete_cf(cf, KEY_GAUGES_RETIRED);
+        self.db.write(wb).map_err(|e| e.to_string())?;
+        self.db.flush_wal(true).map_err(|e| e.to_string())
     }
 
     /// Calls `f` on every raw record of a column family (fsck).
@@ -632,20 +712,18 @@ impl Batch<'_> {
     pub fn delete_pending(&mut self, ino: Ino) {
         self.wb.delete_cf(self.store.cf(Cf::Pending), ino.key());
     }
-    pub fn put_next_ino(&mut self, next: u64) {
-        self.wb
-            .put_cf(self.store.cf(Cf::Meta), KEY_NEXT_INO, next.to_le_bytes());
-    }
-    pub fn put_clock_lease(&mut self, lease_ns: u64) {
-        self.wb
-            .put_cf(self.store.cf(Cf::Clock), KEY_LEASE, lease_ns.to_le_bytes());
-    }
-    pub fn put_gauges(&mut self, g: &StoreGauges) {
-        let mut v = Vec::with_capacity(24);
-        v.extend_from_slice(&g.blobs.to_le_bytes());
-        v.extend_from_slice(&g.bytes_stored.to_le_bytes());
-        v.extend_from_slice(&g.bytes_logical.to_le_bytes());
-        self.wb.put_cf(self.store.cf(Cf::Counters), KEY_GAUGES, v);
+    /// Adds signed deltas to the store gauges (merge, no read).
+    pub fn add_gauges(&mut self, blobs: i64, bytes_stored: i64, bytes_logical: i64) {
+        let cf = self.store.cf(Cf::Counters);
+        for (key, delta) in [
+            (KEY_GAUGE_BLOBS, blobs),
+            (KEY_GAUGE_BYTES_STORED, bytes_stored),
+            (KEY_GAUGE_BYTES_LOGICAL, bytes_logical),
+        ] {
+            if delta != 0 {
+                self.wb.merge_cf(cf, key, delta.to_le_bytes());
+            }
+        }
     }
 
     /// Applies the batch atomically. `sync` makes it durable against power

@@ -40,12 +40,44 @@ impl fmt::Display for Ino {
     }
 }
 
+/// Hands out inode numbers from a persisted lease, so allocating one never
+/// writes to the store except once per `meta::INO_LEASE` numbers.
+///
+/// Invariant: every number handed out is below the persisted lease, and the
+/// lease is raised (written) before a number above the old one is used; so
+/// after a restart, which starts at the lease, no number is reused.
+pub struct InoAllocator {
+    /// (next number, lease): guarded together; held only to bump them.
+    state: std::sync::Mutex<(u64, u64)>,
+}
+
+impl InoAllocator {
+    pub fn start(persisted_lease: u64) -> InoAllocator {
+        let start = persisted_lease.max(Ino::FIRST_DYNAMIC.0);
+        InoAllocator {
+            state: std::sync::Mutex::new((start, persisted_lease)),
+        }
+    }
+
+    /// The next number; `persist` writes a new lease when one is needed.
+    pub fn next<E>(&self, persist: impl FnOnce(u64) -> Result<(), E>) -> Result<Ino, E> {
+        let mut s = self.state.lock().unwrap();
+        if s.0 >= s.1 {
+            let lease = s.0 + crate::store::meta::INO_LEASE;
+            persist(lease)?;
+            s.1 = lease;
+        }
+        let ino = Ino(s.0);
+        s.0 += 1;
+        Ok(ino)
+    }
+}
+
 /// A blob's name: the BLAKE3 hash of its bytes.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BlobId(pub [u8; 32]);
 
 impl BlobId {
-    #[cfg(test)]
     pub fn of(bytes: &[u8]) -> BlobId {
         BlobId(*blake3::hash(bytes).as_bytes())
     }

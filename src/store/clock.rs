@@ -26,13 +26,6 @@ struct State {
     lease_ns: u64,
 }
 
-/// What a tick asks the caller to persist: a new lease, to be written in
-/// the same batch as the change that used the tick.
-pub struct Tick {
-    pub ns: u64,
-    pub new_lease_ns: Option<u64>,
-}
-
 pub fn wall_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -55,19 +48,20 @@ impl Clock {
         }
     }
 
-    /// The next timestamp. When it passes the lease, the caller must persist
-    /// `new_lease_ns` before the timestamp becomes visible (same batch).
-    pub fn tick(&self) -> Tick {
+    /// The next timestamp. When it reaches the lease, `persist` is called
+    /// with a new lease before the timestamp is handed out, under the
+    /// clock's own lock (so leases are written in increasing order and
+    /// before any batch that uses a time below them). `persist` returns
+    /// false if it could not write; the lease is then retried on the next
+    /// tick.
+    pub fn tick(&self, persist: impl FnOnce(u64) -> bool) -> u64 {
         let mut s = self.state.lock().unwrap();
         let ns = wall_ns().max(s.last_ns + 1);
         s.last_ns = ns;
-        let new_lease_ns = if ns >= s.lease_ns {
+        if ns >= s.lease_ns && persist(ns + LEASE_NS) {
             s.lease_ns = ns + LEASE_NS;
-            Some(s.lease_ns)
-        } else {
-            None
-        };
-        Tick { ns, new_lease_ns }
+        }
+        ns
     }
 
     /// Takes in a timestamp seen elsewhere (another host's mtime), so later
@@ -92,7 +86,7 @@ mod tests {
         let mut prev = 0;
         for _ in 0..10_000 {
             let before = wall_ns();
-            let t = clock.tick().ns;
+            let t = clock.tick(|_| true);
             assert!(t > prev);
             assert!(t >= before);
             prev = t;
@@ -103,8 +97,12 @@ mod tests {
     fn restart_from_lease_is_above_everything_handed_out() {
         let future = wall_ns() + 3_600_000_000_000;
         let clock = Clock::start(future);
-        let t = clock.tick();
-        assert!(t.ns > future);
-        assert!(t.new_lease_ns.unwrap() > t.ns);
+        let mut lease = None;
+        let t = clock.tick(|l| {
+            lease = Some(l);
+            true
+        });
+        assert!(t > future);
+        assert!(lease.unwrap() > t);
     }
 }

@@ -31,12 +31,12 @@ use fuser::{
 };
 use log::debug;
 
-use crate::clock::to_system_time;
-use crate::core::{Attr, Caller, Core, Invalidate, KernelCache, SetAttr, NAME_BYTES_MAX};
 use crate::error::Error;
-use crate::ids::{BlobId, Ino};
-use crate::meta::Kind;
+use crate::fs::{Attr, Caller, Core, Invalidate, KernelCache, SetAttr, NAME_BYTES_MAX};
 use crate::stats::Op;
+use crate::store::clock::to_system_time;
+use crate::store::ids::{BlobId, Ino};
+use crate::store::meta::Kind;
 
 /// How long the kernel may trust names (present or absent) and attributes.
 /// On one host every change either goes through this kernel, which keeps its

@@ -11,11 +11,11 @@ use std::sync::Arc;
 use fuser::{Config as FuseConfig, MountOption, Session, SessionACL};
 use log::{error, info, warn};
 
-use crate::core::{Config, Core};
+use crate::fs::{Config, Core};
 use crate::fuse::{CasFs, Kernel};
-use crate::meta::open_store;
 use crate::shared::tier::{LostRace, Tier};
 use crate::shared::EngineConfig;
+use crate::store::meta::open_store;
 
 /// Everything `casfs mount` needs, validated.
 pub struct MountArgs {
@@ -121,6 +121,16 @@ fn block_signals() -> libc::sigset_t {
     }
 }
 
+/// Most FUSE worker threads (each holds a descriptor and a request buffer).
+pub const THREADS_MAX: usize = 64;
+
+/// FUSE workers by default: one per CPU the daemon may run on, bounded.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(4, |n| n.get())
+        .clamp(2, THREADS_MAX)
+}
+
 /// Runs the daemon in the foreground until the filesystem is unmounted.
 pub fn run(args: MountArgs) -> Result<(), String> {
     let signals = block_signals();
@@ -150,7 +160,10 @@ pub fn run(args: MountArgs) -> Result<(), String> {
     } else {
         SessionACL::Owner
     };
-    fuse_config.n_threads = Some(args.threads.max(1));
+    fuse_config.n_threads = Some(args.threads.clamp(1, THREADS_MAX));
+    // One /dev/fuse descriptor per worker: workers do not contend on one
+    // file's wait queue, and the kernel hands each request to one of them.
+    fuse_config.clone_fd = true;
 
     if let Some((url, engine_config)) = &args.shared {
         let engine =

@@ -1,0 +1,533 @@
+//! Open files: the handle table, open/create, read/write, flush/release.
+//!
+//! Invariants:
+//! - For every open or create there is exactly one release; a handle holds
+//!   its own descriptor on the blob or staging file, so what it reads never
+//!   changes under it (published blobs are immutable).
+//! - A handle open for writing counts as a writer in `usage` until its bytes
+//!   are published or it is released; the last writer's close publishes.
+//! - A blob is verified against its hash at its first open in this mount
+//!   (on the configured sample), outside any lock; then it is remembered in
+//!   `verified` (bounded) and not hashed again until the scrub checks it.
+
+use std::fs::File;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+use log::{debug, warn};
+
+use crate::classes::Class;
+use crate::error::{Error, Result};
+use crate::fs::locks::Sharded;
+use crate::fs::txn::After;
+use crate::fs::{Attr, Caller, Core, Invalidate, RETRIES_MAX, VERIFIED_BLOBS_MAX};
+use crate::stats::Stats;
+use crate::store::blobs::Blobs;
+use crate::store::ids::{BlobId, Ino};
+use crate::store::meta::{Content, Inode, Kind, PendingReason};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Read,
+    /// Writes go to the staging file.
+    Write,
+    /// A write open of a published result: reads see the result, writes are
+    /// accepted and discarded (create-only), counted once as a conflict.
+    Discard,
+}
+
+#[derive(PartialEq, Eq)]
+enum Restage {
+    Discarded,
+    Restaged,
+    AlreadyRestaged,
+}
+
+struct Handle {
+    ino: Ino,
+    mode: Mode,
+    /// The blob or staging file. Replaced when a write arrives after the
+    /// handle's bytes were published (`restage`).
+    file: RwLock<Option<File>>,
+    /// Rendered statistics for the virtual files.
+    virt: Option<Vec<u8>>,
+    /// Set when this handle's bytes were published at close while the
+    /// handle stays open (a duplicated descriptor): a later write through it
+    /// starts a new version (`restage`) instead of touching the blob.
+    published: AtomicBool,
+    dirty: AtomicBool,
+    conflict_counted: AtomicBool,
+    /// For a read of a published result: its blob, which never changes,
+    /// so the kernel may read the blob file directly (passthrough).
+    immutable_blob: Option<BlobId>,
+}
+
+/// Open handles by number (a leaf table).
+pub(super) struct HandleTable {
+    map: Sharded<u64, Arc<Handle>>,
+}
+
+impl HandleTable {
+    pub fn new() -> HandleTable {
+        HandleTable {
+            map: Sharded::new(),
+        }
+    }
+}
+
+impl Core {
+    fn new_handle(
+        &self,
+        ino: Ino,
+        mode: Mode,
+        file: Option<File>,
+        virt: Option<Vec<u8>>,
+        immutable_blob: Option<BlobId>,
+    ) -> u64 {
+        let fh = self.next_fh();
+        let h = Handle {
+            ino,
+            mode,
+            file: RwLock::new(file),
+            virt,
+            published: AtomicBool::new(false),
+            dirty: AtomicBool::new(false),
+            conflict_counted: AtomicBool::new(false),
+            immutable_blob,
+        };
+        self.handles.map.with(&fh, |m| m.insert(fh, Arc::new(h)));
+        fh
+    }
+
+    /// For a handle reading a published result: the blob and a descriptor
+    /// of its file, which the kernel may read directly (FUSE passthrough).
+    pub fn passthrough_source(&self, fh: u64) -> Option<(BlobId, File)> {
+        let h = self.handle(fh).ok()?;
+        let id = h.immutable_blob?;
+        let file = h.file.read().unwrap().as_ref()?.try_clone().ok()?;
+        Some((id, file))
+    }
+
+    fn handle(&self, fh: u64) -> Result<Arc<Handle>> {
+        self.handles
+            .map
+            .with(&fh, |m| m.get(&fh).cloned())
+            .ok_or_else(|| Error::errno(libc::EBADF))
+    }
+
+    fn should_verify(&self) -> bool {
+        let n = self.open_counter.fetch_add(1, Ordering::Relaxed);
+        (n % 100) < self.config.verify_percent as u64
+    }
+
+    /// Opens `ino`. Returns the handle and whether reads must bypass the
+    /// page cache (the statistics files).
+    pub fn open(&self, ino: Ino, flags: i32) -> Result<(u64, bool)> {
+        let write = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
+        if ino.is_virtual() {
+            if write {
+                return Err(Error::errno(libc::EROFS));
+            }
+            if ino == Ino::STATS_DIR {
+                return Err(Error::errno(libc::EISDIR));
+            }
+            let bytes = self.render(ino);
+            self.usage.open(ino, false);
+            return Ok((
+                self.new_handle(ino, Mode::Read, None, Some(bytes), None),
+                true,
+            ));
+        }
+        if write {
+            self.writable()?;
+            return self
+                .open_write(ino, flags & libc::O_TRUNC != 0)
+                .map(|fh| (fh, false));
+        }
+        for _ in 0..RETRIES_MAX {
+            let inode = self.inode(ino)?;
+            let (file, immutable_blob) = match &inode.content {
+                Content::None if inode.kind == Kind::Dir => (None, None),
+                Content::Blob(id) => match self.open_verified(&inode, *id)? {
+                    Some(f) => (Some(f), (inode.class == Class::Result).then_some(*id)),
+                    None => continue, // its content changed meanwhile
+                },
+                Content::Staged => match self.blobs.open_staging(ino, false) {
+                    Ok(f) => (Some(f), None),
+                    Err(_) if self.inode(ino)?.content != Content::Staged => continue,
+                    Err(e) => return Err(self.count_error(e)),
+                },
+                _ => (None, None),
+            };
+            if immutable_blob.is_some() {
+                Stats::bump(&self.stats.counters.hits);
+            }
+            self.usage.open(ino, false);
+            return Ok((
+                self.new_handle(ino, Mode::Read, file, None, immutable_blob),
+                false,
+            ));
+        }
+        Err(Error::with_context(
+            libc::EAGAIN,
+            format!("open ino={ino}: content kept changing"),
+        ))
+    }
+
+    /// Opens for writing: a writer of a published result is a `Discard`
+    /// handle; anything else writes its staging file (copied up from its
+    /// blob first if it has one).
+    fn open_write(&self, ino: Ino, truncate: bool) -> Result<u64> {
+        // Counted as a writer first: no publication may seal it from now on.
+        self.usage.open(ino, true);
+        let result = self.open_write_locked(ino, truncate);
+        match result {
+            Ok((file, Mode::Write)) => {
+                Ok(self.new_handle(ino, Mode::Write, Some(file), None, None))
+            }
+            Ok((file, mode)) => {
+                self.usage.writer_done(ino);
+                let fh = self.new_handle(ino, mode, Some(file), None, None);
+                if truncate {
+                    Stats::bump(&self.stats.counters.conflicts);
+                    self.handle(fh)?
+                        .conflict_counted
+                        .store(true, Ordering::Relaxed);
+                }
+                Ok(fh)
+            }
+            Err(e) => {
+                self.usage.close(ino, true);
+                Err(e)
+            }
+        }
+    }
+
+    fn open_write_locked(&self, ino: Ino, truncate: bool) -> Result<(File, Mode)> {
+        let _g = self.lock(&[ino]);
+        let mut inode = self.inode(ino)?;
+        if inode.kind == Kind::Dir {
+            return Err(Error::errno(libc::EISDIR));
+        }
+        let mut txn = self.txn();
+        match (&inode.content, inode.class) {
+            (Content::Blob(id), Class::Result) => Ok((self.open_blob(id)?, Mode::Discard)),
+            (Content::Blob(id), _) => {
+                let id = *id;
+                self.lock_blobs(&mut txn, &[id]);
+                self.copy_up(&mut txn, &mut inode, if truncate { Some(0) } else { None })?;
+                inode.mtime_ns = self.now();
+                txn.batch.put_inode(&inode);
+                self.commit(txn)?;
+                Ok((self.blobs.open_staging(ino, true)?, Mode::Write))
+            }
+            (Content::Staged, class) => {
+                let file = self.blobs.open_staging(ino, true)?;
+                if truncate {
+                    file.set_len(0).map_err(|e| Error::io(e, "truncate"))?;
+                    inode.mtime_ns = self.now();
+                    inode.size = 0;
+                    txn.batch.put_inode(&inode);
+                }
+                if class.is_blob() && inode.nlink > 0 {
+                    txn.batch.put_pending(ino, PendingReason::Unsealed);
+                }
+                self.commit(txn)?;
+                Ok((file, Mode::Write))
+            }
+            _ => Err(Error::errno(libc::EINVAL)),
+        }
+    }
+
+    /// Opens a blob, verifying it at its first open (on the configured
+    /// sample). A blob that fails is quarantined and its names dropped: the
+    /// open fails with EIO. None: the inode no longer points at `id`.
+    fn open_verified(&self, inode: &Inode, id: BlobId) -> Result<Option<File>> {
+        let file = match self.open_blob(&id) {
+            Ok(f) => f,
+            Err(e) => {
+                if self.store.inode(inode.ino)?.map(|i| i.content) != Some(Content::Blob(id)) {
+                    return Ok(None);
+                }
+                warn!("blob {id} of ino={} is missing: {e}", inode.ino);
+                self.drop_corrupt(id)?;
+                return Err(Error::with_context(
+                    libc::EIO,
+                    format!("blob {id} is missing"),
+                ));
+            }
+        };
+        let known_good = self.verified.with(&id, |m| m.contains_key(&id));
+        if !known_good && self.should_verify() {
+            Stats::bump(&self.stats.counters.blobs_verified);
+            if !Blobs::verify(&file, &id)? {
+                warn!(
+                    "corrupt blob={id} ino={} name={:?}: bytes do not match the hash; quarantined",
+                    inode.ino,
+                    String::from_utf8_lossy(&inode.name)
+                );
+                self.drop_corrupt(id)?;
+                return Err(Error::errno(libc::EIO));
+            }
+            self.verified.with(&id, |m| {
+                if m.len() >= VERIFIED_BLOBS_MAX / crate::fs::locks::SHARDS {
+                    m.clear();
+                }
+                m.insert(id, ());
+            });
+        }
+        Ok(Some(file))
+    }
+
+    pub fn create(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        flags: i32,
+        caller: Caller,
+    ) -> Result<(Attr, u64)> {
+        self.check_new_name(parent, name)?;
+        if let Some(existing) = self.store.dentry(parent, name)? {
+            if flags & libc::O_EXCL != 0 {
+                return Err(Error::errno(libc::EEXIST));
+            }
+            let (fh, _) = self.open(existing, flags)?;
+            let attr = self.getattr(existing)?;
+            self.usage.remember(existing);
+            return Ok((attr, fh));
+        }
+        self.check_space()?;
+        let class = self.class_of(parent, name)?;
+        let ino = self.alloc_ino()?;
+        let file = self.blobs.create_staging(ino)?;
+        let result = self.create_locked(parent, name, mode, caller, class, ino);
+        let inode = match result {
+            Ok(inode) => inode,
+            Err(e) => {
+                self.blobs.remove_staging(ino);
+                return Err(e);
+            }
+        };
+        let fh = self.new_handle(ino, Mode::Write, Some(file), None, None);
+        Ok((self.attr_of(&inode), fh))
+    }
+
+    fn create_locked(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        caller: Caller,
+        class: Class,
+        ino: Ino,
+    ) -> Result<Inode> {
+        let _g = self.lock(&[parent]);
+        if self.store.dentry(parent, name)?.is_some() {
+            return Err(Error::errno(libc::EEXIST));
+        }
+        let dir = self.inode(parent)?;
+        let mut txn = self.txn();
+        let now = self.now();
+        let perm = (mode & 0o7777) as u16;
+        let mut inode = self.new_inode(ino, Kind::File, class, perm, caller, &dir, name, now);
+        inode.content = Content::Staged;
+        let awaiting_bind = matches!(class, Class::Result | Class::CcacheEntry);
+        match class {
+            Class::Local => txn.batch.put_dentry(parent, name, ino),
+            Class::Mutable => {
+                txn.batch.put_dentry(parent, name, ino);
+                txn.batch.put_pending(ino, PendingReason::Unsealed);
+            }
+            Class::Result | Class::CcacheEntry => {
+                // Not visible under its name until it is published at close.
+                inode.nlink = 0;
+                txn.batch.put_pending(ino, PendingReason::Unbound);
+            }
+        }
+        txn.batch.put_inode(&inode);
+        if inode.nlink > 0 {
+            self.touch_dir(&mut txn, dir, now);
+        }
+        self.usage.remember(ino);
+        self.usage.open(ino, true);
+        self.usage.set_awaiting_bind(ino, awaiting_bind);
+        if let Err(e) = self.commit(txn) {
+            self.usage.set_awaiting_bind(ino, false);
+            self.usage.close(ino, true);
+            self.usage.forget(ino, 1);
+            return Err(e);
+        }
+        Ok(inode)
+    }
+
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let h = self.handle(fh)?;
+        if let Some(v) = &h.virt {
+            let start = (offset as usize).min(v.len());
+            let end = (start + size as usize).min(v.len());
+            return Ok(v[start..end].to_vec());
+        }
+        let guard = h.file.read().unwrap();
+        let Some(file) = guard.as_ref() else {
+            return Err(Error::errno(libc::EISDIR));
+        };
+        let mut buf = vec![0u8; size as usize];
+        let mut done = 0;
+        while done < buf.len() {
+            let n = file
+                .read_at(&mut buf[done..], offset + done as u64)
+                .map_err(|e| Error::io(e, "read"))?;
+            if n == 0 {
+                break;
+            }
+            done += n;
+        }
+        buf.truncate(done);
+        Ok(buf)
+    }
+
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        let h = self.handle(fh)?;
+        match h.mode {
+            Mode::Read => Err(Error::errno(libc::EBADF)),
+            Mode::Discard => {
+                if !h.conflict_counted.swap(true, Ordering::Relaxed) {
+                    Stats::bump(&self.stats.counters.conflicts);
+                    debug!("write ino={} outcome=discarded-onto-existing-result", h.ino);
+                }
+                Ok(data.len() as u32)
+            }
+            Mode::Write => {
+                if h.published.load(Ordering::Acquire) && self.restage(&h)? {
+                    return Ok(data.len() as u32);
+                }
+                self.check_space()?;
+                let guard = h.file.read().unwrap();
+                let file = guard.as_ref().expect("write handles hold a file");
+                file.write_all_at(data, offset).map_err(|e| {
+                    self.count_error(Error::io(e, format_args!("write ino={}", h.ino)))
+                })?;
+                h.dirty.store(true, Ordering::Relaxed);
+                Ok(data.len() as u32)
+            }
+        }
+    }
+
+    /// A write through a handle whose bytes were already published: a
+    /// result keeps its published bytes (the write is discarded, counted as
+    /// a conflict: returns true); anything else is copied back to a staging
+    /// file that this handle writes from now on, published again at close.
+    fn restage(&self, h: &Handle) -> Result<bool> {
+        // Counted as a writer (after any seal of it ends) before the lock.
+        self.usage.writer_again(h.ino);
+        let result = self.restage_locked(h);
+        if !matches!(result, Ok(Restage::Restaged)) {
+            self.usage.writer_done(h.ino);
+        }
+        result.map(|r| r == Restage::Discarded)
+    }
+
+    fn restage_locked(&self, h: &Handle) -> Result<Restage> {
+        let _g = self.lock(&[h.ino]);
+        if !h.published.load(Ordering::Acquire) {
+            return Ok(Restage::AlreadyRestaged); // another write got here first
+        }
+        let mut inode = self.inode(h.ino)?;
+        match (&inode.content, inode.class) {
+            (Content::Blob(_), Class::Result) => {
+                if !h.conflict_counted.swap(true, Ordering::Relaxed) {
+                    Stats::bump(&self.stats.counters.conflicts);
+                    debug!("write ino={} outcome=discarded-after-publication", h.ino);
+                }
+                return Ok(Restage::Discarded);
+            }
+            (Content::Blob(id), _) => {
+                let id = *id;
+                let mut txn = self.txn();
+                self.lock_blobs(&mut txn, &[id]);
+                self.copy_up(&mut txn, &mut inode, None)?;
+                inode.mtime_ns = self.now();
+                txn.batch.put_inode(&inode);
+                self.commit(txn)?;
+            }
+            (Content::Staged, _) => {}
+            _ => return Err(Error::errno(libc::EBADF)),
+        }
+        *h.file.write().unwrap() = Some(self.blobs.open_staging(h.ino, true)?);
+        h.published.store(false, Ordering::Release);
+        Ok(Restage::Restaged)
+    }
+
+    /// On close: record size and mtime; if this was the last writer of a
+    /// shared-class file, publish it now so close() reports any failure.
+    pub fn flush(&self, fh: u64) -> Result<()> {
+        let h = self.handle(fh)?;
+        if h.mode != Mode::Write || h.published.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if h.dirty.swap(false, Ordering::Relaxed) {
+            let _g = self.lock(&[h.ino]);
+            if let Some(mut inode) = self.store.inode(h.ino)? {
+                if inode.content == Content::Staged {
+                    let mut txn = self.txn();
+                    inode.mtime_ns = self.now();
+                    inode.size = h
+                        .file
+                        .read()
+                        .unwrap()
+                        .as_ref()
+                        .and_then(|f| f.metadata().ok())
+                        .map_or(inode.size, |m| m.size());
+                    txn.batch.put_inode(&inode);
+                    txn.after.push(After::Invalidate(Invalidate::Attr(h.ino)));
+                    self.commit(txn)?;
+                }
+            }
+        }
+        if self.usage.writers(h.ino) > 1 {
+            return Ok(());
+        }
+        let Some(inode) = self.store.inode(h.ino)? else {
+            return Ok(());
+        };
+        if inode.content != Content::Staged || !inode.class.is_blob() {
+            return Ok(());
+        }
+        // This handle writes no more: publication sees a stable file.
+        if h.published.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        self.usage.writer_done(h.ino);
+        self.publish_if_idle(h.ino)
+    }
+
+    pub fn release(&self, fh: u64) -> Result<()> {
+        let Some(h) = self.handles.map.with(&fh, |m| m.remove(&fh)) else {
+            return Err(Error::errno(libc::EBADF));
+        };
+        let ino = h.ino;
+        let was_writer = h.mode == Mode::Write && !h.published.load(Ordering::Acquire);
+        self.usage.close(ino, was_writer);
+        if ino.is_virtual() {
+            return Ok(());
+        }
+        let result = if was_writer {
+            self.publish_if_idle(ino)
+        } else {
+            Ok(())
+        };
+        drop(h);
+        self.maybe_forget(ino)?;
+        result
+    }
+
+    pub fn fsync(&self, fh: u64) -> Result<()> {
+        let h = self.handle(fh)?;
+        if let (Mode::Write, Some(f)) = (h.mode, h.file.read().unwrap().as_ref()) {
+            f.sync_all().map_err(|e| Error::io(e, "fsync"))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,715 @@
+//! Names and attributes: lookup, getattr and setattr, directories, symlinks,
+//! unlink, rename and link.
+//!
+//! Invariants:
+//! - A name is read and the kernel's reference to what it names is counted
+//!   under the directory's stripe (shared), so an unbind, which holds the
+//!   stripe exclusively, either comes before (the lookup misses) or sees the
+//!   reference (the inode stays until the kernel forgets it).
+//! - A rename or link onto a published result keeps the result (create-only)
+//!   and counts a conflict; anything else is replaced as on a local disk.
+//! - A rename that publishes prepares the blob (hash, sync, link) before it
+//!   takes a lock, and re-checks under the locks that nothing changed.
+
+use log::debug;
+
+use crate::classes::Class;
+use crate::error::{enoent, Error, Result};
+use crate::fs::locks::InodeGuard;
+use crate::fs::publish::Prepared;
+use crate::fs::txn::After;
+use crate::fs::{
+    check_name, Attr, Caller, Core, DirEntry, Invalidate, SetAttr, DIR_ENTRIES_MAX, NAME_BYTES_MAX,
+    RETRIES_MAX, SYMLINK_BYTES_MAX,
+};
+use crate::stats::Stats;
+use crate::store::ids::Ino;
+use crate::store::meta::{Content, Inode, Kind};
+
+impl Core {
+    /// Locks `fixed` plus each directory in `names` and the inode its name
+    /// is bound to now, re-reading the names after locking until they are
+    /// stable. Returns the guard and the bound inodes, in `names` order.
+    pub(super) fn lock_names(
+        &self,
+        fixed: &[Ino],
+        names: &[(Ino, &[u8])],
+    ) -> Result<(InodeGuard<'_>, Vec<Option<Ino>>)> {
+        let read = |names: &[(Ino, &[u8])]| -> Result<Vec<Option<Ino>>> {
+            names
+                .iter()
+                .map(|(p, n)| self.store.dentry(*p, n))
+                .collect()
+        };
+        let mut found = read(names)?;
+        for _ in 0..RETRIES_MAX {
+            let mut set = fixed.to_vec();
+            set.extend(names.iter().map(|(p, _)| *p));
+            set.extend(found.iter().flatten());
+            let guard = self.lock(&set);
+            let again = read(names)?;
+            if again == found {
+                return Ok((guard, found));
+            }
+            found = again;
+        }
+        Err(Error::with_context(
+            libc::EAGAIN,
+            "names kept changing while locking them",
+        ))
+    }
+
+    pub fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Attr> {
+        Stats::bump(&self.stats.counters.lookups);
+        if name.len() > NAME_BYTES_MAX {
+            return Err(Error::errno(libc::ENAMETOOLONG));
+        }
+        if let Some(answer) = self.lookup_virtual(parent, name) {
+            return answer;
+        }
+        {
+            let _shared = self.inode_locks.read(parent, &self.stats.lock_wait);
+            if let Some(ino) = self.store.dentry(parent, name)? {
+                if let Some(inode) = self.store.inode(ino)? {
+                    self.usage.remember(ino);
+                    return Ok(self.attr_of(&inode));
+                }
+            }
+        }
+        if self.store.inode(parent)?.is_none() {
+            return enoent();
+        }
+        if let Some(attr) = self.lookup_shared(parent, name)? {
+            return Ok(attr);
+        }
+        Stats::bump(&self.stats.counters.misses);
+        enoent()
+    }
+
+    pub fn forget(&self, ino: Ino, n: u64) {
+        if self.usage.forget(ino, n) {
+            if let Err(e) = self.maybe_forget(ino) {
+                log::warn!("forget ino={ino}: {e}");
+            }
+        }
+    }
+
+    pub fn getattr(&self, ino: Ino) -> Result<Attr> {
+        if ino.is_virtual() {
+            return Ok(self.virtual_attr(ino));
+        }
+        Ok(self.attr_of(&self.inode(ino)?))
+    }
+
+    fn refuse_virtual(ino: Ino) -> Result<()> {
+        if ino.is_virtual() {
+            return Err(Error::errno(libc::EROFS));
+        }
+        Ok(())
+    }
+
+    pub fn setattr(&self, ino: Ino, set: SetAttr) -> Result<Attr> {
+        Self::refuse_virtual(ino)?;
+        self.writable()?;
+        // A truncate writes the file: no publication may be sealing it.
+        let truncates = set.size.is_some();
+        if truncates {
+            self.usage.open(ino, true);
+        }
+        let result = self.setattr_locked(ino, &set);
+        if truncates {
+            self.usage.close(ino, true);
+        }
+        result?;
+        self.publish_if_idle(ino)?;
+        Ok(self.attr_of(&self.inode(ino)?))
+    }
+
+    fn setattr_locked(&self, ino: Ino, set: &SetAttr) -> Result<()> {
+        let _g = self.lock(&[ino]);
+        let mut inode = self.inode(ino)?;
+        let mut txn = self.txn();
+        let now = self.now();
+        if let Some(mode) = set.mode {
+            inode.perm = (mode & 0o7777) as u16;
+        }
+        if let Some(uid) = set.uid {
+            inode.uid = uid;
+        }
+        if let Some(gid) = set.gid {
+            inode.gid = gid;
+        }
+        if let Some(size) = set.size {
+            if inode.kind == Kind::Dir {
+                return Err(Error::errno(libc::EISDIR));
+            }
+            match (&inode.content, inode.class) {
+                (Content::Blob(_), Class::Result) => {
+                    // Create-only: a published result's bytes never change.
+                    Stats::bump(&self.stats.counters.conflicts);
+                    debug!("truncate ino={ino} outcome=kept-existing-result");
+                }
+                (Content::Blob(id), _) => {
+                    let id = *id;
+                    self.lock_blobs(&mut txn, &[id]);
+                    self.copy_up(&mut txn, &mut inode, Some(size))?;
+                    inode.mtime_ns = now;
+                }
+                (Content::Staged, _) => {
+                    let f = self.blobs.open_staging(ino, true)?;
+                    f.set_len(size).map_err(|e| Error::io(e, "truncate"))?;
+                    inode.size = size;
+                    inode.mtime_ns = now;
+                }
+                _ => return Err(Error::errno(libc::EINVAL)),
+            }
+        }
+        if set.touch {
+            inode.mtime_ns = now;
+        }
+        inode.ctime_ns = now;
+        txn.batch.put_inode(&inode);
+        self.commit(txn)
+    }
+
+    pub fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {
+        match self.inode(ino)?.content {
+            Content::Symlink(t) => Ok(t),
+            _ => Err(Error::errno(libc::EINVAL)),
+        }
+    }
+
+    pub fn access(&self, ino: Ino) -> Result<()> {
+        if !ino.is_virtual() {
+            self.inode(ino)?;
+        }
+        Ok(())
+    }
+
+    /// The path components of `name` in `parent`, below the mount root.
+    pub(super) fn path_of(&self, parent: Ino, name: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let mut parts = vec![name.to_vec()];
+        let mut at = parent;
+        let mut depth = 0;
+        while at != Ino::ROOT {
+            let dir = self.inode(at)?;
+            parts.push(dir.name.clone());
+            at = dir.parent;
+            depth += 1;
+            if depth > 4096 {
+                return Err(Error::with_context(
+                    libc::EIO,
+                    format!("directory loop above ino {parent}"),
+                ));
+            }
+        }
+        parts.reverse();
+        Ok(parts)
+    }
+
+    pub(super) fn class_of(&self, parent: Ino, name: &[u8]) -> Result<Class> {
+        let parts = self.path_of(parent, name)?;
+        let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+        Ok(self.config.rules.classify(&refs))
+    }
+
+    /// Checks that `parent` is a writable directory of ours and `name` is
+    /// a name we may create there.
+    pub(super) fn check_new_name(&self, parent: Ino, name: &[u8]) -> Result<()> {
+        if parent.is_virtual() {
+            return Err(Error::errno(libc::EROFS));
+        }
+        self.writable()?;
+        check_name(name)?;
+        if Self::is_stats_name(parent, name) {
+            return Err(Error::errno(libc::EEXIST));
+        }
+        if self.inode(parent)?.kind != Kind::Dir {
+            return Err(Error::errno(libc::ENOTDIR));
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new_inode(
+        &self,
+        ino: Ino,
+        kind: Kind,
+        class: Class,
+        perm: u16,
+        caller: Caller,
+        dir: &Inode,
+        name: &[u8],
+        now: u64,
+    ) -> Inode {
+        // A setgid directory hands its group (and, to subdirectories, the bit) down.
+        let setgid = dir.perm & 0o2000 != 0;
+        let gid = if setgid { dir.gid } else { caller.gid };
+        let perm = if setgid && kind == Kind::Dir {
+            perm | 0o2000
+        } else {
+            perm
+        };
+        Inode {
+            ino,
+            kind,
+            class,
+            perm,
+            uid: caller.uid,
+            gid,
+            nlink: if kind == Kind::Dir { 2 } else { 1 },
+            size: 0,
+            mtime_ns: now,
+            ctime_ns: now,
+            parent: dir.ino,
+            name: name.to_vec(),
+            content: Content::None,
+        }
+    }
+
+    /// Binds a new directory or symlink at `name` in `parent`.
+    fn make_node(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        kind: Kind,
+        perm: u16,
+        content: Content,
+        caller: Caller,
+    ) -> Result<Attr> {
+        self.check_new_name(parent, name)?;
+        let ino = self.alloc_ino()?;
+        let _g = self.lock(&[parent]);
+        if self.store.dentry(parent, name)?.is_some() {
+            return Err(Error::errno(libc::EEXIST));
+        }
+        let dir = self.inode(parent)?;
+        let mut txn = self.txn();
+        let now = self.now();
+        let mut inode = self.new_inode(ino, kind, Class::Local, perm, caller, &dir, name, now);
+        inode.content = content;
+        txn.batch.put_inode(&inode);
+        txn.batch.put_dentry(parent, name, ino);
+        self.touch_dir(&mut txn, dir, now);
+        self.usage.remember(ino);
+        if let Err(e) = self.commit(txn) {
+            self.usage.forget(ino, 1);
+            return Err(e);
+        }
+        Ok(self.attr_of(&inode))
+    }
+
+    pub fn mkdir(&self, parent: Ino, name: &[u8], mode: u32, caller: Caller) -> Result<Attr> {
+        let perm = (mode & 0o7777) as u16;
+        self.make_node(parent, name, Kind::Dir, perm, Content::None, caller)
+    }
+
+    pub fn symlink(&self, parent: Ino, name: &[u8], target: &[u8], caller: Caller) -> Result<Attr> {
+        if target.len() > SYMLINK_BYTES_MAX {
+            return Err(Error::errno(libc::ENAMETOOLONG));
+        }
+        let content = Content::Symlink(target.to_vec());
+        self.make_node(parent, name, Kind::Symlink, 0o777, content, caller)
+    }
+
+    pub fn unlink(&self, parent: Ino, name: &[u8]) -> Result<()> {
+        self.remove(parent, name, false)
+    }
+
+    pub fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<()> {
+        self.remove(parent, name, true)
+    }
+
+    fn remove(&self, parent: Ino, name: &[u8], dir_wanted: bool) -> Result<()> {
+        if parent.is_virtual() || Self::is_stats_name(parent, name) {
+            return Err(Error::errno(libc::EPERM));
+        }
+        self.writable()?;
+        if name.len() > NAME_BYTES_MAX {
+            return Err(Error::errno(libc::ENAMETOOLONG));
+        }
+        let (_g, found) = self.lock_names(&[], &[(parent, name)])?;
+        let Some(ino) = found[0] else {
+            return enoent();
+        };
+        let inode = self.inode(ino)?;
+        match (inode.kind == Kind::Dir, dir_wanted) {
+            (true, false) => return Err(Error::errno(libc::EISDIR)),
+            (false, true) => return Err(Error::errno(libc::ENOTDIR)),
+            (true, true) if !self.store.dir_is_empty(ino)? => {
+                return Err(Error::errno(libc::ENOTEMPTY))
+            }
+            _ => {}
+        }
+        let mut txn = self.txn();
+        if let Some(id) = Self::blob_of(&inode) {
+            self.lock_blobs(&mut txn, &[id]);
+        }
+        let now = self.now();
+        self.unbind(&mut txn, parent, name, inode)?;
+        self.touch_dir(&mut txn, self.inode(parent)?, now);
+        self.commit(txn)
+    }
+
+    /// True if `existing` is a published result that a new binding of that
+    /// name must leave in place.
+    pub(super) fn is_published_result(existing: &Inode) -> bool {
+        existing.kind == Kind::File
+            && existing.class == Class::Result
+            && matches!(existing.content, Content::Blob(_))
+    }
+
+    /// The first bytes of a file's content (for header-decided classes).
+    pub(super) fn head_of(&self, inode: &Inode) -> [u8; 4] {
+        let mut head = [0u8; 4];
+        let file = match &inode.content {
+            Content::Staged => self.blobs.open_staging(inode.ino, false).ok(),
+            Content::Blob(id) => self.blobs.open_blob(id).ok(),
+            _ => None,
+        };
+        if let Some(f) = file {
+            let _ = std::os::unix::fs::FileExt::read_at(&f, &mut head, 0);
+        }
+        head
+    }
+
+    pub fn rename(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        newparent: Ino,
+        newname: &[u8],
+        flags: u32,
+    ) -> Result<()> {
+        if flags & libc::RENAME_EXCHANGE != 0 {
+            return Err(Error::errno(libc::EINVAL));
+        }
+        if parent.is_virtual() || newparent.is_virtual() || Self::is_stats_name(parent, name) {
+            return Err(Error::errno(libc::EPERM));
+        }
+        if name.len() > NAME_BYTES_MAX {
+            return Err(Error::errno(libc::ENAMETOOLONG));
+        }
+        self.check_new_name(newparent, newname)?;
+        for _ in 0..RETRIES_MAX {
+            // Outside any lock: what is being moved, and the blob it will
+            // publish (hashed, synced and linked into place).
+            let Some(src_ino) = self.store.dentry(parent, name)? else {
+                return enoent();
+            };
+            let Some(peek) = self.store.inode(src_ino)? else {
+                continue;
+            };
+            let _dir_rename = (peek.kind == Kind::Dir).then(|| self.dir_rename.lock().unwrap());
+            let class = if peek.kind == Kind::File {
+                self.class_of(newparent, newname)?
+            } else {
+                peek.class
+            };
+            let publishes = class.is_blob() && peek.content == Content::Staged;
+            let (prepared, sealed) = if publishes {
+                let sealed = self.usage.begin_seal(src_ino);
+                // A writer still holds it open: publish a snapshot copy.
+                match self.prepare(src_ino, !sealed) {
+                    Ok(p) => (Some(p), sealed),
+                    Err(e) => {
+                        if sealed {
+                            self.usage.end_seal(src_ino);
+                        }
+                        return Err(e);
+                    }
+                }
+            } else {
+                (None, false)
+            };
+            let head = match &prepared {
+                Some(p) => p.head,
+                None if peek.kind == Kind::File => self.head_of(&peek),
+                None => [0; 4],
+            };
+            let result = self.rename_locked(
+                (parent, name),
+                (newparent, newname),
+                flags,
+                &peek,
+                class.resolve(&head),
+                prepared.as_ref(),
+            );
+            if sealed {
+                self.usage.end_seal(src_ino);
+            }
+            match result {
+                Ok(Some(sync)) => return if sync { self.sync_log() } else { Ok(()) },
+                Ok(None) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::with_context(
+            libc::EAGAIN,
+            "rename: names kept changing",
+        ))
+    }
+
+    /// The locked part of a rename. Returns None if `peek` (read without the
+    /// lock) no longer describes the source, else whether to sync the log.
+    fn rename_locked(
+        &self,
+        (parent, name): (Ino, &[u8]),
+        (newparent, newname): (Ino, &[u8]),
+        flags: u32,
+        peek: &Inode,
+        class: Class,
+        prepared: Option<&Prepared>,
+    ) -> Result<Option<bool>> {
+        let (_g, found) = self.lock_names(&[], &[(parent, name), (newparent, newname)])?;
+        let Some(src_ino) = found[0] else {
+            return enoent();
+        };
+        let mut src = self.inode(src_ino)?;
+        if src_ino != peek.ino || src.content != peek.content {
+            return Ok(None);
+        }
+        let dst = match found[1] {
+            Some(d) => Some(self.inode(d)?),
+            None => None,
+        };
+        if let Some(d) = &dst {
+            if d.ino == src_ino {
+                return Ok(Some(false));
+            }
+            if flags & libc::RENAME_NOREPLACE != 0 {
+                return Err(Error::errno(libc::EEXIST));
+            }
+            match (src.kind == Kind::Dir, d.kind == Kind::Dir) {
+                (false, true) => return Err(Error::errno(libc::EISDIR)),
+                (true, false) => return Err(Error::errno(libc::ENOTDIR)),
+                (true, true) if !self.store.dir_is_empty(d.ino)? => {
+                    return Err(Error::errno(libc::ENOTEMPTY))
+                }
+                _ => {}
+            }
+        }
+        if src.kind == Kind::Dir {
+            // Not into its own subtree (`dir_rename` keeps the tree still).
+            let mut at = newparent;
+            while at != Ino::ROOT {
+                if at == src_ino {
+                    return Err(Error::errno(libc::EINVAL));
+                }
+                at = self.inode(at)?.parent;
+            }
+        }
+
+        let mut txn = self.txn();
+        let mut ids: Vec<_> = [Self::blob_of(&src), dst.as_ref().and_then(Self::blob_of)]
+            .into_iter()
+            .flatten()
+            .collect();
+        ids.extend(prepared.map(|p| p.id));
+        self.lock_blobs(&mut txn, &ids);
+        let now = self.now();
+
+        if class == Class::Result && src.kind == Kind::File {
+            if let Some(existing) = dst.as_ref().filter(|d| Self::is_published_result(d)) {
+                // Create-only: the existing result stays; the newcomer goes.
+                Stats::bump(&self.stats.counters.conflicts);
+                debug!(
+                    "rename name={:?} ino={src_ino} outcome=kept-existing",
+                    String::from_utf8_lossy(newname)
+                );
+                txn.batch.delete_dentry(parent, name);
+                if let Some(p) = prepared {
+                    self.discard_prepared(&mut txn, p)?;
+                }
+                self.become_alias(&mut txn, src, existing)?;
+                self.touch_dir(&mut txn, self.inode(parent)?, now);
+                txn.after.push(After::Invalidate(Invalidate::Entry(
+                    newparent,
+                    newname.to_vec(),
+                )));
+                self.commit(txn)?;
+                return Ok(Some(true));
+            }
+        }
+
+        if let Some(p) = prepared {
+            self.seal_into(&mut txn, &mut src, p, class)?;
+        }
+        if let Some(d) = dst {
+            self.unbind(&mut txn, newparent, newname, d)?;
+        }
+        txn.batch.delete_dentry(parent, name);
+        txn.batch.put_dentry(newparent, newname, src_ino);
+        src.parent = newparent;
+        src.name = newname.to_vec();
+        src.class = class;
+        src.ctime_ns = now;
+        txn.batch.put_inode(&src);
+        if src.kind == Kind::File {
+            self.share(&mut txn, &src)?;
+        }
+        if parent != newparent {
+            self.touch_dir(&mut txn, self.inode(parent)?, now);
+        }
+        self.touch_dir(&mut txn, self.inode(newparent)?, now);
+        self.commit(txn)?;
+        Ok(Some(prepared.is_some()))
+    }
+
+    pub fn link(&self, ino: Ino, newparent: Ino, newname: &[u8]) -> Result<Attr> {
+        Self::refuse_virtual(ino)?;
+        self.check_new_name(newparent, newname)?;
+        let peek = self.inode(ino)?;
+        if peek.kind == Kind::Dir {
+            return Err(Error::errno(libc::EPERM));
+        }
+        let class = if peek.kind == Kind::File {
+            self.class_of(newparent, newname)?
+        } else {
+            Class::Local
+        };
+        // The source keeps its name and stays writable: publish a copy.
+        let publishes = class != Class::Local && peek.content == Content::Staged;
+        let prepared = if publishes {
+            Some(self.prepare(ino, true)?)
+        } else {
+            None
+        };
+        let head = match &prepared {
+            Some(p) => p.head,
+            None => self.head_of(&peek),
+        };
+        let class = class.resolve(&head);
+        let (_g, found) = self.lock_names(&[ino], &[(newparent, newname)])?;
+        let mut src = self.inode(ino)?;
+        if src.content != peek.content {
+            return Err(Error::with_context(
+                libc::EAGAIN,
+                format!("link: ino={ino} changed while it was being published"),
+            ));
+        }
+        let mut txn = self.txn();
+        let now = self.now();
+        if let Some(d) = found[0] {
+            let existing = self.inode(d)?;
+            if class == Class::Result && Self::is_published_result(&existing) {
+                Stats::bump(&self.stats.counters.conflicts);
+                debug!(
+                    "link name={:?} outcome=kept-existing",
+                    String::from_utf8_lossy(newname)
+                );
+                if let Some(p) = &prepared {
+                    self.lock_blobs(&mut txn, &[p.id]);
+                    self.discard_prepared(&mut txn, p)?;
+                    self.commit(txn)?;
+                }
+                self.usage.remember(existing.ino);
+                return Ok(self.attr_of(&existing));
+            }
+            return Err(Error::errno(libc::EEXIST));
+        }
+        let newdir = self.inode(newparent)?;
+        if class == Class::Local && (src.content == Content::Staged || src.kind == Kind::Symlink) {
+            // A plain hard link between host-local files.
+            src.nlink += 1;
+            src.ctime_ns = now;
+            txn.batch.put_inode(&src);
+            txn.batch.put_dentry(newparent, newname, ino);
+            self.touch_dir(&mut txn, newdir, now);
+            self.usage.remember(ino);
+            self.commit(txn)?;
+            return Ok(self.attr_of(&src));
+        }
+        // Publication under a new name: a new inode bound to the same bytes,
+        // so later writes to the source never reach the published name.
+        let (id, size) = match (&src.content, &prepared) {
+            (Content::Blob(id), _) => (*id, src.size),
+            (Content::Staged, Some(p)) => (p.id, p.size),
+            _ => return Err(Error::errno(libc::EPERM)),
+        };
+        self.lock_blobs(&mut txn, &[id]);
+        if let Some(p) = &prepared {
+            self.adopt_prepared(&mut txn, p)?;
+        }
+        let new_ino = self.alloc_ino()?;
+        let owner = Caller {
+            uid: src.uid,
+            gid: src.gid,
+        };
+        let mut inode = self.new_inode(
+            new_ino,
+            Kind::File,
+            class,
+            src.perm,
+            owner,
+            &newdir,
+            newname,
+            now,
+        );
+        inode.content = Content::Blob(id);
+        inode.size = size;
+        self.add_ref(&mut txn, id, new_ino, size);
+        txn.batch.put_inode(&inode);
+        txn.batch.put_dentry(newparent, newname, new_ino);
+        self.share(&mut txn, &inode)?;
+        self.touch_dir(&mut txn, newdir, now);
+        self.usage.remember(new_ino);
+        self.commit(txn)?;
+        drop(_g);
+        self.sync_log()?;
+        Ok(self.attr_of(&inode))
+    }
+
+    // ----- directories ---------------------------------------------------------
+
+    pub fn opendir(&self, ino: Ino) -> Result<u64> {
+        let mut entries = vec![
+            DirEntry {
+                ino,
+                kind: Kind::Dir,
+                name: b".".to_vec(),
+            },
+            DirEntry {
+                ino: Ino::ROOT,
+                kind: Kind::Dir,
+                name: b"..".to_vec(),
+            },
+        ];
+        if ino == Ino::STATS_DIR {
+            self.list_virtual(&mut entries);
+        } else {
+            let dir = self.inode(ino)?;
+            if dir.kind != Kind::Dir {
+                return Err(Error::errno(libc::ENOTDIR));
+            }
+            entries[1].ino = dir.parent;
+            if ino == Ino::ROOT {
+                self.list_virtual_root(&mut entries);
+            }
+            for (name, child) in self.store.list_dir(ino, DIR_ENTRIES_MAX)? {
+                if let Some(c) = self.store.inode(child)? {
+                    entries.push(DirEntry {
+                        ino: child,
+                        kind: c.kind,
+                        name,
+                    });
+                }
+            }
+        }
+        let fh = self.next_fh();
+        self.dirs
+            .with(&fh, |m| m.insert(fh, std::sync::Arc::new(entries)));
+        Ok(fh)
+    }
+
+    /// Entries from `offset` on; the offset of entry i is i + 1.
+    pub fn readdir(&self, fh: u64) -> Result<std::sync::Arc<Vec<DirEntry>>> {
+        self.dirs
+            .with(&fh, |m| m.get(&fh).cloned())
+            .ok_or_else(|| Error::errno(libc::EBADF))
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        self.dirs.with(&fh, |m| m.remove(&fh));
+    }
+}

@@ -1,0 +1,324 @@
+//! Publication: staged bytes become an immutable blob and a name is bound
+//! to it; and the way back (copy-up) for classes whose files may change.
+//!
+//! A publication runs in two steps:
+//! 1. `prepare`, with no lock held: hash the staged file (or a snapshot of
+//!    it, if a writer still holds it), make it durable and link it into
+//!    `blobs/` create-only (skipped when the blob is already known).
+//! 2. Under the inode stripes and the blob's stripe: re-check what was read
+//!    before, record the blob (`adopt_prepared`, which re-links the file in
+//!    the rare case it was removed or quarantined meanwhile), point the
+//!    inode at it, bind the name, commit. The log is synced after the locks
+//!    are released and before the caller is answered.
+//!
+//! Invariants:
+//! - While a publication prepares a staged file, `usage` admits no writer
+//!   to it (`begin_seal`), so the bytes hashed are the bytes published.
+//! - A blob file is durable and complete before any record points at it.
+//! - Create-only: a file created under a result name that is already bound
+//!   to a published result becomes an unnamed alias of the winner.
+
+use std::fs::File;
+use std::path::PathBuf;
+
+use log::debug;
+
+use crate::classes::Class;
+use crate::error::{Error, Result};
+use crate::fs::txn::{After, Txn};
+use crate::fs::{Core, Invalidate, RETRIES_MAX};
+use crate::stats::Stats;
+use crate::store::blobs::Blobs;
+use crate::store::ids::{BlobId, Ino};
+use crate::store::meta::{Content, Inode, Kind, PendingReason};
+
+/// A staged file's bytes, hashed, durable and (unless already known) linked
+/// into place as a blob file, not yet recorded in the metadata.
+pub(super) struct Prepared {
+    pub id: BlobId,
+    pub size: u64,
+    pub head: [u8; 4],
+    /// The file the blob was linked from (kept until the commit, to link
+    /// again if the blob file disappears meanwhile).
+    path: PathBuf,
+    file: File,
+    /// `path` is a snapshot copy, removed when this is dropped.
+    snapshot: bool,
+    /// This preparation linked a new blob file (no record pointed at it).
+    linked_new: bool,
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        if self.snapshot {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+impl Core {
+    /// Step 1 of a publication (no lock held). `copy`: publish a snapshot,
+    /// because a writer still holds the staging file or it keeps its name.
+    pub(super) fn prepare(&self, ino: Ino, copy: bool) -> Result<Prepared> {
+        let staging = self.blobs.staging_path(ino);
+        let file = self.blobs.open_staging(ino, false)?;
+        let (file, path) = if copy {
+            let n = self
+                .open_counter
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let snap_path = self.blobs.staging_dir().join(format!("snapshot-{ino}-{n}"));
+            let snap = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&snap_path)
+                .map_err(|e| Error::io(e, "create snapshot"))?;
+            Blobs::copy_file(&file, &snap, None)?;
+            (snap, snap_path)
+        } else {
+            (file, staging)
+        };
+        let mut p = Prepared {
+            id: BlobId([0; 32]),
+            size: 0,
+            head: [0; 4],
+            path,
+            file,
+            snapshot: copy,
+            linked_new: false,
+        };
+        let hashed = Blobs::hash_file(&p.file)?;
+        p.id = hashed.id;
+        p.size = hashed.size;
+        p.head[..hashed.head_len].copy_from_slice(&hashed.head[..hashed.head_len]);
+        if !self.store.blob_known(&p.id)? {
+            // `install` finds the file already there after a crash between
+            // linking and committing, or from a concurrent publication of
+            // the same bytes: its bytes were hashed and synced before the
+            // link, so recording it is enough.
+            p.linked_new = self.blobs.install(&p.path, &p.file, &p.id)?;
+        }
+        Ok(p)
+    }
+
+    /// Records a prepared blob in `txn` (its stripe held): a new blob is
+    /// added; a known one is reused (dedup). Either way its file is in place.
+    pub(super) fn adopt_prepared(&self, txn: &mut Txn, p: &Prepared) -> Result<()> {
+        let known = self.store.blob_known(&p.id)? || txn.new_blobs.contains(&p.id);
+        // Linked again if it was removed (its last name went) or quarantined
+        // since `prepare`; a no-op (one stat) otherwise.
+        self.blobs.install(&p.path, &p.file, &p.id)?;
+        if known {
+            Stats::bump(&self.stats.counters.blobs_deduplicated);
+        } else {
+            self.add_blob(txn, p.id, p.size);
+        }
+        Stats::bump(&self.stats.counters.publications);
+        Ok(())
+    }
+
+    /// A prepared blob that will not be published (its name lost a
+    /// create-only race): its file goes if nothing records it.
+    pub(super) fn discard_prepared(&self, txn: &mut Txn, p: &Prepared) -> Result<()> {
+        if p.linked_new && !self.store.blob_known(&p.id)? && !txn.new_blobs.contains(&p.id) {
+            txn.after.push(After::RemoveBlob(p.id));
+        }
+        Ok(())
+    }
+
+    /// Points a staged inode at its prepared blob inside `txn` (stripes of
+    /// the inode and the blob held). The caller binds the name and commits.
+    pub(super) fn seal_into(
+        &self,
+        txn: &mut Txn,
+        inode: &mut Inode,
+        p: &Prepared,
+        class: Class,
+    ) -> Result<()> {
+        debug_assert_eq!(inode.content, Content::Staged);
+        self.adopt_prepared(txn, p)?;
+        self.add_ref(txn, p.id, inode.ino, p.size);
+        txn.after.push(After::RemoveStaging(inode.ino));
+        txn.batch.delete_pending(inode.ino);
+        inode.content = Content::Blob(p.id);
+        inode.size = p.size;
+        inode.class = class.resolve(&p.head);
+        inode.mtime_ns = self.now();
+        debug!(
+            "publish ino={} blob={} size={} class={}",
+            inode.ino, p.id, p.size, inode.class
+        );
+        Ok(())
+    }
+
+    /// Turns an inode that lost a create-only race into an unnamed alias of
+    /// the winner's content, so a reader still holding it sees the winner's
+    /// bytes; it is deleted once the kernel forgets it. Stripes of both
+    /// blobs are held by the caller.
+    pub(super) fn become_alias(
+        &self,
+        txn: &mut Txn,
+        mut loser: Inode,
+        winner: &Inode,
+    ) -> Result<()> {
+        let Content::Blob(id) = winner.content else {
+            unreachable!("winner is a published result")
+        };
+        match &loser.content {
+            Content::Blob(old) => self.drop_ref(txn, *old, loser.ino, loser.size)?,
+            Content::Staged => txn.after.push(After::RemoveStaging(loser.ino)),
+            _ => {}
+        }
+        if self.usage.in_use(loser.ino) {
+            // Pages and size the kernel cached while the loser was written
+            // are not the winner's: drop them before the request is answered,
+            // since the kernel now maps the name to the loser's inode until
+            // the name's own invalidation arrives.
+            txn.after
+                .push(After::InvalidateNow(Invalidate::Data(loser.ino)));
+            self.add_ref(txn, id, loser.ino, winner.size);
+            loser.content = Content::Blob(id);
+            loser.size = winner.size;
+            loser.mtime_ns = winner.mtime_ns;
+            loser.class = Class::Result;
+            loser.nlink = 0;
+            txn.batch.put_inode(&loser);
+            txn.batch.put_pending(loser.ino, PendingReason::Unbound);
+        } else {
+            txn.batch.delete_inode(loser.ino);
+            txn.batch.delete_pending(loser.ino);
+        }
+        Ok(())
+    }
+
+    /// Copies a blob-backed inode back into a staging file so it can be
+    /// changed (mutable and local classes only), truncated to `len`. The
+    /// caller holds the inode's and the blob's stripes.
+    pub(super) fn copy_up(&self, txn: &mut Txn, inode: &mut Inode, len: Option<u64>) -> Result<()> {
+        let Content::Blob(id) = inode.content else {
+            return Ok(());
+        };
+        let staged = self.blobs.create_staging(inode.ino)?;
+        if len != Some(0) {
+            let src = self.blobs.open_blob(&id)?;
+            Blobs::copy_file(&src, &staged, len)?;
+            if let Some(l) = len {
+                staged.set_len(l).map_err(|e| Error::io(e, "truncate"))?;
+            }
+        }
+        self.drop_ref(txn, id, inode.ino, inode.size)?;
+        inode.content = Content::Staged;
+        inode.size = staged
+            .metadata()
+            .map(|m| std::os::unix::fs::MetadataExt::size(&m))
+            .unwrap_or(0);
+        if inode.class.is_blob() && inode.nlink > 0 {
+            txn.batch.put_pending(inode.ino, PendingReason::Unsealed);
+        }
+        Ok(())
+    }
+
+    /// Publishes a staged inode in a shared class that no writer holds open:
+    /// called when the last writer closes, and after a truncate.
+    pub fn publish_if_idle(&self, ino: Ino) -> Result<()> {
+        if !self.usage.begin_seal(ino) {
+            return Ok(()); // a writer still holds it; its close publishes
+        }
+        let result = self.publish_sealed(ino);
+        self.usage.end_seal(ino);
+        result
+    }
+
+    fn publish_sealed(&self, ino: Ino) -> Result<()> {
+        let Some(peek) = self.store.inode(ino)? else {
+            return Ok(());
+        };
+        if peek.content != Content::Staged || !peek.class.is_blob() {
+            return Ok(());
+        }
+        let awaiting_bind = self.usage.awaiting_bind(ino);
+        if peek.nlink == 0 && !awaiting_bind {
+            return Ok(()); // unlinked while open: nothing to publish
+        }
+        let p = self.prepare(ino, false)?;
+        let mut peek = peek;
+        for _ in 0..RETRIES_MAX {
+            let (parent, name) = (peek.parent, peek.name.clone());
+            let (g, found) = self.lock_names(&[ino], &[(parent, &name)])?;
+            let Some(mut inode) = self.store.inode(ino)? else {
+                return Ok(());
+            };
+            if inode.parent != parent || inode.name != name {
+                drop(g);
+                peek = inode;
+                continue; // renamed meanwhile
+            }
+            if inode.content != Content::Staged {
+                return Ok(()); // published meanwhile
+            }
+            let mut txn = self.txn();
+            if !awaiting_bind {
+                self.lock_blobs(&mut txn, &[p.id]);
+                let class = inode.class;
+                self.seal_into(&mut txn, &mut inode, &p, class)?;
+                txn.batch.put_inode(&inode);
+                self.share(&mut txn, &inode)?;
+                self.commit(txn)?;
+                drop(g);
+                return self.sync_log();
+            }
+            // Created under its final name: bind it now, create-only for results.
+            let existing = match found[0] {
+                Some(d) => self.store.inode(d)?,
+                None => None,
+            };
+            let class = inode.class.resolve(&p.head);
+            let mut ids = vec![p.id];
+            ids.extend(existing.as_ref().and_then(Self::blob_of));
+            self.lock_blobs(&mut txn, &ids);
+            match existing {
+                Some(e) if class == Class::Result && Self::is_published_result(&e) => {
+                    Stats::bump(&self.stats.counters.conflicts);
+                    debug!(
+                        "close-publish name={:?} outcome=kept-existing",
+                        String::from_utf8_lossy(&name)
+                    );
+                    self.discard_prepared(&mut txn, &p)?;
+                    self.become_alias(&mut txn, inode, &e)?;
+                }
+                Some(e) if e.kind == Kind::Dir => {
+                    debug!(
+                        "close-publish name={:?} outcome=dropped-directory-exists",
+                        String::from_utf8_lossy(&name)
+                    );
+                    self.discard_prepared(&mut txn, &p)?;
+                    self.delete_inode(&mut txn, &inode)?;
+                }
+                other => {
+                    self.seal_into(&mut txn, &mut inode, &p, class)?;
+                    if let Some(e) = other {
+                        self.unbind(&mut txn, parent, &name, e)?;
+                    }
+                    inode.nlink = 1;
+                    txn.batch.put_inode(&inode);
+                    txn.batch.put_dentry(parent, &name, ino);
+                    self.share(&mut txn, &inode)?;
+                    self.touch_dir(&mut txn, self.inode(parent)?, inode.mtime_ns);
+                }
+            }
+            // Called from flush, release and setattr, which hold no directory
+            // lock: a reader's negative entry goes before close() returns.
+            txn.after
+                .push(After::InvalidateNow(Invalidate::Entry(parent, name)));
+            self.commit(txn)?;
+            self.usage.set_awaiting_bind(ino, false);
+            drop(g);
+            return self.sync_log();
+        }
+        Err(Error::with_context(
+            libc::EAGAIN,
+            format!("publish ino={ino}: renamed too often while publishing"),
+        ))
+    }
+}

@@ -1,0 +1,25 @@
+//! casfs: a content-addressed FUSE filesystem serving a compiler-cache
+//! directory (`CCACHE_DIR`) to many concurrent compilers on many hosts.
+//!
+//! Layers, each in its own folder, each knowing only the ones below it:
+//! - `daemon/`: the mount command: mountpoint checks, signals, background
+//!   threads (eviction, scrub).
+//! - `fuse/`: the only place that knows fuser; translates kernel requests
+//!   into calls on `fs::Core` and maps errors to errno (via `error`).
+//! - `fs/`: the filesystem core (namespace, publication, handles, kernel
+//!   references, `.casfs/` files, maintenance, the seam to the shared tier).
+//!   Its module doc holds the lock order.
+//! - `store/`: what is on disk: the RocksDB schema and batches, blob files,
+//!   the clock, identities, fsck.
+//! - `shared/`: the shared tier (engine trait, shared directory, Redis) and
+//!   the upload queue.
+//! - `classes`, `stats`, `error`: path classes, counters, the error type.
+
+pub mod classes;
+pub mod daemon;
+pub mod error;
+pub mod fs;
+pub mod fuse;
+pub mod shared;
+pub mod stats;
+pub mod store;

@@ -79,28 +79,29 @@ impl CasFs {
         let Some((blob, file)) = self.core.passthrough_source(fh) else {
             return reply.opened(FileHandle(fh), flags);
         };
-        let reused = {
-            let b = self.backing.lock().unwrap();
-            b.by_ino
-                .get(&ino)
-                .filter(|(id, _)| *id == blob)
-                .and_then(|(_, w)| w.upgrade())
-        };
+        // One lock across look-up, registration and recording: two opens of
+        // one inode racing here must share one backing id (the kernel
+        // refuses a second backing file for an inode with EIO).
+        let mut b = self.backing.lock().unwrap();
+        let reused = b
+            .by_ino
+            .get(&ino)
+            .filter(|(id, _)| *id == blob)
+            .and_then(|(_, w)| w.upgrade());
         let id = match reused {
             Some(id) => id,
             None => match reply.open_backing(&file) {
                 Ok(id) => Arc::new(id),
                 Err(e) => {
+                    drop(b);
                     debug!("passthrough for blob {blob} refused ({e}); reading through the daemon");
                     return reply.opened(FileHandle(fh), flags);
                 }
             },
         };
-        {
-            let mut b = self.backing.lock().unwrap();
-            b.by_ino.insert(ino, (blob, Arc::downgrade(&id)));
-            b.by_fh.insert(fh, id.clone());
-        }
+        b.by_ino.insert(ino, (blob, Arc::downgrade(&id)));
+        b.by_fh.insert(fh, id.clone());
+        drop(b);
         // Passthrough reads bypass the page cache of this inode.
         reply.opened_passthrough(FileHandle(fh), flags - FopenFlags::FOPEN_KEEP_CACHE, &id);
     }

@@ -414,7 +414,7 @@ impl Core {
                     Ok(p) => (Some(p), sealed),
                     Err(e) => {
                         if sealed {
-                            self.usage.end_seal(src_ino);
+                            self.end_seal(src_ino);
                         }
                         return Err(e);
                     }
@@ -436,7 +436,7 @@ impl Core {
                 prepared.as_ref(),
             );
             if sealed {
-                self.usage.end_seal(src_ino);
+                self.end_seal(src_ino);
             }
             match result {
                 Ok(Some(sync)) => return if sync { self.sync_log() } else { Ok(()) },

@@ -372,7 +372,12 @@ impl Filesystem for CasFs {
         let explicit = |t: &Option<TimeOrNow>| matches!(t, Some(TimeOrNow::SpecificTime(_)));
         let result = self
             .core
-            .permit_setattr(&who(req), ino(i), &set, explicit(&atime) || explicit(&mtime))
+            .permit_setattr(
+                &who(req),
+                ino(i),
+                &set,
+                explicit(&atime) || explicit(&mtime),
+            )
             .and_then(|_| self.core.setattr(ino(i), set));
         self.core.send_urgent_invalidations();
         match result {
@@ -715,8 +720,13 @@ impl Filesystem for CasFs {
             .core
             .permit(&who(req), ino(parent), MAY_WRITE | MAY_EXEC)
             .and_then(|_| {
-                self.core
-                    .create(ino(parent), name.as_bytes(), mode & !umask, flags, caller(req))
+                self.core.create(
+                    ino(parent),
+                    name.as_bytes(),
+                    mode & !umask,
+                    flags,
+                    caller(req),
+                )
             });
         match r {
             Ok((a, fh)) => reply.created(

@@ -1,8 +1,9 @@
 //! A minimal fuser filesystem: a root directory holding one regular file
 //! `f`. `lookup` gives a long entry TTL and an attribute TTL of 0, `getattr`
 //! an attribute TTL of 0, so every stat() of `f` costs exactly one GETATTR
-//! round trip; `open`, `flush`, `release` reply at once and `setattr` replies
-//! with the attributes. Nothing else is implemented.
+//! round trip; `open`, `flush`, `release` reply at once (a read-only `open`
+//! with FOPEN_NOFLUSH, as casfs does, so open+close is OPEN + RELEASE) and
+//! `setattr` replies with the attributes. Nothing else is implemented.
 //!
 //! Usage: casfs-bench-floor MOUNTPOINT [THREADS=1] [clone_fd]
 //! Runs in the foreground until unmounted (umount MOUNTPOINT).
@@ -95,8 +96,12 @@ impl Filesystem for Floor {
         }
     }
 
-    fn open(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        reply.opened(FileHandle(0), FopenFlags::empty());
+    fn open(&self, _req: &Request, _ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        // Like casfs: a read-only handle has nothing to do at close, so the
+        // kernel is told to skip FLUSH (open+close = OPEN + RELEASE).
+        let read_only = flags.0 & libc::O_ACCMODE == libc::O_RDONLY && flags.0 & libc::O_TRUNC == 0;
+        let f = if read_only { FopenFlags::FOPEN_NOFLUSH } else { FopenFlags::empty() };
+        reply.opened(FileHandle(0), f);
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lo: LockOwner, reply: ReplyEmpty) {

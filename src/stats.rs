@@ -35,6 +35,7 @@ counters! {
     blobs_scrubbed: "Blobs checked against their hash by the background scrub",
     evictions: "Names evicted to keep the store under --max-size",
     bytes_evicted: "Bytes of the names evicted",
+    group_lookups: "Supplementary group lists read from /proc for permission checks",
 }
 
 /// FUSE operations, for the per-operation request counts.

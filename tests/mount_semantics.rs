@@ -1167,3 +1167,95 @@ fn non_casfs_store_directory_is_refused() {
         "refused store was modified"
     );
 }
+
+// ---------------------------------------------------------------------------
+// Permissions (checked by the daemon, as `default_permissions` would)
+// ---------------------------------------------------------------------------
+
+/// Runs `sh -c script` as `uid`:`gid` with exactly the supplementary
+/// `groups`; returns (success, stderr).
+fn sh_as(uid: u32, gid: u32, groups: &[u32], dir: &Path, script: &str) -> (bool, String) {
+    require_programs(&[("setpriv", "util-linux")]);
+    let mut c = std::process::Command::new("setpriv");
+    c.arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={gid}"));
+    if groups.is_empty() {
+        c.arg("--clear-groups");
+    } else {
+        let list: Vec<String> = groups.iter().map(u32::to_string).collect();
+        c.arg(format!("--groups={}", list.join(",")));
+    }
+    let out = c
+        .args(["--", "sh", "-c", script])
+        .current_dir(dir)
+        .output()
+        .expect("run setpriv");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn permissions_are_checked_by_the_daemon_for_other_users_and_groups() {
+    use std::os::unix::fs::PermissionsExt;
+    let td = TestDir::new("perm");
+    let m = Mount::start(&td.store(), &td.mountpoint("mnt"), &["-o", "allow_other"]);
+    let root = &m.mountpoint;
+    let (nobody, nogroup) = user_ids("nobody");
+    let daemon_gid = group_id("daemon");
+    let set_mode = |p: &Path, mode: u32| {
+        fs::set_permissions(p, fs::Permissions::from_mode(mode))
+            .unwrap_or_else(|e| panic!("chmod {p:?}: {e}"));
+    };
+    let chgrp = |p: &Path, gid: u32| {
+        std::os::unix::fs::chown(p, None, Some(gid)).unwrap_or_else(|e| panic!("chgrp {p:?}: {e}"))
+    };
+    set_mode(root, 0o755);
+    // A root-only file in a directory others may only search.
+    mkdir(&root.join("priv"));
+    fs::write(root.join("priv/secret"), b"secret").unwrap();
+    set_mode(&root.join("priv/secret"), 0o600);
+    fs::write(root.join("priv/open"), b"open").unwrap();
+    set_mode(&root.join("priv/open"), 0o644);
+    fs::write(root.join("priv/shared"), b"shared").unwrap();
+    set_mode(&root.join("priv/shared"), 0o666);
+    // A group directory (group `daemon`, rwx for the group only).
+    mkdir(&root.join("grp"));
+    chgrp(&root.join("grp"), daemon_gid);
+    set_mode(&root.join("grp"), 0o770);
+    // A sticky world-writable directory with a file of root's.
+    mkdir(&root.join("sticky"));
+    set_mode(&root.join("sticky"), 0o1777);
+    fs::write(root.join("sticky/roots"), b"r").unwrap();
+
+    let ok = |groups: &[u32], script: &str| {
+        let (success, err) = sh_as(nobody, nogroup, groups, root, script);
+        assert!(success, "as nobody {groups:?}: `{script}` failed: {err}");
+    };
+    let denied = |groups: &[u32], script: &str, why: &str| {
+        let (success, err) = sh_as(nobody, nogroup, groups, root, script);
+        assert!(!success, "as nobody {groups:?}: `{script}` succeeded");
+        assert!(err.contains(why), "`{script}`: expected {why:?}, got {err}");
+    };
+    ok(&[], "cat priv/open >/dev/null");
+    denied(&[], "cat priv/secret", "Permission denied");
+    denied(&[], "echo x > priv/new", "Permission denied");
+    denied(&[], "rm -f priv/open", "Permission denied");
+    denied(&[], "touch priv/open", "Permission denied");
+    // Others may touch what they may write, but set times only on their own.
+    ok(&[], "touch priv/shared");
+    denied(&[], "touch -d @1 priv/shared", "Operation not permitted");
+    denied(&[], "chmod 777 priv/open", "Operation not permitted");
+    // Supplementary groups count (read from /proc by the daemon).
+    denied(&[], "echo x > grp/mine", "Permission denied");
+    ok(
+        &[daemon_gid],
+        "echo x > grp/mine && cat grp/mine >/dev/null",
+    );
+    // Sticky directory: others' files stay, one's own may go.
+    denied(&[], "rm -f sticky/roots", "Operation not permitted");
+    ok(&[], "echo n > sticky/nobodys && rm sticky/nobodys");
+    assert_eq!(fs::read(root.join("priv/secret")).unwrap(), b"secret");
+    assert_eq!(fs::read(root.join("sticky/roots")).unwrap(), b"r");
+}

@@ -142,10 +142,11 @@ pub fn run(args: MountArgs) -> Result<(), String> {
             .map_err(|e| format!("cannot start on store {}: {e}", args.store.display()))?,
     );
 
+    // No `default_permissions`: the daemon checks permissions itself
+    // (`fs/perm.rs`), so directory changes do not cost a GETATTR per path walk.
     let mut options = vec![
         MountOption::FSName(format!("casfs:{}", args.store.display())),
         MountOption::Subtype("casfs".into()),
-        MountOption::DefaultPermissions,
         MountOption::NoAtime,
     ];
     options.push(MountOption::NoDev);

@@ -8,6 +8,7 @@
 //!   for results), copy-up of blobs that must change;
 //! - `handles`: open files (the handle table) and their I/O;
 //! - `usage`: what the kernel and open handles hold of each inode;
+//! - `perm`: the permission checks `default_permissions` would make;
 //! - `txn`: one metadata change (batch, gauge deltas, work after commit);
 //! - `locks`: the striped locks and sharded tables below;
 //! - `virtual_files`: the read-only `.casfs/` statistics files;
@@ -63,7 +64,8 @@
 //!    commit and the file removals after it are done.
 //! 4. Leaf locks, one at a time, each held for one map operation: the
 //!    `usage` shards (kernel references, handles, writers, sealing), the
-//!    handle table, directory listings, the verified-blob set, the clock and
+//!    handle table, directory listings, the verified-blob set, the
+//!    supplementary-group cache, the clock and
 //!    the inode-number allocator (which may write a lease record).
 //!
 //! Waits for contended inode and blob stripes are timed into
@@ -73,6 +75,7 @@ mod handles;
 mod locks;
 mod maintenance;
 mod namespace;
+mod perm;
 mod publish;
 mod tier_link;
 mod txn;
@@ -99,6 +102,7 @@ use locks::{BlobLocks, InodeGuard, InodeLocks, Sharded};
 use txn::Gauges;
 use usage::Usage;
 
+pub use perm::{Who, MAY_EXEC, MAY_READ, MAY_WRITE};
 pub use virtual_files::STATS_DIR_NAME;
 
 /// Longest name component, as on Linux filesystems.
@@ -225,6 +229,8 @@ pub struct Core {
     next_fh: AtomicU64,
     /// Blobs that passed verification in this mount (bounded).
     verified: Sharded<BlobId, ()>,
+    /// Supplementary groups by process, with the wall ms they expire (perm.rs).
+    groups: Sharded<u64, (Vec<u32>, u64)>,
     kernel: OnceLock<Box<dyn KernelCache>>,
     /// The shared tier, when `--shared` is given.
     tier: OnceLock<Arc<Tier>>,
@@ -272,6 +278,7 @@ impl Core {
             dirs: Sharded::new(),
             next_fh: AtomicU64::new(1),
             verified: Sharded::new(),
+            groups: Sharded::new(),
             kernel: OnceLock::new(),
             tier: OnceLock::new(),
             open_counter: AtomicU64::new(0),

@@ -117,15 +117,17 @@ impl Core {
             self.usage.open(ino, true);
         }
         let result = self.setattr_locked(ino, &set);
-        if truncates {
-            self.usage.close(ino, true);
+        if !truncates {
+            return Ok(self.attr_of(&result?));
         }
+        self.usage.close(ino, true);
         result?;
+        // A truncated file in a shared class that no one writes is published.
         self.publish_if_idle(ino)?;
         Ok(self.attr_of(&self.inode(ino)?))
     }
 
-    fn setattr_locked(&self, ino: Ino, set: &SetAttr) -> Result<()> {
+    fn setattr_locked(&self, ino: Ino, set: &SetAttr) -> Result<Inode> {
         let _g = self.lock(&[ino]);
         let mut inode = self.inode(ino)?;
         let mut txn = self.txn();
@@ -169,7 +171,8 @@ impl Core {
         }
         inode.ctime_ns = now;
         txn.batch.put_inode(&inode);
-        self.commit(txn)
+        self.commit(txn)?;
+        Ok(inode)
     }
 
     pub fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {
@@ -414,7 +417,7 @@ impl Core {
                     Ok(p) => (Some(p), sealed),
                     Err(e) => {
                         if sealed {
-                            self.usage.end_seal(src_ino);
+                            self.end_seal(src_ino);
                         }
                         return Err(e);
                     }
@@ -436,7 +439,7 @@ impl Core {
                 prepared.as_ref(),
             );
             if sealed {
-                self.usage.end_seal(src_ino);
+                self.end_seal(src_ino);
             }
             match result {
                 Ok(Some(sync)) => return if sync { self.sync_log() } else { Ok(()) },

@@ -226,8 +226,16 @@ impl Core {
             return Ok(()); // a writer still holds it; its close publishes
         }
         let result = self.publish_sealed(ino);
-        self.usage.end_seal(ino);
+        self.end_seal(ino);
         result
+    }
+
+    /// Ends a seal; an inode unlinked meanwhile goes now if nothing holds it.
+    pub(super) fn end_seal(&self, ino: Ino) {
+        self.usage.end_seal(ino);
+        if let Err(e) = self.maybe_forget(ino) {
+            log::warn!("forget ino={ino} after publication: {e}");
+        }
     }
 
     fn publish_sealed(&self, ino: Ino) -> Result<()> {

@@ -538,3 +538,20 @@ fn concurrent_publications_converge_and_keep_gauges_exact() {
     let report = crate::store::fsck::run(&t.0, false).unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
 }
+
+#[test]
+fn metrics_show_the_lock_wait_histogram() {
+    let t = TempStore::new();
+    let core = t.core();
+    let text = String::from_utf8(core.render(Ino::STATS_METRICS)).unwrap();
+    assert!(
+        text.contains("# TYPE casfs_lock_wait_seconds histogram"),
+        "{text}"
+    );
+    assert!(
+        text.contains("casfs_lock_wait_seconds_bucket{le=\"0.000001\"}"),
+        "{text}"
+    );
+    let json = String::from_utf8(core.render(Ino::STATS_JSON)).unwrap();
+    assert!(json.contains("\"lock_wait\":{\"count\":"), "{json}");
+}

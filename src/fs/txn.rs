@@ -72,6 +72,8 @@ struct Delta {
 pub enum After {
     RemoveBlob(BlobId),
     RemoveStaging(Ino),
+    /// The staging file of a deleted inode: kept for reuse (see `Blobs`).
+    RetireStaging(Ino),
     /// After the reply: for names, whose directory the kernel may hold
     /// locked until the request is answered.
     Invalidate(Invalidate),
@@ -143,6 +145,7 @@ impl Core {
             match a {
                 After::RemoveBlob(id) => self.blobs.remove_blob(&id),
                 After::RemoveStaging(ino) => self.blobs.remove_staging(ino),
+                After::RetireStaging(ino) => self.blobs.retire_staging(ino),
                 After::Invalidate(inv) => {
                     if let Some(k) = self.kernel.get() {
                         k.invalidate_later(inv)
@@ -204,7 +207,7 @@ impl Core {
         txn.batch.delete_pending(inode.ino);
         match &inode.content {
             Content::Blob(id) => self.drop_ref(txn, *id, inode.ino, inode.size)?,
-            Content::Staged => txn.after.push(After::RemoveStaging(inode.ino)),
+            Content::Staged => txn.after.push(After::RetireStaging(inode.ino)),
             Content::None | Content::Symlink(_) => {}
         }
         Ok(())

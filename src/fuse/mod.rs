@@ -32,7 +32,10 @@ use fuser::{
 use log::debug;
 
 use crate::error::Error;
-use crate::fs::{Attr, Caller, Core, Invalidate, KernelCache, SetAttr, NAME_BYTES_MAX};
+use crate::fs::{
+    Attr, Caller, Core, Invalidate, KernelCache, SetAttr, Who, MAY_EXEC, MAY_READ, MAY_WRITE,
+    NAME_BYTES_MAX,
+};
 use crate::stats::Op;
 use crate::store::clock::to_system_time;
 use crate::store::ids::{BlobId, Ino};
@@ -79,28 +82,29 @@ impl CasFs {
         let Some((blob, file)) = self.core.passthrough_source(fh) else {
             return reply.opened(FileHandle(fh), flags);
         };
-        let reused = {
-            let b = self.backing.lock().unwrap();
-            b.by_ino
-                .get(&ino)
-                .filter(|(id, _)| *id == blob)
-                .and_then(|(_, w)| w.upgrade())
-        };
+        // One lock across look-up, registration and recording: two opens of
+        // one inode racing here must share one backing id (the kernel
+        // refuses a second backing file for an inode with EIO).
+        let mut b = self.backing.lock().unwrap();
+        let reused = b
+            .by_ino
+            .get(&ino)
+            .filter(|(id, _)| *id == blob)
+            .and_then(|(_, w)| w.upgrade());
         let id = match reused {
             Some(id) => id,
             None => match reply.open_backing(&file) {
                 Ok(id) => Arc::new(id),
                 Err(e) => {
+                    drop(b);
                     debug!("passthrough for blob {blob} refused ({e}); reading through the daemon");
                     return reply.opened(FileHandle(fh), flags);
                 }
             },
         };
-        {
-            let mut b = self.backing.lock().unwrap();
-            b.by_ino.insert(ino, (blob, Arc::downgrade(&id)));
-            b.by_fh.insert(fh, id.clone());
-        }
+        b.by_ino.insert(ino, (blob, Arc::downgrade(&id)));
+        b.by_fh.insert(fh, id.clone());
+        drop(b);
         // Passthrough reads bypass the page cache of this inode.
         reply.opened_passthrough(FileHandle(fh), flags - FopenFlags::FOPEN_KEEP_CACHE, &id);
     }
@@ -232,6 +236,27 @@ fn caller(req: &Request) -> Caller {
     }
 }
 
+fn who(req: &Request) -> Who {
+    Who {
+        uid: req.uid(),
+        gid: req.gid(),
+        pid: req.pid(),
+    }
+}
+
+/// The permission an open with `flags` needs.
+fn open_mask(flags: i32) -> u32 {
+    let mut mask = match flags & libc::O_ACCMODE {
+        libc::O_RDONLY => MAY_READ,
+        libc::O_WRONLY => MAY_WRITE,
+        _ => MAY_READ | MAY_WRITE,
+    };
+    if flags & libc::O_TRUNC != 0 {
+        mask |= MAY_WRITE;
+    }
+    mask
+}
+
 fn ino(i: INodeNo) -> Ino {
     Ino(i.0)
 }
@@ -288,9 +313,13 @@ impl Filesystem for CasFs {
         self.core.shutdown();
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         self.count(Op::Lookup);
-        match self.core.lookup(ino(parent), name.as_bytes()) {
+        let r = self
+            .core
+            .permit(&who(req), ino(parent), MAY_EXEC)
+            .and_then(|_| self.core.lookup(ino(parent), name.as_bytes()));
+        match r {
             // A negative entry (inode 0) the kernel may cache: a name that
             // appears later either comes through the kernel or is invalidated.
             Err(e) if e.code() == libc::ENOENT && !ino(parent).is_virtual() => {
@@ -316,7 +345,7 @@ impl Filesystem for CasFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         i: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -340,7 +369,16 @@ impl Filesystem for CasFs {
             size,
             touch: atime.is_some() || mtime.is_some(),
         };
-        let result = self.core.setattr(ino(i), set);
+        let explicit = |t: &Option<TimeOrNow>| matches!(t, Some(TimeOrNow::SpecificTime(_)));
+        let result = self
+            .core
+            .permit_setattr(
+                &who(req),
+                ino(i),
+                &set,
+                explicit(&atime) || explicit(&mtime),
+            )
+            .and_then(|_| self.core.setattr(ino(i), set));
         self.core.send_urgent_invalidations();
         match result {
             Ok(a) => reply.attr(&ttl(&a), &file_attr(&a)),
@@ -366,21 +404,34 @@ impl Filesystem for CasFs {
         reply: ReplyEntry,
     ) {
         self.count(Op::Mkdir);
-        self.entry(
-            self.core
-                .mkdir(ino(parent), name.as_bytes(), mode & !umask, caller(req)),
-            reply,
-        );
+        let r = self
+            .core
+            .permit(&who(req), ino(parent), MAY_WRITE | MAY_EXEC)
+            .and_then(|_| {
+                self.core
+                    .mkdir(ino(parent), name.as_bytes(), mode & !umask, caller(req))
+            });
+        self.entry(r, reply);
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         self.count(Op::Unlink);
-        self.empty(self.core.unlink(ino(parent), name.as_bytes()), reply);
+        let (p, n) = (ino(parent), name.as_bytes());
+        let r = self
+            .core
+            .permit_remove(&who(req), p, n)
+            .and_then(|_| self.core.unlink(p, n));
+        self.empty(r, reply);
     }
 
-    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         self.count(Op::Rmdir);
-        self.empty(self.core.rmdir(ino(parent), name.as_bytes()), reply);
+        let (p, n) = (ino(parent), name.as_bytes());
+        let r = self
+            .core
+            .permit_remove(&who(req), p, n)
+            .and_then(|_| self.core.rmdir(p, n));
+        self.empty(r, reply);
     }
 
     fn symlink(
@@ -392,18 +443,23 @@ impl Filesystem for CasFs {
         reply: ReplyEntry,
     ) {
         self.count(Op::Symlink);
-        let r = self.core.symlink(
-            ino(parent),
-            link_name.as_bytes(),
-            target.as_os_str().as_bytes(),
-            caller(req),
-        );
+        let r = self
+            .core
+            .permit(&who(req), ino(parent), MAY_WRITE | MAY_EXEC)
+            .and_then(|_| {
+                self.core.symlink(
+                    ino(parent),
+                    link_name.as_bytes(),
+                    target.as_os_str().as_bytes(),
+                    caller(req),
+                )
+            });
         self.entry(r, reply);
     }
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -412,34 +468,49 @@ impl Filesystem for CasFs {
         reply: ReplyEmpty,
     ) {
         self.count(Op::Rename);
-        let r = self.core.rename(
-            ino(parent),
-            name.as_bytes(),
-            ino(newparent),
-            newname.as_bytes(),
-            flags.bits(),
-        );
+        let w = who(req);
+        let r = self
+            .core
+            .permit_remove(&w, ino(parent), name.as_bytes())
+            .and_then(|_| {
+                self.core
+                    .permit_remove(&w, ino(newparent), newname.as_bytes())
+            })
+            .and_then(|_| {
+                self.core.rename(
+                    ino(parent),
+                    name.as_bytes(),
+                    ino(newparent),
+                    newname.as_bytes(),
+                    flags.bits(),
+                )
+            });
         self.empty(r, reply);
     }
 
     fn link(
         &self,
-        _req: &Request,
+        req: &Request,
         i: INodeNo,
         newparent: INodeNo,
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
         self.count(Op::Link);
-        self.entry(
-            self.core.link(ino(i), ino(newparent), newname.as_bytes()),
-            reply,
-        );
+        let r = self
+            .core
+            .permit(&who(req), ino(newparent), MAY_WRITE | MAY_EXEC)
+            .and_then(|_| self.core.link(ino(i), ino(newparent), newname.as_bytes()));
+        self.entry(r, reply);
     }
 
-    fn open(&self, _req: &Request, i: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, i: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         self.count(Op::Open);
-        match self.core.open(ino(i), flags.0) {
+        let r = self
+            .core
+            .permit(&who(req), ino(i), open_mask(flags.0))
+            .and_then(|_| self.core.open(ino(i), flags.0));
+        match r {
             Ok((fh, direct)) => {
                 // Pages stay cached across opens: bytes change only through
                 // this kernel, or the daemon invalidates them (`Invalidate::Data`).
@@ -543,9 +614,13 @@ impl Filesystem for CasFs {
         self.empty(self.core.fsync(fh.0), reply);
     }
 
-    fn opendir(&self, _req: &Request, i: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn opendir(&self, req: &Request, i: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         self.count(Op::Opendir);
-        match self.core.opendir(ino(i)) {
+        let r = self
+            .core
+            .permit(&who(req), ino(i), MAY_READ)
+            .and_then(|_| self.core.opendir(ino(i)));
+        match r {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(errno(&e)),
         }
@@ -620,9 +695,14 @@ impl Filesystem for CasFs {
         }
     }
 
-    fn access(&self, _req: &Request, i: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+    fn access(&self, req: &Request, i: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
         self.count(Op::Access);
-        self.empty(self.core.access(ino(i)), reply);
+        let mask = mask.bits() as u32 & (MAY_READ | MAY_WRITE | MAY_EXEC);
+        let r = self
+            .core
+            .access(ino(i))
+            .and_then(|_| self.core.permit(&who(req), ino(i), mask));
+        self.empty(r, reply);
     }
 
     fn create(
@@ -636,13 +716,19 @@ impl Filesystem for CasFs {
         reply: ReplyCreate,
     ) {
         self.count(Op::Create);
-        match self.core.create(
-            ino(parent),
-            name.as_bytes(),
-            mode & !umask,
-            flags,
-            caller(req),
-        ) {
+        let r = self
+            .core
+            .permit(&who(req), ino(parent), MAY_WRITE | MAY_EXEC)
+            .and_then(|_| {
+                self.core.create(
+                    ino(parent),
+                    name.as_bytes(),
+                    mode & !umask,
+                    flags,
+                    caller(req),
+                )
+            });
+        match r {
             Ok((a, fh)) => reply.created(
                 &ttl(&a),
                 &file_attr(&a),

@@ -20,11 +20,20 @@ use crate::store::ids::{BlobId, Ino};
 /// Bytes read per step while hashing or copying.
 const CHUNK_BYTES: usize = 256 * 1024;
 
+/// Most staging files kept for reuse (`retire_staging`).
+pub const SPARE_STAGING_MAX: usize = 64;
+
 pub struct Blobs {
     root: PathBuf,
     /// fsync blobs and their directories before linking them in (off only
     /// for generating benchmark stores).
     durable: bool,
+    /// Retired staging files (`staging/spare-N`) ready to be renamed into
+    /// place for the next new file: creating and deleting a file per
+    /// compiler call makes ext4 scan for recently deleted inodes, which
+    /// cost more daemon CPU than anything casfs does. A leaf lock.
+    spares: std::sync::Mutex<Vec<PathBuf>>,
+    spare_seq: std::sync::atomic::AtomicU64,
 }
 
 /// What hashing a file found.
@@ -41,6 +50,8 @@ impl Blobs {
         Blobs {
             root: root.to_path_buf(),
             durable,
+            spares: std::sync::Mutex::new(Vec::new()),
+            spare_seq: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -57,9 +68,16 @@ impl Blobs {
         self.root.join("staging")
     }
 
-    /// Creates (or truncates) the staging file of `ino`.
+    /// Creates (or truncates) the staging file of `ino`, reusing a retired
+    /// one when there is one.
     pub fn create_staging(&self, ino: Ino) -> Result<File> {
         let path = self.staging_path(ino);
+        let spare = self.spares.lock().unwrap().pop();
+        if let Some(spare) = spare {
+            if fs::rename(&spare, &path).is_err() {
+                let _ = fs::remove_file(&spare);
+            }
+        }
         OpenOptions::new()
             .read(true)
             .write(true)
@@ -77,6 +95,32 @@ impl Blobs {
             .write(write)
             .open(&path)
             .map_err(|e| Error::io(e, format_args!("open staging file {}", path.display())))
+    }
+
+    /// Retires the staging file of a deleted inode (no handle, no kernel
+    /// reference, not being published): kept for reuse if it is the file's
+    /// only name and the pool has room, else removed. A staging file that
+    /// is also linked as a blob is never reused (its bytes must not change).
+    pub fn retire_staging(&self, ino: Ino) {
+        let path = self.staging_path(ino);
+        let single = fs::symlink_metadata(&path).is_ok_and(|m| {
+            use std::os::unix::fs::MetadataExt;
+            m.nlink() == 1 && m.is_file()
+        });
+        if single {
+            let mut spares = self.spares.lock().unwrap();
+            if spares.len() < SPARE_STAGING_MAX {
+                let n = self
+                    .spare_seq
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let spare = self.staging_dir().join(format!("spare-{n}"));
+                if fs::rename(&path, &spare).is_ok() {
+                    spares.push(spare);
+                    return;
+                }
+            }
+        }
+        self.remove_staging(ino);
     }
 
     pub fn remove_staging(&self, ino: Ino) {

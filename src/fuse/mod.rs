@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -58,13 +58,19 @@ pub struct CasFs {
     backing: Mutex<Backing>,
 }
 
+/// Most backing files kept registered for passthrough reads (each holds the
+/// blob file open in the kernel); past it, unused ones are closed.
+pub const BACKING_CACHE_MAX: usize = 4096;
+
 /// Backing files registered with the kernel for passthrough reads. The
 /// kernel wants one backing id per inode while any handle uses it; a handle
-/// holds a strong reference until its release.
+/// holds a reference until its release, and the cache keeps it registered
+/// for the next open of the inode (a result's blob never changes), so a hit
+/// costs no registration, until the kernel forgets the inode.
 #[derive(Default)]
 struct Backing {
     by_fh: HashMap<u64, Arc<BackingId>>,
-    by_ino: HashMap<u64, (BlobId, Weak<BackingId>)>,
+    by_ino: HashMap<u64, (BlobId, Arc<BackingId>)>,
 }
 
 impl CasFs {
@@ -79,46 +85,69 @@ impl CasFs {
     /// Replies to an open of a published result with passthrough: the
     /// kernel then reads the blob file itself. Falls back to a normal open.
     fn open_passthrough(&self, ino: u64, fh: u64, flags: FopenFlags, reply: ReplyOpen) {
-        let Some((blob, file)) = self.core.passthrough_source(fh) else {
+        let Some(blob) = self.core.passthrough_blob(fh) else {
             return reply.opened(FileHandle(fh), flags);
         };
-        // One lock across look-up, registration and recording: two opens of
-        // one inode racing here must share one backing id (the kernel
-        // refuses a second backing file for an inode with EIO).
-        let mut b = self.backing.lock().unwrap();
-        let reused = b
-            .by_ino
-            .get(&ino)
-            .filter(|(id, _)| *id == blob)
-            .and_then(|(_, w)| w.upgrade());
-        let id = match reused {
-            Some(id) => id,
-            None => match reply.open_backing(&file) {
-                Ok(id) => Arc::new(id),
-                Err(e) => {
-                    drop(b);
-                    debug!("passthrough for blob {blob} refused ({e}); reading through the daemon");
-                    return reply.opened(FileHandle(fh), flags);
-                }
-            },
+        let plain = |reply: ReplyOpen| reply.opened(FileHandle(fh), flags);
+        let cached = {
+            let b = self.backing.lock().unwrap();
+            match b.by_ino.get(&ino) {
+                Some((id, backing)) if *id == blob => Some(backing.clone()),
+                // The kernel holds one backing file per inode while it is in use.
+                Some((_, backing)) if Arc::strong_count(backing) > 1 => return plain(reply),
+                _ => None,
+            }
         };
-        b.by_ino.insert(ino, (blob, Arc::downgrade(&id)));
-        b.by_fh.insert(fh, id.clone());
-        drop(b);
+        let backing = match cached {
+            Some(backing) => backing,
+            None => {
+                // Registered outside the lock (it opens the blob file).
+                let opened = self.core.with_file(fh, |f| reply.open_backing(f));
+                let fresh = match opened {
+                    Ok(Ok(id)) => Arc::new(id),
+                    Ok(Err(e)) => {
+                        debug!(
+                            "passthrough for blob {blob} refused ({e}); reading through the daemon"
+                        );
+                        return plain(reply);
+                    }
+                    Err(_) => return plain(reply),
+                };
+                let mut b = self.backing.lock().unwrap();
+                match b.by_ino.get(&ino) {
+                    // Another open of this inode registered it meanwhile.
+                    Some((id, backing)) if *id == blob => backing.clone(),
+                    Some((_, backing)) if Arc::strong_count(backing) > 1 => {
+                        drop(b);
+                        return plain(reply);
+                    }
+                    _ => {
+                        if b.by_ino.len() >= BACKING_CACHE_MAX {
+                            b.by_ino.retain(|_, (_, id)| Arc::strong_count(id) > 1);
+                        }
+                        b.by_ino.insert(ino, (blob, fresh.clone()));
+                        fresh
+                    }
+                }
+            }
+        };
+        self.backing
+            .lock()
+            .unwrap()
+            .by_fh
+            .insert(fh, backing.clone());
         // Passthrough reads bypass the page cache of this inode.
-        reply.opened_passthrough(FileHandle(fh), flags - FopenFlags::FOPEN_KEEP_CACHE, &id);
+        reply.opened_passthrough(
+            FileHandle(fh),
+            flags - FopenFlags::FOPEN_KEEP_CACHE,
+            &backing,
+        );
     }
 
-    /// Drops a released handle's hold on its backing file.
-    fn release_backing(&self, ino: u64, fh: u64) {
-        let mut b = self.backing.lock().unwrap();
-        if b.by_fh.remove(&fh).is_some()
-            && b.by_ino
-                .get(&ino)
-                .is_some_and(|(_, w)| w.strong_count() == 0)
-        {
-            b.by_ino.remove(&ino);
-        }
+    /// Drops a released handle's hold on its backing file (the file stays
+    /// registered, cached for the next open of the inode).
+    fn release_backing(&self, fh: u64) {
+        self.backing.lock().unwrap().by_fh.remove(&fh);
     }
 }
 
@@ -332,6 +361,18 @@ impl Filesystem for CasFs {
 
     fn forget(&self, _req: &Request, i: INodeNo, nlookup: u64) {
         self.count(Op::Forget);
+        // The kernel sends FORGET when it drops the inode (and for lookups it
+        // did not use): a cached backing file no open handle uses goes too,
+        // so an evicted blob's disk space is freed. One still in use stays:
+        // the kernel may still hold the inode with it attached.
+        let mut b = self.backing.lock().unwrap();
+        if b.by_ino
+            .get(&i.0)
+            .is_some_and(|(_, id)| Arc::strong_count(id) == 1)
+        {
+            b.by_ino.remove(&i.0);
+        }
+        drop(b);
         self.core.forget(ino(i), nlookup);
     }
 
@@ -589,7 +630,7 @@ impl Filesystem for CasFs {
     fn release(
         &self,
         _req: &Request,
-        i: INodeNo,
+        _i: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
@@ -598,7 +639,7 @@ impl Filesystem for CasFs {
     ) {
         self.count(Op::Release);
         let result = self.core.release(fh.0);
-        self.release_backing(i.0, fh.0);
+        self.release_backing(fh.0);
         self.empty(result, reply);
     }
 

@@ -150,13 +150,15 @@ impl Drop for TempDir {
     }
 }
 
-fn start_core(root: &Path) -> Result<Core, String> {
+/// `durable`: fsync publications (as mounts do); the model test leaves it
+/// off for speed, since it never crashes the machine, only the core.
+fn start_core(root: &Path, durable: bool) -> Result<Core, String> {
     let store = open_store(root)?;
     let config = Config {
         rules: Rules::new(&[]).unwrap(),
         verify_percent: 100,
         read_only: false,
-        durable: false,
+        durable,
         root_uid: None,
         root_gid: None,
         root_mode: None,
@@ -450,7 +452,7 @@ type Coverage = BTreeMap<&'static str, u64>;
 impl Harness {
     fn new() -> Result<Harness, String> {
         let store = TempDir::new("run");
-        let core = start_core(&store.0)?;
+        let core = start_core(&store.0, false)?;
         let mut dirs = Vec::new();
         for path in DIRS {
             let mut at = Ino::ROOT;
@@ -1056,7 +1058,7 @@ impl Harness {
             core.shutdown();
         }
         drop(core);
-        self.core = Some(start_core(&self.store.0)?);
+        self.core = Some(start_core(&self.store.0, false)?);
         Ok(())
     }
 
@@ -1446,9 +1448,9 @@ const RACE_TIME: Duration = Duration::from_secs(2);
 const RACE_RESULT: &[u8] = b"c8aiq5frsd7ctaaepqbvl8shkb4kcjcR";
 const RACE_BYTES: [&[u8]; 3] = [b"first version", b"second version, longer", b"3"];
 
-/// A core with `a/e/` made; returns the directory.
+/// A durable core (as mounts run) with `a/e/` made; returns the directory.
 fn race_core(store: &TempDir) -> (Core, Ino) {
-    let core = start_core(&store.0).unwrap();
+    let core = start_core(&store.0, true).unwrap();
     let a = core.mkdir(Ino::ROOT, b"a", 0o755, ME).unwrap().ino;
     let d = core.mkdir(a, b"e", 0o755, ME).unwrap().ino;
     (core, d)

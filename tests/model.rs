@@ -56,9 +56,8 @@ use casfs::store::ids::{BlobId, Ino};
 use casfs::store::meta::{open_store, Kind};
 
 /// Failures found by the random test, shrunk to (seed, steps), replayed by
-/// `regressions_still_match_model` (and skipped by the random test, which
-/// would only find them again). When the random test fails, add the pair it
-/// prints here.
+/// `regressions_still_match_model`. When the random test fails, add the
+/// pair it prints here.
 const REGRESSIONS: &[(u64, usize)] = &[
     // Lazily opened result handles (see `kept_unread_handle_…` below):
     // publish, open unread, rename onto a manifest name, rewrite, read: EIO.
@@ -1364,24 +1363,19 @@ fn core_matches_model_on_random_sequences() {
         "model test: seeds {base}..{}, {steps} steps each",
         base + seeds
     );
-    let known = |seed: &u64| REGRESSIONS.iter().any(|(s, _)| s == seed);
-    let runs = (base..base + seeds).filter(|s| !known(s));
-    run_all(runs.map(|seed| (seed, steps)));
+    run_all((base..base + seeds).map(|seed| (seed, steps)));
 }
 
-// Ignored while the core has the bug `kept_unread_handle_…` names.
 #[test]
-#[ignore = "core bug: a lazily opened result handle loses its blob (kept_unread_handle_…)"]
 fn regressions_still_match_model() {
     run_all(REGRESSIONS.iter().copied());
 }
 
 /// The minimal cases of the first failure the random test found.
 ///
-/// Core bug (since "Passthrough hits without registration", b5260fb): a
-/// read open of a result whose blob was verified earlier in the mount keeps
-/// no descriptor; `handle_file` opens the blob at the first read, assuming
-/// the inode holds that blob while the handle exists. It does not: a rename
+/// Found in a core that opened a verified result's blob file only at the
+/// handle's first read, assuming the inode holds that blob while the handle
+/// exists (fixed: every read open holds its descriptor again). It does not: a rename
 /// of the inode onto an existing result makes it an alias of the winner
 /// (`become_alias` drops its blob reference), and a rename onto a manifest
 /// name makes it mutable, so the next write open copies it up (`copy_up`
@@ -1389,7 +1383,6 @@ fn regressions_still_match_model() {
 /// is removed, and the still-unread handle's first read fails with EIO
 /// ("blob … is missing") instead of returning the bytes it opened.
 #[test]
-#[ignore = "core bug: a lazily opened result handle loses its blob when its inode drops it"]
 fn kept_unread_handle_on_result_reads_its_bytes_after_the_inode_changes() {
     let result = Name::new(1, RESULTS[2]);
     let other = Name::new(1, RESULTS[0]);

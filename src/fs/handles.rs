@@ -106,48 +106,14 @@ impl Core {
         self.handle(fh).ok()?.immutable_blob
     }
 
-    /// Runs `f` on the handle's file (a published result's blob file is
-    /// opened at its first use: a hit served by passthrough never needs it).
+    /// Runs `f` on the handle's file (for registering it with the kernel).
     pub fn with_file<R>(&self, fh: u64, f: impl FnOnce(&File) -> R) -> Result<R> {
         let h = self.handle(fh)?;
-        let guard = self.handle_file(&h)?;
+        let guard = h.file.read().unwrap();
         match guard.as_ref() {
             Some(file) => Ok(f(file)),
             None => Err(Error::errno(libc::EISDIR)),
         }
-    }
-
-    /// The handle's file, opening a result's blob file if not yet open.
-    fn handle_file<'h>(
-        &self,
-        h: &'h Handle,
-    ) -> Result<std::sync::RwLockReadGuard<'h, Option<File>>> {
-        {
-            let guard = h.file.read().unwrap();
-            if guard.is_some() || h.immutable_blob.is_none() {
-                return Ok(guard);
-            }
-        }
-        let id = h.immutable_blob.expect("checked above");
-        let mut w = h.file.write().unwrap();
-        if w.is_none() {
-            // The inode holds its blob while this handle exists, so a
-            // missing file is damage, not a race.
-            match self.open_blob(&id) {
-                Ok(f) => *w = Some(f),
-                Err(e) => {
-                    drop(w);
-                    warn!("blob {id} of ino={} is missing: {e}", h.ino);
-                    self.drop_corrupt(id)?;
-                    return Err(Error::with_context(
-                        libc::EIO,
-                        format!("blob {id} is missing"),
-                    ));
-                }
-            }
-        }
-        drop(w);
-        Ok(h.file.read().unwrap())
     }
 
     fn handle(&self, fh: u64) -> Result<Arc<Handle>> {
@@ -190,12 +156,6 @@ impl Core {
             let inode = self.inode(ino)?;
             let (file, immutable_blob) = match &inode.content {
                 Content::None if inode.kind == Kind::Dir => (None, None),
-                Content::Blob(id)
-                    if inode.class == Class::Result
-                        && self.verified.with(id, |m| m.contains_key(id)) =>
-                {
-                    (None, Some(*id)) // verified and immutable: opened at first use
-                }
                 Content::Blob(id) => match self.open_verified(&inode, *id)? {
                     Some(f) => (Some(f), (inode.class == Class::Result).then_some(*id)),
                     None => continue, // its content changed meanwhile
@@ -416,7 +376,7 @@ impl Core {
             let end = (start + size as usize).min(v.len());
             return Ok(v[start..end].to_vec());
         }
-        let guard = self.handle_file(&h)?;
+        let guard = h.file.read().unwrap();
         let Some(file) = guard.as_ref() else {
             return Err(Error::errno(libc::EISDIR));
         };

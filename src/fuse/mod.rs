@@ -101,7 +101,7 @@ impl CasFs {
         let backing = match cached {
             Some(backing) => backing,
             None => {
-                // Registered outside the lock (it opens the blob file).
+                // Registered outside the lock (an ioctl).
                 let opened = self.core.with_file(fh, |f| reply.open_backing(f));
                 let fresh = match opened {
                     Ok(Ok(id)) => Arc::new(id),

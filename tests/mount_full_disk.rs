@@ -68,8 +68,26 @@ fn full_store_gives_enospc_to_writer_keeps_serving_reads_and_recovers() {
         "a full disk is counted as an error"
     );
 
-    // Space comes back: publishing works again.
+    // Space comes back: publishing works again. The kernel closes and
+    // forgets the unlinked file asynchronously (RELEASE and FORGET carry no
+    // reply), so wait until its blocks are free.
     fs::remove_file(&big).unwrap();
+    let free_bytes = || {
+        let c = std::ffi::CString::new(fsroot.as_os_str().as_encoded_bytes()).unwrap();
+        let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: valid C string and out-pointer.
+        assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut s) }, 0);
+        s.f_bavail * s.f_frsize
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while free_bytes() < 16 << 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the unlinked 24 MiB file was not freed within 10 s:\n{}",
+            m.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     let fresh = pattern(3, 4096);
     publish(&d, "y.tmp", "0000000000000000000000000000bR", &fresh);
     assert_eq!(

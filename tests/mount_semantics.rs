@@ -1259,3 +1259,27 @@ fn permissions_are_checked_by_the_daemon_for_other_users_and_groups() {
     assert_eq!(fs::read(root.join("priv/secret")).unwrap(), b"secret");
     assert_eq!(fs::read(root.join("sticky/roots")).unwrap(), b"r");
 }
+
+#[test]
+fn closing_a_host_local_file_sends_no_flush_and_its_mtime_follows_writes() {
+    let (_td, m) = mounted("localflush");
+    let d = m.mountpoint.join("tmp");
+    mkdir(&d);
+    let p = d.join("scratch");
+    fs::write(&p, b"one").unwrap();
+    let t1 = fs::metadata(&p).unwrap().modified().unwrap();
+    let flushes = m.counter("flush");
+    thread::sleep(std::time::Duration::from_millis(5));
+    {
+        let mut f = fs::OpenOptions::new().append(true).open(&p).unwrap();
+        f.write_all(b"two").unwrap();
+    }
+    let t2 = fs::metadata(&p).unwrap().modified().unwrap();
+    assert!(t2 > t1, "a write moves the mtime: {t1:?} then {t2:?}");
+    assert_eq!(fs::read(&p).unwrap(), b"onetwo");
+    assert_eq!(
+        m.counter("flush"),
+        flushes,
+        "closing a host-local file needs no FLUSH"
+    );
+}

@@ -61,6 +61,9 @@ struct Handle {
     /// For a read of a published result: its blob, which never changes,
     /// so the kernel may read the blob file directly (passthrough).
     immutable_blob: Option<BlobId>,
+    /// A writer of a host-local file: nothing to publish at close, so the
+    /// kernel is told to skip FLUSH, and each write stamps the mtime.
+    local_writer: bool,
 }
 
 /// Open handles by number (a leaf table).
@@ -95,6 +98,7 @@ impl Core {
             dirty: AtomicBool::new(false),
             conflict_counted: AtomicBool::new(false),
             immutable_blob,
+            local_writer: false,
         };
         self.handles.map.with(&fh, |m| m.insert(fh, Arc::new(h)));
         fh
@@ -190,10 +194,14 @@ impl Core {
         self.usage.open(ino, true);
         let result = self.open_write_locked(ino, truncate);
         match result {
-            Ok((file, Mode::Write)) => {
-                Ok(self.new_handle(ino, Mode::Write, Some(file), None, None))
+            Ok((file, Mode::Write, local)) => {
+                let fh = self.new_handle(ino, Mode::Write, Some(file), None, None);
+                if local {
+                    self.set_local_writer(fh);
+                }
+                Ok(fh)
             }
-            Ok((file, mode)) => {
+            Ok((file, mode, _)) => {
                 self.usage.writer_done(ino);
                 let fh = self.new_handle(ino, mode, Some(file), None, None);
                 if truncate {
@@ -211,7 +219,7 @@ impl Core {
         }
     }
 
-    fn open_write_locked(&self, ino: Ino, truncate: bool) -> Result<(File, Mode)> {
+    fn open_write_locked(&self, ino: Ino, truncate: bool) -> Result<(File, Mode, bool)> {
         let _g = self.lock(&[ino]);
         let mut inode = self.inode(ino)?;
         if inode.kind == Kind::Dir {
@@ -219,7 +227,7 @@ impl Core {
         }
         let mut txn = self.txn();
         match (&inode.content, inode.class) {
-            (Content::Blob(id), Class::Result) => Ok((self.open_blob(id)?, Mode::Discard)),
+            (Content::Blob(id), Class::Result) => Ok((self.open_blob(id)?, Mode::Discard, false)),
             (Content::Blob(id), _) => {
                 let id = *id;
                 self.lock_blobs(&mut txn, &[id]);
@@ -227,7 +235,8 @@ impl Core {
                 inode.mtime_ns = self.now();
                 txn.batch.put_inode(&inode);
                 self.commit(txn)?;
-                Ok((self.blobs.open_staging(ino, true)?, Mode::Write))
+                let local = inode.class == Class::Local;
+                Ok((self.blobs.open_staging(ino, true)?, Mode::Write, local))
             }
             (Content::Staged, class) => {
                 let file = self.blobs.open_staging(ino, true)?;
@@ -241,7 +250,7 @@ impl Core {
                     txn.batch.put_pending(ino, PendingReason::Unsealed);
                 }
                 self.commit(txn)?;
-                Ok((file, Mode::Write))
+                Ok((file, Mode::Write, class == Class::Local))
             }
             _ => Err(Error::errno(libc::EINVAL)),
         }
@@ -305,7 +314,7 @@ impl Core {
             self.usage.remember(existing);
             return Ok((attr, fh));
         }
-        self.check_space()?;
+        self.check_space(0)?;
         let class = self.class_of(parent, name)?;
         let ino = self.alloc_ino()?;
         let file = self.blobs.create_staging(ino)?;
@@ -318,7 +327,26 @@ impl Core {
             }
         };
         let fh = self.new_handle(ino, Mode::Write, Some(file), None, None);
+        if inode.class == Class::Local {
+            self.set_local_writer(fh);
+        }
         Ok((self.attr_of(&inode), fh))
+    }
+
+    fn set_local_writer(&self, fh: u64) {
+        self.handles.map.with(&fh, |m| {
+            if let Some(h) = m.get_mut(&fh).and_then(Arc::get_mut) {
+                h.local_writer = true;
+            }
+        });
+    }
+
+    /// True if closing `fh` has nothing for the daemon to do (the kernel
+    /// may skip FLUSH): read-only handles, discarding writers, and writers
+    /// of host-local files (whose mtime every write stamps).
+    pub fn close_is_silent(&self, fh: u64) -> bool {
+        self.handle(fh)
+            .is_ok_and(|h| h.mode != Mode::Write || h.local_writer)
     }
 
     fn create_locked(
@@ -410,13 +438,17 @@ impl Core {
                 if h.published.load(Ordering::Acquire) && self.restage(&h)? {
                     return Ok(data.len() as u32);
                 }
-                self.check_space()?;
+                self.check_space(data.len() as u64)?;
                 let guard = h.file.read().unwrap();
                 let file = guard.as_ref().expect("write handles hold a file");
                 file.write_all_at(data, offset).map_err(|e| {
                     self.count_error(Error::io(e, format_args!("write ino={}", h.ino)))
                 })?;
                 h.dirty.store(true, Ordering::Relaxed);
+                if h.local_writer {
+                    drop(guard);
+                    self.stamp_mtime(h.ino)?;
+                }
                 Ok(data.len() as u32)
             }
         }
@@ -465,6 +497,22 @@ impl Core {
         *h.file.write().unwrap() = Some(self.blobs.open_staging(h.ino, true)?);
         h.published.store(false, Ordering::Release);
         Ok(Restage::Restaged)
+    }
+
+    /// A write to a host-local file: its mtime is now (what FLUSH would
+    /// have recorded at close, for writers the kernel closes silently).
+    fn stamp_mtime(&self, ino: Ino) -> Result<()> {
+        let _g = self.lock(&[ino]);
+        let Some(mut inode) = self.store.inode(ino)? else {
+            return Ok(());
+        };
+        if inode.content != Content::Staged {
+            return Ok(());
+        }
+        let mut txn = self.txn();
+        inode.mtime_ns = self.now();
+        txn.batch.put_inode(&inode);
+        self.commit(txn)
     }
 
     /// On close: record size and mtime; if this was the last writer of a

@@ -29,24 +29,24 @@ use crate::store::meta::{Content, Inode, Kind, PendingReason};
 const SPACE_RESERVE_DIVISOR: u64 = 100;
 const SPACE_RESERVE_BYTES_MIN: u64 = 8 << 20;
 const SPACE_RESERVE_BYTES_MAX: u64 = 128 << 20;
-/// How long a "there is room" answer is trusted before `statvfs` is asked
-/// again (a "full" answer is never cached).
-const SPACE_CHECK_CACHE_MS: u64 = 50;
-
 /// The last free-space answer and the last "disk full" warning.
 #[derive(Default)]
 pub(super) struct SpaceCheck {
-    /// Wall milliseconds until which the store is known to have room.
-    room_until_ms: AtomicU64,
+    /// Bytes that may still be written before `statvfs` is asked again:
+    /// half the room above the reserve at the last check (a "full" answer
+    /// leaves none). Writers take from it, so no burst of writes can run
+    /// past the reserve between two checks.
+    budget_bytes: std::sync::atomic::AtomicI64,
     /// Wall second of the last "disk full" warning, to log it once a minute.
     full_warned_s: AtomicU64,
 }
 
 impl Core {
-    /// Refuses new bytes when the store's filesystem is down to its reserve.
-    pub(super) fn check_space(&self) -> Result<()> {
-        let now_ms = crate::store::clock::wall_ns() / 1_000_000;
-        if now_ms < self.space.room_until_ms.load(Ordering::Relaxed) {
+    /// Refuses `len` new bytes when the store's filesystem is down to its
+    /// reserve.
+    pub(super) fn check_space(&self, len: u64) -> Result<()> {
+        let len = len.min(i64::MAX as u64) as i64;
+        if self.space.budget_bytes.fetch_sub(len, Ordering::Relaxed) >= len {
             return Ok(());
         }
         let s = self.statfs()?;
@@ -55,16 +55,13 @@ impl Core {
         let reserve =
             (total / SPACE_RESERVE_DIVISOR).clamp(SPACE_RESERVE_BYTES_MIN, SPACE_RESERVE_BYTES_MAX);
         if free >= reserve {
-            // Trusted only while the space left above the reserve is large.
-            if free >= reserve * 2 {
-                self.space
-                    .room_until_ms
-                    .store(now_ms + SPACE_CHECK_CACHE_MS, Ordering::Relaxed);
-            }
+            let budget = ((free - reserve) / 2).min(i64::MAX as u64) as i64;
+            self.space.budget_bytes.store(budget, Ordering::Relaxed);
             return Ok(());
         }
+        self.space.budget_bytes.store(0, Ordering::Relaxed);
         Stats::bump(&self.stats.counters.errors);
-        let now_s = now_ms / 1000;
+        let now_s = crate::store::clock::wall_ns() / 1_000_000_000;
         if now_s >= self.space.full_warned_s.load(Ordering::Relaxed) + 60 {
             self.space.full_warned_s.store(now_s, Ordering::Relaxed);
             warn!(

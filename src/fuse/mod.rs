@@ -563,7 +563,7 @@ impl Filesystem for CasFs {
                 // A read-only handle has nothing to do at close: skip FLUSH.
                 let read_only =
                     flags.0 & libc::O_ACCMODE == libc::O_RDONLY && flags.0 & libc::O_TRUNC == 0;
-                if read_only {
+                if read_only || self.core.close_is_silent(fh) {
                     f |= FopenFlags::FOPEN_NOFLUSH;
                 }
                 if read_only
@@ -770,13 +770,14 @@ impl Filesystem for CasFs {
                 )
             });
         match r {
-            Ok((a, fh)) => reply.created(
-                &ttl(&a),
-                &file_attr(&a),
-                Generation(0),
-                FileHandle(fh),
-                FopenFlags::FOPEN_KEEP_CACHE,
-            ),
+            Ok((a, fh)) => {
+                // Host-local files have nothing to publish at close.
+                let mut f = FopenFlags::FOPEN_KEEP_CACHE;
+                if self.core.close_is_silent(fh) {
+                    f |= FopenFlags::FOPEN_NOFLUSH;
+                }
+                reply.created(&ttl(&a), &file_attr(&a), Generation(0), FileHandle(fh), f)
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }

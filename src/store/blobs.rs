@@ -22,6 +22,8 @@ const CHUNK_BYTES: usize = 256 * 1024;
 
 /// Most staging files kept for reuse (`retire_staging`).
 pub const SPARE_STAGING_MAX: usize = 64;
+/// Larger staging files are removed, not kept for reuse.
+pub const SPARE_STAGING_BYTES_MAX: u64 = 1 << 20;
 
 pub struct Blobs {
     root: PathBuf,
@@ -98,16 +100,23 @@ impl Blobs {
     }
 
     /// Retires the staging file of a deleted inode (no handle, no kernel
-    /// reference, not being published): kept for reuse if it is the file's
-    /// only name and the pool has room, else removed. A staging file that
+    /// reference, not being published): emptied and kept for reuse if it is
+    /// small, the file's only name, and the pool has room, else removed. A staging file that
     /// is also linked as a blob is never reused (its bytes must not change).
     pub fn retire_staging(&self, ino: Ino) {
         let path = self.staging_path(ino);
-        let single = fs::symlink_metadata(&path).is_ok_and(|m| {
+        let small_and_single = fs::symlink_metadata(&path).is_ok_and(|m| {
             use std::os::unix::fs::MetadataExt;
-            m.nlink() == 1 && m.is_file()
+            m.nlink() == 1 && m.is_file() && m.len() <= SPARE_STAGING_BYTES_MAX
         });
-        if single {
+        // Emptied first: a spare holds no space (a full disk frees at once).
+        if small_and_single
+            && OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .and_then(|f| f.set_len(0))
+                .is_ok()
+        {
             let mut spares = self.spares.lock().unwrap();
             if spares.len() < SPARE_STAGING_MAX {
                 let n = self

@@ -59,14 +59,22 @@
 //!    name) reads without the lock, locks, re-reads, and retries if the
 //!    answer changed.
 //! 3. Blob stripes (`BlobLocks`): the references, record and file presence
-//!    of a blob. Taken once per transaction (`Txn::lock_blobs`), for every
+//!    of a blob. Taken once per transaction (`Core::lock_blobs`), for every
 //!    blob the transaction adds or drops a reference to, and held until its
 //!    commit and the file removals after it are done.
 //! 4. Leaf locks, one at a time, each held for one map operation: the
-//!    `usage` shards (kernel references, handles, writers, sealing), the
-//!    handle table, directory listings, the verified-blob set, the
-//!    supplementary-group cache, the clock and
-//!    the inode-number allocator (which may write a lease record).
+//!    `usage` shards (kernel references, handles, writers, sealing; writers
+//!    and sealers wait on them only with no other lock held), the handle
+//!    table, directory listings, the verified-blob set, the
+//!    supplementary-group cache, the spare staging files, the clock and the
+//!    inode-number allocator. The last two write a lease record (a RocksDB
+//!    put, not synced) under their mutex once per lease.
+//!
+//! Known waits under a stripe: a commit is a RocksDB write, and RocksDB
+//! groups concurrent writers, so a commit can wait for the log sync of a
+//! publication that joined the same group (`sync_log`); copy-up of a
+//! mutable file copies its blob under the file's own stripe; a suspected
+//! corrupt blob is re-hashed under its blob stripe before it is dropped.
 //!
 //! Waits for contended inode and blob stripes are timed into
 //! `Stats::lock_wait` (`.casfs/metrics`: `casfs_lock_wait_seconds`).

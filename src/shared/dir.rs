@@ -6,12 +6,18 @@
 //! ```text
 //! ROOT/casfs-shared                         marker, "casfs shared format 1\n"
 //! ROOT/ns/<namespace>/records/<H:2>/<H>     a record: Record::encode() bytes
+//! ROOT/ns/<namespace>/lists/<H:2>/<H>/<k>.<E>   an empty file: the name E
+//!                                           is listed in directory H (k: f
+//!                                           file, d directory)
 //! ROOT/blobs/<B:2>/<B>                      a blob: its bytes (all namespaces)
 //! ROOT/tmp/<hostname>.<pid>.<counter>.tmp   files being written
 //! ```
 //! H is the BLAKE3 hex of the record's path bytes (paths can be long, deep
 //! and binary; hashing flattens them into one fixed-size name), B is the
-//! blob id in hex, `<X:2>` the first two hex digits of X.
+//! blob id in hex, `<X:2>` the first two hex digits of X. In a listing, H
+//! is the hash of the directory's path and E the name with every byte
+//! outside `[A-Za-z0-9._-]` written `%XX` (a name whose escape is over
+//! `LIST_NAME_BYTES_MAX` is not listed).
 //!
 //! Protocol (NFS-safe; every file is written whole in `ROOT/tmp`, fsynced,
 //! then bound to its name in one call on the same file system):
@@ -27,8 +33,17 @@
 //!   ever renamed over; a create-only name is never replaced.
 //! - reads open the final name and read it whole. ENOENT is a miss; ESTALE
 //!   (the name was replaced between lookup and read) is retried once, then
-//!   is a miss. A record that does not decode or a file over its bound is a
-//!   `Protocol` error naming the file. Blobs come back unverified.
+//!   is a miss. A record that does not decode, a file over its bound or a
+//!   directory where a record should be is a `Data` error naming the file.
+//!   Blobs come back unverified.
+//! - listing: after a record is bound (or found), each level of its path
+//!   is made sure of in its parent's listing (a stat; an empty file created
+//!   create-only when missing). A path with no record but a listing
+//!   directory reads as a directory (`Record::implied_dir`).
+//! - replace a damaged record: rename the name to a temp name of ours (one
+//!   host wins that rename), check the moved file is the damaged version,
+//!   then link the newcomer create-only; if what was moved was not the
+//!   damaged version, link it back (create-only) and report false.
 //!
 //! Invariants:
 //! - A final name only ever appears with complete, fsynced content: nothing
@@ -56,7 +71,10 @@ use std::time::{Duration, SystemTime};
 
 use log::{debug, warn};
 
-use super::{Engine, EngineConfig, Put, Record, TierError, TierResult, RECORD_BYTES_MAX};
+use super::{
+    listing_chain, Engine, EngineConfig, Listed, Put, Record, RecordKind, Seen, TierError,
+    TierResult, RECORD_BYTES_MAX,
+};
 use crate::store::ids::BlobId;
 
 /// The marker file's name under ROOT, and the one format this code knows.
@@ -83,6 +101,9 @@ const TEMP_NAME_ATTEMPTS_MAX: usize = 64;
 const CREATE_ATTEMPTS_MAX: usize = 2;
 const HOSTNAME_BYTES_MAX: usize = 64;
 
+/// Longest escaped name a listing holds (NAME_MAX less the kind prefix).
+const LIST_NAME_BYTES_MAX: usize = 250;
+
 /// Temp file counter, process-wide so two engines in one process (two
 /// namespaces, tests) never pick the same name.
 static TEMP_SEQ: AtomicU64 = AtomicU64::new(0);
@@ -90,12 +111,21 @@ static TEMP_SEQ: AtomicU64 = AtomicU64::new(0);
 pub struct DirEngine {
     root: PathBuf,
     records_dir: PathBuf,
+    lists_dir: PathBuf,
     blobs_dir: PathBuf,
     tmp_dir: PathBuf,
     file_mode: u32,
     dir_mode: u32,
     /// `<hostname>.<pid>.`: the start of our temp file names.
     temp_prefix: String,
+    healed: AtomicU64,
+}
+
+/// A record file as read.
+enum Raw {
+    Missing,
+    Good(Record),
+    Damaged(Seen, TierError),
 }
 
 impl DirEngine {
@@ -120,11 +150,13 @@ impl DirEngine {
         let engine = DirEngine {
             root: root.to_path_buf(),
             records_dir: ns_dir.join("records"),
+            lists_dir: ns_dir.join("lists"),
             blobs_dir: root.join("blobs"),
             tmp_dir: root.join("tmp"),
             file_mode: 0o666 & !umask,
             dir_mode: 0o777 & !umask,
             temp_prefix: format!("{}.{}.", hostname(), std::process::id()),
+            healed: AtomicU64::new(0),
         };
         engine
             .init(&ns_dir)
@@ -159,7 +191,7 @@ impl DirEngine {
         }
         // Idempotent: also repairs a layout an earlier open left unfinished.
         self.create_layout()?;
-        for dir in [&self.root.join("ns"), ns_dir, &self.records_dir] {
+        for dir in [&self.root.join("ns"), ns_dir, &self.records_dir, &self.lists_dir] {
             self.make_dir(dir)
                 .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         }
@@ -222,6 +254,53 @@ impl DirEngine {
     fn record_path(&self, path: &[u8]) -> PathBuf {
         let h = blake3::hash(path).to_hex();
         self.records_dir.join(&h[..2]).join(h.as_str())
+    }
+
+    fn list_dir_path(&self, path: &[u8]) -> PathBuf {
+        let h = blake3::hash(path).to_hex();
+        self.lists_dir.join(&h[..2]).join(h.as_str())
+    }
+
+    /// Makes sure every level of `path` is in its parent's listing.
+    fn list_chain(&self, path: &[u8], is_dir: bool) -> TierResult<()> {
+        for (parent, name, dir) in listing_chain(path, is_dir) {
+            let Some(entry) = list_entry_name(name, dir) else {
+                debug!(
+                    "shared list name={:?} outcome=not-listed-too-long",
+                    name.escape_ascii().to_string()
+                );
+                continue;
+            };
+            let ldir = self.list_dir_path(parent);
+            let file = ldir.join(&entry);
+            if fs::symlink_metadata(&file).is_ok() {
+                continue;
+            }
+            let create = || {
+                OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&file)
+                    .and_then(|f| f.set_permissions(Permissions::from_mode(self.file_mode)))
+            };
+            let mut r = create();
+            if matches!(&r, Err(e) if e.kind() == io::ErrorKind::NotFound) {
+                if let Some(shard) = ldir.parent() {
+                    self.make_dir(shard)
+                        .map_err(|e| io_error("create", shard, e))?;
+                }
+                self.make_dir(&ldir)
+                    .map_err(|e| io_error("create", &ldir, e))?;
+                r = create();
+            }
+            match r {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io_error("create", &file, e)),
+            }
+        }
+        Ok(())
     }
 
     fn blob_path(&self, id: &BlobId) -> PathBuf {
@@ -376,36 +455,52 @@ impl DirEngine {
         Ok(None)
     }
 
+    fn read_raw(&self, file: &Path) -> TierResult<Raw> {
+        match fs::symlink_metadata(file) {
+            Ok(m) if !m.is_file() => {
+                return Ok(Raw::Damaged(
+                    Seen::WrongType,
+                    TierError::Data(format!("{}: not a file", file.display())),
+                ))
+            }
+            _ => {}
+        }
+        let bytes = match self.read_tolerant(file, RECORD_BYTES_MAX) {
+            Ok(None) => return Ok(Raw::Missing),
+            Ok(Some(bytes)) => bytes,
+            Err(TierError::Protocol(m)) => return Ok(Raw::Damaged(Seen::Oversize, TierError::Data(m))),
+            Err(e) => return Err(e),
+        };
+        Ok(match Record::decode_or_data(&bytes, &file.display()) {
+            Ok(record) => Raw::Good(record),
+            Err(e) => Raw::Damaged(Seen::Bytes(bytes), e),
+        })
+    }
+
     fn read_record(&self, file: &Path) -> TierResult<Option<Record>> {
-        match self.read_tolerant(file, RECORD_BYTES_MAX)? {
-            None => Ok(None),
-            Some(bytes) => match Record::decode(&bytes) {
-                Some(record) => Ok(Some(record)),
-                None => Err(TierError::Protocol(format!(
-                    "{}: not a casfs record",
-                    file.display()
-                ))),
-            },
+        match self.read_raw(file)? {
+            Raw::Missing => Ok(None),
+            Raw::Good(r) => Ok(Some(r)),
+            Raw::Damaged(_, e) => Err(e),
         }
     }
-}
 
-impl Engine for DirEngine {
-    fn get_record(&self, path: &[u8]) -> TierResult<Option<Record>> {
-        self.read_record(&self.record_path(path))
-    }
-
-    fn put_record(&self, path: &[u8], record: &Record, create_only: bool) -> TierResult<Put> {
+    /// The put itself (listing aside). A create-only put onto a damaged
+    /// record replaces it (counted) and reports `Stored`.
+    fn put_record_only(&self, path: &[u8], record: &Record, create_only: bool) -> TierResult<Put> {
         let dest = self.record_path(path);
+        let shown = || path.escape_ascii().to_string();
+        let mut damaged = None;
         if create_only {
             // The common case on a farm: another host published it first.
             // A create-only name never changes, so no temp file is needed.
-            if let Some(existing) = self.read_record(&dest)? {
-                debug!(
-                    "shared put_record path={:?} outcome=kept-existing",
-                    path.escape_ascii().to_string()
-                );
-                return Ok(Put::Exists(existing));
+            match self.read_raw(&dest)? {
+                Raw::Good(existing) => {
+                    debug!("shared put_record path={:?} outcome=kept-existing", shown());
+                    return Ok(Put::Exists(existing));
+                }
+                Raw::Damaged(seen, _) => damaged = Some(seen),
+                Raw::Missing => {}
             }
         }
         let temp = self
@@ -414,36 +509,94 @@ impl Engine for DirEngine {
         if !create_only {
             self.rename_onto(temp, &dest)
                 .map_err(|e| io_error("rename onto", &dest, e))?;
-            debug!(
-                "shared put_record path={:?} outcome=replaced",
-                path.escape_ascii().to_string()
-            );
+            debug!("shared put_record path={:?} outcome=replaced", shown());
             return Ok(Put::Stored);
         }
         for _ in 0..CREATE_ATTEMPTS_MAX {
-            if self
+            if let Some(seen) = damaged.take() {
+                if self.swap_damaged(&temp, &dest, &seen)? {
+                    self.healed.fetch_add(1, Ordering::Relaxed);
+                    warn!(
+                        "shared put_record path={:?} outcome=replaced-damaged-record",
+                        shown()
+                    );
+                    return Ok(Put::Stored);
+                }
+            } else if self
                 .link_into(&temp, &dest)
                 .map_err(|e| io_error("link to", &dest, e))?
             {
-                debug!(
-                    "shared put_record path={:?} outcome=stored",
-                    path.escape_ascii().to_string()
-                );
+                debug!("shared put_record path={:?} outcome=stored", shown());
                 return Ok(Put::Stored);
             }
-            if let Some(existing) = self.read_record(&dest)? {
-                debug!(
-                    "shared put_record path={:?} outcome=kept-existing",
-                    path.escape_ascii().to_string()
-                );
-                return Ok(Put::Exists(existing));
+            match self.read_raw(&dest)? {
+                Raw::Good(existing) => {
+                    debug!("shared put_record path={:?} outcome=kept-existing", shown());
+                    return Ok(Put::Exists(existing));
+                }
+                Raw::Damaged(seen, _) => damaged = Some(seen),
+                // It was unlinked (evicted) between our link and our read.
+                Raw::Missing => {}
             }
-            // It was unlinked (evicted) between our link and our read.
         }
         Err(TierError::Unavailable(format!(
-            "{}: the record kept vanishing between link and read ({CREATE_ATTEMPTS_MAX} attempts)",
+            "{}: the record kept changing between link and read ({CREATE_ATTEMPTS_MAX} attempts)",
             dest.display()
         )))
+    }
+
+    /// Takes `dest` away if it is the damaged version `seen`, then binds
+    /// `temp` in its place create-only. Ok(true) if we bound it.
+    fn swap_damaged(&self, temp: &TempFile, dest: &Path, seen: &Seen) -> TierResult<bool> {
+        let n = TEMP_SEQ.fetch_add(1, Ordering::Relaxed);
+        let moved = TempFile {
+            path: self.tmp_dir.join(format!("{}{n}.heal.tmp", self.temp_prefix)),
+            armed: true,
+        };
+        match fs::rename(dest, &moved.path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(io_error("rename away", dest, e)),
+        }
+        let is_it = match self.read_raw(&moved.path)? {
+            Raw::Damaged(s, _) => s == *seen,
+            Raw::Good(r) => *seen == Seen::Bytes(r.encode()),
+            Raw::Missing => false,
+        };
+        if !is_it {
+            // Not ours to replace (healed or replaced meanwhile): put it back.
+            if fs::symlink_metadata(&moved.path).is_ok_and(|m| m.is_dir()) {
+                let _ = fs::rename(&moved.path, dest);
+            } else {
+                let _ = self.link_into(&moved, dest);
+            }
+            return Ok(false);
+        }
+        if fs::symlink_metadata(&moved.path).is_ok_and(|m| m.is_dir()) {
+            let _ = fs::remove_dir_all(&moved.path);
+        }
+        let bound = self
+            .link_into(temp, dest)
+            .map_err(|e| io_error("link to", dest, e))?;
+        Ok(bound)
+    }
+}
+
+impl Engine for DirEngine {
+    fn get_record(&self, path: &[u8]) -> TierResult<Option<Record>> {
+        match self.read_record(&self.record_path(path))? {
+            Some(r) => Ok(Some(r)),
+            None if fs::symlink_metadata(self.list_dir_path(path)).is_ok_and(|m| m.is_dir()) => {
+                Ok(Some(Record::implied_dir()))
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn put_record(&self, path: &[u8], record: &Record, create_only: bool) -> TierResult<Put> {
+        let put = self.put_record_only(path, record, create_only)?;
+        self.list_chain(path, record.kind == RecordKind::Dir)?;
+        Ok(put)
     }
 
     fn has_blob(&self, id: &BlobId) -> TierResult<bool> {
@@ -507,6 +660,81 @@ impl Engine for DirEngine {
     fn describe(&self) -> String {
         format!("file://{}", self.root.display())
     }
+
+    fn replace_damaged(&self, path: &[u8], seen: &Seen, record: &Record) -> TierResult<bool> {
+        let dest = self.record_path(path);
+        let temp = self
+            .write_temp(&record.encode())
+            .map_err(|e| io_error("write temp in", &self.tmp_dir, e))?;
+        let done = self.swap_damaged(&temp, &dest, seen)?;
+        if done {
+            self.healed.fetch_add(1, Ordering::Relaxed);
+            self.list_chain(path, record.kind == RecordKind::Dir)?;
+            warn!(
+                "shared replace_damaged path={:?} outcome=replaced",
+                path.escape_ascii().to_string()
+            );
+        }
+        Ok(done)
+    }
+
+    fn list(&self, path: &[u8], max: usize) -> TierResult<Vec<Listed>> {
+        let dir = self.list_dir_path(path);
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound || is_stale(&e) => return Ok(vec![]),
+            Err(e) => return Err(io_error("list", &dir, e)),
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            if out.len() >= max {
+                break;
+            }
+            let entry = entry.map_err(|e| io_error("list", &dir, e))?;
+            if let Some(listed) = parse_list_entry(entry.file_name().as_encoded_bytes()) {
+                out.push(listed);
+            }
+        }
+        Ok(out)
+    }
+
+    fn records_healed(&self) -> u64 {
+        self.healed.load(Ordering::Relaxed)
+    }
+}
+
+/// A listing file's name for `name`: `f.` or `d.` and the escaped name.
+fn list_entry_name(name: &[u8], dir: bool) -> Option<String> {
+    let mut out = String::from(if dir { "d." } else { "f." });
+    for &c in name {
+        if c.is_ascii_alphanumeric() || b"._-".contains(&c) {
+            out.push(c as char);
+        } else {
+            out.push_str(&format!("%{c:02X}"));
+        }
+    }
+    (out.len() <= LIST_NAME_BYTES_MAX + 2).then_some(out)
+}
+
+fn parse_list_entry(file: &[u8]) -> Option<Listed> {
+    let (dir, rest) = match file {
+        [b'd', b'.', rest @ ..] => (true, rest),
+        [b'f', b'.', rest @ ..] => (false, rest),
+        _ => return None,
+    };
+    let mut name = Vec::with_capacity(rest.len());
+    let mut i = 0;
+    while i < rest.len() {
+        if rest[i] == b'%' {
+            let hex = std::str::from_utf8(rest.get(i + 1..i + 3)?).ok()?;
+            name.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            name.push(rest[i]);
+            i += 1;
+        }
+    }
+    (!name.is_empty()).then_some(Listed { name, dir })
 }
 
 /// A temp file we created; unlinked on drop unless disarmed (renamed away).
@@ -633,7 +861,6 @@ fn hostname() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shared::RecordKind;
     use std::sync::atomic::AtomicUsize;
     use std::sync::{Arc, Barrier};
 

@@ -19,10 +19,28 @@
 //! - No engine call stalls longer than the timeout without progress (Redis:
 //!   per read and write; the directory engine relies on the caller's
 //!   deadline, see `tier.rs`, which bounds every call as a whole).
-//! - Key layouts are forever: Redis `casfs:<namespace>:r:<path>` and
-//!   `casfs:b:<hex>`; directory layout in `dir.rs`.
+//! - A record that is unreadable (does not parse, is of a newer format, is
+//!   over `RECORD_BYTES_MAX`, or is not a string/file at all) is a
+//!   `TierError::Data` about that one name, never an engine failure: the
+//!   engine answered. A create-only put onto such a record replaces it
+//!   (`replace_damaged`, compare-and-set) and reports `Put::Stored`.
+//! - Every put of a record also lists its name in its parent's *listing*
+//!   and re-asserts every ancestor in its own parent's listing (Redis: in
+//!   the same round trip; directory engine: one stat per level). A path
+//!   with no record but with a listing reads as a directory record
+//!   (`Record::implied_dir`): a host finds a name whose parents' records
+//!   were lost, as long as the name's own record or a listing below each
+//!   parent survives.
+//! - `replace_damaged` replaces only the version the caller saw (Redis: a
+//!   Lua compare-and-set; directory engine: rename the name away, check
+//!   what was moved, bind the newcomer create-only or put back what was
+//!   not ours to replace), and counts what it replaced.
+//! - Key layouts are forever: Redis `casfs:<namespace>:r:<path>`,
+//!   `casfs:<namespace>:l:<dir path>` (a set of `f/<name>` and `d/<name>`)
+//!   and `casfs:b:<hex>`; directory layout in `dir.rs`.
 
 pub mod dir;
+pub mod mem;
 pub mod redis;
 pub mod tier;
 
@@ -62,6 +80,10 @@ pub enum TierError {
     Unavailable(String),
     /// The engine answered something we cannot read.
     Protocol(String),
+    /// The engine answered, but what it holds for one name is unusable
+    /// (a record that does not parse, of a newer format, oversize, or of
+    /// the wrong type). A miss for that name; never trips the breaker.
+    Data(String),
 }
 
 impl fmt::Display for TierError {
@@ -70,6 +92,7 @@ impl fmt::Display for TierError {
             TierError::Timeout => write!(f, "timed out"),
             TierError::Unavailable(m) => write!(f, "unavailable: {m}"),
             TierError::Protocol(m) => write!(f, "protocol error: {m}"),
+            TierError::Data(m) => write!(f, "damaged record: {m}"),
         }
     }
 }
@@ -78,6 +101,28 @@ pub type TierResult<T> = Result<T, TierError>;
 
 /// Largest record an engine reads.
 pub const RECORD_BYTES_MAX: u64 = 4096;
+/// Bound on the names one `list` returns.
+pub const LIST_NAMES_MAX: usize = 4096;
+
+/// What a damaged record was when it was read, so that `replace_damaged`
+/// replaces that version and nothing else.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Seen {
+    /// These bytes (a record that does not parse, or one that parses but
+    /// whose blob is missing, corrupt or of another size).
+    Bytes(Vec<u8>),
+    /// A value over `RECORD_BYTES_MAX`.
+    Oversize,
+    /// Not a record at all (a Redis set or list, a directory).
+    WrongType,
+}
+
+/// One name in a listing.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Listed {
+    pub name: Vec<u8>,
+    pub dir: bool,
+}
 
 /// One engine, bound to one namespace.
 pub trait Engine: Send + Sync {
@@ -94,6 +139,39 @@ pub trait Engine: Send + Sync {
     fn repair_blob(&self, id: &BlobId, bytes: &[u8]) -> TierResult<()>;
     /// For logs: the engine and where it is, without secrets.
     fn describe(&self) -> String;
+    /// Replaces the record at `path` with `record` only if it is still
+    /// the damaged version `seen`, atomically. Ok(true): replaced (and
+    /// counted); Ok(false): something else is there now.
+    fn replace_damaged(&self, path: &[u8], seen: &Seen, record: &Record) -> TierResult<bool>;
+    /// Names listed below the directory `path` (at most `max`, in no
+    /// particular order). A name may be listed whose record is gone.
+    fn list(&self, path: &[u8], max: usize) -> TierResult<Vec<Listed>>;
+    /// Damaged records this engine replaced (for statistics).
+    fn records_healed(&self) -> u64;
+}
+
+/// The parent of a record path and the name in it (`b"a/b/c"` →
+/// (`b"a/b"`, `b"c"`); a top-level name's parent is `b""`).
+pub fn split_path(path: &[u8]) -> (&[u8], &[u8]) {
+    match path.iter().rposition(|c| *c == b'/') {
+        Some(i) => (&path[..i], &path[i + 1..]),
+        None => (&path[..0], path),
+    }
+}
+
+/// Every (parent, name, is_dir) a put of `path` lists: the name itself in
+/// its parent, then each ancestor in its own parent, deepest first.
+pub fn listing_chain(path: &[u8], is_dir: bool) -> Vec<(&[u8], &[u8], bool)> {
+    let mut out = Vec::new();
+    let mut cur = path;
+    let mut dir = is_dir;
+    while !cur.is_empty() {
+        let (parent, name) = split_path(cur);
+        out.push((parent, name, dir));
+        cur = parent;
+        dir = true;
+    }
+    out
 }
 
 /// Settings common to all engines.
@@ -143,6 +221,32 @@ pub fn valid_namespace(ns: &str) -> bool {
 }
 
 impl Record {
+    /// What a path with no record but with names listed below it reads
+    /// as: a directory whose record was lost (mtime unknown: 0).
+    pub fn implied_dir() -> Record {
+        Record {
+            kind: RecordKind::Dir,
+            mtime_ns: 0,
+        }
+    }
+
+    /// Decodes what an engine holds for one name; anything unusable is a
+    /// `TierError::Data` naming `what`.
+    pub fn decode_or_data(bytes: &[u8], what: &dyn fmt::Display) -> TierResult<Record> {
+        if bytes.len() as u64 > RECORD_BYTES_MAX {
+            return Err(TierError::Data(format!(
+                "{what}: {} bytes, over the {RECORD_BYTES_MAX} a record may hold",
+                bytes.len()
+            )));
+        }
+        Record::decode(bytes).ok_or_else(|| {
+            let head = String::from_utf8_lossy(&bytes[..bytes.len().min(40)]).into_owned();
+            TierError::Data(format!(
+                "{what}: not a casfs record this version reads (it starts {head:?})"
+            ))
+        })
+    }
+
     /// A small text format, the same for every engine (readable with `cat`
     /// or `redis-cli GET` when debugging):
     /// `casfs-record 1\nfile <blob hex> <size> <mode octal> <mtime ns>\n` or

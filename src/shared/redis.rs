@@ -6,6 +6,7 @@
 //! Keys (forever: add new ones, never rename):
 //! ```text
 //! casfs:<namespace>:r:<path bytes>   a record: Record::encode() bytes
+//! casfs:<namespace>:l:<dir path>     a set: `f/<name>`, `d/<name>` listed in it
 //! casfs:b:<64 hex>                   a blob: its bytes (all namespaces)
 //! ```
 //! Keys are binary-safe, so the path goes in as is. A namespace has no ':'
@@ -16,6 +17,17 @@
 //!   there: `GET` it and report `Put::Exists`. If the GET finds nothing (it
 //!   was deleted in between), the SET is tried once more.
 //! - replace record: `SET key value` (atomic, last writer wins).
+//! - every record put is pipelined with one `SADD` per level of its path
+//!   (its name in its parent's listing, each ancestor in its own parent's):
+//!   one round trip re-asserts what an eviction may have dropped.
+//! - get_record: `TYPE`, `GETRANGE 0 RECORD_BYTES_MAX` and `EXISTS` of the
+//!   path's listing, pipelined (one round trip): a key of another type, a
+//!   longer value or one that does not decode is `TierError::Data`; no
+//!   record but a listing is `Record::implied_dir`.
+//! - replace a damaged record: a Lua script compares what is there with
+//!   the damaged version and sets the newcomer only if it is the same.
+//!   A create-only put that finds a damaged record replaces it this way.
+//! - list: `SSCAN` (bounded passes and names).
 //! - put_blob: `SET key bytes NX` (nil = already there = fine); blobs of
 //!   `REDIS_BLOB_PROBE_BYTES_MIN` or more are first probed with `EXISTS`, so
 //!   a blob other hosts already shared is not sent again.
@@ -48,7 +60,10 @@ use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 
-use super::{Engine, EngineConfig, Put, Record, TierError, TierResult, RECORD_BYTES_MAX};
+use super::{
+    listing_chain, Engine, EngineConfig, Listed, Put, Record, RecordKind, Seen, TierError,
+    TierResult, RECORD_BYTES_MAX,
+};
 use crate::store::ids::BlobId;
 
 /// Bound on one reply, framing included (Redis's own default bound on a
@@ -83,8 +98,38 @@ pub struct RedisEngine {
     timeout: Duration,
     /// `casfs:<namespace>:r:`
     record_prefix: Vec<u8>,
+    /// `casfs:<namespace>:l:`
+    list_prefix: Vec<u8>,
     pool: Mutex<Vec<Conn>>,
+    healed: std::sync::atomic::AtomicU64,
 }
+
+/// A record key as read.
+enum Raw {
+    Missing,
+    Good(Record),
+    Damaged(Seen, TierError),
+}
+
+/// Compare-and-set of a damaged record. KEYS[1] the record; ARGV[1] the
+/// kind of damage seen (`bytes`, `big`, `type`), ARGV[2] the bytes seen,
+/// ARGV[3] the newcomer. Returns 1 if it replaced.
+const REPLACE_DAMAGED_LUA: &[u8] = b"local t = redis.call('TYPE', KEYS[1]).ok
+if ARGV[1] == 'bytes' then
+  if t ~= 'string' or redis.call('GET', KEYS[1]) ~= ARGV[2] then return 0 end
+elseif ARGV[1] == 'big' then
+  if t ~= 'string' or redis.call('STRLEN', KEYS[1]) <= tonumber(ARGV[4]) then return 0 end
+else
+  if t == 'string' or t == 'none' then return 0 end
+  redis.call('DEL', KEYS[1])
+end
+redis.call('SET', KEYS[1], ARGV[3])
+return 1";
+/// Names asked of one SSCAN pass, and bound on passes for one listing.
+const LIST_SCAN_COUNT: usize = 256;
+/// Bound on one SSCAN reply (names are at most 255 bytes).
+const LIST_REPLY_BYTES_MAX: u64 = 1 << 20;
+const LIST_SCAN_PASSES_MAX: usize = 64;
 
 /// Where and how to connect, parsed from the URL.
 #[derive(Clone, PartialEq, Eq)]
@@ -139,7 +184,9 @@ impl RedisEngine {
             target,
             timeout: config.timeout.max(Duration::from_millis(1)),
             record_prefix: format!("casfs:{}:r:", config.namespace).into_bytes(),
+            list_prefix: format!("casfs:{}:l:", config.namespace).into_bytes(),
             pool: Mutex::new(Vec::new()),
+            healed: std::sync::atomic::AtomicU64::new(0),
         };
         let probe = Conn::connect(&engine.target, engine.timeout)
             .and_then(|mut conn| conn.command(&[b"PING"], 0).map(|reply| (conn, reply)));
@@ -171,6 +218,100 @@ impl RedisEngine {
         key.extend_from_slice(&self.record_prefix);
         key.extend_from_slice(path);
         key
+    }
+
+    fn list_key(&self, path: &[u8]) -> Vec<u8> {
+        let mut key = self.list_prefix.clone();
+        key.extend_from_slice(path);
+        key
+    }
+
+    /// The SADDs that list every level of `path`.
+    fn list_commands(&self, path: &[u8], is_dir: bool) -> Vec<(Vec<u8>, Vec<u8>)> {
+        listing_chain(path, is_dir)
+            .into_iter()
+            .map(|(parent, name, dir)| {
+                let mut member = if dir { b"d/".to_vec() } else { b"f/".to_vec() };
+                member.extend_from_slice(name);
+                (self.list_key(parent), member)
+            })
+            .collect()
+    }
+
+    /// Sends commands in one round trip on one connection and reads every
+    /// reply; error replies are returned as they are, for the caller.
+    fn pipeline(&self, cmds: &[Vec<&[u8]>], value_bytes_max: u64) -> TierResult<Vec<Reply>> {
+        let name = command_name(&cmds[0]);
+        let run = |conn: &mut Conn| -> io::Result<Vec<Reply>> {
+            for c in cmds {
+                conn.send(c)?;
+            }
+            cmds.iter()
+                .map(|_| read_reply(&mut conn.reader, value_bytes_max))
+                .collect()
+        };
+        let pooled = self.pool().pop();
+        let reused = pooled.is_some();
+        let mut conn = match pooled {
+            Some(conn) => conn,
+            None => self.connect()?,
+        };
+        let replies = match run(&mut conn) {
+            Ok(r) => r,
+            Err(e) if reused && is_dead_connection(&e) => {
+                drop(conn);
+                self.pool().clear();
+                conn = self.connect()?;
+                run(&mut conn).map_err(|e| self.tier_error(&name, e))?
+            }
+            Err(e) => return Err(self.tier_error(&name, e)),
+        };
+        self.give_back(conn);
+        Ok(replies)
+    }
+
+    /// Reads a record key and whether `path` has a listing, in one round trip.
+    fn read_raw(&self, path: &[u8]) -> TierResult<(Raw, bool)> {
+        let key = self.record_key(path);
+        let lkey = self.list_key(path);
+        let end = RECORD_BYTES_MAX.to_string();
+        let replies = self.pipeline(
+            &[
+                vec![b"TYPE".as_slice(), &key],
+                vec![b"GETRANGE".as_slice(), &key, b"0", end.as_bytes()],
+                vec![b"EXISTS".as_slice(), &lkey],
+            ],
+            RECORD_BYTES_MAX + 1,
+        )?;
+        let listed = matches!(replies[2], Reply::Int(n) if n > 0);
+        let what = format!("{} key {}", self.described, key_text(&key));
+        let raw = match (&replies[0], &replies[1]) {
+            (Reply::Status(t), _) if t == "none" => Raw::Missing,
+            (Reply::Status(t), Reply::Bulk(Some(bytes))) if t == "string" => {
+                if bytes.len() as u64 > RECORD_BYTES_MAX {
+                    Raw::Damaged(
+                        Seen::Oversize,
+                        TierError::Data(format!(
+                            "{what}: over the {RECORD_BYTES_MAX} bytes a record may hold"
+                        )),
+                    )
+                } else {
+                    match Record::decode_or_data(bytes, &what) {
+                        Ok(r) => Raw::Good(r),
+                        Err(e) => Raw::Damaged(Seen::Bytes(bytes.clone()), e),
+                    }
+                }
+            }
+            (Reply::Status(t), _) if t != "string" => Raw::Damaged(
+                Seen::WrongType,
+                TierError::Data(format!("{what}: a {t}, not a record")),
+            ),
+            (Reply::Error(m), _) | (_, Reply::Error(m)) => {
+                return Err(TierError::Unavailable(format!("{what}: the server refused: {m}")))
+            }
+            (other, _) => return Err(self.unexpected("TYPE", &key, other)),
+        };
+        Ok((raw, listed))
     }
 
     fn pool(&self) -> MutexGuard<'_, Vec<Conn>> {
@@ -250,59 +391,82 @@ impl RedisEngine {
         ))
     }
 
-    fn get_record_at(&self, key: &[u8]) -> TierResult<Option<Record>> {
-        match self.call(&[b"GET", key], RECORD_BYTES_MAX)? {
-            Reply::Bulk(None) => Ok(None),
-            Reply::Bulk(Some(bytes)) => match Record::decode(&bytes) {
-                Some(record) => Ok(Some(record)),
-                None => Err(TierError::Protocol(format!(
-                    "{} key {}: not a casfs record",
-                    self.described,
-                    key_text(key)
-                ))),
-            },
-            other => Err(self.unexpected("GET", key, &other)),
-        }
-    }
 }
 
 impl Engine for RedisEngine {
     fn get_record(&self, path: &[u8]) -> TierResult<Option<Record>> {
-        self.get_record_at(&self.record_key(path))
+        match self.read_raw(path)? {
+            (Raw::Good(r), _) => Ok(Some(r)),
+            (Raw::Damaged(_, e), _) => Err(e),
+            (Raw::Missing, true) => Ok(Some(Record::implied_dir())),
+            (Raw::Missing, false) => Ok(None),
+        }
     }
 
     fn put_record(&self, path: &[u8], record: &Record, create_only: bool) -> TierResult<Put> {
         let key = self.record_key(path);
         let value = record.encode();
-        if !create_only {
-            return match self.call(&[b"SET", &key, &value], 0)? {
-                Reply::Status(s) if s == "OK" => Ok(Put::Stored),
-                other => Err(self.unexpected("SET", &key, &other)),
-            };
+        let lists = self.list_commands(path, record.kind == RecordKind::Dir);
+        let shown = || path.escape_ascii().to_string();
+        let mut set: Vec<&[u8]> = vec![b"SET", &key, &value];
+        if create_only {
+            set.push(b"NX");
+        }
+        let mut cmds = vec![set];
+        for (lkey, member) in &lists {
+            cmds.push(vec![b"SADD".as_slice(), lkey, member]);
+        }
+        let replies = self.pipeline(&cmds, 0)?;
+        for r in &replies[1..] {
+            if let Reply::Error(m) = r {
+                // A listing key of another type: the listing is best effort.
+                debug!("shared list path={:?} error={m} outcome=not-listed", shown());
+            }
+        }
+        match &replies[0] {
+            Reply::Status(s) if s == "OK" => {
+                debug!("shared put_record path={:?} outcome=stored", shown());
+                return Ok(Put::Stored);
+            }
+            Reply::Bulk(None) if create_only => {}
+            Reply::Error(m) => {
+                return Err(TierError::Unavailable(format!(
+                    "{} SET {}: the server refused: {m}",
+                    self.described,
+                    key_text(&key)
+                )))
+            }
+            other => return Err(self.unexpected("SET", &key, other)),
         }
         for _ in 0..CREATE_ATTEMPTS_MAX {
-            match self.call(&[b"SET", &key, &value, b"NX"], 0)? {
-                Reply::Status(s) if s == "OK" => {
-                    debug!(
-                        "shared put_record path={:?} outcome=stored",
-                        path.escape_ascii().to_string()
-                    );
-                    return Ok(Put::Stored);
+            match self.read_raw(path)?.0 {
+                Raw::Good(existing) => {
+                    debug!("shared put_record path={:?} outcome=kept-existing", shown());
+                    return Ok(Put::Exists(existing));
                 }
-                Reply::Bulk(None) => {}
-                other => return Err(self.unexpected("SET NX", &key, &other)),
+                Raw::Damaged(seen, _) => {
+                    if self.replace_damaged(path, &seen, record)? {
+                        warn!(
+                            "shared put_record path={:?} outcome=replaced-damaged-record",
+                            shown()
+                        );
+                        return Ok(Put::Stored);
+                    }
+                }
+                Raw::Missing => {
+                    // Deleted between our SET NX and our read: try again.
+                    if let Reply::Status(s) =
+                        self.call(&[b"SET", &key, &value, b"NX"], 0)?
+                    {
+                        if s == "OK" {
+                            return Ok(Put::Stored);
+                        }
+                    }
+                }
             }
-            if let Some(existing) = self.get_record_at(&key)? {
-                debug!(
-                    "shared put_record path={:?} outcome=kept-existing",
-                    path.escape_ascii().to_string()
-                );
-                return Ok(Put::Exists(existing));
-            }
-            // Deleted between our SET NX and our GET: try again.
         }
         Err(TierError::Unavailable(format!(
-            "{} key {}: the record kept vanishing between SET NX and GET ({CREATE_ATTEMPTS_MAX} attempts)",
+            "{} key {}: the record kept changing under a create-only put ({CREATE_ATTEMPTS_MAX} attempts)",
             self.described,
             key_text(&key)
         )))
@@ -373,6 +537,95 @@ impl Engine for RedisEngine {
 
     fn describe(&self) -> String {
         self.described.clone()
+    }
+
+    fn replace_damaged(&self, path: &[u8], seen: &Seen, record: &Record) -> TierResult<bool> {
+        let key = self.record_key(path);
+        let value = record.encode();
+        let (kind, bytes): (&[u8], &[u8]) = match seen {
+            Seen::Bytes(b) => (b"bytes", b),
+            Seen::Oversize => (b"big", b""),
+            Seen::WrongType => (b"type", b""),
+        };
+        let max = RECORD_BYTES_MAX.to_string();
+        let reply = self.call(
+            &[
+                b"EVAL",
+                REPLACE_DAMAGED_LUA,
+                b"1",
+                &key,
+                kind,
+                bytes,
+                &value,
+                max.as_bytes(),
+            ],
+            0,
+        )?;
+        match reply {
+            Reply::Int(1) => {
+                self.healed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let lists = self.list_commands(path, record.kind == RecordKind::Dir);
+                let cmds: Vec<Vec<&[u8]>> = lists
+                    .iter()
+                    .map(|(k, m)| vec![b"SADD".as_slice(), k, m])
+                    .collect();
+                self.pipeline(&cmds, 0)?;
+                warn!(
+                    "shared replace_damaged path={:?} outcome=replaced",
+                    path.escape_ascii().to_string()
+                );
+                Ok(true)
+            }
+            Reply::Int(0) => Ok(false),
+            other => Err(self.unexpected("EVAL", &key, &other)),
+        }
+    }
+
+    fn list(&self, path: &[u8], max: usize) -> TierResult<Vec<Listed>> {
+        let key = self.list_key(path);
+        let count = LIST_SCAN_COUNT.to_string();
+        let mut cursor = b"0".to_vec();
+        let mut out = Vec::new();
+        for _ in 0..LIST_SCAN_PASSES_MAX {
+            let reply = self.call(
+                &[b"SSCAN", &key, &cursor, b"COUNT", count.as_bytes()],
+                LIST_REPLY_BYTES_MAX,
+            )?;
+            let Reply::Array(Some(parts)) = reply else {
+                return Err(self.unexpected("SSCAN", &key, &reply));
+            };
+            let [Reply::Bulk(Some(next)), Reply::Array(Some(members))] = parts.as_slice() else {
+                return Err(self.unexpected("SSCAN", &key, &Reply::Array(Some(parts))));
+            };
+            for m in members {
+                if out.len() >= max {
+                    return Ok(out);
+                }
+                if let Reply::Bulk(Some(m)) = m {
+                    let (dir, name) = match m.as_slice() {
+                        [b'd', b'/', name @ ..] => (true, name),
+                        [b'f', b'/', name @ ..] => (false, name),
+                        _ => continue,
+                    };
+                    if !name.is_empty() {
+                        out.push(Listed {
+                            name: name.to_vec(),
+                            dir,
+                        });
+                    }
+                }
+            }
+            if next.as_slice() == b"0" {
+                break;
+            }
+            cursor = next.clone();
+        }
+        Ok(out)
+    }
+
+    fn records_healed(&self) -> u64 {
+        self.healed.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

@@ -13,7 +13,11 @@
 //! - Publications are acknowledged locally before they are uploaded; the
 //!   queue is bounded (`UPLOAD_QUEUE_LEN_MAX`) and an upload that does not
 //!   fit is dropped and counted (this is a cache).
-//! - A blob from the tier is never used unless its bytes hash to its id.
+//! - A blob from the tier is never used unless its bytes hash to its id,
+//!   nor a record whose size differs from its verified blob's.
+//! - A `TierError::Data` (a damaged record about one name) is a miss for
+//!   that name, counted and logged once; it never counts against the
+//!   breaker, since the engine answered.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -77,7 +81,19 @@ pub struct TierStats {
     pub conflicts_lost: AtomicU64,
     pub fetch_ms: Histogram,
     pub upload_ms: Histogram,
+    /// Damaged records met (`TierError::Data`, or a size that disagrees
+    /// with the blob), and the messages already logged (bounded).
+    pub data_errors: AtomicU64,
+    data_logged: Mutex<std::collections::HashSet<String>>,
+    /// Names `readdir` listed from the tier.
+    pub names_listed: AtomicU64,
+    /// Mutable entries revalidated against the tier, and those refreshed.
+    pub revalidations: AtomicU64,
+    pub refreshed: AtomicU64,
 }
+
+/// Distinct damaged-record messages logged per mount.
+const DATA_LOGGED_MAX: usize = 1024;
 
 struct Breaker {
     failures: u32,
@@ -245,6 +261,36 @@ impl Tier {
                 v(&s.conflicts_lost),
                 false,
             ),
+            (
+                "shared_damaged_records",
+                "Shared records that could not be used (unparseable, wrong type, oversize, newer format, size not the blob's)",
+                v(&s.data_errors),
+                false,
+            ),
+            (
+                "shared_records_healed",
+                "Damaged create-only records replaced by a verified newcomer",
+                self.engine.records_healed(),
+                false,
+            ),
+            (
+                "shared_names_listed",
+                "Names readdir listed from the shared tier",
+                v(&s.names_listed),
+                false,
+            ),
+            (
+                "shared_revalidations",
+                "Mutable entries checked against the shared tier after the freshness bound",
+                v(&s.revalidations),
+                false,
+            ),
+            (
+                "shared_refreshed",
+                "Mutable entries replaced by a newer version from the shared tier",
+                v(&s.refreshed),
+                false,
+            ),
         ];
         for (name, help, value, gauge) in rows {
             snap.extras.push(Extra {
@@ -302,6 +348,15 @@ impl Tier {
                         "shared tier {} answers again: sharing resumes",
                         self.engine.describe()
                     );
+                }
+            }
+            // Bad data about one name: the engine answered.
+            Err(TierError::Data(m)) => {
+                b.failures = 0;
+                self.stats.data_errors.fetch_add(1, Ordering::Relaxed);
+                let mut logged = self.stats.data_logged.lock().unwrap();
+                if logged.len() < DATA_LOGGED_MAX && logged.insert(m.clone()) {
+                    warn!("shared tier: {m}: treated as a miss (a newer publication replaces it)");
                 }
             }
             Err(e) => {
@@ -364,7 +419,7 @@ impl Tier {
         let p = path.to_vec();
         let record = match self.call(move |e| e.get_record(&p)) {
             Ok(Some(r)) => r,
-            Ok(None) => {
+            Ok(None) | Err(TierError::Data(_)) => {
                 self.stats.misses.fetch_add(1, Ordering::Relaxed);
                 self.remember_missing(path);
                 return None;
@@ -395,6 +450,17 @@ impl Tier {
                     );
                     self.mark_damaged(id);
                     return None;
+                }
+                if let super::RecordKind::File { size, .. } = &record.kind {
+                    if *size != bytes.len() as u64 {
+                        self.note_data_error(format!(
+                            "record {:?} claims {size} bytes, its verified blob {id} has {}",
+                            String::from_utf8_lossy(path),
+                            bytes.len()
+                        ));
+                        self.stats.misses.fetch_add(1, Ordering::Relaxed);
+                        return None;
+                    }
                 }
                 Some(bytes)
             }
@@ -598,5 +664,57 @@ impl Tier {
             ));
         }
         Ok(target)
+    }
+}
+
+/// What the core asks beyond lookups and uploads: healing, listing and
+/// revalidation. Each is one engine call under the deadline and the
+/// breaker, like every other.
+impl Tier {
+    /// Counts and logs (once per message) a damaged record.
+    pub fn note_data_error(&self, message: String) {
+        self.record_outcome::<()>(&Err(TierError::Data(message)));
+    }
+
+    /// The record at `path` only (no blob): `Err` when the engine could
+    /// not answer, `Ok(None)` when there is none or it is damaged.
+    pub fn record(&self, path: &[u8]) -> TierResult<Option<Record>> {
+        let p = path.to_vec();
+        match self.call(move |e| e.get_record(&p)) {
+            Err(TierError::Data(_)) => Ok(None),
+            other => other,
+        }
+    }
+
+    /// A blob's verified bytes: `Ok(None)` when the tier lacks it or its
+    /// bytes fail verification (marked for repair), `Err` when it could
+    /// not be asked.
+    pub fn blob_checked(&self, id: BlobId) -> TierResult<Option<Vec<u8>>> {
+        let Some(bytes) = self.call(move |e| e.get_blob(&id, FETCH_BYTES_MAX))? else {
+            return Ok(None);
+        };
+        if *blake3::hash(&bytes).as_bytes() != id.0 {
+            self.stats.corrupt_blobs.fetch_add(1, Ordering::Relaxed);
+            warn!("shared tier: blob {id} does not match its hash: not used");
+            self.mark_damaged(id);
+            return Ok(None);
+        }
+        Ok(Some(bytes))
+    }
+
+    /// Replaces the damaged record `seen` at `path` with `record`.
+    pub fn replace_damaged(&self, path: &[u8], seen: super::Seen, record: Record) -> TierResult<bool> {
+        let p = path.to_vec();
+        let r = self.call(move |e| e.replace_damaged(&p, &seen, &record));
+        if matches!(r, Ok(true)) {
+            self.forget_missing(path);
+        }
+        r
+    }
+
+    /// Names the tier lists below the directory `path` (bounded).
+    pub fn list(&self, path: &[u8]) -> TierResult<Vec<super::Listed>> {
+        let p = path.to_vec();
+        self.call(move |e| e.list(&p, super::LIST_NAMES_MAX))
     }
 }

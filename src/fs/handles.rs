@@ -150,6 +150,9 @@ impl Core {
                 true,
             ));
         }
+        // A shared mutable entry past its freshness bound is checked against
+        // the tier first (no lock held).
+        self.refresh_shared_ino(ino);
         if write {
             self.writable()?;
             return self

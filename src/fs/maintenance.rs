@@ -326,6 +326,7 @@ impl Core {
             return Ok(false);
         }
         let (parent, name, size) = (inode.parent, inode.name.clone(), inode.size);
+        self.remember_floor(parent, &name, inode.mtime_ns);
         if self.store.dentry(parent, &name)? != Some(ino) {
             return Ok(false);
         }

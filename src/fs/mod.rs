@@ -244,6 +244,8 @@ pub struct Core {
     tier: OnceLock<Arc<Tier>>,
     open_counter: AtomicU64,
     space: maintenance::SpaceCheck,
+    /// What the seam to the shared tier remembers (tier_link.rs).
+    tier_local: tier_link::TierLocal,
 }
 
 thread_local! {
@@ -252,7 +254,7 @@ thread_local! {
     static URGENT: std::cell::RefCell<Vec<Invalidate>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-fn check_name(name: &[u8]) -> Result<()> {
+pub(crate) fn check_name(name: &[u8]) -> Result<()> {
     if name.len() > NAME_BYTES_MAX {
         return Err(Error::errno(libc::ENAMETOOLONG));
     }
@@ -291,6 +293,7 @@ impl Core {
             tier: OnceLock::new(),
             open_counter: AtomicU64::new(0),
             space: maintenance::SpaceCheck::default(),
+            tier_local: Default::default(),
         };
         core.ensure_root()?;
         if !core.config.read_only {

@@ -67,14 +67,18 @@ impl Core {
         if let Some(answer) = self.lookup_virtual(parent, name) {
             return answer;
         }
-        {
+        let found = {
             let _shared = self.inode_locks.read(parent, &self.stats.lock_wait);
-            if let Some(ino) = self.store.dentry(parent, name)? {
-                if let Some(inode) = self.store.inode(ino)? {
-                    self.usage.remember(ino);
-                    return Ok(self.attr_of(&inode));
-                }
+            match self.store.dentry(parent, name)? {
+                Some(ino) => self.store.inode(ino)?,
+                None => None,
             }
+        };
+        if let Some(inode) = found {
+            self.usage.remember(inode.ino);
+            // A shared mutable entry past its freshness bound is checked
+            // against the tier first (no lock held).
+            return self.refresh_shared(inode);
         }
         if self.store.inode(parent)?.is_none() {
             return enoent();
@@ -698,6 +702,8 @@ impl Core {
                     });
                 }
             }
+            // Names only the shared tier has (bounded, cached briefly).
+            self.list_shared(ino, &mut entries)?;
         }
         let fh = self.next_fh();
         self.dirs

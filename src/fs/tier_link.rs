@@ -7,9 +7,28 @@
 //!   verified against its hash by the tier before the core sees it, and is
 //!   bound under the directory's stripe only if the name is still free.
 //! - Uploads are queued after the commit that publishes (never waited on).
+//! - What a host takes from the tier is checked against local policy: a
+//!   fetched file's size is its verified blob's (the tier does that), its
+//!   permission bits are the record's `0777` bits less the daemon's umask
+//!   (never setuid, setgid or sticky), and its mtime is never older than
+//!   what this host showed for the name before it was evicted (`floors`,
+//!   in memory and bounded: a restart forgets them).
+//! - A create-only record that lost a race to a record whose blob is
+//!   missing or fails verification, or whose size is not its blob's, does
+//!   not keep it: the verified local version replaces the damaged one
+//!   (compare-and-set in the engine) and it is counted.
+//! - A shared mutable entry is revalidated against the tier (one record
+//!   read, under the tier's deadline, no lock held) when it is looked up
+//!   or opened more than `FRESH_MS` after it was last checked; a newer
+//!   version (by mtime) replaces the local one.
+//! - `readdir` of a directory adds the names the tier lists there (at
+//!   most `LIST_NAMES_MAX`, cached `LIST_TTL_MS`), with synthetic inode
+//!   numbers (`LISTED_INO_BIT`): a lookup of one fetches it.
 
+use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 
@@ -17,12 +36,91 @@ use crate::classes::Class;
 use crate::error::{Error, Result};
 use crate::fs::txn::{After, Txn};
 use crate::fs::{Attr, Caller, Core, Invalidate};
+use crate::fs::DirEntry;
 use crate::shared::tier::{Tier, Upload};
-use crate::shared::{Record, RecordKind};
+use crate::shared::{Listed, Record, RecordKind, Seen};
 use crate::store::ids::{BlobId, Ino};
 use crate::store::meta::{Content, Inode, Kind};
 
+/// How long a shared mutable entry is trusted before it is revalidated
+/// (like the tier's negative answers).
+pub const FRESH_MS: u64 = crate::shared::tier::NEGATIVE_TTL_MS;
+/// How long a directory's tier listing is reused.
+pub const LIST_TTL_MS: u64 = 2_000;
+/// Bounds on what `TierLocal` remembers (cleared whole when full).
+const FRESH_ENTRIES_MAX: usize = 65_536;
+const LIST_CACHE_DIRS_MAX: usize = 4_096;
+const FLOORS_MAX: usize = 65_536;
+/// Set in the inode numbers readdir gives names only the tier has (never
+/// allocated to a real inode).
+pub const LISTED_INO_BIT: u64 = 1 << 62;
+
+/// What the seam remembers in memory, per mount.
+#[derive(Default)]
+pub struct TierLocal {
+    /// Mutable inodes and when they were last checked against the tier.
+    fresh: Mutex<HashMap<Ino, Instant>>,
+    /// Directory path → when listed, and what the tier listed.
+    listings: Mutex<HashMap<Vec<u8>, (Instant, Arc<Vec<Listed>>)>>,
+    /// (directory, name) → the last mtime this host showed for an evicted name.
+    floors: Mutex<HashMap<(Ino, Vec<u8>), u64>>,
+    /// The daemon's umask, read once.
+    umask: std::sync::OnceLock<u32>,
+}
+
+fn insert_bounded<K: std::hash::Hash + Eq, V>(m: &mut HashMap<K, V>, max: usize, k: K, v: V) {
+    if m.len() >= max && !m.contains_key(&k) {
+        m.clear();
+    }
+    m.insert(k, v);
+}
+
+/// The process umask, from /proc (reading it with umask(2) would change it
+/// for an instant under other threads).
+fn process_umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("Umask:"))
+                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        })
+        .unwrap_or(0o022)
+}
+
 impl Core {
+    /// Permission bits a file fetched with `mode` gets here: never the
+    /// setuid, setgid or sticky bits, and nothing the daemon's umask removes.
+    pub(super) fn fetched_perm(&self, mode: u16) -> u16 {
+        let umask = *self.tier_local.umask.get_or_init(process_umask);
+        (u32::from(mode) & 0o777 & !umask) as u16
+    }
+
+    /// Remembers the mtime an evicted name showed (maintenance calls this).
+    pub(super) fn remember_floor(&self, parent: Ino, name: &[u8], mtime_ns: u64) {
+        if self.tier.get().is_none() {
+            return;
+        }
+        let mut f = self.tier_local.floors.lock().unwrap();
+        let floor = f.get(&(parent, name.to_vec())).copied().unwrap_or(0).max(mtime_ns);
+        insert_bounded(&mut f, FLOORS_MAX, (parent, name.to_vec()), floor);
+    }
+
+    fn floor_of(&self, parent: Ino, name: &[u8]) -> u64 {
+        self.tier_local
+            .floors
+            .lock()
+            .unwrap()
+            .get(&(parent, name.to_vec()))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn mark_fresh(&self, ino: Ino) {
+        let mut f = self.tier_local.fresh.lock().unwrap();
+        insert_bounded(&mut f, FRESH_ENTRIES_MAX, ino, Instant::now());
+    }
+
     /// Connects the core to a shared tier (once, at mount).
     pub fn attach_tier(&self, tier: Arc<Tier>) {
         if self.tier.set(tier).is_err() {
@@ -57,6 +155,9 @@ impl Core {
             mtime_ns: inode.mtime_ns,
         };
         let create_only = inode.class == Class::Result;
+        if !create_only {
+            self.mark_fresh(inode.ino);
+        }
         txn.after.push(After::Upload(Upload {
             path,
             record,
@@ -91,12 +192,25 @@ impl Core {
         let RecordKind::File { blob, size, .. } = winner.kind else {
             return;
         };
-        let Some(bytes) = tier.fetch_blob(blob) else {
-            warn!(
-                "converge {:?}: cannot fetch the winner's blob {blob}; keeping ours for now",
-                String::from_utf8_lossy(path)
-            );
-            return;
+        let bytes = match tier.blob_checked(blob) {
+            Ok(Some(bytes)) if bytes.len() as u64 == size => bytes,
+            Ok(found) => {
+                // The winner is damaged: its blob is missing, fails
+                // verification, or is not the size it claims.
+                let why = match found {
+                    None => "its blob is missing or corrupt".to_string(),
+                    Some(b) => format!("it claims {size} bytes, its blob has {}", b.len()),
+                };
+                self.replace_damaged_winner(tier, path, &winner, &why);
+                return;
+            }
+            Err(e) => {
+                warn!(
+                    "converge {:?}: cannot fetch the winner's blob {blob} ({e}); keeping ours for now",
+                    String::from_utf8_lossy(path)
+                );
+                return;
+            }
         };
         let result = (|| -> Result<()> {
             let Some((parent, name, ino)) = self.resolve_path(path)? else {
@@ -142,6 +256,223 @@ impl Core {
         if let Err(e) = result {
             warn!("converge {:?}: {e}", String::from_utf8_lossy(path));
         }
+    }
+
+    /// Replaces a damaged winner of a create-only race with this host's
+    /// verified version of `path` (called on an upload thread).
+    fn replace_damaged_winner(&self, tier: &Tier, path: &[u8], winner: &Record, why: &str) {
+        let shown = String::from_utf8_lossy(path).into_owned();
+        let ours = (|| -> Result<Option<Record>> {
+            let Some((_, _, ino)) = self.resolve_path(path)? else {
+                return Ok(None);
+            };
+            let Some(inode) = self.store.inode(ino)? else {
+                return Ok(None);
+            };
+            let Content::Blob(id) = inode.content else {
+                return Ok(None);
+            };
+            Ok(Some(Record {
+                kind: RecordKind::File {
+                    blob: id,
+                    size: inode.size,
+                    mode: inode.perm,
+                },
+                mtime_ns: inode.mtime_ns,
+            }))
+        })();
+        let ours = match ours {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => {
+                warn!("heal {shown:?}: {e}");
+                return;
+            }
+        };
+        match tier.replace_damaged(path, Seen::Bytes(winner.encode()), ours) {
+            Ok(true) => info!(
+                "heal {shown:?}: the shared record was damaged ({why}); replaced by this host's verified version"
+            ),
+            Ok(false) => debug!("heal {shown:?}: the damaged record changed meanwhile; left as is"),
+            Err(e) => warn!("heal {shown:?}: the shared record is damaged ({why}) but could not be replaced: {e}"),
+        }
+    }
+
+    /// Adds to `entries` (the listing of directory `dir`) the names the
+    /// tier lists there that are not here yet.
+    pub(super) fn list_shared(&self, dir: Ino, entries: &mut Vec<DirEntry>) -> Result<()> {
+        let Some(tier) = self.tier.get() else {
+            return Ok(());
+        };
+        let inode = self.inode(dir)?;
+        let path = if dir == Ino::ROOT {
+            Vec::new()
+        } else {
+            self.path_of(inode.parent, &inode.name)?.join(&b'/')
+        };
+        let cached = {
+            let l = self.tier_local.listings.lock().unwrap();
+            l.get(&path)
+                .filter(|(at, _)| at.elapsed() < Duration::from_millis(LIST_TTL_MS))
+                .map(|(_, names)| names.clone())
+        };
+        let listed = match cached {
+            Some(names) => names,
+            None => {
+                let names = match tier.list(&path) {
+                    Ok(names) => Arc::new(names),
+                    Err(e) => {
+                        debug!("list dir={:?} from the shared tier: {e}", String::from_utf8_lossy(&path));
+                        Arc::new(Vec::new())
+                    }
+                };
+                let mut l = self.tier_local.listings.lock().unwrap();
+                insert_bounded(&mut l, LIST_CACHE_DIRS_MAX, path.clone(), (Instant::now(), names.clone()));
+                names
+            }
+        };
+        let here: std::collections::HashSet<&[u8]> =
+            entries.iter().map(|e| e.name.as_slice()).collect();
+        let mut added = Vec::new();
+        let mut prefix = if dir == Ino::ROOT {
+            Vec::new()
+        } else {
+            self.path_of(inode.parent, &inode.name)?
+        };
+        for l in listed.iter() {
+            if here.contains(l.name.as_slice())
+                || crate::fs::check_name(&l.name).is_err()
+                || added.iter().any(|e: &DirEntry| e.name == l.name)
+            {
+                continue;
+            }
+            prefix.push(l.name.clone());
+            let refs: Vec<&[u8]> = prefix.iter().map(Vec::as_slice).collect();
+            let local = !l.dir && self.config.rules.classify(&refs) == Class::Local;
+            prefix.pop();
+            if local {
+                continue;
+            }
+            let h = blake3::hash(&[path.as_slice(), b"/", &l.name].concat());
+            let n = u64::from_le_bytes(h.as_bytes()[..8].try_into().unwrap());
+            added.push(DirEntry {
+                ino: Ino(LISTED_INO_BIT | (n & (LISTED_INO_BIT - 1))),
+                kind: if l.dir { Kind::Dir } else { Kind::File },
+                name: l.name.clone(),
+            });
+        }
+        tier.stats
+            .names_listed
+            .fetch_add(added.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        entries.extend(added);
+        Ok(())
+    }
+
+    /// Revalidates a shared mutable entry against the tier when it was
+    /// last checked more than `FRESH_MS` ago; returns its (possibly new)
+    /// attributes. Called with no lock held.
+    pub(super) fn refresh_shared(&self, inode: Inode) -> Result<Attr> {
+        match self.revalidate(&inode) {
+            Ok(Some(newer)) => Ok(self.attr_of(&newer)),
+            Ok(None) => Ok(self.attr_of(&inode)),
+            Err(e) => {
+                warn!("revalidate ino={}: {e}", inode.ino);
+                Ok(self.attr_of(&inode))
+            }
+        }
+    }
+
+    /// Like `refresh_shared`, by inode number (open).
+    pub(super) fn refresh_shared_ino(&self, ino: Ino) {
+        if self.tier.get().is_none() {
+            return;
+        }
+        if let Ok(Some(inode)) = self.store.inode(ino) {
+            let _ = self.refresh_shared(inode);
+        }
+    }
+
+    fn revalidate(&self, inode: &Inode) -> Result<Option<Inode>> {
+        let Some(tier) = self.tier.get() else {
+            return Ok(None);
+        };
+        let Content::Blob(local_blob) = inode.content else {
+            return Ok(None);
+        };
+        if inode.kind != Kind::File || inode.class != Class::Mutable || inode.nlink == 0 {
+            return Ok(None);
+        }
+        {
+            let mut f = self.tier_local.fresh.lock().unwrap();
+            if f.get(&inode.ino)
+                .is_some_and(|t| t.elapsed() < Duration::from_millis(FRESH_MS))
+            {
+                return Ok(None);
+            }
+            insert_bounded(&mut f, FRESH_ENTRIES_MAX, inode.ino, Instant::now());
+        }
+        let path = self.path_of(inode.parent, &inode.name)?.join(&b'/');
+        tier.stats
+            .revalidations
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Ok(Some(record)) = tier.record(&path) else {
+            return Ok(None);
+        };
+        let RecordKind::File { blob, size, mode } = record.kind else {
+            return Ok(None);
+        };
+        if blob == local_blob || record.mtime_ns <= inode.mtime_ns {
+            return Ok(None);
+        }
+        let Ok(Some(bytes)) = tier.blob_checked(blob) else {
+            return Ok(None);
+        };
+        if bytes.len() as u64 != size {
+            tier.note_data_error(format!(
+                "record {:?} claims {size} bytes, its verified blob {blob} has {}",
+                String::from_utf8_lossy(&path),
+                bytes.len()
+            ));
+            return Ok(None);
+        }
+        self.clock.observe(record.mtime_ns);
+        let fetched = self.stage_fetched(&bytes)?;
+        let _g = self.lock(&[inode.parent, inode.ino]);
+        let Some(mut cur) = self.store.inode(inode.ino)? else {
+            return Ok(None);
+        };
+        if cur.content != Content::Blob(local_blob) || cur.mtime_ns >= record.mtime_ns {
+            return Ok(None); // changed here meanwhile: the local version stands
+        }
+        let mut txn = self.txn();
+        self.lock_blobs(&mut txn, &[blob, local_blob]);
+        self.install_fetched(&mut txn, &fetched, blob, bytes.len() as u64)?;
+        self.drop_ref(&mut txn, local_blob, cur.ino, cur.size)?;
+        self.add_ref(&mut txn, blob, cur.ino, bytes.len() as u64);
+        cur.content = Content::Blob(blob);
+        cur.size = bytes.len() as u64;
+        cur.perm = self.fetched_perm(mode);
+        cur.mtime_ns = record.mtime_ns;
+        cur.ctime_ns = self.now();
+        txn.batch.put_inode(&cur);
+        txn.after
+            .push(After::InvalidateNow(Invalidate::Data(cur.ino)));
+        txn.after.push(After::Invalidate(Invalidate::Entry(
+            cur.parent,
+            cur.name.clone(),
+        )));
+        self.commit(txn)?;
+        drop(_g);
+        self.send_urgent_invalidations();
+        tier.stats
+            .refreshed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        debug!(
+            "refresh name={:?} ino={} blob={blob} from the shared tier",
+            String::from_utf8_lossy(&cur.name),
+            cur.ino
+        );
+        Ok(Some(cur))
     }
 
     /// Writes fetched bytes (verified by the tier) to a temporary file,
@@ -219,18 +550,25 @@ impl Core {
                 let perm = dir.perm & 0o7777;
                 let mut d =
                     self.new_inode(ino, Kind::Dir, Class::Local, perm, owner, &dir, name, now);
-                d.mtime_ns = record.mtime_ns.min(now);
+                // An implied directory (its record was lost) has mtime 0.
+                if record.mtime_ns > 0 {
+                    d.mtime_ns = record.mtime_ns.min(now);
+                }
                 d
             }
-            (RecordKind::File { blob, size, mode }, Some(bytes), Some(f)) => {
+            (RecordKind::File { blob, mode, .. }, Some(bytes), Some(f)) => {
+                // The size is the verified blob's (the tier refused a
+                // record that disagrees).
+                let size = bytes.len() as u64;
                 self.lock_blobs(&mut txn, &[*blob]);
-                self.install_fetched(&mut txn, f, *blob, bytes.len() as u64)?;
+                self.install_fetched(&mut txn, f, *blob, size)?;
                 let class = class.resolve(&bytes[..bytes.len().min(4)]);
-                let mut f = self.new_inode(ino, Kind::File, class, *mode, owner, &dir, name, now);
+                let perm = self.fetched_perm(*mode);
+                let mut f = self.new_inode(ino, Kind::File, class, perm, owner, &dir, name, now);
                 f.content = Content::Blob(*blob);
-                f.size = *size;
-                f.mtime_ns = record.mtime_ns;
-                self.add_ref(&mut txn, *blob, ino, *size);
+                f.size = size;
+                f.mtime_ns = record.mtime_ns.max(self.floor_of(parent, name));
+                self.add_ref(&mut txn, *blob, ino, size);
                 f
             }
             _ => return Ok(None),
@@ -241,6 +579,9 @@ impl Core {
         if let Err(e) = self.commit(txn) {
             self.usage.forget(ino, 1);
             return Err(e);
+        }
+        if inode.class == Class::Mutable {
+            self.mark_fresh(ino);
         }
         debug!(
             "fetch name={:?} ino={ino} from the shared tier",

@@ -1155,22 +1155,47 @@ mod tests {
     }
 
     #[test]
-    fn undecodable_record_is_a_protocol_error_naming_the_file() {
+    fn undecodable_record_is_a_data_error_and_a_create_only_put_replaces_it() {
         let root = TempRoot::new();
         let engine = root.open("default");
         let file = engine.record_path(b"cc/bad");
         fs::create_dir_all(file.parent().unwrap()).unwrap();
         fs::write(&file, b"casfs-record 9\nwhat\n").unwrap();
         match engine.get_record(b"cc/bad") {
-            Err(TierError::Protocol(m)) => assert!(m.contains(&*file.to_string_lossy()), "{m}"),
-            other => panic!("expected a Protocol error, got {other:?}"),
+            Err(TierError::Data(m)) => assert!(m.contains(&*file.to_string_lossy()), "{m}"),
+            other => panic!("expected a Data error, got {other:?}"),
         }
-        // A create-only put onto it reports the error rather than replacing it.
-        assert!(matches!(
-            engine.put_record(b"cc/bad", &record(1), true),
-            Err(TierError::Protocol(_))
-        ));
-        assert_eq!(fs::read(&file).unwrap(), b"casfs-record 9\nwhat\n");
+        // A create-only put onto it replaces it, and it is counted.
+        assert_eq!(
+            engine.put_record(b"cc/bad", &record(1), true).unwrap(),
+            Put::Stored
+        );
+        assert_eq!(engine.get_record(b"cc/bad").unwrap(), Some(record(1)));
+        assert_eq!(engine.records_healed(), 1);
+        // A replace of a version that is no longer there does nothing.
+        assert!(!engine
+            .replace_damaged(b"cc/bad", &Seen::Bytes(b"casfs-record 9\nwhat\n".to_vec()), &record(2))
+            .unwrap());
+        assert_eq!(engine.get_record(b"cc/bad").unwrap(), Some(record(1)));
+        assert_eq!(root.tmp_entries(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn listings_name_every_level_and_imply_lost_directories() {
+        let root = TempRoot::new();
+        let engine = root.open("default");
+        engine.put_record(b"cc/a/x%y R", &record(1), true).unwrap();
+        let names = |p: &[u8]| {
+            let mut v = engine.list(p, 100).unwrap();
+            v.sort();
+            v
+        };
+        assert_eq!(names(b""), vec![Listed { name: b"cc".to_vec(), dir: true }]);
+        assert_eq!(names(b"cc/a"), vec![Listed { name: b"x%y R".to_vec(), dir: false }]);
+        // No record for cc/a, but a listing: a directory.
+        assert_eq!(engine.get_record(b"cc/a").unwrap(), Some(Record::implied_dir()));
+        assert_eq!(engine.get_record(b"cc/b").unwrap(), None);
+        assert_eq!(list_entry_name(&[b'a'; 300], false), None);
     }
 
     #[test]

@@ -36,11 +36,23 @@ struct State {
     fail_percent: u64,
 }
 
-#[derive(Clone, Default)]
+/// A handle on one in-memory store; a clone is another host's handle on
+/// the same store (its own heal counter, like a real engine's).
+#[derive(Default)]
 pub struct MemEngine {
     state: Arc<Mutex<State>>,
-    healed: Arc<AtomicU64>,
+    healed: AtomicU64,
     calls: Arc<AtomicU64>,
+}
+
+impl Clone for MemEngine {
+    fn clone(&self) -> MemEngine {
+        MemEngine {
+            state: self.state.clone(),
+            healed: AtomicU64::new(0),
+            calls: self.calls.clone(),
+        }
+    }
 }
 
 impl MemEngine {

@@ -712,6 +712,11 @@ impl Tier {
         r
     }
 
+    /// Damaged records the engine replaced in this mount.
+    pub fn records_healed(&self) -> u64 {
+        self.engine.records_healed()
+    }
+
     /// Names the tier lists below the directory `path` (bounded).
     pub fn list(&self, path: &[u8]) -> TierResult<Vec<super::Listed>> {
         let p = path.to_vec();

@@ -1,0 +1,764 @@
+//! One conformance suite for the shared tier, run against every engine:
+//! the directory engine on a real shared directory, Redis on a real
+//! `redis-server` (started here on a loopback port, stopped at the end),
+//! and the in-memory engine (with faults injected from a seed).
+//!
+//! Hosts are cores of the library (each with its own store), each with
+//! its own engine handle on the one shared engine, as two build hosts
+//! would be. Damage is injected the way operators, eviction policies and
+//! disks do it: by writing into the engine's own storage (files, Redis
+//! keys) or through the in-memory engine's hooks.
+//!
+//! What it proves (issue 9, items 4-11): damaged records are misses that
+//! never trip the breaker; a record's size and mode are never trusted;
+//! damaged create-only records are replaced by a verified newcomer; lost
+//! directory records hide nothing; readdir lists the tier's names; mutable
+//! entries are revalidated; a re-fetched name's mtime never goes back.
+
+use std::fs;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use casfs::classes::Rules;
+use casfs::fs::{Attr, Caller, Config, Core, SetAttr};
+use casfs::shared::dir::DirEngine;
+use casfs::shared::mem::MemEngine;
+use casfs::shared::redis::RedisEngine;
+use casfs::shared::tier::{LostRace, Tier};
+use casfs::shared::{Engine, EngineConfig, Record, RecordKind};
+use casfs::store::ids::{BlobId, Ino};
+use casfs::store::meta::open_store;
+
+static SEQ: AtomicUsize = AtomicUsize::new(0);
+const ME: Caller = Caller { uid: 0, gid: 0 };
+/// Generous bound for things that happen in the background (hang detection).
+const WAIT_S: u64 = 60;
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!(
+            "casfs-conformance-{tag}-{}-{n}",
+            std::process::id()
+        ));
+        let _ = fs::remove_dir_all(&p);
+        fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn engine_config() -> EngineConfig {
+    EngineConfig {
+        namespace: "default".into(),
+        timeout: Duration::from_secs(5),
+        umask: 0o022,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Engines, and how each is damaged from outside
+// ---------------------------------------------------------------------------
+
+trait Backend {
+    /// A new handle on the one shared engine (one per host).
+    fn engine(&self) -> Box<dyn Engine>;
+    /// Stores `bytes` as the record of `path`, as they are.
+    fn put_raw_record(&self, path: &str, bytes: &[u8]);
+    /// Makes `path`'s record something that is not a record.
+    fn put_wrong_type(&self, path: &str);
+    fn drop_dir_records(&self);
+    fn drop_listings(&self);
+    fn drop_blob(&self, id: &BlobId);
+    fn corrupt_blob(&self, id: &BlobId);
+}
+
+struct DirBackend {
+    root: TempDir,
+}
+
+impl DirBackend {
+    fn new() -> DirBackend {
+        DirBackend {
+            root: TempDir::new("shared-dir"),
+        }
+    }
+    fn ns(&self) -> PathBuf {
+        self.root.0.join("ns/default")
+    }
+    fn record_file(&self, path: &str) -> PathBuf {
+        let h = blake3::hash(path.as_bytes()).to_hex();
+        self.ns().join("records").join(&h[..2]).join(h.as_str())
+    }
+    fn blob_file(&self, id: &BlobId) -> PathBuf {
+        let hex = id.hex();
+        self.root.0.join("blobs").join(&hex[..2]).join(&hex)
+    }
+}
+
+impl Backend for DirBackend {
+    fn engine(&self) -> Box<dyn Engine> {
+        Box::new(DirEngine::open(&self.root.0, &engine_config()).unwrap())
+    }
+    fn put_raw_record(&self, path: &str, bytes: &[u8]) {
+        let f = self.record_file(path);
+        fs::create_dir_all(f.parent().unwrap()).unwrap();
+        let _ = fs::remove_file(&f);
+        let _ = fs::remove_dir_all(&f);
+        fs::write(&f, bytes).unwrap();
+    }
+    fn put_wrong_type(&self, path: &str) {
+        let f = self.record_file(path);
+        fs::create_dir_all(f.parent().unwrap()).unwrap();
+        let _ = fs::remove_file(&f);
+        fs::create_dir_all(&f).unwrap();
+    }
+    fn drop_dir_records(&self) {
+        for shard in fs::read_dir(self.ns().join("records")).unwrap() {
+            for f in fs::read_dir(shard.unwrap().path()).unwrap() {
+                let p = f.unwrap().path();
+                let is_dir = fs::read(&p)
+                    .ok()
+                    .and_then(|b| Record::decode(&b))
+                    .is_some_and(|r| r.kind == RecordKind::Dir);
+                if is_dir {
+                    fs::remove_file(&p).unwrap();
+                }
+            }
+        }
+    }
+    fn drop_listings(&self) {
+        let lists = self.ns().join("lists");
+        fs::remove_dir_all(&lists).unwrap();
+        fs::create_dir(&lists).unwrap();
+    }
+    fn drop_blob(&self, id: &BlobId) {
+        fs::remove_file(self.blob_file(id)).unwrap();
+    }
+    fn corrupt_blob(&self, id: &BlobId) {
+        let p = self.blob_file(id);
+        let mut b = fs::read(&p).unwrap();
+        b[0] ^= 0x55;
+        fs::write(&p, b).unwrap();
+    }
+}
+
+/// A `redis-server` on a free loopback port, stopped on drop.
+struct RedisBackend {
+    child: Child,
+    port: u16,
+}
+
+impl RedisBackend {
+    fn new() -> RedisBackend {
+        for (tool, what) in [("redis-server", "start"), ("redis-cli", "damage")] {
+            let found = Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .unwrap()
+                .status
+                .success();
+            assert!(
+                found,
+                "{tool} is not installed: the conformance suite needs it to {what} Redis \
+                 (apt-get install redis-server redis-tools)"
+            );
+        }
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        let backend = RedisBackend { child, port };
+        let deadline = Instant::now() + Duration::from_secs(WAIT_S);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not start on port {port}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        backend
+    }
+
+    fn cli(&self, args: &[&[u8]]) -> String {
+        use std::os::unix::ffi::OsStrExt;
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args.iter().map(|a| std::ffi::OsStr::from_bytes(a)))
+            .output()
+            .expect("run redis-cli");
+        assert!(out.status.success(), "redis-cli {args:?} failed");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn eval(&self, script: &str, keys: &[&str]) {
+        let n = keys.len().to_string();
+        let mut args: Vec<&[u8]> = vec![b"EVAL", script.as_bytes(), n.as_bytes()];
+        args.extend(keys.iter().map(|k| k.as_bytes()));
+        let out = self.cli(&args);
+        assert!(!out.contains("ERR"), "EVAL failed: {out}");
+    }
+}
+
+impl Drop for RedisBackend {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Backend for RedisBackend {
+    fn engine(&self) -> Box<dyn Engine> {
+        let url = format!("redis://127.0.0.1:{}", self.port);
+        Box::new(RedisEngine::open(&url, &engine_config()).unwrap())
+    }
+    fn put_raw_record(&self, path: &str, bytes: &[u8]) {
+        let key = format!("casfs:default:r:{path}");
+        self.cli(&[b"DEL", key.as_bytes()]);
+        self.cli(&[b"SET", key.as_bytes(), bytes]);
+    }
+    fn put_wrong_type(&self, path: &str) {
+        let key = format!("casfs:default:r:{path}");
+        self.cli(&[b"DEL", key.as_bytes()]);
+        self.cli(&[b"SADD", key.as_bytes(), b"not-a-record"]);
+    }
+    fn drop_dir_records(&self) {
+        self.eval(
+            "for _, k in ipairs(redis.call('KEYS', 'casfs:default:r:*')) do \
+               if redis.call('TYPE', k).ok == 'string' and \
+                  string.sub(redis.call('GET', k), 1, 19) == 'casfs-record 1\\ndir ' then \
+                 redis.call('DEL', k) end end",
+            &[],
+        );
+    }
+    fn drop_listings(&self) {
+        self.eval(
+            "for _, k in ipairs(redis.call('KEYS', 'casfs:default:l:*')) do redis.call('DEL', k) end",
+            &[],
+        );
+    }
+    fn drop_blob(&self, id: &BlobId) {
+        self.cli(&[b"DEL", format!("casfs:b:{}", id.hex()).as_bytes()]);
+    }
+    fn corrupt_blob(&self, id: &BlobId) {
+        self.eval(
+            "local v = redis.call('GET', KEYS[1]) \
+             redis.call('SETRANGE', KEYS[1], 0, string.char((string.byte(v, 1) + 1) % 256))",
+            &[&format!("casfs:b:{}", id.hex())],
+        );
+    }
+}
+
+struct MemBackend(MemEngine);
+
+impl Backend for MemBackend {
+    fn engine(&self) -> Box<dyn Engine> {
+        Box::new(self.0.clone())
+    }
+    fn put_raw_record(&self, path: &str, bytes: &[u8]) {
+        self.0.damage_record(path.as_bytes(), bytes);
+    }
+    fn put_wrong_type(&self, path: &str) {
+        self.0.damage_record_type(path.as_bytes());
+    }
+    fn drop_dir_records(&self) {
+        self.0.drop_dir_records();
+    }
+    fn drop_listings(&self) {
+        self.0.drop_listings();
+    }
+    fn drop_blob(&self, id: &BlobId) {
+        self.0.drop_blob(id);
+    }
+    fn corrupt_blob(&self, id: &BlobId) {
+        self.0.damage_blob(id);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Hosts
+// ---------------------------------------------------------------------------
+
+/// One build host: a core on its own store, attached to the shared engine.
+struct Host {
+    core: Arc<Core>,
+    tier: Arc<Tier>,
+    _store: TempDir,
+}
+
+impl Host {
+    fn start(backend: &dyn Backend) -> Host {
+        let store_dir = TempDir::new("store");
+        let store = open_store(&store_dir.0).unwrap();
+        let config = Config {
+            rules: Rules::new(&[]).unwrap(),
+            verify_percent: 100,
+            read_only: false,
+            durable: false,
+            root_uid: None,
+            root_gid: None,
+            root_mode: None,
+        };
+        let core = Arc::new(Core::start(store, config).unwrap());
+        let weak = Arc::downgrade(&core);
+        let lost: Arc<LostRace> = Arc::new(move |path: &[u8], winner| {
+            if let Some(core) = weak.upgrade() {
+                core.adopt_winner(path, winner);
+            }
+        });
+        let tier = Tier::start(backend.engine(), Duration::from_secs(5), lost);
+        core.attach_tier(tier.clone());
+        Host {
+            core,
+            tier,
+            _store: store_dir,
+        }
+    }
+
+    /// The directory at `dir` (`a/b`), made if missing.
+    fn mkdirs(&self, dir: &str) -> Ino {
+        let mut ino = Ino::ROOT;
+        for part in dir.split('/') {
+            ino = match self.core.lookup(ino, part.as_bytes()) {
+                Ok(a) => a.ino,
+                Err(_) => self.core.mkdir(ino, part.as_bytes(), 0o755, ME).unwrap().ino,
+            };
+        }
+        ino
+    }
+
+    /// Publishes `bytes` under `dir/name` the way ccache does: a temp
+    /// file, then a rename onto the name.
+    fn publish(&self, dir: &str, name: &str, bytes: &[u8]) {
+        let d = self.mkdirs(dir);
+        let (_, fh) = self
+            .core
+            .create(d, b"t.tmp", 0o644, libc::O_EXCL, ME)
+            .unwrap();
+        self.core.write(fh, 0, bytes).unwrap();
+        self.core.flush(fh).unwrap();
+        self.core.release(fh).unwrap();
+        self.core.rename(d, b"t.tmp", d, name.as_bytes(), 0).unwrap();
+    }
+
+    fn lookup(&self, path: &str) -> Result<Attr, i32> {
+        let mut attr = self.core.getattr(Ino::ROOT).unwrap();
+        for part in path.split('/') {
+            attr = self
+                .core
+                .lookup(attr.ino, part.as_bytes())
+                .map_err(|e| e.code())?;
+        }
+        Ok(attr)
+    }
+
+    fn read(&self, path: &str) -> Result<Vec<u8>, i32> {
+        let ino = self.lookup(path)?.ino;
+        let (fh, _) = self.core.open(ino, libc::O_RDONLY).map_err(|e| e.code())?;
+        let data = self.core.read(fh, 0, 1 << 20).map_err(|e| e.code());
+        self.core.release(fh).unwrap();
+        data
+    }
+
+    fn list(&self, dir: &str) -> Vec<String> {
+        let ino = if dir.is_empty() {
+            Ino::ROOT
+        } else {
+            self.lookup(dir).unwrap().ino
+        };
+        let fh = self.core.opendir(ino).unwrap();
+        let names = self
+            .core
+            .readdir(fh)
+            .unwrap()
+            .iter()
+            .map(|e| String::from_utf8_lossy(&e.name).into_owned())
+            .filter(|n| n != "." && n != ".." && n != ".casfs")
+            .collect();
+        self.core.releasedir(fh);
+        names
+    }
+
+    fn sync(&self) {
+        if let Err(e) = self.tier.sync(Duration::from_secs(WAIT_S)) {
+            panic!("sync: {e}");
+        }
+    }
+}
+
+fn content(tag: &str, i: usize) -> Vec<u8> {
+    format!("{tag} entry {i} ").repeat(50 + i).into_bytes()
+}
+
+/// A result name (create-only class).
+fn result_name(i: usize) -> String {
+    format!("{i:02}c8aiq5frsd7ctaaepqbvl8shkbR")
+}
+
+/// The record of `path` as a fresh engine handle reads it.
+fn file_record(backend: &dyn Backend, path: &str) -> (BlobId, u64, u16, u64) {
+    match backend.engine().get_record(path.as_bytes()).unwrap() {
+        Some(Record {
+            kind: RecordKind::File { blob, size, mode },
+            mtime_ns,
+        }) => (blob, size, mode, mtime_ns),
+        other => panic!("{path}: not a file record: {other:?}"),
+    }
+}
+
+fn file_record_bytes(blob: BlobId, size: u64, mode: u16, mtime_ns: u64) -> Vec<u8> {
+    Record {
+        kind: RecordKind::File { blob, size, mode },
+        mtime_ns,
+    }
+    .encode()
+}
+
+// ---------------------------------------------------------------------------
+// The suite
+// ---------------------------------------------------------------------------
+
+/// Item 4: undecodable, newer-format, oversize and wrong-type records are
+/// misses about their own names; the breaker stays closed and every good
+/// entry is still served.
+fn damaged_records_are_misses_and_never_trip_the_breaker(b: &dyn Backend) {
+    let a = Host::start(b);
+    for i in 0..20 {
+        a.publish("cc/a/e", &result_name(i), &content("good", i));
+    }
+    a.sync();
+    let (blob, size, mode, mtime) = file_record(b, &format!("cc/a/e/{}", result_name(0)));
+    let damaged: [(&str, Vec<u8>); 4] = [
+        ("cc/a/e/90garbageR", b"\xff\xfe not a record".to_vec()),
+        (
+            "cc/a/e/91newerR",
+            String::from_utf8(file_record_bytes(blob, size, mode, mtime))
+                .unwrap()
+                .replace("casfs-record 1", "casfs-record 2")
+                .into_bytes(),
+        ),
+        ("cc/a/e/92oversizeR", vec![b'x'; 5000]),
+        ("cc/a/e/93wrongtypeR", vec![]),
+    ];
+    for (path, bytes) in &damaged {
+        if path.contains("wrongtype") {
+            b.put_wrong_type(path);
+        } else {
+            b.put_raw_record(path, bytes);
+        }
+    }
+    let h = Host::start(b);
+    for (path, _) in &damaged {
+        assert_eq!(h.read(path), Err(libc::ENOENT), "{path} is a miss");
+    }
+    assert!(
+        !h.tier.breaker_is_open(),
+        "damaged records opened the breaker"
+    );
+    for i in 0..20 {
+        let path = format!("cc/a/e/{}", result_name(i));
+        assert_eq!(h.read(&path).as_deref(), Ok(&content("good", i)[..]), "{path}");
+    }
+    assert!(
+        h.tier.stats.data_errors.load(Ordering::Relaxed) >= 4,
+        "damaged records were not counted"
+    );
+    assert_eq!(h.tier.stats.errors.load(Ordering::Relaxed), 0);
+}
+
+/// Item 5: a record whose size is not its verified blob's is not served.
+fn record_size_must_be_the_verified_blobs(b: &dyn Backend) {
+    let a = Host::start(b);
+    a.publish("cc/s", &result_name(1), &content("sized", 1));
+    a.publish("cc/s", &result_name(2), &content("sized", 2));
+    a.sync();
+    for (i, factor) in [(1, 2.0), (2, 0.5)] {
+        let path = format!("cc/s/{}", result_name(i));
+        let (blob, size, mode, mtime) = file_record(b, &path);
+        let wrong = (size as f64 * factor) as u64;
+        b.put_raw_record(&path, &file_record_bytes(blob, wrong, mode, mtime));
+    }
+    let h = Host::start(b);
+    for i in [1, 2] {
+        let path = format!("cc/s/{}", result_name(i));
+        assert_eq!(h.read(&path), Err(libc::ENOENT), "{path}: a wrong size is a miss");
+    }
+    assert!(h.tier.stats.data_errors.load(Ordering::Relaxed) >= 2);
+    // The good name next to them is served, with its true size.
+    a.publish("cc/s", &result_name(3), &content("sized", 3));
+    a.sync();
+    let attr = h.lookup(&format!("cc/s/{}", result_name(3))).unwrap();
+    assert_eq!(attr.size, content("sized", 3).len() as u64);
+}
+
+/// Item 6: permission bits from the tier pass through local policy.
+fn setuid_bits_from_the_tier_are_never_applied(b: &dyn Backend) {
+    let a = Host::start(b);
+    a.publish("cc/p", &result_name(1), &content("mode", 1));
+    a.sync();
+    let path = format!("cc/p/{}", result_name(1));
+    let (blob, size, _, mtime) = file_record(b, &path);
+    b.put_raw_record(&path, &file_record_bytes(blob, size, 0o6755, mtime));
+    let h = Host::start(b);
+    let attr = h.lookup(&path).unwrap();
+    let umask = process_umask();
+    assert_eq!(
+        u32::from(attr.perm),
+        0o755 & !umask,
+        "mode 6755 from the tier gave {:o}",
+        attr.perm
+    );
+}
+
+fn process_umask() -> u32 {
+    let t = fs::read_to_string("/proc/self/status").unwrap();
+    let v = t.lines().find_map(|l| l.strip_prefix("Umask:")).unwrap();
+    u32::from_str_radix(v.trim(), 8).unwrap()
+}
+
+/// Item 7: a create-only record whose blob is missing or corrupt, whose
+/// size is not its blob's, or which is not a record, loses to a verified
+/// newcomer; the replacement is counted.
+fn damaged_create_only_records_are_replaced_by_a_verified_newcomer(b: &dyn Backend) {
+    let a = Host::start(b);
+    for i in 0..3 {
+        a.publish("cc/h", &result_name(i), &content("first", i));
+    }
+    a.sync();
+    let path = |i: usize| format!("cc/h/{}", result_name(i));
+    let (blob0, ..) = file_record(b, &path(0));
+    b.drop_blob(&blob0);
+    let (blob1, ..) = file_record(b, &path(1));
+    b.corrupt_blob(&blob1);
+    let (blob2, size2, mode2, mtime2) = file_record(b, &path(2));
+    b.put_raw_record(&path(2), &file_record_bytes(blob2, size2 * 2, mode2, mtime2));
+    b.put_raw_record(&path(3), b"casfs-record 1\nfile nonsense\n");
+    b.put_wrong_type(&path(4));
+
+    // Host B compiles them again (other bytes, as ccache's results are)
+    // and publishes.
+    let h = Host::start(b);
+    for i in 0..5 {
+        h.publish("cc/h", &result_name(i), &content("second", i));
+    }
+    h.sync();
+    assert_eq!(h.tier.records_healed(), 5, "every damaged record replaced");
+    let fresh = Host::start(b);
+    for i in 0..5 {
+        assert_eq!(
+            fresh.read(&path(i)).as_deref(),
+            Ok(&content("second", i)[..]),
+            "{}: a fresh host gets the verified newcomer",
+            path(i)
+        );
+    }
+    // A good record still wins a create-only race.
+    let late = Host::start(b);
+    late.publish("cc/h", &result_name(0), &content("third", 0));
+    late.sync();
+    assert_eq!(late.tier.records_healed(), 0);
+    let fresh = Host::start(b);
+    assert_eq!(fresh.read(&path(0)).as_deref(), Ok(&content("second", 0)[..]));
+}
+
+/// Item 8: names are found when their directories' records were lost,
+/// and an upload re-asserts what is above it.
+fn names_are_found_when_directory_records_are_lost(b: &dyn Backend) {
+    let a = Host::start(b);
+    for i in 0..10 {
+        a.publish("cc/a/f", &result_name(i), &content("deep", i));
+    }
+    a.sync();
+    b.drop_dir_records();
+    let h = Host::start(b);
+    for i in 0..10 {
+        let path = format!("cc/a/f/{}", result_name(i));
+        assert_eq!(h.read(&path).as_deref(), Ok(&content("deep", i)[..]), "{path}");
+    }
+    // Listings lost as well: the next upload below re-asserts them.
+    b.drop_dir_records();
+    b.drop_listings();
+    a.publish("cc/a/f", &result_name(10), &content("deep", 10));
+    a.sync();
+    let h = Host::start(b);
+    for i in 0..11 {
+        let path = format!("cc/a/f/{}", result_name(i));
+        assert_eq!(h.read(&path).as_deref(), Ok(&content("deep", i)[..]), "{path}");
+    }
+}
+
+/// Item 9: readdir lists names only the tier has, and they can be opened.
+fn readdir_lists_names_only_the_tier_has(b: &dyn Backend) {
+    let a = Host::start(b);
+    let mut want: Vec<String> = (0..14).map(result_name).collect();
+    for (i, n) in want.iter().enumerate() {
+        a.publish("sc/x/y", n, &content("listed", i));
+    }
+    a.sync();
+    let h = Host::start(b);
+    assert!(h.list("").contains(&"sc".to_string()), "root lists sc");
+    assert_eq!(h.list("sc"), vec!["x".to_string()]);
+    let mut got = h.list("sc/x/y");
+    got.sort();
+    want.sort();
+    assert_eq!(got, want, "a fresh host lists the tier's names");
+    for (i, n) in (0..14).map(result_name).enumerate() {
+        assert_eq!(
+            h.read(&format!("sc/x/y/{n}")).as_deref(),
+            Ok(&content("listed", i)[..])
+        );
+    }
+    // Names fetched are listed once.
+    let got = h.list("sc/x/y");
+    assert_eq!(got.len(), 14, "{got:?}");
+    assert!(h.tier.stats.names_listed.load(Ordering::Relaxed) >= 14);
+}
+
+/// Item 10: a mutable entry a host has is revalidated after the freshness
+/// bound and takes the newer version and its mtime.
+fn mutable_entries_are_revalidated_after_the_freshness_bound(b: &dyn Backend) {
+    let a = Host::start(b);
+    let name = "0123456789abcdefM";
+    let path = format!("cc/m/{name}");
+    a.publish("cc/m", name, b"manifest version 1");
+    a.sync();
+    let h = Host::start(b);
+    assert_eq!(h.read(&path).as_deref(), Ok(&b"manifest version 1"[..]));
+    a.publish("cc/m", name, b"manifest version 2, longer");
+    a.sync();
+    let new_mtime = a.lookup(&path).unwrap().mtime_ns;
+    let deadline = Instant::now() + Duration::from_secs(WAIT_S);
+    loop {
+        if h.read(&path).as_deref() == Ok(&b"manifest version 2, longer"[..]) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "host B still serves the old manifest after {WAIT_S} s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(h.lookup(&path).unwrap().mtime_ns, new_mtime);
+    assert!(h.tier.stats.refreshed.load(Ordering::Relaxed) >= 1);
+}
+
+/// Item 11: a name evicted and fetched again never shows an older mtime
+/// than this host showed before.
+fn refetched_name_never_shows_an_older_mtime(b: &dyn Backend) {
+    let a = Host::start(b);
+    let path = format!("cc/t/{}", result_name(1));
+    a.publish("cc/t", &result_name(1), &content("touched", 1));
+    a.sync();
+    let h = Host::start(b);
+    let first = h.lookup(&path).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    let touched = h
+        .core
+        .setattr(
+            first.ino,
+            SetAttr {
+                mode: None,
+                uid: None,
+                gid: None,
+                size: None,
+                touch: true,
+            },
+        )
+        .unwrap();
+    assert!(touched.mtime_ns > first.mtime_ns, "the touch moved the mtime");
+    h.core.forget(first.ino, 2);
+    assert!(h.core.evict(0).unwrap() >= 1, "nothing was evicted");
+    let again = h.lookup(&path).unwrap();
+    assert_ne!(again.ino, first.ino, "it was fetched again");
+    assert!(
+        again.mtime_ns >= touched.mtime_ns,
+        "mtime went back from {} to {} after eviction and re-fetch",
+        touched.mtime_ns,
+        again.mtime_ns
+    );
+}
+
+macro_rules! conformance {
+    ($($case:ident),* $(,)?) => {
+        mod directory_engine {
+            $(#[test] fn $case() { super::$case(&super::DirBackend::new()) })*
+        }
+        mod redis_engine {
+            $(#[test] fn $case() { super::$case(&super::RedisBackend::new()) })*
+        }
+        mod mem_engine {
+            $(#[test] fn $case() { super::$case(&super::MemBackend(casfs::shared::mem::MemEngine::new())) })*
+        }
+    };
+}
+
+conformance!(
+    damaged_records_are_misses_and_never_trip_the_breaker,
+    record_size_must_be_the_verified_blobs,
+    setuid_bits_from_the_tier_are_never_applied,
+    damaged_create_only_records_are_replaced_by_a_verified_newcomer,
+    names_are_found_when_directory_records_are_lost,
+    readdir_lists_names_only_the_tier_has,
+    mutable_entries_are_revalidated_after_the_freshness_bound,
+    refetched_name_never_shows_an_older_mtime,
+);
+
+/// Faults injected from a seed (`CASFS_SEED` replays one): whatever
+/// fails, a host serves the right bytes or a miss, never others, and once
+/// the faults stop every name is shared.
+#[test]
+fn mem_engine_seeded_faults_never_serve_wrong_bytes() {
+    let seed: u64 = std::env::var("CASFS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("seed {seed} (CASFS_SEED={seed} replays it)");
+    let engine = MemEngine::new();
+    let b = MemBackend(engine.clone());
+    let a = Host::start(&b);
+    engine.inject_faults(seed, 30);
+    for i in 0..30 {
+        a.publish("cc/z", &result_name(i), &content("faulty", i));
+    }
+    let _ = a.tier.sync(Duration::from_secs(WAIT_S));
+    let h = Host::start(&b);
+    for i in 0..30 {
+        match h.read(&format!("cc/z/{}", result_name(i))) {
+            Ok(bytes) => assert_eq!(bytes, content("faulty", i), "seed {seed}: name {i}"),
+            Err(e) => assert_eq!(e, libc::ENOENT, "seed {seed}: name {i}"),
+        }
+    }
+    let _ = engine.calls();
+}

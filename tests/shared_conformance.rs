@@ -14,6 +14,10 @@
 //! damaged create-only records are replaced by a verified newcomer; lost
 //! directory records hide nothing; readdir lists the tier's names; mutable
 //! entries are revalidated; a re-fetched name's mtime never goes back.
+//! One test at the end repeats the kernel-facing ones on real mounts
+//! (`ls`, `stat`, `read` through FUSE).
+
+mod common;
 
 use std::fs;
 use std::net::TcpListener;
@@ -348,7 +352,12 @@ impl Host {
         for part in dir.split('/') {
             ino = match self.core.lookup(ino, part.as_bytes()) {
                 Ok(a) => a.ino,
-                Err(_) => self.core.mkdir(ino, part.as_bytes(), 0o755, ME).unwrap().ino,
+                Err(_) => {
+                    self.core
+                        .mkdir(ino, part.as_bytes(), 0o755, ME)
+                        .unwrap()
+                        .ino
+                }
             };
         }
         ino
@@ -365,7 +374,9 @@ impl Host {
         self.core.write(fh, 0, bytes).unwrap();
         self.core.flush(fh).unwrap();
         self.core.release(fh).unwrap();
-        self.core.rename(d, b"t.tmp", d, name.as_bytes(), 0).unwrap();
+        self.core
+            .rename(d, b"t.tmp", d, name.as_bytes(), 0)
+            .unwrap();
     }
 
     fn lookup(&self, path: &str) -> Result<Attr, i32> {
@@ -379,12 +390,13 @@ impl Host {
         Ok(attr)
     }
 
-    fn read(&self, path: &str) -> Result<Vec<u8>, i32> {
+    /// The bytes of `path` as text (all test contents are text).
+    fn read(&self, path: &str) -> Result<String, i32> {
         let ino = self.lookup(path)?.ino;
         let (fh, _) = self.core.open(ino, libc::O_RDONLY).map_err(|e| e.code())?;
         let data = self.core.read(fh, 0, 1 << 20).map_err(|e| e.code());
         self.core.release(fh).unwrap();
-        data
+        data.map(|d| String::from_utf8_lossy(&d).into_owned())
     }
 
     fn list(&self, dir: &str) -> Vec<String> {
@@ -413,8 +425,8 @@ impl Host {
     }
 }
 
-fn content(tag: &str, i: usize) -> Vec<u8> {
-    format!("{tag} entry {i} ").repeat(50 + i).into_bytes()
+fn content(tag: &str, i: usize) -> String {
+    format!("{tag} entry {i} ").repeat(50 + i)
 }
 
 /// A result name (create-only class).
@@ -451,7 +463,7 @@ fn file_record_bytes(blob: BlobId, size: u64, mode: u16, mtime_ns: u64) -> Vec<u
 fn damaged_records_are_misses_and_never_trip_the_breaker(b: &dyn Backend) {
     let a = Host::start(b);
     for i in 0..20 {
-        a.publish("cc/a/e", &result_name(i), &content("good", i));
+        a.publish("cc/a/e", &result_name(i), content("good", i).as_bytes());
     }
     a.sync();
     let (blob, size, mode, mtime) = file_record(b, &format!("cc/a/e/{}", result_name(0)));
@@ -484,7 +496,7 @@ fn damaged_records_are_misses_and_never_trip_the_breaker(b: &dyn Backend) {
     );
     for i in 0..20 {
         let path = format!("cc/a/e/{}", result_name(i));
-        assert_eq!(h.read(&path).as_deref(), Ok(&content("good", i)[..]), "{path}");
+        assert_eq!(h.read(&path).as_ref(), Ok(&content("good", i)), "{path}");
     }
     assert!(
         h.tier.stats.data_errors.load(Ordering::Relaxed) >= 4,
@@ -496,8 +508,8 @@ fn damaged_records_are_misses_and_never_trip_the_breaker(b: &dyn Backend) {
 /// Item 5: a record whose size is not its verified blob's is not served.
 fn record_size_must_be_the_verified_blobs(b: &dyn Backend) {
     let a = Host::start(b);
-    a.publish("cc/s", &result_name(1), &content("sized", 1));
-    a.publish("cc/s", &result_name(2), &content("sized", 2));
+    a.publish("cc/s", &result_name(1), content("sized", 1).as_bytes());
+    a.publish("cc/s", &result_name(2), content("sized", 2).as_bytes());
     a.sync();
     for (i, factor) in [(1, 2.0), (2, 0.5)] {
         let path = format!("cc/s/{}", result_name(i));
@@ -508,11 +520,15 @@ fn record_size_must_be_the_verified_blobs(b: &dyn Backend) {
     let h = Host::start(b);
     for i in [1, 2] {
         let path = format!("cc/s/{}", result_name(i));
-        assert_eq!(h.read(&path), Err(libc::ENOENT), "{path}: a wrong size is a miss");
+        assert_eq!(
+            h.read(&path),
+            Err(libc::ENOENT),
+            "{path}: a wrong size is a miss"
+        );
     }
     assert!(h.tier.stats.data_errors.load(Ordering::Relaxed) >= 2);
     // The good name next to them is served, with its true size.
-    a.publish("cc/s", &result_name(3), &content("sized", 3));
+    a.publish("cc/s", &result_name(3), content("sized", 3).as_bytes());
     a.sync();
     let attr = h.lookup(&format!("cc/s/{}", result_name(3))).unwrap();
     assert_eq!(attr.size, content("sized", 3).len() as u64);
@@ -521,7 +537,7 @@ fn record_size_must_be_the_verified_blobs(b: &dyn Backend) {
 /// Item 6: permission bits from the tier pass through local policy.
 fn setuid_bits_from_the_tier_are_never_applied(b: &dyn Backend) {
     let a = Host::start(b);
-    a.publish("cc/p", &result_name(1), &content("mode", 1));
+    a.publish("cc/p", &result_name(1), content("mode", 1).as_bytes());
     a.sync();
     let path = format!("cc/p/{}", result_name(1));
     let (blob, size, _, mtime) = file_record(b, &path);
@@ -549,7 +565,7 @@ fn process_umask() -> u32 {
 fn damaged_create_only_records_are_replaced_by_a_verified_newcomer(b: &dyn Backend) {
     let a = Host::start(b);
     for i in 0..3 {
-        a.publish("cc/h", &result_name(i), &content("first", i));
+        a.publish("cc/h", &result_name(i), content("first", i).as_bytes());
     }
     a.sync();
     let path = |i: usize| format!("cc/h/{}", result_name(i));
@@ -558,7 +574,10 @@ fn damaged_create_only_records_are_replaced_by_a_verified_newcomer(b: &dyn Backe
     let (blob1, ..) = file_record(b, &path(1));
     b.corrupt_blob(&blob1);
     let (blob2, size2, mode2, mtime2) = file_record(b, &path(2));
-    b.put_raw_record(&path(2), &file_record_bytes(blob2, size2 * 2, mode2, mtime2));
+    b.put_raw_record(
+        &path(2),
+        &file_record_bytes(blob2, size2 * 2, mode2, mtime2),
+    );
     b.put_raw_record(&path(3), b"casfs-record 1\nfile nonsense\n");
     b.put_wrong_type(&path(4));
 
@@ -566,26 +585,26 @@ fn damaged_create_only_records_are_replaced_by_a_verified_newcomer(b: &dyn Backe
     // and publishes.
     let h = Host::start(b);
     for i in 0..5 {
-        h.publish("cc/h", &result_name(i), &content("second", i));
+        h.publish("cc/h", &result_name(i), content("second", i).as_bytes());
     }
     h.sync();
     assert_eq!(h.tier.records_healed(), 5, "every damaged record replaced");
     let fresh = Host::start(b);
     for i in 0..5 {
         assert_eq!(
-            fresh.read(&path(i)).as_deref(),
-            Ok(&content("second", i)[..]),
+            fresh.read(&path(i)),
+            Ok(content("second", i)),
             "{}: a fresh host gets the verified newcomer",
             path(i)
         );
     }
     // A good record still wins a create-only race.
     let late = Host::start(b);
-    late.publish("cc/h", &result_name(0), &content("third", 0));
+    late.publish("cc/h", &result_name(0), content("third", 0).as_bytes());
     late.sync();
     assert_eq!(late.tier.records_healed(), 0);
     let fresh = Host::start(b);
-    assert_eq!(fresh.read(&path(0)).as_deref(), Ok(&content("second", 0)[..]));
+    assert_eq!(fresh.read(&path(0)), Ok(content("second", 0)));
 }
 
 /// Item 8: names are found when their directories' records were lost,
@@ -593,24 +612,24 @@ fn damaged_create_only_records_are_replaced_by_a_verified_newcomer(b: &dyn Backe
 fn names_are_found_when_directory_records_are_lost(b: &dyn Backend) {
     let a = Host::start(b);
     for i in 0..10 {
-        a.publish("cc/a/f", &result_name(i), &content("deep", i));
+        a.publish("cc/a/f", &result_name(i), content("deep", i).as_bytes());
     }
     a.sync();
     b.drop_dir_records();
     let h = Host::start(b);
     for i in 0..10 {
         let path = format!("cc/a/f/{}", result_name(i));
-        assert_eq!(h.read(&path).as_deref(), Ok(&content("deep", i)[..]), "{path}");
+        assert_eq!(h.read(&path).as_ref(), Ok(&content("deep", i)), "{path}");
     }
     // Listings lost as well: the next upload below re-asserts them.
     b.drop_dir_records();
     b.drop_listings();
-    a.publish("cc/a/f", &result_name(10), &content("deep", 10));
+    a.publish("cc/a/f", &result_name(10), content("deep", 10).as_bytes());
     a.sync();
     let h = Host::start(b);
     for i in 0..11 {
         let path = format!("cc/a/f/{}", result_name(i));
-        assert_eq!(h.read(&path).as_deref(), Ok(&content("deep", i)[..]), "{path}");
+        assert_eq!(h.read(&path).as_ref(), Ok(&content("deep", i)), "{path}");
     }
 }
 
@@ -619,7 +638,7 @@ fn readdir_lists_names_only_the_tier_has(b: &dyn Backend) {
     let a = Host::start(b);
     let mut want: Vec<String> = (0..14).map(result_name).collect();
     for (i, n) in want.iter().enumerate() {
-        a.publish("sc/x/y", n, &content("listed", i));
+        a.publish("sc/x/y", n, content("listed", i).as_bytes());
     }
     a.sync();
     let h = Host::start(b);
@@ -630,10 +649,7 @@ fn readdir_lists_names_only_the_tier_has(b: &dyn Backend) {
     want.sort();
     assert_eq!(got, want, "a fresh host lists the tier's names");
     for (i, n) in (0..14).map(result_name).enumerate() {
-        assert_eq!(
-            h.read(&format!("sc/x/y/{n}")).as_deref(),
-            Ok(&content("listed", i)[..])
-        );
+        assert_eq!(h.read(&format!("sc/x/y/{n}")), Ok(content("listed", i)));
     }
     // Names fetched are listed once.
     let got = h.list("sc/x/y");
@@ -650,13 +666,13 @@ fn mutable_entries_are_revalidated_after_the_freshness_bound(b: &dyn Backend) {
     a.publish("cc/m", name, b"manifest version 1");
     a.sync();
     let h = Host::start(b);
-    assert_eq!(h.read(&path).as_deref(), Ok(&b"manifest version 1"[..]));
+    assert_eq!(h.read(&path).as_deref(), Ok("manifest version 1"));
     a.publish("cc/m", name, b"manifest version 2, longer");
     a.sync();
     let new_mtime = a.lookup(&path).unwrap().mtime_ns;
     let deadline = Instant::now() + Duration::from_secs(WAIT_S);
     loop {
-        if h.read(&path).as_deref() == Ok(&b"manifest version 2, longer"[..]) {
+        if h.read(&path).as_deref() == Ok("manifest version 2, longer") {
             break;
         }
         assert!(
@@ -674,7 +690,7 @@ fn mutable_entries_are_revalidated_after_the_freshness_bound(b: &dyn Backend) {
 fn refetched_name_never_shows_an_older_mtime(b: &dyn Backend) {
     let a = Host::start(b);
     let path = format!("cc/t/{}", result_name(1));
-    a.publish("cc/t", &result_name(1), &content("touched", 1));
+    a.publish("cc/t", &result_name(1), content("touched", 1).as_bytes());
     a.sync();
     let h = Host::start(b);
     let first = h.lookup(&path).unwrap();
@@ -692,7 +708,10 @@ fn refetched_name_never_shows_an_older_mtime(b: &dyn Backend) {
             },
         )
         .unwrap();
-    assert!(touched.mtime_ns > first.mtime_ns, "the touch moved the mtime");
+    assert!(
+        touched.mtime_ns > first.mtime_ns,
+        "the touch moved the mtime"
+    );
     h.core.forget(first.ino, 2);
     assert!(h.core.evict(0).unwrap() >= 1, "nothing was evicted");
     let again = h.lookup(&path).unwrap();
@@ -750,7 +769,7 @@ fn mem_engine_seeded_faults_never_serve_wrong_bytes() {
     let a = Host::start(&b);
     engine.inject_faults(seed, 30);
     for i in 0..30 {
-        a.publish("cc/z", &result_name(i), &content("faulty", i));
+        a.publish("cc/z", &result_name(i), content("faulty", i).as_bytes());
     }
     let _ = a.tier.sync(Duration::from_secs(WAIT_S));
     let h = Host::start(&b);
@@ -761,4 +780,81 @@ fn mem_engine_seeded_faults_never_serve_wrong_bytes() {
         }
     }
     let _ = engine.calls();
+}
+
+/// The kernel-facing items on real mounts through a real shared directory:
+/// `ls` on a fresh host lists the tier's names (item 9), a record's setuid
+/// bits never reach `stat` (item 6), a record's wrong size is a miss, never
+/// a short or long read (item 5), and the rest read back whole.
+#[test]
+fn real_mounts_list_the_tiers_names_and_apply_local_policy() {
+    use common::{casfs, errno_of, list_dir, output_text, publish, Mount, TestDir};
+    use std::os::unix::fs::PermissionsExt;
+    let shared = TestDir::new("conformance-mount-root");
+    let root = shared.dir("nfs");
+    let url = format!("file://{}", root.display());
+    let td = TestDir::new("conformance-mount");
+    let (mp_a, mp_b) = (td.mountpoint("a"), td.mountpoint("b"));
+    let _a = Mount::start(&td.dir("store-a"), &mp_a, &["--shared", &url]);
+    fs::create_dir_all(mp_a.join("sc/q")).unwrap();
+    let names: Vec<String> = (0..14).map(result_name).collect();
+    for (i, n) in names.iter().enumerate() {
+        publish(
+            &mp_a.join("sc/q"),
+            "t.tmp",
+            n,
+            content("mounted", i).as_bytes(),
+        );
+    }
+    let out = casfs(&["sync".as_ref(), mp_a.as_os_str()]);
+    assert!(out.status.success(), "casfs sync: {}", output_text(&out));
+
+    let record_file = |path: &str| {
+        let h = blake3::hash(path.as_bytes()).to_hex();
+        root.join("ns/default/records")
+            .join(&h[..2])
+            .join(h.as_str())
+    };
+    let damage = |i: usize, f: &dyn Fn(u64, u16) -> (u64, u16)| {
+        let file = record_file(&format!("sc/q/{}", names[i]));
+        let r = Record::decode(&fs::read(&file).unwrap()).unwrap();
+        let RecordKind::File { blob, size, mode } = r.kind else {
+            panic!("not a file record")
+        };
+        let (size, mode) = f(size, mode);
+        fs::remove_file(&file).unwrap();
+        fs::write(&file, file_record_bytes(blob, size, mode, r.mtime_ns)).unwrap();
+    };
+    damage(0, &|size, _| (size, 0o6755));
+    damage(1, &|size, mode| (size * 2, mode));
+    damage(2, &|size, mode| (size / 2, mode));
+
+    let _b = Mount::start(&td.dir("store-b"), &mp_b, &["--shared", &url]);
+    let mut want = names.clone();
+    want.sort();
+    assert_eq!(list_dir(&mp_b.join("sc/q")), want, "ls on a fresh host");
+    let mode = fs::metadata(mp_b.join("sc/q").join(&names[0]))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(
+        mode & 0o7000,
+        0,
+        "setuid/setgid/sticky from the tier: {mode:o}"
+    );
+    for i in [1, 2] {
+        assert_eq!(
+            errno_of(fs::read(mp_b.join("sc/q").join(&names[i])), "wrong size"),
+            libc::ENOENT,
+            "a record whose size is not its blob's is a miss"
+        );
+    }
+    for (i, n) in names.iter().enumerate().skip(3) {
+        let p = mp_b.join("sc/q").join(n);
+        assert_eq!(
+            fs::metadata(&p).unwrap().len(),
+            content("mounted", i).len() as u64
+        );
+        assert_eq!(fs::read_to_string(&p).unwrap(), content("mounted", i));
+    }
 }

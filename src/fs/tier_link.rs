@@ -35,8 +35,8 @@ use log::{debug, info, warn};
 use crate::classes::Class;
 use crate::error::{Error, Result};
 use crate::fs::txn::{After, Txn};
-use crate::fs::{Attr, Caller, Core, Invalidate};
 use crate::fs::DirEntry;
+use crate::fs::{Attr, Caller, Core, Invalidate};
 use crate::shared::tier::{Tier, Upload};
 use crate::shared::{Listed, Record, RecordKind, Seen};
 use crate::store::ids::{BlobId, Ino};
@@ -102,7 +102,11 @@ impl Core {
             return;
         }
         let mut f = self.tier_local.floors.lock().unwrap();
-        let floor = f.get(&(parent, name.to_vec())).copied().unwrap_or(0).max(mtime_ns);
+        let floor = f
+            .get(&(parent, name.to_vec()))
+            .copied()
+            .unwrap_or(0)
+            .max(mtime_ns);
         insert_bounded(&mut f, FLOORS_MAX, (parent, name.to_vec()), floor);
     }
 
@@ -322,12 +326,20 @@ impl Core {
                 let names = match tier.list(&path) {
                     Ok(names) => Arc::new(names),
                     Err(e) => {
-                        debug!("list dir={:?} from the shared tier: {e}", String::from_utf8_lossy(&path));
+                        debug!(
+                            "list dir={:?} from the shared tier: {e}",
+                            String::from_utf8_lossy(&path)
+                        );
                         Arc::new(Vec::new())
                     }
                 };
                 let mut l = self.tier_local.listings.lock().unwrap();
-                insert_bounded(&mut l, LIST_CACHE_DIRS_MAX, path.clone(), (Instant::now(), names.clone()));
+                insert_bounded(
+                    &mut l,
+                    LIST_CACHE_DIRS_MAX,
+                    path.clone(),
+                    (Instant::now(), names.clone()),
+                );
                 names
             }
         };

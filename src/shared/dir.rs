@@ -191,7 +191,12 @@ impl DirEngine {
         }
         // Idempotent: also repairs a layout an earlier open left unfinished.
         self.create_layout()?;
-        for dir in [&self.root.join("ns"), ns_dir, &self.records_dir, &self.lists_dir] {
+        for dir in [
+            &self.root.join("ns"),
+            ns_dir,
+            &self.records_dir,
+            &self.lists_dir,
+        ] {
             self.make_dir(dir)
                 .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         }
@@ -468,7 +473,9 @@ impl DirEngine {
         let bytes = match self.read_tolerant(file, RECORD_BYTES_MAX) {
             Ok(None) => return Ok(Raw::Missing),
             Ok(Some(bytes)) => bytes,
-            Err(TierError::Protocol(m)) => return Ok(Raw::Damaged(Seen::Oversize, TierError::Data(m))),
+            Err(TierError::Protocol(m)) => {
+                return Ok(Raw::Damaged(Seen::Oversize, TierError::Data(m)))
+            }
             Err(e) => return Err(e),
         };
         Ok(match Record::decode_or_data(&bytes, &file.display()) {
@@ -550,7 +557,9 @@ impl DirEngine {
     fn swap_damaged(&self, temp: &TempFile, dest: &Path, seen: &Seen) -> TierResult<bool> {
         let n = TEMP_SEQ.fetch_add(1, Ordering::Relaxed);
         let moved = TempFile {
-            path: self.tmp_dir.join(format!("{}{n}.heal.tmp", self.temp_prefix)),
+            path: self
+                .tmp_dir
+                .join(format!("{}{n}.heal.tmp", self.temp_prefix)),
             armed: true,
         };
         match fs::rename(dest, &moved.path) {
@@ -1174,7 +1183,11 @@ mod tests {
         assert_eq!(engine.records_healed(), 1);
         // A replace of a version that is no longer there does nothing.
         assert!(!engine
-            .replace_damaged(b"cc/bad", &Seen::Bytes(b"casfs-record 9\nwhat\n".to_vec()), &record(2))
+            .replace_damaged(
+                b"cc/bad",
+                &Seen::Bytes(b"casfs-record 9\nwhat\n".to_vec()),
+                &record(2)
+            )
             .unwrap());
         assert_eq!(engine.get_record(b"cc/bad").unwrap(), Some(record(1)));
         assert_eq!(root.tmp_entries(), Vec::<String>::new());
@@ -1190,10 +1203,25 @@ mod tests {
             v.sort();
             v
         };
-        assert_eq!(names(b""), vec![Listed { name: b"cc".to_vec(), dir: true }]);
-        assert_eq!(names(b"cc/a"), vec![Listed { name: b"x%y R".to_vec(), dir: false }]);
+        assert_eq!(
+            names(b""),
+            vec![Listed {
+                name: b"cc".to_vec(),
+                dir: true
+            }]
+        );
+        assert_eq!(
+            names(b"cc/a"),
+            vec![Listed {
+                name: b"x%y R".to_vec(),
+                dir: false
+            }]
+        );
         // No record for cc/a, but a listing: a directory.
-        assert_eq!(engine.get_record(b"cc/a").unwrap(), Some(Record::implied_dir()));
+        assert_eq!(
+            engine.get_record(b"cc/a").unwrap(),
+            Some(Record::implied_dir())
+        );
         assert_eq!(engine.get_record(b"cc/b").unwrap(), None);
         assert_eq!(list_entry_name(&[b'a'; 300], false), None);
     }

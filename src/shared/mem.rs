@@ -160,10 +160,13 @@ impl MemEngine {
 
     fn list_chain(s: &mut State, path: &[u8], is_dir: bool) {
         for (parent, name, dir) in listing_chain(path, is_dir) {
-            s.listings.entry(parent.to_vec()).or_default().insert(Listed {
-                name: name.to_vec(),
-                dir,
-            });
+            s.listings
+                .entry(parent.to_vec())
+                .or_default()
+                .insert(Listed {
+                    name: name.to_vec(),
+                    dir,
+                });
         }
     }
 

@@ -307,7 +307,9 @@ impl RedisEngine {
                 TierError::Data(format!("{what}: a {t}, not a record")),
             ),
             (Reply::Error(m), _) | (_, Reply::Error(m)) => {
-                return Err(TierError::Unavailable(format!("{what}: the server refused: {m}")))
+                return Err(TierError::Unavailable(format!(
+                    "{what}: the server refused: {m}"
+                )))
             }
             (other, _) => return Err(self.unexpected("TYPE", &key, other)),
         };
@@ -390,7 +392,6 @@ impl RedisEngine {
             key_text(key)
         ))
     }
-
 }
 
 impl Engine for RedisEngine {
@@ -420,7 +421,10 @@ impl Engine for RedisEngine {
         for r in &replies[1..] {
             if let Reply::Error(m) = r {
                 // A listing key of another type: the listing is best effort.
-                debug!("shared list path={:?} error={m} outcome=not-listed", shown());
+                debug!(
+                    "shared list path={:?} error={m} outcome=not-listed",
+                    shown()
+                );
             }
         }
         match &replies[0] {
@@ -455,9 +459,7 @@ impl Engine for RedisEngine {
                 }
                 Raw::Missing => {
                     // Deleted between our SET NX and our read: try again.
-                    if let Reply::Status(s) =
-                        self.call(&[b"SET", &key, &value, b"NX"], 0)?
-                    {
+                    if let Reply::Status(s) = self.call(&[b"SET", &key, &value, b"NX"], 0)? {
                         if s == "OK" {
                             return Ok(Put::Stored);
                         }

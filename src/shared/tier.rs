@@ -703,7 +703,12 @@ impl Tier {
     }
 
     /// Replaces the damaged record `seen` at `path` with `record`.
-    pub fn replace_damaged(&self, path: &[u8], seen: super::Seen, record: Record) -> TierResult<bool> {
+    pub fn replace_damaged(
+        &self,
+        path: &[u8],
+        seen: super::Seen,
+        record: Record,
+    ) -> TierResult<bool> {
         let p = path.to_vec();
         let r = self.call(move |e| e.replace_damaged(&p, &seen, &record));
         if matches!(r, Ok(true)) {

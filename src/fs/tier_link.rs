@@ -55,13 +55,16 @@ const FLOORS_MAX: usize = 65_536;
 /// allocated to a real inode).
 pub const LISTED_INO_BIT: u64 = 1 << 62;
 
+/// When a directory was listed, and what the tier listed.
+type CachedListing = (Instant, Arc<Vec<Listed>>);
+
 /// What the seam remembers in memory, per mount.
 #[derive(Default)]
 pub struct TierLocal {
     /// Mutable inodes and when they were last checked against the tier.
     fresh: Mutex<HashMap<Ino, Instant>>,
     /// Directory path → when listed, and what the tier listed.
-    listings: Mutex<HashMap<Vec<u8>, (Instant, Arc<Vec<Listed>>)>>,
+    listings: Mutex<HashMap<Vec<u8>, CachedListing>>,
     /// (directory, name) → the last mtime this host showed for an evicted name.
     floors: Mutex<HashMap<(Ino, Vec<u8>), u64>>,
     /// The daemon's umask, read once.

@@ -622,7 +622,11 @@ impl Engine for DirEngine {
     }
 
     fn get_blob(&self, id: &BlobId, max_bytes: u64) -> TierResult<Option<Vec<u8>>> {
-        self.read_tolerant(&self.blob_path(id), max_bytes)
+        match self.read_tolerant(&self.blob_path(id), max_bytes) {
+            // Over its bound: about this one blob.
+            Err(TierError::Protocol(m)) => Err(TierError::Data(m)),
+            other => other,
+        }
     }
 
     fn put_blob(&self, id: &BlobId, bytes: &[u8]) -> TierResult<()> {
@@ -1111,8 +1115,8 @@ mod tests {
         assert_eq!(root.tmp_entries(), Vec::<String>::new());
         // Over max_bytes: refused, not truncated.
         match engine.get_blob(&id, 1000) {
-            Err(TierError::Protocol(m)) => assert!(m.contains("200000 bytes"), "{m}"),
-            other => panic!("expected a Protocol error, got {other:?}"),
+            Err(TierError::Data(m)) => assert!(m.contains("200000 bytes"), "{m}"),
+            other => panic!("expected a Data error, got {other:?}"),
         }
         // The empty blob is a blob.
         let empty = BlobId::of(b"");

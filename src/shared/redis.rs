@@ -32,7 +32,7 @@
 //!   `REDIS_BLOB_PROBE_BYTES_MIN` or more are first probed with `EXISTS`, so
 //!   a blob other hosts already shared is not sent again.
 //! - has_blob: `EXISTS`; get_blob: `GET`, the reply bounded by `max_bytes`
-//!   (a bigger blob is a `Protocol` error and its connection is dropped).
+//!   (a bigger blob is a `Data` error about that blob, and its connection is dropped).
 //!
 //! Invariants:
 //! - Every reply is bounded (`REDIS_REPLY_BYTES_MAX`, lines by
@@ -361,6 +361,15 @@ impl RedisEngine {
             }
             Err(e) => return Err(self.tier_error(&name, e)),
         };
+        if let Reply::Error(m) = &reply {
+            if m.starts_with("WRONGTYPE") {
+                // A key of another type: about that one name.
+                return Err(TierError::Data(format!(
+                    "{} {name}: the server refused: {m}",
+                    self.described
+                )));
+            }
+        }
         if let Reply::Error(m) = reply {
             return Err(TierError::Unavailable(format!(
                 "{} {name}: the server refused: {m}",
@@ -374,6 +383,9 @@ impl RedisEngine {
     fn tier_error(&self, what: &str, e: io::Error) -> TierError {
         match e.kind() {
             io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => TierError::Timeout,
+            io::ErrorKind::FileTooLarge => {
+                TierError::Data(format!("{} {what}: {e}", self.described))
+            }
             io::ErrorKind::InvalidData => {
                 TierError::Protocol(format!("{} {what}: {e}", self.described))
             }
@@ -487,7 +499,7 @@ impl Engine for RedisEngine {
         match self.call(&[b"GET", &key], max_bytes.min(REDIS_BLOB_BYTES_MAX))? {
             Reply::Bulk(None) => Ok(None),
             Reply::Bulk(Some(bytes)) if bytes.len() as u64 > max_bytes => {
-                Err(TierError::Protocol(format!(
+                Err(TierError::Data(format!(
                     "{} blob {id}: {} bytes, over the {max_bytes} allowed",
                     self.described,
                     bytes.len()
@@ -928,10 +940,14 @@ fn read_value<R: BufRead>(r: &mut R, bounds: &mut ReplyBounds, depth: usize) -> 
             }
             let len = u64::try_from(len).map_err(|_| bad_reply(format!("bulk length {len}")))?;
             if len > bounds.value_bytes_max {
-                return Err(bad_reply(format!(
-                    "a value of {len} bytes, over the {} allowed",
-                    bounds.value_bytes_max
-                )));
+                // About one value, not the stream: `TierError::Data`.
+                return Err(io::Error::new(
+                    io::ErrorKind::FileTooLarge,
+                    format!(
+                        "a value of {len} bytes, over the {} allowed",
+                        bounds.value_bytes_max
+                    ),
+                ));
             }
             bounds.charge(len + 2)?;
             // Grown as bytes arrive, not trusted up front.
@@ -1252,8 +1268,9 @@ mod tests {
         );
         assert_eq!(parse(b"*-1\r\n", 100).unwrap(), Reply::Array(None));
         let kind = |bytes: &[u8], limit: u64| parse(bytes, limit).unwrap_err().kind();
-        // Over the bound: refused before the value is read.
-        assert_eq!(kind(b"$1000000000\r\n", 1000), io::ErrorKind::InvalidData);
+        // Over the bound: refused before the value is read (a damaged
+        // value, not a broken stream).
+        assert_eq!(kind(b"$1000000000\r\n", 1000), io::ErrorKind::FileTooLarge);
         assert_eq!(kind(b"*2\r\n$400\r\n", 500), io::ErrorKind::UnexpectedEof);
         assert_eq!(kind(b"*9999999\r\n", u64::MAX), io::ErrorKind::InvalidData);
         assert_eq!(
@@ -1381,7 +1398,7 @@ mod tests {
         let id = BlobId::of(&big);
         engine.put_blob(&id, &big).unwrap();
         match engine.get_blob(&id, 1000) {
-            Err(TierError::Protocol(m)) => {
+            Err(TierError::Data(m)) => {
                 assert!(
                     m.contains("300000 bytes, over the 1000 allowed") && m.contains(&id.hex()),
                     "{m}"

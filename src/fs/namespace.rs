@@ -70,12 +70,18 @@ impl Core {
         let found = {
             let _shared = self.inode_locks.read(parent, &self.stats.lock_wait);
             match self.store.dentry(parent, name)? {
-                Some(ino) => self.store.inode(ino)?,
+                Some(ino) => match self.store.inode(ino)? {
+                    Some(inode) => {
+                        // Under the lock: an eviction or drop sees the reference.
+                        self.usage.remember(ino);
+                        Some(inode)
+                    }
+                    None => None,
+                },
                 None => None,
             }
         };
         if let Some(inode) = found {
-            self.usage.remember(inode.ino);
             // A shared mutable entry past its freshness bound is checked
             // against the tier first (no lock held).
             return self.refresh_shared(inode);

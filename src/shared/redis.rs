@@ -20,10 +20,10 @@
 //! - every record put is pipelined with one `SADD` per level of its path
 //!   (its name in its parent's listing, each ancestor in its own parent's):
 //!   one round trip re-asserts what an eviction may have dropped.
-//! - get_record: `TYPE`, `GETRANGE 0 RECORD_BYTES_MAX` and `EXISTS` of the
+//! - get_record: `GET` (bounded by `RECORD_BYTES_MAX`) and `EXISTS` of the
 //!   path's listing, pipelined (one round trip): a key of another type, a
-//!   longer value or one that does not decode is `TierError::Data`; no
-//!   record but a listing is `Record::implied_dir`.
+//!   longer value (its connection is dropped) or one that does not decode
+//!   is `TierError::Data`; no record but a listing is `Record::implied_dir`.
 //! - replace a damaged record: a Lua script compares what is there with
 //!   the damaged version and sets the newcomer only if it is the same.
 //!   A create-only put that finds a damaged record replaces it this way.
@@ -274,44 +274,38 @@ impl RedisEngine {
     fn read_raw(&self, path: &[u8]) -> TierResult<(Raw, bool)> {
         let key = self.record_key(path);
         let lkey = self.list_key(path);
-        let end = RECORD_BYTES_MAX.to_string();
-        let replies = self.pipeline(
+        let what = format!("{} key {}", self.described, key_text(&key));
+        let replies = match self.pipeline(
             &[
-                vec![b"TYPE".as_slice(), &key],
-                vec![b"GETRANGE".as_slice(), &key, b"0", end.as_bytes()],
+                vec![b"GET".as_slice(), &key],
                 vec![b"EXISTS".as_slice(), &lkey],
             ],
-            RECORD_BYTES_MAX + 1,
-        )?;
-        let listed = matches!(replies[2], Reply::Int(n) if n > 0);
-        let what = format!("{} key {}", self.described, key_text(&key));
-        let raw = match (&replies[0], &replies[1]) {
-            (Reply::Status(t), _) if t == "none" => Raw::Missing,
-            (Reply::Status(t), Reply::Bulk(Some(bytes))) if t == "string" => {
-                if bytes.len() as u64 > RECORD_BYTES_MAX {
-                    Raw::Damaged(
-                        Seen::Oversize,
-                        TierError::Data(format!(
-                            "{what}: over the {RECORD_BYTES_MAX} bytes a record may hold"
-                        )),
-                    )
-                } else {
-                    match Record::decode_or_data(bytes, &what) {
-                        Ok(r) => Raw::Good(r),
-                        Err(e) => Raw::Damaged(Seen::Bytes(bytes.clone()), e),
-                    }
-                }
+            RECORD_BYTES_MAX,
+        ) {
+            Ok(r) => r,
+            // The value is over the bound (refused before it was read).
+            Err(TierError::Data(m)) => {
+                return Ok((Raw::Damaged(Seen::Oversize, TierError::Data(m)), false))
             }
-            (Reply::Status(t), _) if t != "string" => Raw::Damaged(
+            Err(e) => return Err(e),
+        };
+        let listed = matches!(replies[1], Reply::Int(n) if n > 0);
+        let raw = match &replies[0] {
+            Reply::Bulk(None) => Raw::Missing,
+            Reply::Bulk(Some(bytes)) => match Record::decode_or_data(bytes, &what) {
+                Ok(r) => Raw::Good(r),
+                Err(e) => Raw::Damaged(Seen::Bytes(bytes.clone()), e),
+            },
+            Reply::Error(m) if m.starts_with("WRONGTYPE") => Raw::Damaged(
                 Seen::WrongType,
-                TierError::Data(format!("{what}: a {t}, not a record")),
+                TierError::Data(format!("{what}: not a record ({m})")),
             ),
-            (Reply::Error(m), _) | (_, Reply::Error(m)) => {
+            Reply::Error(m) => {
                 return Err(TierError::Unavailable(format!(
                     "{what}: the server refused: {m}"
                 )))
             }
-            (other, _) => return Err(self.unexpected("TYPE", &key, other)),
+            other => return Err(self.unexpected("GET", &key, other)),
         };
         Ok((raw, listed))
     }

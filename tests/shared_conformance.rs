@@ -749,11 +749,14 @@ conformance!(
     refetched_name_never_shows_an_older_mtime,
 );
 
-/// Faults injected from a seed (`CASFS_SEED` replays one): whatever
-/// fails, a host serves the right bytes or a miss, never others, and once
-/// the faults stop every name is shared.
+/// Faults and damage chosen by a seed (`CASFS_SEED=N` replays the choices;
+/// thread timing may still differ): whatever fails, a host serves the right
+/// bytes or a miss, never others; once the faults stop, a second publisher
+/// replaces every damaged record and a fresh host reads a valid version of
+/// every name (the first publisher's where it is intact, else the second's).
 #[test]
-fn mem_engine_seeded_faults_never_serve_wrong_bytes() {
+fn mem_engine_seeded_faults_and_damage_never_serve_wrong_bytes_and_heal() {
+    const NAMES: usize = 30;
     let seed: u64 = std::env::var("CASFS_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -764,22 +767,73 @@ fn mem_engine_seeded_faults_never_serve_wrong_bytes() {
                 .as_nanos() as u64
         });
     eprintln!("seed {seed} (CASFS_SEED={seed} replays it)");
+    let mut rng = seed | 1;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
     let engine = MemEngine::new();
     let b = MemBackend(engine.clone());
     let a = Host::start(&b);
     engine.inject_faults(seed, 30);
-    for i in 0..30 {
-        a.publish("cc/z", &result_name(i), content("faulty", i).as_bytes());
+    for i in 0..NAMES {
+        a.publish("cc/z", &result_name(i), content("first", i).as_bytes());
     }
     let _ = a.tier.sync(Duration::from_secs(WAIT_S));
     let h = Host::start(&b);
-    for i in 0..30 {
+    for i in 0..NAMES {
         match h.read(&format!("cc/z/{}", result_name(i))) {
-            Ok(bytes) => assert_eq!(bytes, content("faulty", i), "seed {seed}: name {i}"),
+            Ok(text) => assert_eq!(text, content("first", i), "seed {seed}: name {i}"),
             Err(e) => assert_eq!(e, libc::ENOENT, "seed {seed}: name {i}"),
         }
     }
-    let _ = engine.calls();
+
+    // Damage some of what arrived, then stop the faults.
+    engine.inject_faults(seed, 0);
+    let mut damaged = vec![false; NAMES];
+    for (i, d) in damaged.iter_mut().enumerate() {
+        let path = format!("cc/z/{}", result_name(i));
+        let Ok(Some(Record {
+            kind: RecordKind::File { blob, size, mode },
+            mtime_ns,
+        })) = engine.get_record(path.as_bytes())
+        else {
+            continue;
+        };
+        *d = true;
+        match next() % 6 {
+            0 => b.drop_blob(&blob),
+            1 => b.corrupt_blob(&blob),
+            2 => b.put_raw_record(&path, b"casfs-record 1\nfile ?\n"),
+            3 => b.put_wrong_type(&path),
+            4 => b.put_raw_record(&path, &file_record_bytes(blob, size + 1, mode, mtime_ns)),
+            _ => *d = false,
+        }
+    }
+    let second = Host::start(&b);
+    for i in 0..NAMES {
+        second.publish("cc/z", &result_name(i), content("second", i).as_bytes());
+    }
+    second.sync();
+    let fresh = Host::start(&b);
+    for (i, d) in damaged.iter().enumerate() {
+        let got = fresh.read(&format!("cc/z/{}", result_name(i)));
+        if *d {
+            assert_eq!(
+                got,
+                Ok(content("second", i)),
+                "seed {seed}: damaged name {i} healed"
+            );
+        } else {
+            assert!(
+                got == Ok(content("first", i)) || got == Ok(content("second", i)),
+                "seed {seed}: name {i}: {got:?}"
+            );
+        }
+    }
+    assert!(engine.calls() > 0);
 }
 
 /// The kernel-facing items on real mounts through a real shared directory:

@@ -792,7 +792,7 @@ fn mem_engine_seeded_faults_and_damage_never_serve_wrong_bytes_and_heal() {
 
     // Damage some of what arrived, then stop the faults.
     engine.inject_faults(seed, 0);
-    let mut damaged = vec![false; NAMES];
+    let mut damaged = [false; NAMES];
     for (i, d) in damaged.iter_mut().enumerate() {
         let path = format!("cc/z/{}", result_name(i));
         let Ok(Some(Record {

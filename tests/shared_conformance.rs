@@ -695,19 +695,7 @@ fn refetched_name_never_shows_an_older_mtime(b: &dyn Backend) {
     let h = Host::start(b);
     let first = h.lookup(&path).unwrap();
     std::thread::sleep(Duration::from_millis(20));
-    let touched = h
-        .core
-        .setattr(
-            first.ino,
-            SetAttr {
-                mode: None,
-                uid: None,
-                gid: None,
-                size: None,
-                touch: true,
-            },
-        )
-        .unwrap();
+    let touched = h.core.setattr(first.ino, SetAttr::touch()).unwrap();
     assert!(
         touched.mtime_ns > first.mtime_ns,
         "the touch moved the mtime"

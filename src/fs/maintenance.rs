@@ -369,9 +369,11 @@ impl Core {
             return Ok(false);
         }
         let (parent, name, size) = (inode.parent, inode.name.clone(), inode.size);
-        self.remember_floor(parent, &name, inode.mtime_ns);
         if self.store.dentry(parent, &name)? != Some(ino) {
             return Ok(false);
+        }
+        for (p, n) in inode.names() {
+            self.remember_floor(p, &n, inode.mtime_ns);
         }
         let mut txn = self.txn();
         self.lock_blobs(&mut txn, &[id]);

@@ -19,8 +19,8 @@ use crate::fs::locks::InodeGuard;
 use crate::fs::publish::{Prepared, Share};
 use crate::fs::txn::{After, Txn};
 use crate::fs::{
-    check_name, Attr, Caller, Core, DirEntry, Invalidate, SetAttr, SetTime, DIR_ENTRIES_MAX, NAME_BYTES_MAX,
-    RETRIES_MAX, SYMLINK_BYTES_MAX,
+    check_name, Attr, Caller, Core, DirEntry, Invalidate, SetAttr, SetTime, DIR_ENTRIES_MAX,
+    NAME_BYTES_MAX, RETRIES_MAX, SYMLINK_BYTES_MAX,
 };
 use crate::stats::Stats;
 use crate::store::ids::Ino;

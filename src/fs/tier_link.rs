@@ -456,8 +456,12 @@ impl Core {
         let Some(mut cur) = self.store.inode(inode.ino)? else {
             return Ok(None);
         };
-        if cur.content != Content::Blob(local_blob) || cur.mtime_ns >= record.mtime_ns {
-            return Ok(None); // changed here meanwhile: the local version stands
+        if cur.content != Content::Blob(local_blob)
+            || cur.mtime_ns >= record.mtime_ns
+            || self.usage.writers(cur.ino) > 0
+        {
+            // Changed here meanwhile, or being written: the local version stands.
+            return Ok(None);
         }
         let mut txn = self.txn();
         self.lock_blobs(&mut txn, &[blob, local_blob]);

@@ -249,7 +249,8 @@ impl Core {
     pub(super) fn unbind_all(&self, txn: &mut Txn, mut inode: Inode) -> Result<()> {
         for (parent, name) in std::mem::take(&mut inode.links) {
             txn.batch.delete_dentry(parent, &name);
-            txn.after.push(After::Invalidate(Invalidate::Entry(parent, name)));
+            txn.after
+                .push(After::Invalidate(Invalidate::Entry(parent, name)));
         }
         inode.nlink = inode.nlink.min(1);
         let (parent, name) = (inode.parent, inode.name.clone());

@@ -33,8 +33,8 @@ use log::debug;
 
 use crate::error::Error;
 use crate::fs::{
-    Attr, Caller, Core, Invalidate, KernelCache, SetAttr, SetTime, Who, MAY_EXEC, MAY_READ, MAY_WRITE,
-    NAME_BYTES_MAX,
+    Attr, Caller, Core, Invalidate, KernelCache, SetAttr, SetTime, Who, MAY_EXEC, MAY_READ,
+    MAY_WRITE, NAME_BYTES_MAX,
 };
 use crate::stats::Op;
 use crate::store::clock::to_system_time;

@@ -64,6 +64,31 @@ fn writes_through_a_duplicated_descriptor_are_all_published() {
     drop(m);
 }
 
+#[test]
+fn a_result_written_through_a_duplicate_reaches_another_host_whole() {
+    require_tools();
+    let td = TestDir::new("tools-dup-shared");
+    let url = format!("file://{}", td.dir("nfs").display());
+    let (mp_a, mp_b) = (td.mountpoint("a"), td.mountpoint("b"));
+    let a = Mount::start(&td.dir("store-a"), &mp_a, &["--shared", &url]);
+    let b = Mount::start(&td.dir("store-b"), &mp_b, &["--shared", &url]);
+    fs::create_dir_all(mp_a.join("cc/x")).unwrap();
+    let r = result_name(5);
+    // The first close binds the empty file; the writes come after it.
+    bash(
+        &mp_a.join("cc/x"),
+        &format!("exec 3>{r}; exec 4>&3; exec 3>&-; printf 'whole result' >&4; exec 4>&-"),
+    );
+    let out = casfs(&["sync".as_ref(), mp_a.as_os_str()]);
+    assert!(out.status.success(), "sync: {}", output_text(&out));
+    assert_eq!(
+        fs::read_to_string(mp_b.join("cc/x").join(&r)).unwrap(),
+        "whole result",
+        "host B got another version"
+    );
+    drop((a, b));
+}
+
 /// Kills the children on drop, so a hung mount cannot outlive the test.
 struct Children(Vec<Child>);
 

@@ -46,6 +46,9 @@ enum Command {
         /// Bound on every shared-tier call, in milliseconds
         #[arg(long, default_value_t = 500)]
         shared_timeout_ms: u64,
+        /// How far ahead of this host's clock an mtime from the shared tier may move it, in milliseconds (build hosts are assumed to run NTP)
+        #[arg(long, default_value_t = 1000, value_name = "MS")]
+        shared_clock_skew_ms: u64,
         /// umask for files the shared-directory engine creates (octal)
         #[arg(long, default_value = "002")]
         shared_umask: String,
@@ -235,6 +238,7 @@ fn run(cli: Cli) -> Result<(), String> {
             shared,
             namespace,
             shared_timeout_ms,
+            shared_clock_skew_ms,
             shared_umask,
             scrub_interval_ms,
             read_only,
@@ -289,6 +293,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 },
                 max_size_bytes: o.max_size_bytes,
                 shared,
+                clock_skew_max_ms: shared_clock_skew_ms,
                 scrub_interval_ms,
                 allow_other: o.allow_other,
                 force,
@@ -319,11 +324,15 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Sync { mountpoint } => {
             let text = read_casfs_file(&mountpoint, "sync")?;
-            print!("{text}");
             if text.starts_with("ok") {
+                print!("{text}");
                 Ok(())
             } else {
-                Err(format!("sync of {} failed", mountpoint.display()))
+                Err(format!(
+                    "sync of {}: {}",
+                    mountpoint.display(),
+                    text.trim_end().trim_start_matches("FAILED: ")
+                ))
             }
         }
         Command::Fsck { store, repair } => std::process::exit(run_fsck(&store, repair).into()),

@@ -219,15 +219,15 @@ fn uploads_pending_at_kill9_are_delivered_after_remount_and_seen_by_another_host
     let a = Mount::start(&store_a, &mp_a, &["--shared", &url]);
     let (ok, text) = sync_after_outage(&mp_a);
     assert!(ok, "sync after remount: {text}");
+    let mp_b = td.mountpoint("b");
+    let _b = Mount::start(&td.dir("store-b"), &mp_b, &["--shared", &url]);
+    assert_results_seen(&mp_b.join("cc/k/9"), 20, 100, "host B after A's kill -9");
+    assert_eq!(a.counter("shared_uploads_pending"), 0);
     assert!(
         a.log().contains("20 uploads from before this mount are pending"),
         "the remount did not say it replays 20 uploads:\n{}",
         a.log()
     );
-    assert_eq!(a.counter("shared_uploads_pending"), 0);
-    let mp_b = td.mountpoint("b");
-    let _b = Mount::start(&td.dir("store-b"), &mp_b, &["--shared", &url]);
-    assert_results_seen(&mp_b.join("cc/k/9"), 20, 100, "host B after A's kill -9");
 }
 
 #[test]
@@ -247,21 +247,13 @@ fn clean_unmount_logs_pending_uploads_and_the_next_mount_delivers_the_newest_ver
     }
     assert_eq!(fs::read(&conf).unwrap(), pattern(902, 777));
     a.unmount();
-    let log = a.log();
-    assert!(
-        log.contains("unmount: 23 uploads to the shared tier"),
-        "unmount did not log the 23 undelivered uploads:\n{log}"
-    );
+    let unmount_log = a.log();
     drop(a);
 
     redis.restart();
     let a = Mount::start(&store_a, &mp_a, &["--shared", &url]);
     let (ok, text) = sync_after_outage(&mp_a);
     assert!(ok, "sync after remount: {text}");
-    assert!(
-        a.counter("shared_uploads_superseded") >= 2,
-        "older versions of notes.txt were uploaded after newer ones existed"
-    );
     let mp_b = td.mountpoint("b");
     let _b = Mount::start(&td.dir("store-b"), &mp_b, &["--shared", &url]);
     assert_results_seen(&mp_b.join("cc/u/m"), 20, 200, "host B after A's unmount");
@@ -269,6 +261,14 @@ fn clean_unmount_logs_pending_uploads_and_the_next_mount_delivers_the_newest_ver
         fs::read(mp_b.join("cc/u/notes.txt")).unwrap(),
         pattern(902, 777),
         "host B got an older version of a mutable file"
+    );
+    assert!(
+        a.counter("shared_uploads_superseded") >= 2,
+        "older versions of notes.txt were uploaded after newer ones existed"
+    );
+    assert!(
+        unmount_log.contains("unmount: 23 uploads to the shared tier"),
+        "unmount did not log the 23 undelivered uploads:\n{unmount_log}"
     );
 }
 

@@ -645,7 +645,8 @@ impl Store {
     }
 
     /// The oldest pending uploads, in publication order, at most `limit`.
-    /// A record that does not decode is reported and skipped (fsck names it).
+    /// A record that does not decode is reported and dropped (it could
+    /// never be delivered, and would hold `casfs sync` forever).
     pub fn pending_uploads(&self, limit: usize) -> Result<Vec<PendingUpload>> {
         let mut out = Vec::new();
         for item in self
@@ -658,10 +659,15 @@ impl Store {
             let (k, v) = item.map_err(|e| Error::db(e, "read pending uploads"))?;
             match PendingUpload::decode(&k, &v) {
                 Some(u) => out.push(u),
-                None => log::warn!(
-                    "pending upload record {:?} is damaged; skipped (casfs fsck --repair drops it)",
-                    k.escape_ascii().to_string()
-                ),
+                None => {
+                    log::warn!(
+                        "pending upload record {:?} is damaged: dropped (that publication is not shared)",
+                        k.escape_ascii().to_string()
+                    );
+                    self.db
+                        .delete_cf(self.cf(Cf::Uploads), &k)
+                        .map_err(|e| Error::db(e, "drop damaged pending upload"))?;
+                }
             }
         }
         Ok(out)

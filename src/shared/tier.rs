@@ -529,7 +529,6 @@ impl Tier {
     /// blocks. When the in-memory queue is full the upload stays in the
     /// store only, and is read back when the queue has drained.
     pub fn enqueue(&self, up: Upload) {
-        self.pending.fetch_add(1, Ordering::Relaxed);
         let mut q = self.queue.lock().unwrap();
         if !q.push(up) {
             let first = !q.spilled_logged;
@@ -542,6 +541,19 @@ impl Tier {
         }
         drop(q);
         self.queue_changed.notify_one();
+    }
+
+    /// Counts uploads about to be committed (before they are visible in
+    /// the store, so they are counted before they can be settled).
+    pub fn count_pending(&self, n: u64) {
+        self.pending.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The commit that would have written them failed.
+    pub fn uncount_pending(&self, n: u64) {
+        let _ = self
+            .pending
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |p| Some(p.saturating_sub(n)));
     }
 
     /// Uploads not yet acknowledged by the engine (or given up): every one

@@ -249,6 +249,15 @@ fn clean_unmount_logs_pending_uploads_and_the_next_mount_delivers_the_newest_ver
     a.unmount();
     let unmount_log = a.log();
     drop(a);
+    // A mount without --shared keeps them, and says so.
+    let mut local = Mount::start(&store_a, &mp_a, &[]);
+    local.unmount();
+    let local_log = local.log();
+    drop(local);
+    assert!(
+        local_log.contains("holds 23 publications not yet delivered"),
+        "a mount without --shared did not mention the 23 pending uploads:\n{local_log}"
+    );
 
     redis.restart();
     let a = Mount::start(&store_a, &mp_a, &["--shared", &url]);

@@ -185,6 +185,14 @@ pub fn run(args: MountArgs) -> Result<(), String> {
         let t = Tier::start(engine, engine_config.timeout, lost, outbox);
         core.attach_tier(t.clone(), args.clock_skew_max_ms.saturating_mul(1_000_000));
         tier = Some(t);
+    } else {
+        let n = core.uploads_waiting();
+        if n > 0 {
+            warn!(
+                "store {} holds {n} publications not yet delivered to a shared tier; they wait for a mount with --shared",
+                args.store.display()
+            );
+        }
     }
     let session = Session::new(CasFs::new(core.clone()), &mountpoint, &fuse_config)
         .map_err(|e| format!("cannot mount {}: {e}", mountpoint.display()))?;

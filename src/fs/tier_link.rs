@@ -264,6 +264,11 @@ impl Drop for Fetched {
 }
 
 impl Core {
+    /// Uploads the store holds for a shared tier (a scan; at mount).
+    pub fn uploads_waiting(&self) -> u64 {
+        Outbox::count(self)
+    }
+
     fn upload_of(&self, p: PendingUpload) -> Upload {
         Upload {
             seq: p.seq,

@@ -224,7 +224,8 @@ fn uploads_pending_at_kill9_are_delivered_after_remount_and_seen_by_another_host
     assert_results_seen(&mp_b.join("cc/k/9"), 20, 100, "host B after A's kill -9");
     assert_eq!(a.counter("shared_uploads_pending"), 0);
     assert!(
-        a.log().contains("20 uploads from before this mount are pending"),
+        a.log()
+            .contains("20 uploads from before this mount are pending"),
         "the remount did not say it replays 20 uploads:\n{}",
         a.log()
     );
@@ -243,7 +244,12 @@ fn clean_unmount_logs_pending_uploads_and_the_next_mount_delivers_the_newest_ver
     // the last version may end up in the tier.
     let conf = mp_a.join("cc/u/notes.txt");
     for v in 0..3u64 {
-        publish(&mp_a.join("cc/u"), "n.tmp", "notes.txt", &pattern(900 + v, 777));
+        publish(
+            &mp_a.join("cc/u"),
+            "n.tmp",
+            "notes.txt",
+            &pattern(900 + v, 777),
+        );
     }
     assert_eq!(fs::read(&conf).unwrap(), pattern(902, 777));
     a.unmount();
@@ -327,7 +333,10 @@ fn sync_fails_naming_count_and_reason_once_an_upload_was_given_up() {
     fs::remove_file(dir.join(result_name(1))).unwrap();
     share.come_back();
     let (ok, text) = sync_after_outage(&mp_a);
-    assert!(!ok, "sync succeeded although 2 uploads were given up: {text}");
+    assert!(
+        !ok,
+        "sync succeeded although 2 uploads were given up: {text}"
+    );
     assert!(
         text.contains("2 uploads given up") && text.contains("local copy gone before upload"),
         "sync must name the count and the reason: {text}"
@@ -343,7 +352,10 @@ fn sync_fails_naming_count_and_reason_once_an_upload_was_given_up() {
     // keeps failing for the two that were given up before it started.
     publish_results(&mp_a.join("cc/g/v"), 1, 500);
     let (ok, text) = sync(&mp_a);
-    assert!(!ok && text.contains("2 uploads given up"), "second sync: {text}");
+    assert!(
+        !ok && text.contains("2 uploads given up"),
+        "second sync: {text}"
+    );
     let mp_b = td.mountpoint("b");
     let _b = Mount::start(&td.dir("store-b"), &mp_b, &["--shared", &url]);
     assert_eq!(
@@ -393,7 +405,12 @@ fn an_mtime_from_a_fast_host_moves_this_hosts_clock_at_most_the_bound() {
     let fetched = mp_b.join("cc/s/k").join(result_name(0));
     let shown = mtime_ns(&fetched);
     fs::create_dir_all(mp_b.join("cc/s/new")).unwrap();
-    publish(&mp_b.join("cc/s/new"), "n.tmp", "later.txt", b"built on B after");
+    publish(
+        &mp_b.join("cc/s/new"),
+        "n.tmp",
+        "later.txt",
+        b"built on B after",
+    );
     let built = mtime_ns(&mp_b.join("cc/s/new/later.txt"));
     let wall_after = now_ns();
     assert!(
@@ -406,7 +423,10 @@ fn an_mtime_from_a_fast_host_moves_this_hosts_clock_at_most_the_bound() {
         "B's own new file got an mtime {} ms ahead of its clock: a fast host dragged it",
         (built - wall_after) / 1_000_000
     );
-    assert!(built > shown, "a file built after the fetch looks older than it");
+    assert!(
+        built > shown,
+        "a file built after the fetch looks older than it"
+    );
     assert_eq!(b.counter("shared_clock_ahead"), 1);
     assert!(
         b.log().contains("run NTP on every host"),

@@ -553,7 +553,9 @@ impl Tier {
     pub fn uncount_pending(&self, n: u64) {
         let _ = self
             .pending
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |p| Some(p.saturating_sub(n)));
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |p| {
+                Some(p.saturating_sub(n))
+            });
     }
 
     /// Uploads not yet acknowledged by the engine (or given up): every one
@@ -653,7 +655,9 @@ impl Tier {
                 String::from_utf8_lossy(&up.path),
                 up.seq
             );
-            self.stats.uploads_superseded.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .uploads_superseded
+                .fetch_add(1, Ordering::Relaxed);
             return self.settle(outbox, up);
         }
         let mut attempts = 0;
@@ -678,7 +682,9 @@ impl Tier {
                     }
                     return;
                 }
-                Err(Failure::Local(reason, detail)) => return self.give_up(outbox, up, reason, detail),
+                Err(Failure::Local(reason, detail)) => {
+                    return self.give_up(outbox, up, reason, detail)
+                }
                 Err(Failure::Engine(e)) => e,
             };
             if matches!(error, TierError::Timeout | TierError::Unavailable(_)) {
@@ -775,7 +781,9 @@ impl Tier {
         outbox.remove(up);
         let _ = self
             .pending
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(1)));
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(1))
+            });
         let _g = self.given_up.lock().unwrap();
         self.progressed.notify_all();
     }
@@ -1076,6 +1084,10 @@ mod tests {
             }
         );
         assert_eq!(tier.stats.uploads_superseded.load(Ordering::Relaxed), 2);
-        assert_eq!(puts.load(Ordering::Relaxed), 2, "the directory, then the newest only");
+        assert_eq!(
+            puts.load(Ordering::Relaxed),
+            2,
+            "the directory, then the newest only"
+        );
     }
 }

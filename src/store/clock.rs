@@ -191,7 +191,10 @@ mod tests {
         let far = wall_ns() + 30_000_000_000;
         let taken = clock.observe(far);
         let after = wall_ns();
-        assert!(taken <= after + 1_000_000_000, "taken {taken} past the bound");
+        assert!(
+            taken <= after + 1_000_000_000,
+            "taken {taken} past the bound"
+        );
         assert!(clock.tick(|_| true) <= wall_ns() + 1_000_000_001);
         assert_eq!(clock.ahead_count(), 1);
         // Within the bound: taken as is, not counted.

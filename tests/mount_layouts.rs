@@ -566,3 +566,31 @@ fn find_results(root: &Path) -> Vec<PathBuf> {
     }
     found
 }
+
+/// With a shared tier holding the corrupt result (create-only there too),
+/// the healed local copy is not handed back the tier's corrupt winner.
+#[test]
+fn healed_result_is_not_reverted_to_a_corrupt_shared_winner() {
+    let td = TestDir::new("healshared");
+    let url = format!("file://{}", td.dir("nfs").display());
+    let mp = td.mountpoint("mnt");
+    let m = Mount::start(&td.store(), &mp, &["--shared", &url]);
+    let l2 = mp.join("cc/3/f");
+    fs::create_dir_all(&l2).unwrap();
+    let name = &KEY[2..];
+    let good = entry_v1(0, &pattern(9, 3000));
+    let bad = corrupted(&good);
+    publish(&l2, "bad.tmp", name, &bad);
+    let sync = || {
+        let out = casfs(&["sync".as_ref(), mp.as_os_str()]);
+        assert!(out.status.success(), "casfs sync failed:\n{}", output_text(&out));
+    };
+    sync();
+    publish(&l2, "good.tmp", name, &good);
+    assert_eq!(m.counter("corrupt_results_replaced"), 1);
+    sync();
+    assert!(
+        read(&l2.join(name)) == good,
+        "the healed result was replaced by the shared tier's corrupt copy"
+    );
+}

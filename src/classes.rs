@@ -371,10 +371,7 @@ mod tests {
                 class_of(&r, &p(&format!("a/b/c/d/{}", &HEX38[2..]))),
                 Class::CcacheEntry
             );
-            assert_eq!(
-                class_of(&r, &p(&format!("a/b/{HEX38}_00"))),
-                Class::Result
-            );
+            assert_eq!(class_of(&r, &p(&format!("a/b/{HEX38}_00"))), Class::Result);
             for tmp in [".tmp.Ab3dEf.tmp", ".ccache.tmp.remove"] {
                 assert_eq!(
                     class_of(&r, &p(&format!("a/b/{HEX38}{tmp}"))),
@@ -414,7 +411,10 @@ mod tests {
                 assert_eq!(class_of(&r, &p(&format!("0/1/{h}{suffix}"))), Class::Result);
                 assert_eq!(class_of(&r, &p(&format!("0/{h1}{suffix}"))), Class::Result);
             }
-            assert_eq!(class_of(&r, &p(&format!("0/1/{h}.manifest"))), Class::Mutable);
+            assert_eq!(
+                class_of(&r, &p(&format!("0/1/{h}.manifest"))),
+                Class::Mutable
+            );
             for tmp in [
                 ".o.build7.4242.aB3dEf",
                 ".o.tmp.stdout.build7.4242.aB3dEf",
@@ -422,10 +422,17 @@ mod tests {
                 ".manifest.tmp.build7.4242.aB3dEf",
                 ".o.ccache.rm.tmp",
             ] {
-                assert_eq!(class_of(&r, &p(&format!("0/1/{h}{tmp}"))), Class::Local, "{tmp}");
+                assert_eq!(
+                    class_of(&r, &p(&format!("0/1/{h}{tmp}"))),
+                    Class::Local,
+                    "{tmp}"
+                );
             }
             assert_eq!(class_of(&r, &p("0/stats")), Class::Local);
-            assert_eq!(class_of(&r, &p("0/stats.tmp.build7.4242.aB3dEf")), Class::Local);
+            assert_eq!(
+                class_of(&r, &p("0/stats.tmp.build7.4242.aB3dEf")),
+                Class::Local
+            );
             assert_eq!(class_of(&r, &p("0/stats.lock")), Class::Local);
             // 2.x temporaries in the cache root.
             for tmp in [

@@ -124,8 +124,16 @@ fn assert_replaced(m: &Mount, tmp: &Path, dest: &Path, layout: &str) {
     let before = m.counter("conflicts");
     let newer = b"a newer manifest".to_vec();
     store_via_tmp(tmp, dest, &newer, layout);
-    assert_eq!(read(dest), newer, "{layout}: {dest:?} must be replaced (last writer wins)");
-    assert_eq!(m.counter("conflicts"), before, "{layout}: replacing {dest:?} is no conflict");
+    assert_eq!(
+        read(dest),
+        newer,
+        "{layout}: {dest:?} must be replaced (last writer wins)"
+    );
+    assert_eq!(
+        m.counter("conflicts"),
+        before,
+        "{layout}: replacing {dest:?} is no conflict"
+    );
 }
 
 /// Opening results read-only counts hits.
@@ -186,7 +194,11 @@ fn ccache_2_4_results_are_create_only_and_hits_are_counted() {
     f.seek(SeekFrom::Start(0)).unwrap();
     f.write_all(b"0 0 0 0 1 0 0\n").unwrap();
     drop(f);
-    assert_eq!(read(&stats), b"0 0 0 0 1 0 0\n", "{layout}: stats rewritten in place");
+    assert_eq!(
+        read(&stats),
+        b"0 0 0 0 1 0 0\n",
+        "{layout}: stats rewritten in place"
+    );
 
     assert_create_only(
         &m,
@@ -224,11 +236,21 @@ fn ccache_3_7_results_are_create_only_manifests_replaced_hits_counted() {
 
     // to_cache(): create_tmp_fd("<obj>.tmp.stdout") fails with ENOENT,
     // create_parent_dirs, try again.
-    let tmp_stdout = PathBuf::from(format!("{}.tmp.stdout.{HOST_PID}.q1w2e3", cached_obj.display()));
-    assert!(OpenOptions::new().write(true).create_new(true).open(&tmp_stdout).is_err());
+    let tmp_stdout = PathBuf::from(format!(
+        "{}.tmp.stdout.{HOST_PID}.q1w2e3",
+        cached_obj.display()
+    ));
+    assert!(OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp_stdout)
+        .is_err());
     fs::create_dir_all(&obj_dir).unwrap();
     let stdout_f = mkstemp_like(&tmp_stdout);
-    let tmp_stderr = PathBuf::from(format!("{}.tmp.stderr.{HOST_PID}.a1b2c3", cached_obj.display()));
+    let tmp_stderr = PathBuf::from(format!(
+        "{}.tmp.stderr.{HOST_PID}.a1b2c3",
+        cached_obj.display()
+    ));
     let mut stderr_f = mkstemp_like(&tmp_stderr);
     assert_visible_while_open(&tmp_stdout, layout);
     assert_visible_while_open(&tmp_stderr, layout);
@@ -254,7 +276,11 @@ fn ccache_3_7_results_are_create_only_manifests_replaced_hits_counted() {
     let stats_tmp = cache.join(format!("f/stats.tmp.{HOST_PID}.c0ffee"));
     store_via_tmp(&stats_tmp, &stats, b"0 0 0 0 1\n", layout);
     fs::remove_file(&lock).unwrap();
-    fs::write(cache.join("f/CACHEDIR.TAG"), b"Signature: 8a477f597d28d172789f06886806bc55\n").unwrap();
+    fs::write(
+        cache.join("f/CACHEDIR.TAG"),
+        b"Signature: 8a477f597d28d172789f06886806bc55\n",
+    )
+    .unwrap();
     // update_manifest_file: manifest_put via "<manifest>.tmp" + create_tmp_fd.
     let man_dir = cache.join("0/0");
     fs::create_dir_all(&man_dir).unwrap();
@@ -264,8 +290,20 @@ fn ccache_3_7_results_are_create_only_manifests_replaced_hits_counted() {
     store_via_tmp(&man_tmp("abc123"), &manifest, b"gzip manifest v1", layout);
 
     // A second compile of the same source (another chroot) stores again.
-    assert_create_only(&m, &tmp_of(&cached_obj, "Yy8ab1"), &cached_obj, &object, layout);
-    assert_create_only(&m, &tmp_of(&cached_dep, "Yy8ab2"), &cached_dep, &dep, layout);
+    assert_create_only(
+        &m,
+        &tmp_of(&cached_obj, "Yy8ab1"),
+        &cached_obj,
+        &object,
+        layout,
+    );
+    assert_create_only(
+        &m,
+        &tmp_of(&cached_dep, "Yy8ab2"),
+        &cached_dep,
+        &dep,
+        layout,
+    );
     assert_replaced(&m, &man_tmp("def456"), &manifest, layout);
 
     // A direct-mode hit: read the manifest, stat and touch the files, copy
@@ -286,7 +324,12 @@ fn ccache_3_7_results_are_create_only_manifests_replaced_hits_counted() {
     rename(&cached_stderr, &rm);
     fs::remove_file(&rm).unwrap();
     assert!(fs::metadata(&cached_stderr).is_err());
-    store_via_tmp(&tmp_of(&cached_stderr, "Xx7ab1"), &cached_stderr, b"new warning\n", layout);
+    store_via_tmp(
+        &tmp_of(&cached_stderr, "Xx7ab1"),
+        &cached_stderr,
+        b"new warning\n",
+        layout,
+    );
     assert_eq!(read(&cached_stderr), b"new warning\n");
 }
 
@@ -309,7 +352,12 @@ fn ccache_4_0_to_4_12_temporaries_are_local_results_create_only() {
     let tmp46 = |p: &Path, x: &str| PathBuf::from(format!("{}.tmp.{x}", p.display()));
     let entry = pattern(40, 900);
     store_via_tmp(&tmp46(&result, "AbcdeR"), &result, &entry, layout);
-    store_via_tmp(&tmp46(&manifest, "AbcdeM"), &manifest, b"manifest v1", layout);
+    store_via_tmp(
+        &tmp46(&manifest, "AbcdeM"),
+        &manifest,
+        b"manifest v1",
+        layout,
+    );
     assert_create_only(&m, &tmp46(&result, "Abcd1W"), &result, &entry, layout);
     assert_replaced(&m, &tmp46(&manifest, "Abcde1"), &manifest, layout);
 
@@ -384,10 +432,24 @@ fn ccache_4_13_hex_layout_and_ordinary_hex_names_elsewhere() {
 
     // Manifest (header type 1) under another key: replaced.
     let manifest = l2.join("00112233445566778899aabbccddeeff001122");
-    store_via_tmp(&tmp(&manifest, "aBc124"), &manifest, &entry_v1(1, b"m1"), layout);
+    store_via_tmp(
+        &tmp(&manifest, "aBc124"),
+        &manifest,
+        &entry_v1(1, b"m1"),
+        layout,
+    );
     let before = m.counter("conflicts");
-    store_via_tmp(&tmp(&manifest, "aBc125"), &manifest, &entry_v1(1, b"m2"), layout);
-    assert_eq!(read(&manifest), entry_v1(1, b"m2"), "{layout}: manifests are replaced");
+    store_via_tmp(
+        &tmp(&manifest, "aBc125"),
+        &manifest,
+        &entry_v1(1, b"m2"),
+        layout,
+    );
+    assert_eq!(
+        read(&manifest),
+        entry_v1(1, b"m2"),
+        "{layout}: manifests are replaced"
+    );
     assert_eq!(m.counter("conflicts"), before);
 
     // Raw file "<hex>_00": a result.
@@ -425,7 +487,11 @@ fn ccache_4_13_hex_layout_and_ordinary_hex_names_elsewhere() {
         f.write_all(b"int x;\n").unwrap();
         drop(f);
         fs::write(&p, b"int y;\n").unwrap();
-        assert_eq!(read(&p), b"int y;\n", "{rel:?} must be rewritable like any file");
+        assert_eq!(
+            read(&p),
+            b"int y;\n",
+            "{rel:?} must be rewritable like any file"
+        );
     }
 }
 
@@ -446,7 +512,11 @@ fn result_failing_its_checksum_is_replaced_by_a_valid_rename() {
     // A corrupt newcomer does not replace a corrupt result either.
     let c0 = m.counters(&["conflicts", "corrupt_results_replaced"]);
     publish(&l2, "bad2.tmp", name, &corrupted(&entry_v1(0, b"other")));
-    assert_eq!(read(&l2.join(name)), bad, "a corrupt newcomer must not replace");
+    assert_eq!(
+        read(&l2.join(name)),
+        bad,
+        "a corrupt newcomer must not replace"
+    );
 
     publish(&l2, "good.tmp", name, &good);
     assert!(
@@ -455,15 +525,33 @@ fn result_failing_its_checksum_is_replaced_by_a_valid_rename() {
          rename"
     );
     let c1 = m.counters(&["conflicts", "corrupt_results_replaced"]);
-    assert_eq!(c1["corrupt_results_replaced"] - c0["corrupt_results_replaced"], 1);
-    assert_eq!(c1["conflicts"] - c0["conflicts"], 1, "only the corrupt newcomer conflicted");
+    assert_eq!(
+        c1["corrupt_results_replaced"] - c0["corrupt_results_replaced"],
+        1
+    );
+    assert_eq!(
+        c1["conflicts"] - c0["conflicts"],
+        1,
+        "only the corrupt newcomer conflicted"
+    );
 
     // Now valid: create-only again, for valid and corrupt newcomers alike.
-    publish(&l2, "good2.tmp", name, &entry_v1(0, b"another valid result"));
+    publish(
+        &l2,
+        "good2.tmp",
+        name,
+        &entry_v1(0, b"another valid result"),
+    );
     publish(&l2, "bad3.tmp", name, &bad);
-    assert!(read(&l2.join(name)) == good, "a valid result must keep its name");
+    assert!(
+        read(&l2.join(name)) == good,
+        "a valid result must keep its name"
+    );
     let c2 = m.counters(&["conflicts", "corrupt_results_replaced"]);
-    assert_eq!(c2["corrupt_results_replaced"], c1["corrupt_results_replaced"]);
+    assert_eq!(
+        c2["corrupt_results_replaced"],
+        c1["corrupt_results_replaced"]
+    );
     assert_eq!(c2["conflicts"] - c1["conflicts"], 2);
 
     // Writes into a published result stay discarded.
@@ -471,7 +559,10 @@ fn result_failing_its_checksum_is_replaced_by_a_valid_rename() {
     if let Ok(mut f) = OpenOptions::new().write(true).open(&p) {
         let _ = f.write_all(b"garbage");
     }
-    assert!(read(&p) == good, "a write into a published result must stay discarded");
+    assert!(
+        read(&p) == good,
+        "a write into a published result must stay discarded"
+    );
 }
 
 /// The real ccache (Debian's, 4.7.5 here): a result it finds corrupt is a
@@ -495,7 +586,11 @@ fn real_ccache_recompile_heals_a_corrupt_result() {
             .arg(&obj)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{label}: ccache gcc failed:\n{}", output_text(&out));
+        assert!(
+            out.status.success(),
+            "{label}: ccache gcc failed:\n{}",
+            output_text(&out)
+        );
         cc.print_stats()
     };
     assert_eq!(compile("cold").misses(), 1);
@@ -504,14 +599,23 @@ fn real_ccache_recompile_heals_a_corrupt_result() {
     // are create-only, so replace it the way an operator (or another host)
     // could: unlink, then rename a corrupt copy onto the free name.
     let results = find_results(&m.mountpoint);
-    assert_eq!(results.len(), 1, "expected one result entry, found {results:?}");
+    assert_eq!(
+        results.len(),
+        1,
+        "expected one result entry, found {results:?}"
+    );
     let result = &results[0];
     let good = read(result);
     let bad = corrupted(&good);
-    assert_eq!(xxh3_verdict(&good), true, "ccache's entry must pass XXH3-128");
+    assert!(xxh3_verdict(&good), "ccache's entry must pass XXH3-128");
     fs::remove_file(result).unwrap();
     let dir = result.parent().unwrap();
-    publish(dir, "corrupt.tmp", result.file_name().unwrap().to_str().unwrap(), &bad);
+    publish(
+        dir,
+        "corrupt.tmp",
+        result.file_name().unwrap().to_str().unwrap(),
+        &bad,
+    );
     assert_eq!(read(result), bad);
 
     let replaced = m.counter("corrupt_results_replaced");
@@ -556,7 +660,10 @@ fn find_results(root: &Path) -> Vec<PathBuf> {
             if ft.is_dir() {
                 stack.push(p);
             } else if ft.is_file() {
-                let head = fs::read(&p).map(|b| b.get(..4).map(<[u8]>::to_vec)).ok().flatten();
+                let head = fs::read(&p)
+                    .map(|b| b.get(..4).map(<[u8]>::to_vec))
+                    .ok()
+                    .flatten();
                 let hex = name.len() >= 32 && name.bytes().all(|c| c.is_ascii_hexdigit());
                 if name.ends_with('R') || (hex && head.as_deref().map(|h| h[3]) == Some(0)) {
                     found.push(p);
@@ -583,7 +690,11 @@ fn healed_result_is_not_reverted_to_a_corrupt_shared_winner() {
     publish(&l2, "bad.tmp", name, &bad);
     let sync = || {
         let out = casfs(&["sync".as_ref(), mp.as_os_str()]);
-        assert!(out.status.success(), "casfs sync failed:\n{}", output_text(&out));
+        assert!(
+            out.status.success(),
+            "casfs sync failed:\n{}",
+            output_text(&out)
+        );
     };
     sync();
     publish(&l2, "good.tmp", name, &good);

@@ -437,9 +437,10 @@ impl Core {
             let header_decided = class == Class::CcacheEntry;
             let class = class.resolve(&head);
             let create_only = (class == Class::Result || header_decided) && peek.kind == Kind::File;
-            let replaceable = match create_only {
-                true => self.corrupt_result_at(newparent, newname, &peek, prepared.as_ref()),
-                false => Ok(None),
+            let replaceable = if create_only {
+                self.corrupt_result_at(newparent, newname, &peek, prepared.as_ref())
+            } else {
+                Ok(None)
             };
             let result = replaceable.and_then(|replaceable| {
                 self.rename_locked(

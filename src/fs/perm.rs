@@ -139,7 +139,6 @@ impl Core {
         who: &Who,
         ino: Ino,
         set: &SetAttr,
-        explicit_times: bool,
     ) -> Result<()> {
         if who.uid == 0 {
             return Ok(());
@@ -157,10 +156,10 @@ impl Core {
                 return Err(Error::errno(libc::EPERM));
             }
         }
-        if (set.mode.is_some() || explicit_times) && !owner {
+        if (set.mode.is_some() || set.sets_explicit_time()) && !owner {
             return Err(Error::errno(libc::EPERM));
         }
-        if set.touch && !owner {
+        if set.touches() && !owner {
             self.permit(who, ino, MAY_WRITE)?;
         }
         Ok(())

@@ -251,10 +251,7 @@ fn touches_never_move_mtime_backwards() {
         let now = core
             .setattr(
                 ino,
-                SetAttr {
-                    touch: true,
-                    ..Default::default()
-                },
+                SetAttr::touch(),
             )
             .unwrap()
             .mtime_ns;
@@ -371,10 +368,7 @@ fn eviction_removes_least_recently_used_until_under_target() {
     let first = core.lookup(d, &names[0]).unwrap().ino;
     core.setattr(
         first,
-        SetAttr {
-            touch: true,
-            ..Default::default()
-        },
+        SetAttr::touch(),
     )
     .unwrap();
     for n in &names {

@@ -40,7 +40,8 @@ fn writes_through_a_duplicated_descriptor_are_all_published() {
     // (FLUSH with nothing written yet), then writes through stdout.
     let r1 = result_name(1);
     bash(&d, &format!("printf 'A%.0s' {{1..4017}} > {r1}"));
-    assert_eq!(fs::read(d.join(&r1)).unwrap(), vec![b'A'; 4017], "redirect");
+    let got = fs::read(d.join(&r1)).unwrap();
+    assert!(got == [b'A'; 4017], "redirect: {} bytes, not 4017 'A'", got.len());
     // An explicit dup: writes before and after the first descriptor closes.
     let r2 = result_name(2);
     bash(
@@ -59,8 +60,33 @@ fn writes_through_a_duplicated_descriptor_are_all_published() {
     );
     // Still create-only once the last descriptor is gone.
     bash(&d, &format!("printf other > {r1}.tmp && mv {r1}.tmp {r1}"));
-    assert_eq!(fs::read(d.join(&r1)).unwrap(), vec![b'A'; 4017], "kept");
+    assert!(fs::read(d.join(&r1)).unwrap() == [b'A'; 4017], "kept");
     drop(m);
+}
+
+#[test]
+fn a_result_written_through_a_duplicate_reaches_another_host_whole() {
+    require_tools();
+    let td = TestDir::new("tools-dup-shared");
+    let url = format!("file://{}", td.dir("nfs").display());
+    let (mp_a, mp_b) = (td.mountpoint("a"), td.mountpoint("b"));
+    let a = Mount::start(&td.dir("store-a"), &mp_a, &["--shared", &url]);
+    let b = Mount::start(&td.dir("store-b"), &mp_b, &["--shared", &url]);
+    fs::create_dir_all(mp_a.join("cc/x")).unwrap();
+    let r = result_name(5);
+    // The first close binds the empty file; the writes come after it.
+    bash(
+        &mp_a.join("cc/x"),
+        &format!("exec 3>{r}; exec 4>&3; exec 3>&-; printf 'whole result' >&4; exec 4>&-"),
+    );
+    let out = casfs(&["sync".as_ref(), mp_a.as_os_str()]);
+    assert!(out.status.success(), "sync: {}", output_text(&out));
+    assert_eq!(
+        fs::read_to_string(mp_b.join("cc/x").join(&r)).unwrap(),
+        "whole result",
+        "host B got another version"
+    );
+    drop((a, b));
 }
 
 /// Kills the children on drop, so a hung mount cannot outlive the test.
@@ -103,6 +129,8 @@ fn creators_under_result_names_beside_unlinkers_do_not_hang_the_mount() {
     fs::create_dir_all(&d).unwrap();
     let run_for_s = 8;
     let mut kids = Children(Vec::new());
+    // The clients are spawned outside the mount and `cd` into it, so a hung
+    // mount cannot hang the test before its watchdog runs.
     for w in 0..4 {
         // Files created directly under result names (published at close).
         let script = format!(
@@ -136,8 +164,6 @@ fn creators_under_result_names_beside_unlinkers_do_not_hang_the_mount() {
                 .unwrap(),
         );
     }
-    // Spawned from outside the mount (a hung mount must not hang the
-    // test before its watchdog runs).
     // Watchdog: generous, since the machine may be loaded; a hang is forever.
     let deadline = Instant::now() + Duration::from_secs(run_for_s + 90);
     let mut hung = false;
@@ -157,8 +183,10 @@ fn creators_under_result_names_beside_unlinkers_do_not_hang_the_mount() {
         }
     }
     if hung {
-        drop(kids);
+        // Clients blocked in the kernel cannot be killed until the
+        // connection is gone.
         abort_connection(&mp);
+        drop(kids);
         panic!("the mount hung: clients still blocked {run_for_s}+90 s after they should have ended");
     }
     // The mount still answers.
@@ -274,5 +302,134 @@ fn directory_link_counts_and_open_unlinked_files() {
     fs::remove_file(&p).unwrap();
     assert_eq!(f.metadata().unwrap().nlink(), 0);
     drop(f);
+    drop(m);
+}
+
+// ---------------------------------------------------------------------------
+// Races reported with unmodified tools (each ran for a while in the report;
+// here a few seconds each, which reproduced them before the fixes).
+// ---------------------------------------------------------------------------
+
+/// Runs `f(worker)` on `n` threads until `secs` have passed; returns the
+/// failures they report.
+fn hammer(n: usize, secs: u64, f: impl Fn(usize, u64) -> Option<String> + Sync) -> Vec<String> {
+    let end = Instant::now() + Duration::from_secs(secs);
+    let failures = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for w in 0..n {
+            let (f, failures) = (&f, &failures);
+            s.spawn(move || {
+                let mut i = 0;
+                while Instant::now() < end {
+                    if let Some(e) = f(w, i) {
+                        let mut v = failures.lock().unwrap();
+                        if v.len() < 20 {
+                            v.push(e);
+                        }
+                    }
+                    i += 1;
+                }
+            });
+        }
+    });
+    failures.into_inner().unwrap()
+}
+
+#[test]
+fn the_scrub_never_drops_a_name_published_while_its_twin_is_unlinked() {
+    require_tools();
+    let td = TestDir::new("tools-scrub");
+    let mp = td.mountpoint("mnt");
+    let m = Mount::start(&td.store(), &mp, &["--scrub-interval-ms", "1"]);
+    let d = mp.join("a/b");
+    fs::create_dir_all(&d).unwrap();
+    // Identical bytes published and unlinked over and over: the blob's last
+    // name goes and comes back while the scrub looks at it.
+    let body = pattern(5, 3000);
+    let failures = hammer(4, 10, |w, i| {
+        let name = d.join(result_name(100 + w as u32));
+        let tmp = d.join(format!("w{w}.tmp"));
+        if let Err(e) = fs::write(&tmp, &body) {
+            return Some(format!("write {i}: {e}"));
+        }
+        if let Err(e) = fs::rename(&tmp, &name) {
+            return Some(format!("rename {i}: {e}"));
+        }
+        let r = match fs::read(&name) {
+            Ok(got) if got == body => None,
+            Ok(got) => Some(format!("read {i}: {} wrong bytes", got.len())),
+            Err(e) => Some(format!("read right after rename {i}: {e}")),
+        };
+        let _ = fs::remove_file(&name);
+        r
+    });
+    assert!(failures.is_empty(), "names vanished or failed: {failures:#?}");
+    assert_eq!(m.counter("corrupt_blobs"), 0, "nothing was corrupt");
+    drop(m);
+}
+
+#[test]
+fn concurrent_read_only_opens_of_a_result_never_fail() {
+    require_tools();
+    let td = TestDir::new("tools-opens");
+    let mp = td.mountpoint("mnt");
+    let m = Mount::start(&td.store(), &mp, &[]);
+    let d = mp.join("a/b");
+    fs::create_dir_all(&d).unwrap();
+    let body = pattern(6, 5000);
+    let name = d.join(result_name(9));
+    publish(&d, "r.tmp", &result_name(9), &body);
+    let failures = hammer(2, 6, |_, i| match fs::File::open(&name) {
+        Ok(f) => {
+            let mut got = vec![0; 16];
+            use std::os::unix::fs::FileExt;
+            match f.read_at(&mut got, 0) {
+                Ok(16) if got == body[..16] => None,
+                r => Some(format!("read {i}: {r:?}")),
+            }
+        }
+        Err(e) => Some(format!("open {i}: {e}")),
+    });
+    assert!(failures.is_empty(), "opens failed: {failures:#?}");
+    drop(m);
+}
+
+#[test]
+fn new_bytes_equal_to_a_quarantined_blob_are_stored_again() {
+    require_tools();
+    let td = TestDir::new("tools-quarantine");
+    let store = td.store();
+    let mp = td.mountpoint("mnt");
+    let m = Mount::start(&store, &mp, &["--scrub-interval-ms", "5"]);
+    let d = mp.join("a/b");
+    fs::create_dir_all(&d).unwrap();
+    let body = pattern(7, 4000);
+    publish(&d, "r1.tmp", &result_name(1), &body);
+    // A reader holds the result while its blob is damaged on disk and the
+    // scrub finds it.
+    let reader = fs::File::open(d.join(result_name(1))).unwrap();
+    let blob = fs::read_dir(store.join("blobs"))
+        .unwrap()
+        .flat_map(|s| fs::read_dir(s.unwrap().path()).unwrap())
+        .map(|e| e.unwrap().path())
+        .find(|p| fs::metadata(p).is_ok_and(|m| m.len() == body.len() as u64))
+        .expect("the result's blob");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new().write(true).open(&blob).unwrap();
+        f.write_at(b"X", 10).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while m.counter("corrupt_blobs") == 0 {
+        assert!(Instant::now() < deadline, "the scrub never found the damaged blob");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The same bytes again, under a new name: stored again, and they stay.
+    publish(&d, "r2.tmp", &result_name(2), &body);
+    assert_eq!(fs::read(d.join(result_name(2))).unwrap(), body);
+    std::thread::sleep(Duration::from_millis(300)); // many scrub rounds
+    assert_eq!(fs::read(d.join(result_name(2))).unwrap(), body, "still there");
+    assert_eq!(m.counter("corrupt_blobs"), 1, "only the damaged one was dropped");
+    drop(reader);
     drop(m);
 }

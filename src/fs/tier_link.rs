@@ -97,6 +97,16 @@ impl Core {
             );
             return;
         };
+        // Create-only keeps the first *valid* content: a winner that fails
+        // its own checksum does not replace ours (which may be the valid
+        // recompile that healed it here).
+        if crate::integrity::check_bytes(&bytes) == crate::integrity::Verdict::Corrupt {
+            warn!(
+                "converge {:?}: the shared tier's result {blob} fails its own checksum; keeping ours",
+                String::from_utf8_lossy(path)
+            );
+            return;
+        }
         let result = (|| -> Result<()> {
             let Some((parent, name, ino)) = self.resolve_path(path)? else {
                 return Ok(());

@@ -24,7 +24,7 @@ use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use casfs::classes::Rules;
@@ -32,13 +32,16 @@ use casfs::fs::{Attr, Caller, Config, Core, SetAttr};
 use casfs::shared::dir::DirEngine;
 use casfs::shared::mem::MemEngine;
 use casfs::shared::redis::RedisEngine;
-use casfs::shared::tier::{LostRace, Tier};
+use casfs::shared::tier::{LostRace, Outbox, Tier};
 use casfs::shared::{Engine, EngineConfig, Record, RecordKind};
 use casfs::store::ids::{BlobId, Ino};
 use casfs::store::meta::open_store;
 
 static SEQ: AtomicUsize = AtomicUsize::new(0);
 const ME: Caller = Caller { uid: 0, gid: 0 };
+/// How far the tier may move a host's clock past wall time (the daemon's
+/// default).
+const CLOCK_AHEAD_MAX_NS: u64 = 1_000_000_000;
 /// Generous bound for things that happen in the background (hang detection).
 const WAIT_S: u64 = 60;
 
@@ -337,8 +340,9 @@ impl Host {
                 core.adopt_winner(path, winner);
             }
         });
-        let tier = Tier::start(backend.engine(), Duration::from_secs(5), lost);
-        core.attach_tier(tier.clone());
+        let outbox: Weak<dyn Outbox> = Arc::downgrade(&core) as Weak<dyn Outbox>;
+        let tier = Tier::start(backend.engine(), Duration::from_secs(5), lost, outbox);
+        core.attach_tier(tier.clone(), CLOCK_AHEAD_MAX_NS);
         Host {
             core,
             tier,

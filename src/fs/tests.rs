@@ -303,8 +303,9 @@ fn ccache_4_13_entries_are_classed_by_header() {
     let t = TempStore::new();
     let core = t.core();
     let d = mkdirs(&core);
-    let result_name = b"0123456789abcdef0123456789abcd";
-    let manifest_name = b"fedcba9876543210fedcba98765432";
+    // 4.13 names: 40 hex digits less the two of the level directories.
+    let result_name = b"0123456789abcdef0123456789abcdef012345";
+    let manifest_name = b"fedcba9876543210fedcba9876543210fedcba";
     for body in [&[0xcc, 0xac, 1, 0, b'a'][..], &[0xcc, 0xac, 1, 0, b'b']] {
         let tmp = write_tmp(&core, d, "r.tmp", body);
         core.rename(d, &tmp, d, result_name, 0).unwrap();

@@ -160,6 +160,8 @@ pub struct Attr {
     pub ctime_ns: u64,
     /// False while the name is not yet bound (the kernel must not cache it).
     pub cacheable: bool,
+    /// A device node's device number (0 for everything else).
+    pub rdev: u32,
 }
 
 /// What changed in a `setattr`.
@@ -403,6 +405,10 @@ impl Core {
             mtime_ns: inode.mtime_ns,
             ctime_ns: inode.ctime_ns,
             cacheable: inode.nlink > 0,
+            rdev: match inode.content {
+                Content::Device(rdev) => rdev,
+                _ => 0,
+            },
         }
     }
 

@@ -270,7 +270,8 @@ impl Core {
         }
     }
 
-    /// Binds a new directory or symlink at `name` in `parent`.
+    /// Binds a new directory, symlink or special file at `name` in `parent`
+    /// (host-local: never shared, never published).
     fn make_node(
         &self,
         parent: Ino,
@@ -313,6 +314,33 @@ impl Core {
         }
         let content = Content::Symlink(target.to_vec());
         self.make_node(parent, name, Kind::Symlink, 0o777, content, caller)
+    }
+
+    /// `mknod(2)`: fifos, Unix sockets and device nodes are host-local,
+    /// metadata-only nodes (the kernel runs the pipe, the socket or the
+    /// driver); `S_IFREG` makes an empty regular file of the name's class.
+    pub fn mknod(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        rdev: u32,
+        caller: Caller,
+    ) -> Result<Attr> {
+        let kind = match mode & libc::S_IFMT {
+            libc::S_IFIFO => Kind::Fifo,
+            libc::S_IFSOCK => Kind::Socket,
+            libc::S_IFCHR => Kind::CharDevice,
+            libc::S_IFBLK => Kind::BlockDevice,
+            0 | libc::S_IFREG => return self.create_closed(parent, name, mode & 0o7777, caller),
+            _ => return Err(Error::errno(libc::EINVAL)),
+        };
+        let rdev = match kind {
+            Kind::CharDevice | Kind::BlockDevice => rdev,
+            _ => 0,
+        };
+        let perm = (mode & 0o7777) as u16;
+        self.make_node(parent, name, kind, perm, Content::Device(rdev), caller)
     }
 
     pub fn unlink(&self, parent: Ino, name: &[u8]) -> Result<()> {
@@ -612,7 +640,7 @@ impl Core {
             return Err(Error::errno(libc::EEXIST));
         }
         let newdir = self.inode(newparent)?;
-        if class == Class::Local && (src.content == Content::Staged || src.kind == Kind::Symlink) {
+        if class == Class::Local && (src.content == Content::Staged || src.kind != Kind::File) {
             // A plain hard link between host-local files.
             src.nlink += 1;
             src.ctime_ns = now;

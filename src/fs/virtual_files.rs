@@ -78,6 +78,7 @@ impl Core {
             mtime_ns: t,
             ctime_ns: t,
             cacheable: false,
+            rdev: 0,
         }
     }
 

@@ -26,8 +26,8 @@ use fuser::{
     AccessFlags, BackingId, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem,
     FopenFlags, Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, Notifier,
     OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyIoctl, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
-    WriteFlags,
+    ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+    TimeOrNow, WriteFlags,
 };
 use log::debug;
 
@@ -208,6 +208,10 @@ fn file_type(kind: Kind) -> FileType {
         Kind::Dir => FileType::Directory,
         Kind::File => FileType::RegularFile,
         Kind::Symlink => FileType::Symlink,
+        Kind::Fifo => FileType::NamedPipe,
+        Kind::Socket => FileType::Socket,
+        Kind::CharDevice => FileType::CharDevice,
+        Kind::BlockDevice => FileType::BlockDevice,
     }
 }
 
@@ -226,7 +230,7 @@ fn file_attr(a: &Attr) -> FileAttr {
         nlink: a.nlink,
         uid: a.uid,
         gid: a.gid,
-        rdev: 0,
+        rdev: a.rdev,
         blksize: 4096,
         flags: 0,
     }
@@ -244,6 +248,7 @@ const NO_ENTRY: Attr = Attr {
     mtime_ns: 0,
     ctime_ns: 0,
     cacheable: true,
+    rdev: 0,
 };
 
 fn ttl(a: &Attr) -> Duration {
@@ -498,6 +503,29 @@ impl Filesystem for CasFs {
         self.entry(r, reply);
     }
 
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        self.count(Op::Other);
+        let mode = mode & (libc::S_IFMT | (0o7777 & !umask));
+        let r = self
+            .core
+            .permit(&who(req), ino(parent), MAY_WRITE | MAY_EXEC)
+            .and_then(|_| {
+                self.core
+                    .mknod(ino(parent), name.as_bytes(), mode, rdev, caller(req))
+            });
+        self.core.send_urgent_invalidations();
+        self.entry(r, reply);
+    }
+
     fn rename(
         &self,
         req: &Request,
@@ -653,6 +681,36 @@ impl Filesystem for CasFs {
     ) {
         self.count(Op::Fsync);
         self.empty(self.core.fsync(fh.0), reply);
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _i: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        self.count(Op::Other);
+        self.empty(self.core.fallocate(fh.0, offset, length, mode), reply);
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _i: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        self.count(Op::Other);
+        match self.core.lseek(fh.0, offset, whence) {
+            Ok(at) => reply.offset(at),
+            Err(e) => reply.error(errno(&e)),
+        }
     }
 
     fn opendir(&self, req: &Request, i: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {

@@ -317,3 +317,39 @@ fn a_write_changes_ctime_with_mtime() {
         assert_eq!(out, "equal\n", "{name}");
     }
 }
+
+#[test]
+fn rewinddir_lists_the_directory_afresh() {
+    let (td, _m) = mounted("rewind");
+    let mp = td.path("mnt");
+    fs::create_dir(mp.join("d")).unwrap();
+    fs::write(mp.join("d/old"), b"x").unwrap();
+    let out = python(
+        &mp,
+        r#"
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+libc.opendir.restype = ctypes.c_void_p
+libc.opendir.argtypes = [ctypes.c_char_p]
+for f in ("readdir", "rewinddir", "closedir"):
+    getattr(libc, f).argtypes = [ctypes.c_void_p]
+libc.readdir.restype = ctypes.c_void_p
+def count(d):
+    n = 0
+    while libc.readdir(d):
+        n += 1
+    return n
+d = libc.opendir(b"d")
+first = count(d)
+open("d/new", "w").close()
+os.unlink("d/old")
+os.mkfifo("d/fifo")
+libc.rewinddir(d)
+second = count(d)
+libc.closedir(d)
+print(first, second, sorted(os.listdir("d")))
+"#,
+    );
+    // ".", ".." and the names.
+    assert_eq!(out, "3 4 ['fifo', 'new']\n");
+}

@@ -1,4 +1,5 @@
-//! Open files: the handle table, open/create, read/write, flush/release.
+//! Open files: the handle table, open/create, read/write, flush/release,
+//! fallocate and SEEK_DATA/SEEK_HOLE.
 //!
 //! Invariants:
 //! - For every open or create there is exactly one release; a handle holds

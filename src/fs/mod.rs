@@ -235,7 +235,8 @@ pub struct Core {
     blob_locks: BlobLocks,
     usage: Usage,
     handles: HandleTable,
-    dirs: Sharded<u64, Arc<Vec<DirEntry>>>,
+    /// Open directory listings, and whether each was read from the start.
+    dirs: Sharded<u64, (Arc<Vec<DirEntry>>, bool)>,
     next_fh: AtomicU64,
     /// Blobs that passed verification in this mount (bounded).
     verified: Sharded<BlobId, ()>,

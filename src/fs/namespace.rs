@@ -1,5 +1,5 @@
 //! Names and attributes: lookup, getattr and setattr, directories, symlinks,
-//! unlink, rename and link.
+//! special files (mknod), unlink, rename and link.
 //!
 //! Invariants:
 //! - A name is read and the kernel's reference to what it names is counted
@@ -8,6 +8,9 @@
 //!   reference (the inode stays until the kernel forgets it).
 //! - A rename or link onto a published result keeps the result (create-only)
 //!   and counts a conflict; anything else is replaced as on a local disk.
+//! - Symlinks and special files (fifos, sockets, device nodes; kind and
+//!   device number in the inode record) are host-local metadata-only nodes:
+//!   never shared, never published.
 //! - A rename that publishes prepares the blob (hash, sync, link) before it
 //!   takes a lock, and re-checks under the locks that nothing changed.
 
@@ -694,6 +697,15 @@ impl Core {
     // ----- directories ---------------------------------------------------------
 
     pub fn opendir(&self, ino: Ino) -> Result<u64> {
+        let entries = self.list(ino)?;
+        let fh = self.next_fh();
+        self.dirs
+            .with(&fh, |m| m.insert(fh, (std::sync::Arc::new(entries), false)));
+        Ok(fh)
+    }
+
+    /// The entries of directory `ino`, with `.` (first) and `..`.
+    fn list(&self, ino: Ino) -> Result<Vec<DirEntry>> {
         let mut entries = vec![
             DirEntry {
                 ino,
@@ -727,17 +739,40 @@ impl Core {
                 }
             }
         }
-        let fh = self.next_fh();
-        self.dirs
-            .with(&fh, |m| m.insert(fh, std::sync::Arc::new(entries)));
-        Ok(fh)
+        Ok(entries)
     }
 
-    /// Entries from `offset` on; the offset of entry i is i + 1.
+    /// The listing taken at opendir; the offset of entry i is i + 1.
     pub fn readdir(&self, fh: u64) -> Result<std::sync::Arc<Vec<DirEntry>>> {
         self.dirs
-            .with(&fh, |m| m.get(&fh).cloned())
+            .with(&fh, |m| m.get(&fh).map(|(l, _)| l.clone()))
             .ok_or_else(|| Error::errno(libc::EBADF))
+    }
+
+    /// The listing to read from `offset` on. Reading from offset 0 again
+    /// (`rewinddir`) lists the directory afresh, as POSIX asks; reads at
+    /// other offsets keep the listing stable.
+    pub fn readdir_at(&self, fh: u64, offset: u64) -> Result<std::sync::Arc<Vec<DirEntry>>> {
+        if offset != 0 {
+            return self.readdir(fh);
+        }
+        let (listing, read_before) = self
+            .dirs
+            .with(&fh, |m| {
+                m.get_mut(&fh)
+                    .map(|(l, read)| (l.clone(), std::mem::replace(read, true)))
+            })
+            .ok_or_else(|| Error::errno(libc::EBADF))?;
+        if !read_before {
+            return Ok(listing);
+        }
+        let fresh = std::sync::Arc::new(self.list(listing[0].ino)?);
+        self.dirs.with(&fh, |m| {
+            if let Some((l, _)) = m.get_mut(&fh) {
+                *l = fresh.clone();
+            }
+        });
+        Ok(fresh)
     }
 
     pub fn releasedir(&self, fh: u64) {

@@ -734,7 +734,7 @@ impl Filesystem for CasFs {
         mut reply: ReplyDirectory,
     ) {
         self.count(Op::Readdir);
-        match self.core.readdir(fh.0) {
+        match self.core.readdir_at(fh.0, offset) {
             Ok(entries) => {
                 for (i, e) in entries.iter().enumerate().skip(offset as usize) {
                     if reply.add(

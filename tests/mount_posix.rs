@@ -250,9 +250,13 @@ rc = libc.fallocate(fd, 0x01 | 0x02, ctypes.c_int64(0), ctypes.c_int64(4096))
 assert rc == 0, os.strerror(ctypes.get_errno())
 print(os.lseek(fd, 0, os.SEEK_DATA), os.lseek(fd, 4096, os.SEEK_HOLE), os.lseek(fd, 8192, os.SEEK_DATA))
 os.close(fd)
+# Published at close: the holes are still there for a reader.
+fd = os.open("holes.bin", os.O_RDONLY)
+print(os.lseek(fd, 0, os.SEEK_DATA), os.lseek(fd, 4096, os.SEEK_HOLE), os.pread(fd, 2, 4095))
+os.close(fd)
 "#,
     );
-    assert_eq!(out, "4096 8192 1048576\n");
+    assert_eq!(out, "4096 8192 1048576\n4096 8192 b'\\x00a'\n");
 }
 
 #[test]
@@ -352,4 +356,31 @@ print(first, second, sorted(os.listdir("d")))
     );
     // ".", ".." and the names.
     assert_eq!(out, "3 4 ['fifo', 'new']\n");
+}
+
+#[test]
+fn special_files_stay_on_their_host() {
+    let td = TestDir::new("special-local");
+    let url = format!("file://{}", td.dir("nfs").display());
+    let (mp_a, mp_b) = (td.mountpoint("a"), td.mountpoint("b"));
+    let _a = Mount::start(&td.dir("store-a"), &mp_a, &["--shared", &url]);
+    let _b = Mount::start(&td.dir("store-b"), &mp_b, &["--shared", &url]);
+    // A published file next to a fifo and a socket: the file (and its
+    // directory) reach host B, the special files do not.
+    sh(
+        &mp_a,
+        "mkdir d
+         mkfifo d/pipe
+         python3 -c 'import socket; socket.socket(socket.AF_UNIX).bind(\"d/sock\")'",
+    );
+    fs::write(mp_a.join("d/file"), b"shared\n").unwrap();
+    let out = casfs(&["sync".as_ref(), mp_a.as_os_str()]);
+    assert!(out.status.success(), "casfs sync: {}", output_text(&out));
+    assert_eq!(fs::read(mp_b.join("d/file")).unwrap(), b"shared\n");
+    for name in ["d/pipe", "d/sock"] {
+        let err = fs::symlink_metadata(mp_b.join(name)).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::NotFound, "{name} on host B");
+    }
+    let out = sh(&mp_a, "find d -printf '%y %p\\n' | sort");
+    assert_eq!(out, "d d\nf d/file\np d/pipe\ns d/sock\n");
 }

@@ -263,10 +263,15 @@ os.close(fd)
 fn failing_truncate_returns_efbig_and_leaves_no_staged_copy() {
     let td = TestDir::new("efbig");
     let (store, mp) = (td.store(), td.mountpoint("mnt"));
-    let _m = Mount::start(&store, &mp, &[]);
+    let mut m = Mount::start(&store, &mp, &[]);
     let size: usize = 8 << 20;
     let content: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
     fs::write(mp.join("big.bin"), &content).unwrap();
+    let times = |p: &Path| {
+        let meta = fs::metadata(p).unwrap();
+        (meta.mtime(), meta.mtime_nsec(), meta.ctime(), meta.ctime_nsec())
+    };
+    let times_before = times(&mp.join("big.bin"));
     let before = staging_bytes(&store);
     // Beyond what the store's filesystem (ext4 here: 16 TiB) can hold; the
     // kernel lets it through (FUSE's limit is 8 EiB), the daemon refuses it.
@@ -288,13 +293,36 @@ except OSError as e:
     let after = staging_bytes(&store);
     assert!(
         after <= before,
-        "a failing truncate left {} bytes staged (before: {before})",
-        after
+        "a failing truncate left {after} bytes staged (before: {before})"
     );
-    // truncate(1) opens the file and ftruncates it: the same answer.
+    // truncate(1) opens the file for writing, then ftruncates it: nothing is
+    // copied for the open, and nothing is left after the failure.
+    let out = python(
+        &mp,
+        &format!(
+            r#"
+import os
+fd = os.open("big.bin", os.O_WRONLY | os.O_CREAT)
+print(sum(os.stat("../store/staging/" + n).st_blocks * 512 for n in os.listdir("../store/staging")) <= {before})
+try:
+    os.ftruncate(fd, {huge})
+except OSError as e:
+    print(os.strerror(e.errno))
+print(sum(os.stat("../store/staging/" + n).st_blocks * 512 for n in os.listdir("../store/staging")) <= {before})
+os.close(fd)
+"#
+        ),
+    );
+    assert_eq!(out, "True\nFile too large\nTrue\n");
     let err = sh_fails(&mp, &format!("truncate -s {huge} big.bin"));
     assert!(err.contains("File too large"), "{err}");
     assert!(staging_bytes(&store) <= before);
+    // The file is as it was, times included (after a remount, so the
+    // daemon's record is read, not the kernel's cached attributes).
+    m.unmount();
+    drop(m);
+    let _m = Mount::start(&store, &mp, &[]);
+    assert_eq!(times(&mp.join("big.bin")), times_before);
     assert_eq!(fs::read(mp.join("big.bin")).unwrap(), content);
     // A truncate the filesystem can hold still works.
     let out = sh(&mp, "truncate -s 4096 big.bin; stat -c %s big.bin");

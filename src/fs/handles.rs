@@ -7,6 +7,9 @@
 //!   changes under it (published blobs are immutable).
 //! - A handle open for writing counts as a writer in `usage` until its bytes
 //!   are published or it is released; the last writer's close publishes.
+//!   A write open of a published (non-result) file copies it up only at its
+//!   first change (`restage`), so an open that changes nothing, or whose
+//!   change fails, leaves the file, its times and the store as they were.
 //! - A blob is verified against its hash at its first open in this mount
 //!   (on the configured sample), outside any lock; then it is remembered in
 //!   `verified` (bounded) and not hashed again until the scrub checks it.
@@ -55,8 +58,10 @@ struct Handle {
     /// Rendered statistics for the virtual files.
     virt: Option<Vec<u8>>,
     /// Set when this handle's bytes were published at close while the
-    /// handle stays open (a duplicated descriptor): a later write through it
-    /// starts a new version (`restage`) instead of touching the blob.
+    /// handle stays open (a duplicated descriptor), or when it was opened
+    /// for writing on a published file and has not changed it yet: a later
+    /// write through it starts a new version (`restage`) instead of
+    /// touching the blob.
     published: AtomicBool,
     dirty: AtomicBool,
     conflict_counted: AtomicBool,
@@ -196,14 +201,20 @@ impl Core {
         self.usage.open(ino, true);
         let result = self.open_write_locked(ino, truncate);
         match result {
-            Ok((file, Mode::Write, local)) => {
+            Ok((file, Mode::Write, local, deferred)) => {
                 let fh = self.new_handle(ino, Mode::Write, Some(file), None, None);
                 if local {
                     self.set_local_writer(fh);
                 }
+                if deferred {
+                    // Reads the blob until its first change, which copies
+                    // it up (`restage`): not a writer until then.
+                    self.usage.writer_done(ino);
+                    self.handle(fh)?.published.store(true, Ordering::Release);
+                }
                 Ok(fh)
             }
-            Ok((file, mode, _)) => {
+            Ok((file, mode, _, _)) => {
                 self.usage.writer_done(ino);
                 let fh = self.new_handle(ino, mode, Some(file), None, None);
                 if truncate {
@@ -221,7 +232,11 @@ impl Core {
         }
     }
 
-    fn open_write_locked(&self, ino: Ino, truncate: bool) -> Result<(File, Mode, bool)> {
+    /// Returns the file, the mode, whether the file is host-local, and
+    /// whether the copy-up of a published file is deferred to its first
+    /// change (so an open for writing that changes nothing, or whose only
+    /// change fails, copies nothing and leaves the file as it was).
+    fn open_write_locked(&self, ino: Ino, truncate: bool) -> Result<(File, Mode, bool, bool)> {
         let _g = self.lock(&[ino]);
         let mut inode = self.inode(ino)?;
         if inode.kind == Kind::Dir {
@@ -229,7 +244,15 @@ impl Core {
         }
         let mut txn = self.txn();
         match (&inode.content, inode.class) {
-            (Content::Blob(id), Class::Result) => Ok((self.open_blob(id)?, Mode::Discard, false)),
+            (Content::Blob(id), Class::Result) => {
+                Ok((self.open_blob(id)?, Mode::Discard, false, false))
+            }
+            (Content::Blob(id), class) if !truncate => Ok((
+                self.open_blob(id)?,
+                Mode::Write,
+                class == Class::Local,
+                true,
+            )),
             (Content::Blob(id), _) => {
                 let id = *id;
                 self.lock_blobs(&mut txn, &[id]);
@@ -239,7 +262,12 @@ impl Core {
                 txn.batch.put_inode(&inode);
                 self.commit(txn)?;
                 let local = inode.class == Class::Local;
-                Ok((self.blobs.open_staging(ino, true)?, Mode::Write, local))
+                Ok((
+                    self.blobs.open_staging(ino, true)?,
+                    Mode::Write,
+                    local,
+                    false,
+                ))
             }
             (Content::Staged, class) => {
                 let file = self.blobs.open_staging(ino, true)?;
@@ -254,7 +282,7 @@ impl Core {
                     txn.batch.put_pending(ino, PendingReason::Unsealed);
                 }
                 self.commit(txn)?;
-                Ok((file, Mode::Write, class == Class::Local))
+                Ok((file, Mode::Write, class == Class::Local, false))
             }
             _ => Err(Error::errno(libc::EINVAL)),
         }

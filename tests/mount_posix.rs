@@ -269,7 +269,12 @@ fn failing_truncate_returns_efbig_and_leaves_no_staged_copy() {
     fs::write(mp.join("big.bin"), &content).unwrap();
     let times = |p: &Path| {
         let meta = fs::metadata(p).unwrap();
-        (meta.mtime(), meta.mtime_nsec(), meta.ctime(), meta.ctime_nsec())
+        (
+            meta.mtime(),
+            meta.mtime_nsec(),
+            meta.ctime(),
+            meta.ctime_nsec(),
+        )
     };
     let times_before = times(&mp.join("big.bin"));
     let before = staging_bytes(&store);
@@ -411,4 +416,31 @@ fn special_files_stay_on_their_host() {
     }
     let out = sh(&mp_a, "find d -printf '%y %p\\n' | sort");
     assert_eq!(out, "d d\nf d/file\np d/pipe\ns d/sock\n");
+}
+
+#[test]
+fn rewriting_a_published_file_in_place_publishes_once_at_close() {
+    use std::io::Write;
+    let (_td, m) = mounted("inplace");
+    let path = m.mountpoint.join("notes.txt");
+    fs::write(&path, b"first version, long enough to notice\n").unwrap();
+    let published = m.counter("publications");
+    // open(O_WRONLY) + ftruncate + write, as truncate(1) and many editors
+    // do: the truncated file is never published (or shared) on its own.
+    let mut f = fs::OpenOptions::new().write(true).open(&path).unwrap();
+    assert_eq!(m.counter("publications"), published, "after open");
+    f.set_len(0).unwrap();
+    assert_eq!(m.counter("publications"), published, "after ftruncate");
+    f.write_all(b"second\n").unwrap();
+    assert_eq!(m.counter("publications"), published, "after write");
+    drop(f);
+    assert_eq!(m.counter("publications"), published + 1, "after close");
+    assert_eq!(fs::read(&path).unwrap(), b"second\n");
+    // open(O_TRUNC) is a truncate through the new descriptor: the same.
+    let mut f = fs::File::create(&path).unwrap();
+    assert_eq!(m.counter("publications"), published + 1, "after O_TRUNC");
+    f.write_all(b"third\n").unwrap();
+    drop(f);
+    assert_eq!(m.counter("publications"), published + 2, "after close");
+    assert_eq!(fs::read(&path).unwrap(), b"third\n");
 }

@@ -491,16 +491,22 @@ impl Core {
     /// a conflict: returns true); anything else is copied back to a staging
     /// file that this handle writes from now on, published again at close.
     fn restage(&self, h: &Handle) -> Result<bool> {
+        self.restage_to(h, None)
+    }
+
+    /// `restage`, with the copy truncated to `len` if given (nothing past it
+    /// is copied; a size the store's filesystem refuses fails first).
+    fn restage_to(&self, h: &Handle, len: Option<u64>) -> Result<bool> {
         // Counted as a writer (after any seal of it ends) before the lock.
         self.usage.writer_again(h.ino);
-        let result = self.restage_locked(h);
+        let result = self.restage_locked(h, len);
         if !matches!(result, Ok(Restage::Restaged)) {
             self.usage.writer_done(h.ino);
         }
         result.map(|r| r == Restage::Discarded)
     }
 
-    fn restage_locked(&self, h: &Handle) -> Result<Restage> {
+    fn restage_locked(&self, h: &Handle, len: Option<u64>) -> Result<Restage> {
         let _g = self.lock(&[h.ino]);
         if !h.published.load(Ordering::Acquire) {
             return Ok(Restage::AlreadyRestaged); // another write got here first
@@ -518,7 +524,7 @@ impl Core {
                 let id = *id;
                 let mut txn = self.txn();
                 self.lock_blobs(&mut txn, &[id]);
-                self.copy_up(&mut txn, &mut inode, None)?;
+                self.copy_up(&mut txn, &mut inode, len)?;
                 inode.mtime_ns = self.now();
                 inode.ctime_ns = inode.mtime_ns;
                 txn.batch.put_inode(&inode);
@@ -611,6 +617,21 @@ impl Core {
         drop(h);
         self.maybe_forget(ino)?;
         result
+    }
+
+    /// Before a truncate through `fh` (`ftruncate`): a handle that has not
+    /// changed a published file yet (or whose bytes were published while it
+    /// stays open) copies it up first, truncated to `size`, and becomes its
+    /// writer again, so the truncated file is published at the handle's
+    /// close like any write, never on its own in between.
+    pub fn before_truncate(&self, fh: u64, size: u64) -> Result<()> {
+        let Ok(h) = self.handle(fh) else {
+            return Ok(()); // the truncate goes by inode
+        };
+        if h.mode != Mode::Write || !h.published.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.restage_to(&h, Some(size)).map(|_| ())
     }
 
     /// `fallocate(2)` through an open handle: preallocation (which extends

@@ -320,9 +320,14 @@ impl Filesystem for CasFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // Lookups in one directory may run in parallel (the core's reads
         // take no lock), and symlink targets (ccache's lock files) are
-        // immutable, so the kernel may cache them. Never the writeback
+        // immutable, so the kernel may cache them. `O_TRUNC` comes with the
+        // open (else the kernel truncates by inode, with no handle, after the
+        // open: a file whose copy-up waits for its first change would be
+        // published empty before the writer writes). Never the writeback
         // cache: with it the kernel, not the daemon's clock, owns mtimes.
-        let wanted = InitFlags::FUSE_PARALLEL_DIROPS | InitFlags::FUSE_CACHE_SYMLINKS;
+        let wanted = InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_CACHE_SYMLINKS
+            | InitFlags::FUSE_ATOMIC_O_TRUNC;
         if let Err(missing) = config.add_capabilities(wanted) {
             log::info!("kernel lacks FUSE capabilities {missing:?}; running without them");
         }
@@ -400,7 +405,7 @@ impl Filesystem for CasFs {
         atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
-        _fh: Option<FileHandle>,
+        fh: Option<FileHandle>,
         _crtime: Option<SystemTime>,
         _chgtime: Option<SystemTime>,
         _bkuptime: Option<SystemTime>,
@@ -424,6 +429,10 @@ impl Filesystem for CasFs {
                 &set,
                 explicit(&atime) || explicit(&mtime),
             )
+            .and_then(|_| match (size, fh) {
+                (Some(size), Some(fh)) => self.core.before_truncate(fh.0, size),
+                _ => Ok(()),
+            })
             .and_then(|_| self.core.setattr(ino(i), set));
         self.core.send_urgent_invalidations();
         match result {

@@ -11,19 +11,21 @@
 //! 2. a rename onto a manifest name replaces it (last writer wins), and so
 //!    does rewriting a manifest in place; writes into a result are discarded;
 //! 3. a link onto an existing result succeeds and keeps it; a link to a new
-//!    name publishes the source's bytes there and the source keeps its name;
+//!    name is another name of the same inode (publishing its staged bytes if
+//!    the new name is shared; a copy if a writer holds them), which takes the
+//!    strongest class of its names (a result's other names are create-only);
 //!    a link onto any other existing name is EEXIST;
 //! 4. an unlink removes exactly one name;
 //! 5. a touch never moves mtime backwards, and no name's mtime decreases
 //!    while it stays bound to the same inode (also across remounts); a
-//!    rename keeps the inode, a link makes a new one;
+//!    rename and a link keep the inode;
 //! 6. a result written under its final name stays invisible until its close
 //!    publishes it (create-only); after a remount (clean or not) every
 //!    published name and every scratch file keeps its content, a result
 //!    still being written is dropped, and so is a manifest whose bytes are
 //!    still being rewritten in place (its last writer had not closed it);
-//! 7. eviction removes only published names that are not open, least
-//!    recently used first, and stops only under the target or when nothing
+//! 7. eviction removes only published files that are not open (with all
+//!    their names), least recently used first, and stops only under the target or when nothing
 //!    else may go; it reports how many names it removed;
 //! 8. an open handle keeps reading the bytes it opened, whatever is renamed,
 //!    replaced, unlinked or evicted afterwards.
@@ -439,6 +441,9 @@ struct Harness {
     /// be the one its node had, and no two nodes share an inode.
     node_ino: BTreeMap<u64, Ino>,
     ino_node: BTreeMap<Ino, u64>,
+    /// Each node's class: the strongest of the classes of names it was
+    /// given while it had other names (the core keeps it on the inode).
+    node_class: BTreeMap<u64, Class>,
     /// Sequence for fresh scratch names (generator state).
     temp_seq: u64,
     /// How often each promise was exercised (printed, to show the test
@@ -474,6 +479,7 @@ impl Harness {
             directs: Vec::new(),
             node_ino: BTreeMap::new(),
             ino_node: BTreeMap::new(),
+            node_class: BTreeMap::new(),
             temp_seq: 0,
             coverage: Coverage::new(),
         })
@@ -499,9 +505,27 @@ impl Harness {
             .count()
     }
 
-    fn new_node(&mut self) -> u64 {
+    fn new_node(&mut self, class: Class) -> u64 {
         self.next_node += 1;
+        self.node_class.insert(self.next_node, class);
         self.next_node
+    }
+
+    fn class_of_node(&self, node: u64) -> Class {
+        self.node_class[&node]
+    }
+
+    /// Other names bound to `node` besides `at`.
+    fn other_names(&self, node: u64, at: &Name) -> bool {
+        self.files.iter().any(|(n, e)| e.node == node && n != at)
+    }
+
+    /// Sets the bytes (and staged state) every name of `node` shows.
+    fn set_node_content(&mut self, node: u64, content: usize, unsealed: bool) {
+        for e in self.files.values_mut().filter(|e| e.node == node) {
+            e.content = content;
+            e.unsealed = unsealed;
+        }
     }
 
     /// Nodes that eviction must leave alone: open for reading, or held by a
@@ -663,7 +687,7 @@ impl Harness {
         self.write_all(fh, content, at)?;
         self.close_fh(fh, at)?;
         self.core().forget(attr.ino, 1);
-        let node = self.new_node();
+        let node = self.new_node(Class::Temp);
         self.files.insert(at.clone(), Entry::new(content, node));
         Ok(())
     }
@@ -676,7 +700,8 @@ impl Harness {
             return expect_errno(format!("rename of absent {from}"), r, libc::ENOENT);
         }
         ok(format!("rename {from} -> {to}"), r)?;
-        if from == to {
+        if from == to || self.files.get(to).map(|e| e.node) == Some(self.files[from].node) {
+            self.note("rename between names of one file (nothing happens)");
             return Ok(());
         }
         let src = self.files.remove(from).expect("checked above");
@@ -690,11 +715,19 @@ impl Harness {
             _ => "rename onto a new name",
         });
         // A rename publishes staged bytes (a snapshot, if a writer holds them).
-        let src = Entry {
-            unsealed: false,
-            ..src
+        let class = if self.other_names(src.node, from) {
+            stronger(self.class_of_node(src.node), to.class())
+        } else {
+            to.class()
         };
+        self.node_class.insert(src.node, class);
+        let node = src.node;
+        let published = to.published();
         self.files.insert(to.clone(), src);
+        if published {
+            let content = self.files[to].content;
+            self.set_node_content(node, content, false);
+        }
         Ok(())
     }
 
@@ -723,12 +756,24 @@ impl Harness {
                 self.note("link onto an existing manifest (EEXIST)");
             }
             None => {
-                self.note("link publishing a new name");
                 let attr = ok(&what, r)?;
                 self.core().forget(attr.ino, 1);
-                let content = self.files[from].content;
-                let node = self.new_node();
-                self.files.insert(to.clone(), Entry::new(content, node));
+                let src = &self.files[from];
+                let (content, node, unsealed) = (src.content, src.node, src.unsealed);
+                if to.published() && unsealed && self.writers(node) > 0 {
+                    // A writer holds the staged bytes: the new name gets a copy.
+                    self.note("link of a file being written: a published copy");
+                    let node = self.new_node(to.class());
+                    self.files.insert(to.clone(), Entry::new(content, node));
+                } else {
+                    self.note("link: another name of the same file");
+                    let class = stronger(self.class_of_node(node), to.class());
+                    self.node_class.insert(node, class);
+                    self.files.insert(to.clone(), Entry::new(content, node));
+                    // A shared name publishes the staged bytes.
+                    let unsealed = unsealed && !to.published();
+                    self.set_node_content(node, content, unsealed);
+                }
             }
         }
         Ok(())
@@ -749,10 +794,7 @@ impl Harness {
             return Ok(());
         };
         let before = ok(format!("getattr {at}"), self.core().getattr(ino))?.mtime_ns;
-        let set = SetAttr {
-            touch: true,
-            ..Default::default()
-        };
+        let set = SetAttr::touch();
         let attr = ok(format!("touch {at}"), self.core().setattr(ino, set))?;
         self.core().forget(ino, 1);
         if attr.mtime_ns < before {
@@ -867,13 +909,11 @@ impl Harness {
         self.write_all(fh, content, at)?;
         self.close_fh(fh, at)?;
         self.core().forget(ino, 1);
-        if at.class() == Class::Manifest {
-            let node = self.files[at].node;
+        let node = self.files[at].node;
+        if self.class_of_node(node) == Class::Manifest {
             // Published at close unless another writer still holds it.
             let unsealed = self.writers(node) > 0;
-            let entry = self.files.get_mut(at).expect("present");
-            entry.content = content;
-            entry.unsealed = unsealed;
+            self.set_node_content(node, content, unsealed);
             self.note("manifest rewritten in place");
         } else {
             self.note("write into a result discarded");
@@ -903,16 +943,15 @@ impl Harness {
                 ));
             }
         }
-        let (existing, writes) = if at.class() == Class::Result {
+        let result_bound = bound.is_some_and(|n| self.class_of_node(n) == Class::Result);
+        let (existing, writes) = if at.class() == Class::Result || result_bound {
             (bound, None)
         } else {
-            let node = bound.unwrap_or_else(|| self.new_node());
-            let entry = self
-                .files
+            let node = bound.unwrap_or_else(|| self.new_node(Class::Manifest));
+            self.files
                 .entry(at.clone())
                 .or_insert(Entry::new(content, node));
-            entry.content = content;
-            entry.unsealed = true;
+            self.set_node_content(node, content, true);
             self.note("manifest written under its name, left open");
             (None, Some(node))
         };
@@ -948,7 +987,7 @@ impl Harness {
             self.note("direct write lost to a result bound meanwhile");
         } else {
             self.note("direct write published at close");
-            let node = self.new_node();
+            let node = self.new_node(Class::Result);
             self.files.insert(d.at, Entry::new(d.content, node));
         }
         Ok(())
@@ -960,7 +999,11 @@ impl Harness {
         let candidates: BTreeMap<Name, (u64, Ino)> = self
             .files
             .iter()
-            .filter(|(n, e)| n.published() && !e.unsealed && !pinned.contains(&e.node))
+            .filter(|(_, e)| {
+                self.class_of_node(e.node) != Class::Temp
+                    && !e.unsealed
+                    && !pinned.contains(&e.node)
+            })
             .map(|(n, e)| {
                 let (ino, mtime) = e.seen.expect("every name was checked");
                 (n.clone(), (mtime, ino))
@@ -975,7 +1018,9 @@ impl Harness {
                 Err(e) => return Err(format!("lookup {at} after evict: {e}")),
             }
         }
+        let mut gone_nodes = BTreeSet::new();
         for at in &gone {
+            gone_nodes.insert(self.files[at].node);
             if !candidates.contains_key(at) {
                 let why = if at.published() {
                     "open"
@@ -986,10 +1031,10 @@ impl Harness {
             }
             self.files.remove(at);
         }
-        if evicted != gone.len() as u64 {
+        if evicted != gone_nodes.len() as u64 {
             return Err(format!(
-                "evict({target}) reported {evicted} names evicted, {} are gone",
-                gone.len()
+                "evict({target}) reported {evicted} files evicted, {} are gone",
+                gone_nodes.len()
             ));
         }
         for _ in &gone {
@@ -1631,4 +1676,18 @@ fn lookup_racing_corrupt_blob_drop_never_leaves_kernel_holding_deleted_inode() {
         tally.hits, tally.unbound_meanwhile
     );
     assert!(tally.hits > 0 && dropped > 0, "the race never happened");
+}
+
+/// The class of a file whose names are in two classes (as the core decides).
+fn stronger(a: Class, b: Class) -> Class {
+    let rank = |c: Class| match c {
+        Class::Result => 2,
+        Class::Manifest => 1,
+        Class::Temp => 0,
+    };
+    if rank(a) >= rank(b) {
+        a
+    } else {
+        b
+    }
 }

@@ -19,8 +19,9 @@ use common::*;
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Barrier, Mutex};
 use std::thread;
@@ -572,7 +573,7 @@ fn alive_touch_is_visible_to_the_next_stat() {
 }
 
 #[test]
-fn mtime_never_goes_backwards_even_for_old_explicit_times() {
+fn explicit_times_are_kept_and_touches_come_from_the_clock() {
     let (_td, m) = mounted("mtime");
     let d = m.mountpoint.join("4f");
     mkdir(&d);
@@ -581,10 +582,14 @@ fn mtime_never_goes_backwards_even_for_old_explicit_times() {
     publish(&d, "m.tmp", "ffffffffffffffffffffffffffffffM", b"manifest");
     fs::write(d.join("plain.tmp"), b"local").unwrap();
 
-    let old = [timespec(1_000_000_000, 0), timespec(1_000_000_000, 0)];
-    let day_ns: i128 = 86_400 * 1_000_000_000;
+    let s = 1_000_000_000_i128 * 1_000_000_000;
+    let old = [timespec(1_000_000_000, 7), timespec(1_000_000_000, 123)];
     let future_s = (now_ns() / 1_000_000_000) as i64 + 86_400;
-    let future = [timespec(future_s, 0), timespec(future_s, 0)];
+    let future = [timespec(future_s, 0), timespec(future_s, 5)];
+    let atime_ns = |p: &Path| {
+        let m = fs::metadata(p).unwrap();
+        m.atime() as i128 * 1_000_000_000 + m.atime_nsec() as i128
+    };
     for name in [
         "x.alive",
         "ffffffffffffffffffffffffffffffR",
@@ -592,28 +597,57 @@ fn mtime_never_goes_backwards_even_for_old_explicit_times() {
         "plain.tmp",
     ] {
         let p = d.join(name);
-        let m0 = mtime_ns(&p);
-        let wall_before = now_ns();
+        // An explicit time is stored as given, access time included.
         utimensat(&p, Some(old)).unwrap_or_else(|e| panic!("utimensat(2001) on {name}: {e}"));
-        let m1 = mtime_ns(&p);
-        assert!(
-            m1 >= m0,
-            "{name}: utimensat to 2001 moved mtime backwards ({m0} -> {m1})"
-        );
-        assert!(
-            m1 > m0 && m1 >= wall_before,
-            "{name}: utimensat with an explicit old time must touch to the daemon's now \
-             (mtime {m0} -> {m1}, wall clock before the call {wall_before})"
-        );
+        assert_eq!(mtime_ns(&p), s + 123, "{name}: explicit mtime");
+        assert_eq!(atime_ns(&p), s + 7, "{name}: explicit atime");
         utimensat(&p, Some(future)).unwrap_or_else(|e| panic!("utimensat(+1 day) on {name}: {e}"));
-        let m2 = mtime_ns(&p);
+        assert_eq!(
+            mtime_ns(&p),
+            future_s as i128 * 1_000_000_000 + 5,
+            "{name}: future"
+        );
+        // UTIME_NOW is a touch on the daemon's clock.
+        utimensat(&p, Some(old)).unwrap();
+        let wall_before = now_ns();
+        utimensat(&p, None).unwrap();
+        let t = mtime_ns(&p);
         assert!(
-            m2 > m1 && m2 < now_ns() + day_ns / 2,
-            "{name}: utimensat with a future time must touch to the daemon's now, not set \
-             the given time (mtime {m1} -> {m2}, requested {future_s} s)"
+            t >= wall_before,
+            "{name}: a touch to now gave {t} < {wall_before}"
+        );
+        assert_eq!(atime_ns(&p), t, "{name}: a touch sets both times");
+        // touch(1) with -t, -m and -a.
+        let run = |args: &[&str]| {
+            let out = Command::new("touch").args(args).arg(&p).output().unwrap();
+            assert!(
+                out.status.success(),
+                "touch {args:?} {name}: {}",
+                output_text(&out)
+            );
+        };
+        run(&["-t", "200102030405.06"]);
+        let t1 = mtime_ns(&p);
+        assert_eq!(atime_ns(&p), t1, "{name}: touch -t sets both");
+        run(&["-a", "-d", "@1500000000"]);
+        assert_eq!(
+            atime_ns(&p),
+            1_500_000_000 * 1_000_000_000,
+            "{name}: touch -a"
+        );
+        assert_eq!(mtime_ns(&p), t1, "{name}: touch -a keeps the mtime");
+        run(&["-m", "-d", "@1600000000"]);
+        assert_eq!(
+            mtime_ns(&p),
+            1_600_000_000 * 1_000_000_000,
+            "{name}: touch -m"
+        );
+        assert_eq!(
+            atime_ns(&p),
+            1_500_000_000 * 1_000_000_000,
+            "{name}: touch -m keeps atime"
         );
     }
-
     // A publication gets its mtime from the daemon's clock, not the source's.
     let src = d.join("pub.tmp");
     fs::write(&src, b"published later").unwrap();

@@ -25,6 +25,7 @@ use log::{debug, warn};
 use crate::classes::Class;
 use crate::error::{Error, Result};
 use crate::fs::locks::Sharded;
+use crate::fs::publish::Share;
 use crate::fs::txn::After;
 use crate::fs::{Attr, Caller, Core, Invalidate, RETRIES_MAX, VERIFIED_BLOBS_MAX};
 use crate::stats::Stats;
@@ -63,6 +64,13 @@ struct Handle {
     /// write through it starts a new version (`restage`) instead of
     /// touching the blob.
     published: AtomicBool,
+    /// Set when this handle created its file under a create-only name and a
+    /// close through it bound the name while the handle stays open (the
+    /// shell's `dup2` onto stdout, a forked child's exit). Its later writes
+    /// are the same writer going on, not a write into someone's result: they
+    /// are published again at the next close, and the name is shared with
+    /// other hosts only when the last reference goes (`release`).
+    bound_at_close: AtomicBool,
     dirty: AtomicBool,
     conflict_counted: AtomicBool,
     /// For a read of a published result: its blob, which never changes,
@@ -102,6 +110,7 @@ impl Core {
             file: RwLock::new(file),
             virt,
             published: AtomicBool::new(false),
+            bound_at_close: AtomicBool::new(false),
             dirty: AtomicBool::new(false),
             conflict_counted: AtomicBool::new(false),
             immutable_blob,
@@ -194,23 +203,22 @@ impl Core {
     }
 
     /// Opens for writing: a writer of a published result is a `Discard`
-    /// handle; anything else writes its staging file (copied up from its
-    /// blob first if it has one).
+    /// handle; anything else writes its staging file. A blob is copied up
+    /// at the first write, not at open (`restage`): an open for writing
+    /// that writes nothing (`touch`) changes nothing.
     fn open_write(&self, ino: Ino, truncate: bool) -> Result<u64> {
         // Counted as a writer first: no publication may seal it from now on.
         self.usage.open(ino, true);
         let result = self.open_write_locked(ino, truncate);
         match result {
-            Ok((file, Mode::Write, local, deferred)) => {
+            Ok((file, Mode::Write, local, published)) => {
                 let fh = self.new_handle(ino, Mode::Write, Some(file), None, None);
                 if local {
                     self.set_local_writer(fh);
                 }
-                if deferred {
-                    // Reads the blob until its first change, which copies
-                    // it up (`restage`): not a writer until then.
-                    self.usage.writer_done(ino);
+                if published {
                     self.handle(fh)?.published.store(true, Ordering::Release);
+                    self.usage.writer_done(ino);
                 }
                 Ok(fh)
             }
@@ -232,10 +240,8 @@ impl Core {
         }
     }
 
-    /// Returns the file, the mode, whether the file is host-local, and
-    /// whether the copy-up of a published file is deferred to its first
-    /// change (so an open for writing that changes nothing, or whose only
-    /// change fails, copies nothing and leaves the file as it was).
+    /// The file to write, the mode, whether it is host-local, and whether
+    /// it is still the published blob (copied up at the first write).
     fn open_write_locked(&self, ino: Ino, truncate: bool) -> Result<(File, Mode, bool, bool)> {
         let _g = self.lock(&[ino]);
         let mut inode = self.inode(ino)?;
@@ -512,8 +518,9 @@ impl Core {
             return Ok(Restage::AlreadyRestaged); // another write got here first
         }
         let mut inode = self.inode(h.ino)?;
+        let continues = h.bound_at_close.load(Ordering::Acquire) && inode.nlink > 0;
         match (&inode.content, inode.class) {
-            (Content::Blob(_), Class::Result) => {
+            (Content::Blob(_), Class::Result) if !continues => {
                 if !h.conflict_counted.swap(true, Ordering::Relaxed) {
                     Stats::bump(&self.stats.counters.conflicts);
                     debug!("write ino={} outcome=discarded-after-publication", h.ino);
@@ -557,6 +564,12 @@ impl Core {
 
     /// On close: record size and mtime; if this was the last writer of a
     /// shared-class file, publish it now so close() reports any failure.
+    ///
+    /// FLUSH comes for every close() of every descriptor, RELEASE only when
+    /// the last one goes; writes may still arrive through a duplicate after
+    /// a FLUSH. Such writes are never discarded: `restage` starts a new
+    /// version that the next FLUSH or the RELEASE publishes (see
+    /// `bound_at_close` for files created under a create-only name).
     pub fn flush(&self, fh: u64) -> Result<()> {
         let h = self.handle(fh)?;
         if h.mode != Mode::Write || h.published.load(Ordering::Acquire) {
@@ -596,7 +609,20 @@ impl Core {
             return Ok(());
         }
         self.usage.writer_done(h.ino);
-        self.publish_if_idle(h.ino)
+        let binds = self.usage.awaiting_bind(h.ino);
+        // The handle may live on (a duplicate): share a result it binds only
+        // at release, so another host never gets a version it goes on to
+        // replace.
+        let share = if binds || h.bound_at_close.load(Ordering::Acquire) {
+            Share::AtRelease
+        } else {
+            Share::Now
+        };
+        self.publish_if_idle(h.ino, share)?;
+        if binds && !self.usage.awaiting_bind(h.ino) {
+            h.bound_at_close.store(true, Ordering::Release);
+        }
+        Ok(())
     }
 
     pub fn release(&self, fh: u64) -> Result<()> {
@@ -610,7 +636,9 @@ impl Core {
             return Ok(());
         }
         let result = if was_writer {
-            self.publish_if_idle(ino)
+            self.publish_if_idle(ino, Share::Now)
+        } else if h.bound_at_close.load(Ordering::Acquire) {
+            self.share_published(ino)
         } else {
             Ok(())
         };

@@ -16,8 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use log::{debug, info, warn};
 
 use crate::error::{Error, Result};
-use crate::fs::txn::After;
-use crate::fs::{Caller, Core, Invalidate, SetAttr, Statfs, DIR_ENTRIES_MAX, EVICT_BATCH_MAX};
+use crate::fs::{Caller, Core, SetAttr, Statfs, DIR_ENTRIES_MAX, EVICT_BATCH_MAX};
 use crate::stats::Stats;
 use crate::store::blobs::Blobs;
 use crate::store::ids::{BlobId, Ino};
@@ -108,9 +107,11 @@ impl Core {
             nlink: 2,
             size: 0,
             mtime_ns: now,
+            atime_ns: None,
             ctime_ns: now,
             parent: Ino::ROOT,
             name: Vec::new(),
+            links: Vec::new(),
             content: Content::None,
         };
         txn.batch.put_inode(&root);
@@ -153,10 +154,12 @@ impl Core {
             txn.batch.delete_pending(*ino);
         }
         for (inode, reason) in &inodes {
-            if *reason == PendingReason::Unsealed
-                && self.store.dentry(inode.parent, &inode.name)? == Some(inode.ino)
-            {
-                txn.batch.delete_dentry(inode.parent, &inode.name);
+            if *reason == PendingReason::Unsealed {
+                for (parent, name) in inode.names() {
+                    if self.store.dentry(parent, &name)? == Some(inode.ino) {
+                        txn.batch.delete_dentry(parent, &name);
+                    }
+                }
             }
             self.delete_inode(&mut txn, inode)?;
         }
@@ -168,6 +171,7 @@ impl Core {
         }
         self.commit(txn)?;
         self.store.sync_log()?;
+        self.count_dir_links()?;
         for (name, path) in self.blobs.staging_files() {
             let owned = match name.parse::<u64>() {
                 Ok(n) => {
@@ -213,28 +217,67 @@ impl Core {
         Ok(())
     }
 
-    /// Unbinds the name of `ino` if it still points at the damaged blob `id`.
+    /// Stores before directory link counts kept every directory at 2: count
+    /// each directory's subdirectories once (at start, alone).
+    fn count_dir_links(&self) -> Result<()> {
+        const KEY: &str = "dir_link_counts";
+        if self.store.converted(KEY)? {
+            return Ok(());
+        }
+        let mut subdirs: std::collections::HashMap<Ino, u32> = Default::default();
+        let mut dirs = Vec::new();
+        self.store.for_each_inode(|r| match r {
+            Ok(i) if i.kind == Kind::Dir => {
+                if i.ino != Ino::ROOT {
+                    *subdirs.entry(i.parent).or_default() += 1;
+                }
+                dirs.push(i);
+            }
+            Ok(_) => {}
+            // `casfs fsck` reports and repairs it; a count may be one short.
+            Err(e) => warn!("counting directory links: {e}"),
+        })?;
+        let mut txn = self.txn();
+        for mut dir in dirs {
+            let nlink = 2 + subdirs.get(&dir.ino).copied().unwrap_or(0);
+            if dir.nlink != nlink {
+                dir.nlink = nlink;
+                txn.batch.put_inode(&dir);
+            }
+        }
+        self.commit(txn)?;
+        self.store.sync_log()?;
+        self.store.mark_converted(KEY)
+    }
+
+    /// The inodes to lock to unbind every name of `inode`: the directories
+    /// of its names, and itself.
+    fn name_locks(inode: &Inode) -> Vec<Ino> {
+        let mut inos: Vec<Ino> = inode.names().into_iter().map(|(p, _)| p).collect();
+        inos.push(inode.ino);
+        inos
+    }
+
+    /// Unbinds the names of `ino` if it still points at the damaged blob `id`.
     fn unbind_damaged(&self, ino: Ino, id: BlobId) -> Result<()> {
         let Some(peek) = self.store.inode(ino)? else {
             return Ok(());
         };
-        let _g = self.lock(&[peek.parent, ino]);
+        let _g = self.lock(&Self::name_locks(&peek));
         let Some(inode) = self.store.inode(ino)? else {
             return Ok(());
         };
         let (parent, name) = (inode.parent, inode.name.clone());
         if inode.content != Content::Blob(id)
             || inode.nlink == 0
-            || parent != peek.parent
+            || inode.names() != peek.names()
             || self.store.dentry(parent, &name)? != Some(ino)
         {
             return Ok(());
         }
         let mut txn = self.txn();
         self.lock_blobs(&mut txn, &[id]);
-        self.unbind(&mut txn, parent, &name, inode)?;
-        txn.after
-            .push(After::Invalidate(Invalidate::Entry(parent, name)));
+        self.unbind_all(&mut txn, inode)?;
         self.commit(txn)
     }
 
@@ -310,7 +353,7 @@ impl Core {
         let Some(peek) = self.store.inode(ino)? else {
             return Ok(false);
         };
-        let _g = self.lock(&[peek.parent, ino]);
+        let _g = self.lock(&Self::name_locks(&peek));
         let Some(inode) = self.store.inode(ino)? else {
             return Ok(false);
         };
@@ -320,7 +363,7 @@ impl Core {
         };
         if inode.mtime_ns != seen_mtime_ns
             || inode.nlink == 0
-            || inode.parent != peek.parent
+            || inode.names() != peek.names()
             || self.usage.has_handles(ino)
         {
             return Ok(false);
@@ -331,9 +374,7 @@ impl Core {
         }
         let mut txn = self.txn();
         self.lock_blobs(&mut txn, &[id]);
-        self.unbind(&mut txn, parent, &name, inode)?;
-        txn.after
-            .push(After::Invalidate(Invalidate::Entry(parent, name.clone())));
+        self.unbind_all(&mut txn, inode)?;
         self.commit(txn)?;
         Stats::bump(&self.stats.counters.evictions);
         self.stats

@@ -157,6 +157,7 @@ pub struct Attr {
     pub nlink: u32,
     pub size: u64,
     pub mtime_ns: u64,
+    pub atime_ns: u64,
     pub ctime_ns: u64,
     /// False while the name is not yet bound (the kernel must not cache it).
     pub cacheable: bool,
@@ -171,8 +172,39 @@ pub struct SetAttr {
     pub uid: Option<u32>,
     pub gid: Option<u32>,
     pub size: Option<u64>,
-    /// Any atime or mtime change: a touch on the daemon's clock.
-    pub touch: bool,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+}
+
+/// A time a client sets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SetTime {
+    /// `UTIME_NOW`: the daemon's clock (a touch).
+    Now,
+    /// An explicit time (ns since the epoch), stored as given: tools that
+    /// set times (`touch -t`, `tar x`, `cp -a`) mean them.
+    At(u64),
+}
+
+impl SetAttr {
+    /// Both times to now, as `utimensat(path, NULL)` does.
+    pub fn touch() -> SetAttr {
+        SetAttr {
+            atime: Some(SetTime::Now),
+            mtime: Some(SetTime::Now),
+            ..SetAttr::default()
+        }
+    }
+
+    /// True if a time is set to now (needs ownership or write permission).
+    pub fn touches(&self) -> bool {
+        self.atime == Some(SetTime::Now) || self.mtime == Some(SetTime::Now)
+    }
+
+    /// True if a time is set explicitly (needs ownership).
+    pub fn sets_explicit_time(&self) -> bool {
+        matches!(self.atime, Some(SetTime::At(_))) || matches!(self.mtime, Some(SetTime::At(_)))
+    }
 }
 
 /// Who is asking.
@@ -401,9 +433,19 @@ impl Core {
             perm: inode.perm,
             uid: inode.uid,
             gid: inode.gid,
-            nlink: inode.nlink.max(1),
+            // 0 for a file unlinked while open (as `fstat` shows on Linux);
+            // a file created under a result name counts as named until its
+            // close binds it.
+            nlink: if inode.nlink == 0 && !self.usage.awaiting_bind(inode.ino) {
+                0
+            } else if inode.ino == Ino::ROOT {
+                inode.nlink + 1 // the virtual `.casfs` directory
+            } else {
+                inode.nlink.max(1)
+            },
             size,
             mtime_ns: inode.mtime_ns,
+            atime_ns: inode.atime_ns.unwrap_or(inode.mtime_ns),
             ctime_ns: inode.ctime_ns,
             cacheable: inode.nlink > 0,
             rdev: match inode.content {

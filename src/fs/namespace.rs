@@ -19,11 +19,11 @@ use log::debug;
 use crate::classes::Class;
 use crate::error::{enoent, Error, Result};
 use crate::fs::locks::InodeGuard;
-use crate::fs::publish::Prepared;
-use crate::fs::txn::After;
+use crate::fs::publish::{Prepared, Share};
+use crate::fs::txn::{After, Txn};
 use crate::fs::{
-    check_name, Attr, Caller, Core, DirEntry, Invalidate, SetAttr, DIR_ENTRIES_MAX, NAME_BYTES_MAX,
-    RETRIES_MAX, SYMLINK_BYTES_MAX,
+    check_name, Attr, Caller, Core, DirEntry, Invalidate, SetAttr, SetTime, DIR_ENTRIES_MAX,
+    NAME_BYTES_MAX, RETRIES_MAX, SYMLINK_BYTES_MAX,
 };
 use crate::stats::Stats;
 use crate::store::ids::Ino;
@@ -126,7 +126,7 @@ impl Core {
         self.usage.close(ino, true);
         result?;
         // A truncated file in a shared class that no one writes is published.
-        self.publish_if_idle(ino)?;
+        self.publish_if_idle(ino, Share::Now)?;
         Ok(self.attr_of(&self.inode(ino)?))
     }
 
@@ -169,8 +169,23 @@ impl Core {
                 _ => return Err(Error::errno(libc::EINVAL)),
             }
         }
-        if set.touch {
-            inode.mtime_ns = now;
+        // The daemon's clock for "now"; an explicit time is kept as given.
+        let old_mtime = inode.mtime_ns;
+        match set.mtime {
+            Some(SetTime::Now) => inode.mtime_ns = now,
+            Some(SetTime::At(t)) => inode.mtime_ns = t,
+            None => {}
+        }
+        match set.atime {
+            // Both to now (a plain touch): the access time follows the mtime.
+            Some(SetTime::Now) if set.mtime == Some(SetTime::Now) => inode.atime_ns = None,
+            Some(SetTime::Now) => inode.atime_ns = Some(now),
+            Some(SetTime::At(t)) => inode.atime_ns = Some(t),
+            // An mtime change alone leaves the access time where it was.
+            None if set.mtime.is_some() && inode.atime_ns.is_none() => {
+                inode.atime_ns = Some(old_mtime)
+            }
+            None => {}
         }
         inode.ctime_ns = now;
         txn.batch.put_inode(&inode);
@@ -211,6 +226,17 @@ impl Core {
         }
         parts.reverse();
         Ok(parts)
+    }
+
+    /// True if a file created under this name is bound to it only when it
+    /// is closed (create-only classes): the kernel must not cache that the
+    /// name is absent, since no request tells it when the name appears.
+    pub fn binds_at_close(&self, parent: Ino, name: &[u8]) -> bool {
+        !parent.is_virtual()
+            && matches!(
+                self.class_of(parent, name),
+                Ok(Class::Result | Class::CcacheEntry)
+            )
     }
 
     pub(super) fn class_of(&self, parent: Ino, name: &[u8]) -> Result<Class> {
@@ -266,9 +292,11 @@ impl Core {
             nlink: if kind == Kind::Dir { 2 } else { 1 },
             size: 0,
             mtime_ns: now,
+            atime_ns: None,
             ctime_ns: now,
             parent: dir.ino,
             name: name.to_vec(),
+            links: Vec::new(),
             content: Content::None,
         }
     }
@@ -290,13 +318,16 @@ impl Core {
         if self.store.dentry(parent, name)?.is_some() {
             return Err(Error::errno(libc::EEXIST));
         }
-        let dir = self.inode(parent)?;
+        let mut dir = self.inode(parent)?;
         let mut txn = self.txn();
         let now = self.now();
         let mut inode = self.new_inode(ino, kind, Class::Local, perm, caller, &dir, name, now);
         inode.content = content;
         txn.batch.put_inode(&inode);
         txn.batch.put_dentry(parent, name, ino);
+        if kind == Kind::Dir {
+            dir.nlink += 1; // the new directory's ".."
+        }
         self.touch_dir(&mut txn, dir, now);
         self.usage.remember(ino);
         if let Err(e) = self.commit(txn) {
@@ -380,8 +411,12 @@ impl Core {
             self.lock_blobs(&mut txn, &[id]);
         }
         let now = self.now();
+        let mut dir = self.inode(parent)?;
+        if inode.kind == Kind::Dir {
+            dir.nlink -= 1; // its ".." goes
+        }
         self.unbind(&mut txn, parent, name, inode)?;
-        self.touch_dir(&mut txn, self.inode(parent)?, now);
+        self.touch_dir(&mut txn, dir, now);
         self.commit(txn)
     }
 
@@ -551,11 +586,16 @@ impl Core {
                     "rename name={:?} ino={src_ino} outcome=kept-existing",
                     String::from_utf8_lossy(newname)
                 );
-                txn.batch.delete_dentry(parent, name);
                 if let Some(p) = prepared {
                     self.discard_prepared(&mut txn, p)?;
                 }
-                self.become_alias(&mut txn, src, existing)?;
+                if src.links.is_empty() {
+                    txn.batch.delete_dentry(parent, name);
+                    self.become_alias(&mut txn, src, existing)?;
+                } else {
+                    // Its other names keep it; only this one goes.
+                    self.unbind(&mut txn, parent, name, src)?;
+                }
                 self.touch_dir(&mut txn, self.inode(parent)?, now);
                 txn.after.push(After::Invalidate(Invalidate::Entry(
                     newparent,
@@ -569,27 +609,56 @@ impl Core {
         if let Some(p) = prepared {
             self.seal_into(&mut txn, &mut src, p, class)?;
         }
+        let replaced_dir = dst.as_ref().is_some_and(|d| d.kind == Kind::Dir);
         if let Some(d) = dst {
             self.unbind(&mut txn, newparent, newname, d)?;
         }
         txn.batch.delete_dentry(parent, name);
         txn.batch.put_dentry(newparent, newname, src_ino);
-        src.parent = newparent;
-        src.name = newname.to_vec();
-        src.class = class;
+        src.move_name((parent, name), (newparent, newname));
+        // A file with other names keeps the strongest class among them (a
+        // result's other names stay create-only).
+        src.class = if src.links.is_empty() {
+            class
+        } else {
+            stronger(src.class, class)
+        };
         src.ctime_ns = now;
         txn.batch.put_inode(&src);
         if src.kind == Kind::File {
-            self.share(&mut txn, &src)?;
+            let view = Inode {
+                parent: newparent,
+                name: newname.to_vec(),
+                ..src.clone()
+            };
+            self.share(&mut txn, &view)?;
         }
+        // Directory link counts: a directory's ".." is a link to its parent.
+        let moved_dir = src.kind == Kind::Dir;
+        let mut new_dir = self.inode(newparent)?;
         if parent != newparent {
-            self.touch_dir(&mut txn, self.inode(parent)?, now);
+            let mut old_dir = self.inode(parent)?;
+            if moved_dir {
+                old_dir.nlink -= 1;
+                new_dir.nlink += 1;
+            }
+            self.touch_dir(&mut txn, old_dir, now);
         }
-        self.touch_dir(&mut txn, self.inode(newparent)?, now);
+        if replaced_dir {
+            new_dir.nlink -= 1;
+        }
+        self.touch_dir(&mut txn, new_dir, now);
         self.commit(txn)?;
         Ok(Some(prepared.is_some()))
     }
 
+    /// A hard link: another name of the same inode, in every class. A file
+    /// whose names are in different classes takes the strongest (`stronger`):
+    /// a result's other names stay create-only. A staged file that gets a
+    /// shared name is published first (its bytes become a blob), unless a
+    /// writer holds it open: then the new name gets a published copy (a new
+    /// inode), since a write the writer was told succeeded cannot be made
+    /// part of a result afterwards.
     pub fn link(&self, ino: Ino, newparent: Ino, newname: &[u8]) -> Result<Attr> {
         Self::refuse_virtual(ino)?;
         self.check_new_name(newparent, newname)?;
@@ -602,20 +671,127 @@ impl Core {
         } else {
             Class::Local
         };
-        // The source keeps its name and stays writable: publish a copy.
         let publishes = class != Class::Local && peek.content == Content::Staged;
-        let prepared = if publishes {
-            Some(self.prepare(ino, true)?)
-        } else {
-            None
-        };
-        let head = match &prepared {
+        if !publishes {
+            return self.link_same(ino, &peek, newparent, newname, class, None);
+        }
+        if !self.usage.begin_seal(ino) {
+            return self.link_copy(ino, &peek, newparent, newname, class);
+        }
+        let result = self
+            .prepare(ino, false)
+            .and_then(|p| self.link_same(ino, &peek, newparent, newname, class, Some(&p)));
+        self.end_seal(ino);
+        result
+    }
+
+    /// `link` binding the inode itself; `prepared`: its staged bytes, to
+    /// publish now (the caller holds the seal, so no writer changes them).
+    fn link_same(
+        &self,
+        ino: Ino,
+        peek: &Inode,
+        newparent: Ino,
+        newname: &[u8],
+        class: Class,
+        prepared: Option<&Prepared>,
+    ) -> Result<Attr> {
+        let head = match prepared {
             Some(p) => p.head,
-            None => self.head_of(&peek),
+            None => self.head_of(peek),
         };
         let class = class.resolve(&head);
-        let (_g, found) = self.lock_names(&[ino], &[(newparent, newname)])?;
+        let (g, found) = self.lock_names(&[ino], &[(newparent, newname)])?;
         let mut src = self.inode(ino)?;
+        if src.content != peek.content {
+            return Err(Error::with_context(
+                libc::EAGAIN,
+                format!("link: ino={ino} changed while it was being linked"),
+            ));
+        }
+        if src.nlink == 0 {
+            return enoent(); // unlinked meanwhile, as on Linux
+        }
+        let mut txn = self.txn();
+        if let Some(d) = found[0] {
+            let existing = self.inode(d)?;
+            if class == Class::Result && Self::is_published_result(&existing) {
+                return self.link_kept_existing(txn, existing, newname, prepared);
+            }
+            return Err(Error::errno(libc::EEXIST));
+        }
+        let now = self.now();
+        if let Some(p) = prepared {
+            self.lock_blobs(&mut txn, &[p.id]);
+            let kept = src.class.resolve(&p.head);
+            self.seal_into(&mut txn, &mut src, p, kept)?;
+        }
+        if src.kind == Kind::File {
+            src.class = stronger(src.class, class);
+        }
+        src.nlink += 1;
+        src.links.push((newparent, newname.to_vec()));
+        src.ctime_ns = now;
+        txn.batch.put_inode(&src);
+        txn.batch.put_dentry(newparent, newname, ino);
+        if class.is_blob() && src.kind == Kind::File {
+            // Shared under the new name (the other names were shared when
+            // they were bound, if their class is shared).
+            let view = Inode {
+                parent: newparent,
+                name: newname.to_vec(),
+                links: Vec::new(),
+                ..src.clone()
+            };
+            self.share(&mut txn, &view)?;
+        }
+        self.touch_dir(&mut txn, self.inode(newparent)?, now);
+        self.usage.remember(ino);
+        self.commit(txn)?;
+        drop(g);
+        if prepared.is_some() || class.is_blob() {
+            self.sync_log()?;
+        }
+        Ok(self.attr_of(&src))
+    }
+
+    /// A link onto an existing result: it stays, the newcomer is dropped
+    /// (counted), and the call succeeds like the `link()`-based safe rename.
+    fn link_kept_existing<'a>(
+        &'a self,
+        mut txn: Txn<'a>,
+        existing: Inode,
+        newname: &[u8],
+        prepared: Option<&Prepared>,
+    ) -> Result<Attr> {
+        Stats::bump(&self.stats.counters.conflicts);
+        debug!(
+            "link name={:?} outcome=kept-existing",
+            String::from_utf8_lossy(newname)
+        );
+        if let Some(p) = prepared {
+            self.lock_blobs(&mut txn, &[p.id]);
+            self.discard_prepared(&mut txn, p)?;
+            self.commit(txn)?;
+        }
+        self.usage.remember(existing.ino);
+        Ok(self.attr_of(&existing))
+    }
+
+    /// `link` of a staged file a writer holds open into a shared class: the
+    /// new name gets a new inode bound to a published copy of the bytes.
+    fn link_copy(
+        &self,
+        ino: Ino,
+        peek: &Inode,
+        newparent: Ino,
+        newname: &[u8],
+        class: Class,
+    ) -> Result<Attr> {
+        let p = self.prepare(ino, true)?;
+        let class = class.resolve(&p.head);
+        let (g, found) = self.lock_names(&[ino], &[(newparent, newname)])?;
+        let src = self.inode(ino)?;
         if src.content != peek.content {
             return Err(Error::with_context(
                 libc::EAGAIN,
@@ -623,48 +799,17 @@ impl Core {
             ));
         }
         let mut txn = self.txn();
-        let now = self.now();
         if let Some(d) = found[0] {
             let existing = self.inode(d)?;
             if class == Class::Result && Self::is_published_result(&existing) {
-                Stats::bump(&self.stats.counters.conflicts);
-                debug!(
-                    "link name={:?} outcome=kept-existing",
-                    String::from_utf8_lossy(newname)
-                );
-                if let Some(p) = &prepared {
-                    self.lock_blobs(&mut txn, &[p.id]);
-                    self.discard_prepared(&mut txn, p)?;
-                    self.commit(txn)?;
-                }
-                self.usage.remember(existing.ino);
-                return Ok(self.attr_of(&existing));
+                return self.link_kept_existing(txn, existing, newname, Some(&p));
             }
             return Err(Error::errno(libc::EEXIST));
         }
         let newdir = self.inode(newparent)?;
-        if class == Class::Local && (src.content == Content::Staged || src.kind != Kind::File) {
-            // A plain hard link between host-local files.
-            src.nlink += 1;
-            src.ctime_ns = now;
-            txn.batch.put_inode(&src);
-            txn.batch.put_dentry(newparent, newname, ino);
-            self.touch_dir(&mut txn, newdir, now);
-            self.usage.remember(ino);
-            self.commit(txn)?;
-            return Ok(self.attr_of(&src));
-        }
-        // Publication under a new name: a new inode bound to the same bytes,
-        // so later writes to the source never reach the published name.
-        let (id, size) = match (&src.content, &prepared) {
-            (Content::Blob(id), _) => (*id, src.size),
-            (Content::Staged, Some(p)) => (p.id, p.size),
-            _ => return Err(Error::errno(libc::EPERM)),
-        };
-        self.lock_blobs(&mut txn, &[id]);
-        if let Some(p) = &prepared {
-            self.adopt_prepared(&mut txn, p)?;
-        }
+        let now = self.now();
+        self.lock_blobs(&mut txn, &[p.id]);
+        self.adopt_prepared(&mut txn, &p)?;
         let new_ino = self.alloc_ino()?;
         let owner = Caller {
             uid: src.uid,
@@ -680,16 +825,16 @@ impl Core {
             newname,
             now,
         );
-        inode.content = Content::Blob(id);
-        inode.size = size;
-        self.add_ref(&mut txn, id, new_ino, size);
+        inode.content = Content::Blob(p.id);
+        inode.size = p.size;
+        self.add_ref(&mut txn, p.id, new_ino, p.size);
         txn.batch.put_inode(&inode);
         txn.batch.put_dentry(newparent, newname, new_ino);
         self.share(&mut txn, &inode)?;
         self.touch_dir(&mut txn, newdir, now);
         self.usage.remember(new_ino);
         self.commit(txn)?;
-        drop(_g);
+        drop(g);
         self.sync_log()?;
         Ok(self.attr_of(&inode))
     }
@@ -777,5 +922,21 @@ impl Core {
 
     pub fn releasedir(&self, fh: u64) {
         self.dirs.with(&fh, |m| m.remove(&fh));
+    }
+}
+
+/// The class of a file with names in two classes: create-only wins over
+/// replaceable, which wins over host-local.
+fn stronger(a: Class, b: Class) -> Class {
+    let rank = |c: Class| match c {
+        Class::Result => 3,
+        Class::CcacheEntry => 2,
+        Class::Mutable => 1,
+        Class::Local => 0,
+    };
+    if rank(a) >= rank(b) {
+        a
+    } else {
+        b
     }
 }

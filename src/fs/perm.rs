@@ -134,13 +134,7 @@ impl Core {
     /// change modes and set explicit times; only root gives files away; a
     /// touch to now needs ownership or write permission; truncation needs
     /// write permission.
-    pub fn permit_setattr(
-        &self,
-        who: &Who,
-        ino: Ino,
-        set: &SetAttr,
-        explicit_times: bool,
-    ) -> Result<()> {
+    pub fn permit_setattr(&self, who: &Who, ino: Ino, set: &SetAttr) -> Result<()> {
         if who.uid == 0 {
             return Ok(());
         }
@@ -157,10 +151,10 @@ impl Core {
                 return Err(Error::errno(libc::EPERM));
             }
         }
-        if (set.mode.is_some() || explicit_times) && !owner {
+        if (set.mode.is_some() || set.sets_explicit_time()) && !owner {
             return Err(Error::errno(libc::EPERM));
         }
-        if set.touch && !owner {
+        if set.touches() && !owner {
             self.permit(who, ino, MAY_WRITE)?;
         }
         Ok(())

@@ -30,6 +30,16 @@ use crate::fs::{Core, Invalidate, RETRIES_MAX};
 use crate::stats::Stats;
 use crate::store::blobs::Blobs;
 use crate::store::ids::{BlobId, Ino};
+
+/// When a publication is offered to the shared tier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Share {
+    /// In the publication's own transaction.
+    Now,
+    /// When the publishing handle is released: it may still write (a
+    /// duplicated descriptor), and a create-only record cannot be taken back.
+    AtRelease,
+}
 use crate::store::meta::{Content, Inode, Kind, PendingReason};
 
 /// A staged file's bytes, hashed, durable and (unless already known) linked
@@ -235,13 +245,28 @@ impl Core {
 
     /// Publishes a staged inode in a shared class that no writer holds open:
     /// called when the last writer closes, and after a truncate.
-    pub fn publish_if_idle(&self, ino: Ino) -> Result<()> {
+    pub fn publish_if_idle(&self, ino: Ino, share: Share) -> Result<()> {
         if !self.usage.begin_seal(ino) {
             return Ok(()); // a writer still holds it; its close publishes
         }
-        let result = self.publish_sealed(ino);
+        let result = self.publish_sealed(ino, share);
         self.end_seal(ino);
         result
+    }
+
+    /// Shares a published name with other hosts (its publication deferred
+    /// that to the last reference: `Share::AtRelease`).
+    pub(super) fn share_published(&self, ino: Ino) -> Result<()> {
+        let _g = self.lock(&[ino]);
+        let Some(inode) = self.store.inode(ino)? else {
+            return Ok(());
+        };
+        if inode.nlink == 0 || !matches!(inode.content, Content::Blob(_)) {
+            return Ok(());
+        }
+        let mut txn = self.txn();
+        self.share(&mut txn, &inode)?;
+        self.commit(txn)
     }
 
     /// Ends a seal; an inode unlinked meanwhile goes now if nothing holds it.
@@ -252,7 +277,7 @@ impl Core {
         }
     }
 
-    fn publish_sealed(&self, ino: Ino) -> Result<()> {
+    fn publish_sealed(&self, ino: Ino, share: Share) -> Result<()> {
         let Some(peek) = self.store.inode(ino)? else {
             return Ok(());
         };
@@ -285,7 +310,9 @@ impl Core {
                 let class = inode.class;
                 self.seal_into(&mut txn, &mut inode, &p, class)?;
                 txn.batch.put_inode(&inode);
-                self.share(&mut txn, &inode)?;
+                if share == Share::Now {
+                    self.share(&mut txn, &inode)?;
+                }
                 self.commit(txn)?;
                 drop(g);
                 return self.sync_log();
@@ -325,14 +352,20 @@ impl Core {
                     inode.nlink = 1;
                     txn.batch.put_inode(&inode);
                     txn.batch.put_dentry(parent, &name, ino);
-                    self.share(&mut txn, &inode)?;
+                    if share == Share::Now {
+                        self.share(&mut txn, &inode)?;
+                    }
                     self.touch_dir(&mut txn, self.inode(parent)?, inode.mtime_ns);
                 }
             }
-            // Called from flush, release and setattr, which hold no directory
-            // lock: a reader's negative entry goes before close() returns.
+            // Negative entries for names bound at close are never cached
+            // (`binds_at_close`), so the name is visible when close()
+            // returns. This one is for the tier's negative entries and is
+            // sent after the reply: a client creating in this directory
+            // holds its lock while it waits for us, so a worker must never
+            // wait for that lock (it would deadlock the mount).
             txn.after
-                .push(After::InvalidateNow(Invalidate::Entry(parent, name)));
+                .push(After::Invalidate(Invalidate::Entry(parent, name)));
             self.commit(txn)?;
             self.usage.set_awaiting_bind(ino, false);
             drop(g);

@@ -248,16 +248,7 @@ fn touches_never_move_mtime_backwards() {
     let ino = core.lookup(Ino::ROOT, &name).unwrap().ino;
     let mut prev = core.getattr(ino).unwrap().mtime_ns;
     for _ in 0..100 {
-        let now = core
-            .setattr(
-                ino,
-                SetAttr {
-                    touch: true,
-                    ..Default::default()
-                },
-            )
-            .unwrap()
-            .mtime_ns;
+        let now = core.setattr(ino, SetAttr::touch()).unwrap().mtime_ns;
         assert!(now > prev);
         prev = now;
     }
@@ -368,14 +359,7 @@ fn eviction_removes_least_recently_used_until_under_target() {
     }
     // Use the oldest one: it is now the most recently used.
     let first = core.lookup(d, &names[0]).unwrap().ino;
-    core.setattr(
-        first,
-        SetAttr {
-            touch: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    core.setattr(first, SetAttr::touch()).unwrap();
     for n in &names {
         let ino = core.lookup(d, n).unwrap().ino;
         core.forget(ino, 2);

@@ -223,6 +223,9 @@ impl Core {
         mut inode: Inode,
     ) -> Result<()> {
         txn.batch.delete_dentry(parent, name);
+        if inode.kind != Kind::Dir && inode.nlink > 1 {
+            inode.drop_name(parent, name);
+        }
         inode.nlink = inode
             .nlink
             .saturating_sub(if inode.kind == Kind::Dir { 2 } else { 1 });
@@ -239,6 +242,21 @@ impl Core {
             txn.batch.put_inode(&inode);
         }
         Ok(())
+    }
+
+    /// Unbinds every name of a file (eviction, a damaged blob), queueing
+    /// the kernel's invalidation of each.
+    pub(super) fn unbind_all(&self, txn: &mut Txn, mut inode: Inode) -> Result<()> {
+        for (parent, name) in std::mem::take(&mut inode.links) {
+            txn.batch.delete_dentry(parent, &name);
+            txn.after
+                .push(After::Invalidate(Invalidate::Entry(parent, name)));
+        }
+        inode.nlink = inode.nlink.min(1);
+        let (parent, name) = (inode.parent, inode.name.clone());
+        txn.after
+            .push(After::Invalidate(Invalidate::Entry(parent, name.clone())));
+        self.unbind(txn, parent, &name, inode)
     }
 
     pub(super) fn touch_dir(&self, txn: &mut Txn, mut dir: Inode, now: u64) {

@@ -76,6 +76,7 @@ impl Core {
             nlink: if kind == Kind::Dir { 2 } else { 1 },
             size,
             mtime_ns: t,
+            atime_ns: t,
             ctime_ns: t,
             cacheable: false,
             rdev: 0,

@@ -33,8 +33,8 @@ use log::debug;
 
 use crate::error::Error;
 use crate::fs::{
-    Attr, Caller, Core, Invalidate, KernelCache, SetAttr, Who, MAY_EXEC, MAY_READ, MAY_WRITE,
-    NAME_BYTES_MAX,
+    Attr, Caller, Core, Invalidate, KernelCache, SetAttr, SetTime, Who, MAY_EXEC, MAY_READ,
+    MAY_WRITE, NAME_BYTES_MAX,
 };
 use crate::stats::Op;
 use crate::store::clock::to_system_time;
@@ -215,13 +215,25 @@ fn file_type(kind: Kind) -> FileType {
     }
 }
 
+/// A time from `setattr`. Times before 1970 are stored as 1970 (the store
+/// keeps unsigned nanoseconds; no compiler cache sets them).
+fn set_time(t: TimeOrNow) -> SetTime {
+    match t {
+        TimeOrNow::Now => SetTime::Now,
+        TimeOrNow::SpecificTime(st) => SetTime::At(
+            st.duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos().min(u64::MAX as u128) as u64),
+        ),
+    }
+}
+
 fn file_attr(a: &Attr) -> FileAttr {
     let mtime = to_system_time(a.mtime_ns);
     FileAttr {
         ino: INodeNo(a.ino.0),
         size: a.size,
         blocks: a.size.div_ceil(512),
-        atime: mtime,
+        atime: to_system_time(a.atime_ns),
         mtime,
         ctime: to_system_time(a.ctime_ns),
         crtime: mtime,
@@ -246,6 +258,7 @@ const NO_ENTRY: Attr = Attr {
     nlink: 0,
     size: 0,
     mtime_ns: 0,
+    atime_ns: 0,
     ctime_ns: 0,
     cacheable: true,
     rdev: 0,
@@ -360,9 +373,14 @@ impl Filesystem for CasFs {
             .and_then(|_| self.core.lookup(ino(parent), name.as_bytes()));
         match r {
             // A negative entry (inode 0) the kernel may cache: a name that
-            // appears later either comes through the kernel or is invalidated.
+            // appears later either comes through the kernel or is invalidated,
+            // except a name bound at close (not cached: see `binds_at_close`).
             Err(e) if e.code() == libc::ENOENT && !ino(parent).is_virtual() => {
-                let ttl = self.core.negative_ttl().unwrap_or(TTL);
+                let ttl = if self.core.binds_at_close(ino(parent), name.as_bytes()) {
+                    Duration::ZERO
+                } else {
+                    self.core.negative_ttl().unwrap_or(TTL)
+                };
                 reply.entry(&ttl, &file_attr(&NO_ENTRY), Generation(0))
             }
             r => self.entry(r, reply),
@@ -418,17 +436,12 @@ impl Filesystem for CasFs {
             uid,
             gid,
             size,
-            touch: atime.is_some() || mtime.is_some(),
+            atime: atime.map(set_time),
+            mtime: mtime.map(set_time),
         };
-        let explicit = |t: &Option<TimeOrNow>| matches!(t, Some(TimeOrNow::SpecificTime(_)));
         let result = self
             .core
-            .permit_setattr(
-                &who(req),
-                ino(i),
-                &set,
-                explicit(&atime) || explicit(&mtime),
-            )
+            .permit_setattr(&who(req), ino(i), &set)
             .and_then(|_| match (size, fh) {
                 (Some(size), Some(fh)) => self.core.before_truncate(fh.0, size),
                 _ => Ok(()),

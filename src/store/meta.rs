@@ -147,11 +147,17 @@ pub struct Inode {
     pub nlink: u32,
     pub size: u64,
     pub mtime_ns: u64,
+    /// None: the access time is the mtime (the daemon does not track reads);
+    /// Some: a client set it (`touch -a`, `utimensat` with explicit times).
+    pub atime_ns: Option<u64>,
     pub ctime_ns: u64,
     /// The directory holding the name this inode was last bound to (for a
     /// directory: its parent). Used for class paths and repair.
     pub parent: Ino,
     pub name: Vec<u8>,
+    /// A file's other names (hard links), besides `parent`/`name`; a bound
+    /// file's `nlink` is one more than their count.
+    pub links: Vec<(Ino, Vec<u8>)>,
     pub content: Content,
 }
 
@@ -166,7 +172,46 @@ pub enum PendingReason {
     Unsealed = 2,
 }
 
+/// Tags of the optional fields of an inode record: the access time, and
+/// each other name of a hard-linked file (repeated).
+const TAG_ATIME: u8 = 1;
+const TAG_LINK: u8 = 2;
+
 impl Inode {
+    /// Every name the inode is bound to (for a bound inode).
+    pub fn names(&self) -> Vec<(Ino, Vec<u8>)> {
+        let mut all = vec![(self.parent, self.name.clone())];
+        all.extend(self.links.iter().cloned());
+        all
+    }
+
+    /// Forgets one of the names (the caller deletes its entry): another name
+    /// becomes the main one if it was that.
+    pub fn drop_name(&mut self, parent: Ino, name: &[u8]) {
+        if self.parent == parent && self.name == name {
+            if let Some((p, n)) = self.links.pop() {
+                self.parent = p;
+                self.name = n;
+            }
+        } else {
+            self.links.retain(|(p, n)| !(*p == parent && n == name));
+        }
+    }
+
+    /// Records that the name `from` is now `to` (a rename).
+    pub fn move_name(&mut self, from: (Ino, &[u8]), to: (Ino, &[u8])) {
+        if let Some(l) = self
+            .links
+            .iter_mut()
+            .find(|(p, n)| *p == from.0 && n == from.1)
+        {
+            *l = (to.0, to.1.to_vec());
+            return;
+        }
+        self.parent = to.0;
+        self.name = to.1.to_vec();
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(64 + self.name.len());
         b.push(1); // record version
@@ -206,6 +251,18 @@ impl Inode {
                 b.push(4);
                 b.extend_from_slice(&rdev.to_le_bytes());
             }
+        }
+        // Optional fields after the content, each a tag byte and its value;
+        // a record without them is the shorter record of earlier versions.
+        if let Some(atime) = self.atime_ns {
+            b.push(TAG_ATIME);
+            b.extend_from_slice(&atime.to_le_bytes());
+        }
+        for (parent, name) in &self.links {
+            b.push(TAG_LINK);
+            b.extend_from_slice(&parent.0.to_le_bytes());
+            b.extend_from_slice(&(name.len() as u16).to_le_bytes());
+            b.extend_from_slice(name);
         }
         b
     }
@@ -247,6 +304,19 @@ impl Inode {
             4 => Content::Device(r.u32()?),
             _ => return None,
         };
+        let mut atime_ns = None;
+        let mut links = Vec::new();
+        while let Some(tag) = r.u8() {
+            match tag {
+                TAG_ATIME => atime_ns = Some(r.u64()?),
+                TAG_LINK => {
+                    let parent = Ino(r.u64()?);
+                    let n = u16::from_le_bytes(r.take(2)?.try_into().ok()?) as usize;
+                    links.push((parent, r.take(n)?.to_vec()));
+                }
+                _ => return None,
+            }
+        }
         Some(Inode {
             ino,
             kind,
@@ -257,9 +327,11 @@ impl Inode {
             nlink,
             size,
             mtime_ns,
+            atime_ns,
             ctime_ns,
             parent,
             name,
+            links,
             content,
         })
     }
@@ -599,6 +671,25 @@ impl Store {
             .map_err(|e| Error::db(e, "write inode lease"))
     }
 
+    /// True once a one-time conversion of an older store, named by `key`,
+    /// has been done.
+    pub fn converted(&self, key: &str) -> Result<bool> {
+        let v = self
+            .db
+            .get_cf(self.cf(Cf::Meta), format!("converted:{key}"))
+            .map_err(|e| Error::db(e, "read conversion marker"))?;
+        Ok(v.is_some())
+    }
+
+    /// Records (synced) that the conversion `key` is done.
+    pub fn mark_converted(&self, key: &str) -> Result<()> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db
+            .put_cf_opt(self.cf(Cf::Meta), format!("converted:{key}"), [], &wo)
+            .map_err(|e| Error::db(e, "write conversion marker"))
+    }
+
     /// Persists the clock's lease (same ordering argument as the inode lease).
     pub fn put_clock_lease(&self, lease_ns: u64) -> Result<()> {
         self.db
@@ -785,9 +876,11 @@ mod tests {
             nlink: 1,
             size: 123,
             mtime_ns: 5,
+            atime_ns: None,
             ctime_ns: 6,
             parent: Ino(1),
             name: b"abcR".to_vec(),
+            links: Vec::new(),
             content: Content::Blob(BlobId::of(b"x")),
         };
         assert_eq!(Inode::decode(Ino(42), &inode.encode()), Some(inode.clone()));
@@ -813,6 +906,12 @@ mod tests {
             };
             assert_eq!(Inode::decode(Ino(42), &node.encode()), Some(node));
         }
+        let touched = Inode {
+            atime_ns: Some(7),
+            links: vec![(Ino(3), b"other".to_vec()), (Ino(4), b"third".to_vec())],
+            ..link
+        };
+        assert_eq!(Inode::decode(Ino(42), &touched.encode()), Some(touched));
         assert_eq!(Inode::decode(Ino(1), &[9, 9]), None);
     }
 }

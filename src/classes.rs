@@ -6,9 +6,16 @@
 //! time, so `tmp/**` matches `tmp/x` and `a/b/tmp/x/y`, and `stats` matches
 //! any file named `stats`; a pattern starting with `/` is anchored at the
 //! root. In a component, `*` matches any run of characters, `?` one
-//! character, `[a-z0-9]` one character of a set; `**` matches any number of
-//! components. Rules given on the command line come before the built-in
-//! ones; the first match wins.
+//! character, `[a-z0-9]` one character of a set; a set may be followed by a
+//! count: `+` (one or more), `{n}`, `{n,}` or `{n,m}`. `**` matches any
+//! number of components. Rules given on the command line come before the
+//! built-in ones; the first match wins.
+//!
+//! The built-in rules describe every ccache generation's layout (2.x/3.x,
+//! 4.0–4.12, ≥ 4.13): see `DEFAULT_RULES`. Rules that would match ordinary
+//! names (plain hex, `<hex>-<size>`) require ccache's one-hex-digit level
+//! directories above them, so a file called `cafe.c`, `add.a` or `bad`
+//! outside a ccache layout is an ordinary (mutable) file.
 //!
 //! Invariant: the class of a name is a pure function of its path and, for
 //! `ccache-entry`, of the first bytes of the content published under it.
@@ -94,21 +101,55 @@ impl fmt::Display for Class {
     }
 }
 
-/// The built-in rules, for ccache ≤ 4.12 and ≥ 4.13 layouts. Documented in
-/// the README; keep the two in step.
+/// The built-in rules, one group per ccache generation, written from each
+/// version's sources (the file operations are replayed in
+/// `tests/mount_layouts.rs`). Documented in the README; keep the two in step.
 pub const DEFAULT_RULES: &[&str] = &[
+    // Host-local scratch, every generation: ccache's temporary directory and
+    // lock directory, `symlink()` locks and their `.alive` companions,
+    // counters and configuration rewritten in place.
     "tmp/**=local",
     "lock/**=local",
-    "*.tmp=local",
     "*.lock=local",
     "*.alive=local",
     "stats=local",
     "ccache.conf=local",
     "CACHEDIR.TAG=local",
+    // Temporary files. ccache's own test for one is "contains `.tmp.`":
+    // 3.x `<dest>.tmp.<host>.<pid>.XXXXXX` (stdout, stderr, manifests,
+    // stats), 4.0–4.6 `<dest>.tmp.XXXXXX`, ≥ 4.7 `<dest>.tmp.XXXXXX.tmp`,
+    // and the NFS-safe removals `.ccache.rm.tmp` (≤ 4.6),
+    // `.ccache.tmp.unlink` (4.7–4.12), `.ccache.tmp.remove` (≥ 4.13).
+    "*.tmp=local",
+    "*.tmp.*=local",
+    // ccache 2.x keeps its temporaries in the cache root itself
+    // (`tmp.stdout.<host>.<pid>`, `tmp.hash.<host>.<pid>.o`, ...).
+    "tmp.*.*.*=local",
+    // ccache 2.x and 3.x: `<md4 hex>-<size>` below 1–8 one-hex-digit level
+    // directories: the object (2.x, no suffix; 3.x `.o`) and its companions
+    // are results, `.manifest` is a manifest, and anything else of that
+    // shape is a 3.x copy temporary `<dest>.<host>.<pid>.XXXXXX`.
+    "[0-9a-f]/[0-9a-f]{24,}-[0-9]+=result",
+    "[0-9a-f]/[0-9a-f]{24,}-[0-9]+.o=result",
+    "[0-9a-f]/[0-9a-f]{24,}-[0-9]+.stderr=result",
+    "[0-9a-f]/[0-9a-f]{24,}-[0-9]+.d=result",
+    "[0-9a-f]/[0-9a-f]{24,}-[0-9]+.gcno=result",
+    "[0-9a-f]/[0-9a-f]{24,}-[0-9]+.su=result",
+    "[0-9a-f]/[0-9a-f]{24,}-[0-9]+.dia=result",
+    "[0-9a-f]/[0-9a-f]{24,}-[0-9]+.dwo=result",
+    "[0-9a-f]/[0-9a-f]{24,}-[0-9]+.manifest=mutable",
+    "[0-9a-f]/[0-9a-f]{24,}-[0-9]+.*=local",
+    // ccache 4.0–4.12: base32hex names (29–31 characters below 2–4 levels)
+    // with an upper-case suffix: `R` result, `<n>W` raw file, `M` manifest.
+    // The upper-case suffix is distinctive enough that these apply at any
+    // depth (as they always have).
     "[0-9a-v][0-9a-v]*R=result",
     "[0-9a-v][0-9a-v]*W=result",
     "[0-9a-v][0-9a-v]*M=mutable",
-    "[0-9a-f][0-9a-f]*[0-9a-f]=ccache-entry",
+    // ccache ≥ 4.13: plain hex (36–38 digits below 2–4 levels), the header
+    // tells a result from a manifest; raw files are `<hex>_<nn>`.
+    "[0-9a-f]/[0-9a-f]/[0-9a-f]{32,}=ccache-entry",
+    "[0-9a-f]/[0-9a-f]/[0-9a-f]{32,}_[0-9a-f]{2}=result",
     "**=mutable",
 ];
 
@@ -197,7 +238,7 @@ fn match_parts(parts: &[&[u8]], path: &[&[u8]]) -> bool {
     }
 }
 
-/// One-component glob: `*`, `?`, `[set]` with ranges.
+/// One-component glob: `*`, `?`, `[set]` with ranges and an optional count.
 fn glob(pat: &[u8], name: &[u8]) -> bool {
     match pat.split_first() {
         None => name.is_empty(),
@@ -207,12 +248,44 @@ fn glob(pat: &[u8], name: &[u8]) -> bool {
             let Some(close) = rest.iter().position(|&c| c == b']') else {
                 return name.first() == Some(&b'[') && glob(rest, &name[1..]);
             };
-            let Some((&c, tail)) = name.split_first() else {
-                return false;
-            };
-            in_set(&rest[..close], c) && glob(&rest[close + 1..], tail)
+            let set = &rest[..close];
+            let (min, max, tail) = count_after_set(&rest[close + 1..]);
+            let run = name
+                .iter()
+                .take(max)
+                .take_while(|&&c| in_set(set, c))
+                .count();
+            run >= min && (min..=run).rev().any(|n| glob(tail, &name[n..]))
         }
         Some((&p, rest)) => name.first() == Some(&p) && glob(rest, &name[1..]),
+    }
+}
+
+/// The count after a set (`+`, `{n}`, `{n,}`, `{n,m}`) as (min, max, rest of
+/// the pattern); without one (or with a malformed one, which then stays
+/// literal text) a set matches exactly one character.
+fn count_after_set(pat: &[u8]) -> (usize, usize, &[u8]) {
+    let once = (1, 1, pat);
+    match pat.split_first() {
+        Some((b'+', rest)) => (1, usize::MAX, rest),
+        Some((b'{', rest)) => {
+            let Some(end) = rest.iter().position(|&c| c == b'}') else {
+                return once;
+            };
+            let Ok(inner) = std::str::from_utf8(&rest[..end]) else {
+                return once;
+            };
+            let bounds = match inner.split_once(',') {
+                None => inner.parse().ok().map(|n| (n, n)),
+                Some((lo, "")) => lo.parse().ok().map(|n| (n, usize::MAX)),
+                Some((lo, hi)) => lo.parse().ok().zip(hi.parse().ok()),
+            };
+            match bounds {
+                Some((lo, hi)) if lo <= hi => (lo, hi, &rest[end + 1..]),
+                _ => once,
+            }
+        }
+        _ => once,
     }
 }
 
@@ -280,14 +353,133 @@ mod tests {
         }
     }
 
+    /// A 4.13 key is 40 hex digits; the first 2–4 name the level directories.
+    const HEX38: &str = "cdef0123456789abcdef0123456789abcdef01";
+
     #[test]
     fn ccache_4_13_hex_names_are_decided_by_header() {
         let r = Rules::new(&[]).unwrap();
-        let c = class_of(&r, "a/b/cdef0123456789abcdef0123456789");
-        assert_eq!(c, Class::CcacheEntry);
-        assert_eq!(c.resolve(&[0xcc, 0xac, 1, 0, 9]), Class::Result);
-        assert_eq!(c.resolve(&[0xcc, 0xac, 1, 1, 9]), Class::Mutable);
-        assert_eq!(c.resolve(b"garbage"), Class::Mutable);
+        for prefix in ["", "cc/", "a/b/c/"] {
+            let p = |s: &str| format!("{prefix}{s}");
+            let c = class_of(&r, &p(&format!("a/b/{HEX38}")));
+            assert_eq!(c, Class::CcacheEntry);
+            assert_eq!(c.resolve(&[0xcc, 0xac, 1, 0, 9]), Class::Result);
+            assert_eq!(c.resolve(&[0xcc, 0xac, 1, 1, 9]), Class::Mutable);
+            assert_eq!(c.resolve(b"garbage"), Class::Mutable);
+            // Four levels (37 digits after `move_to_wanted_cache_level`).
+            assert_eq!(
+                class_of(&r, &p(&format!("a/b/c/d/{}", &HEX38[2..]))),
+                Class::CcacheEntry
+            );
+            assert_eq!(class_of(&r, &p(&format!("a/b/{HEX38}_00"))), Class::Result);
+            for tmp in [".tmp.Ab3dEf.tmp", ".ccache.tmp.remove"] {
+                assert_eq!(
+                    class_of(&r, &p(&format!("a/b/{HEX38}{tmp}"))),
+                    Class::Local,
+                    "{tmp}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn hex_names_outside_a_ccache_layout_are_ordinary_files() {
+        let r = Rules::new(&[]).unwrap();
+        for path in [
+            "cafe.c",
+            "add.a",
+            "bad",
+            "src/cafe",
+            "a/bad",
+            "ab/cd/deadbeefdeadbeefdeadbeefdeadbeefdeadbeef",
+            "a/b/deadbeef",
+            "x/a/b/0123-45",
+        ] {
+            assert_eq!(class_of(&r, path), Class::Mutable, "{path}");
+        }
+    }
+
+    #[test]
+    fn ccache_2_and_3_layouts() {
+        let r = Rules::new(&[]).unwrap();
+        // 3.x with cache_dir_levels 2 (30 digits) and 1 (31 digits); 2.x.
+        let h = "23456789abcdef0123456789abcdef-1234";
+        let h1 = "123456789abcdef0123456789abcdef-77";
+        for prefix in ["", "cc/", "x/y/"] {
+            let p = |s: &str| format!("{prefix}{s}");
+            for suffix in ["", ".o", ".stderr", ".d", ".gcno", ".su", ".dia", ".dwo"] {
+                assert_eq!(class_of(&r, &p(&format!("0/1/{h}{suffix}"))), Class::Result);
+                assert_eq!(class_of(&r, &p(&format!("0/{h1}{suffix}"))), Class::Result);
+            }
+            assert_eq!(
+                class_of(&r, &p(&format!("0/1/{h}.manifest"))),
+                Class::Mutable
+            );
+            for tmp in [
+                ".o.build7.4242.aB3dEf",
+                ".o.tmp.stdout.build7.4242.aB3dEf",
+                ".o.tmp.stderr.build7.4242.aB3dEf.2",
+                ".manifest.tmp.build7.4242.aB3dEf",
+                ".o.ccache.rm.tmp",
+            ] {
+                assert_eq!(
+                    class_of(&r, &p(&format!("0/1/{h}{tmp}"))),
+                    Class::Local,
+                    "{tmp}"
+                );
+            }
+            assert_eq!(class_of(&r, &p("0/stats")), Class::Local);
+            assert_eq!(
+                class_of(&r, &p("0/stats.tmp.build7.4242.aB3dEf")),
+                Class::Local
+            );
+            assert_eq!(class_of(&r, &p("0/stats.lock")), Class::Local);
+            // 2.x temporaries in the cache root.
+            for tmp in [
+                "tmp.stdout.build7.4242",
+                "tmp.hash.build7.4242.o",
+                "tmp.cpp_stderr.build7.4242",
+                "hello.tmp.build7.4242.i",
+            ] {
+                assert_eq!(class_of(&r, &p(tmp)), Class::Local, "{tmp}");
+            }
+        }
+    }
+
+    #[test]
+    fn ccache_4_0_to_4_6_temporaries_are_local() {
+        let r = Rules::new(&[]).unwrap();
+        // mkstemp's six characters may end in R, W, M or a hex digit.
+        for x in ["AbcdeR", "AbcdeW", "AbcdeM", "Abcde1"] {
+            assert_eq!(
+                class_of(&r, &format!("a/e/c8aiq5frsd7ctaaepqbvl8shkb4kcjcR.tmp.{x}")),
+                Class::Local
+            );
+        }
+        assert_eq!(
+            class_of(&r, "a/e/c8aiq5frsd7ctaaepqbvl8shkb4kcj0W"),
+            Class::Result
+        );
+        assert_eq!(
+            class_of(&r, "a/e/c8aiq5frsd7ctaaepqbvl8shkb4kcjcR.ccache.tmp.unlink"),
+            Class::Local
+        );
+    }
+
+    #[test]
+    fn set_counts() {
+        assert!(glob(b"[0-9]+", b"123"));
+        assert!(!glob(b"[0-9]+", b""));
+        assert!(glob(b"x[a-c]{2}y", b"xaby"));
+        assert!(!glob(b"x[a-c]{2}y", b"xabcy"));
+        assert!(glob(b"[a-c]{2,}", b"abcabc"));
+        assert!(!glob(b"[a-c]{2,}", b"a"));
+        assert!(glob(b"[a-c]{1,2}c", b"abc"));
+        assert!(!glob(b"[a-c]{1,2}c", b"abcc"));
+        assert!(glob(b"[0-9]+-[0-9]+", b"12-34"));
+        // Malformed counts stay literal text.
+        assert!(glob(b"[a]{x}", b"a{x}"));
+        assert!(glob(b"[a]{", b"a{"));
     }
 
     #[test]

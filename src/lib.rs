@@ -13,13 +13,15 @@
 //!   the clock, identities, fsck.
 //! - `shared/`: the shared tier (engine trait, shared directory, Redis) and
 //!   the upload queue.
-//! - `classes`, `stats`, `error`: path classes, counters, the error type.
+//! - `classes`, `integrity`, `stats`, `error`: path classes, cache entries'
+//!   own checksums, counters, the error type.
 
 pub mod classes;
 pub mod daemon;
 pub mod error;
 pub mod fs;
 pub mod fuse;
+pub mod integrity;
 pub mod shared;
 pub mod stats;
 pub mod store;

@@ -46,6 +46,9 @@ enum Command {
         /// Bound on every shared-tier call, in milliseconds
         #[arg(long, default_value_t = 500)]
         shared_timeout_ms: u64,
+        /// How far ahead of this host's clock an mtime from the shared tier may move it, in milliseconds (build hosts are assumed to run NTP) [default: 1000]
+        #[arg(long, value_name = "MS")]
+        shared_clock_skew_ms: Option<u64>,
         /// umask for files the shared-directory engine creates (octal)
         #[arg(long, default_value = "002")]
         shared_umask: String,
@@ -96,6 +99,9 @@ enum Command {
     },
 }
 
+/// `--shared-clock-skew-ms` when not given.
+const CLOCK_SKEW_MS_DEFAULT: u64 = 1000;
+
 fn default_store() -> PathBuf {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
@@ -118,6 +124,7 @@ struct MountOptions {
     mode: Option<u32>,
     shared: Option<String>,
     namespace: Option<String>,
+    shared_clock_skew_ms: Option<u64>,
 }
 
 fn parse_mount_options(text: &str) -> Result<MountOptions, String> {
@@ -143,9 +150,16 @@ fn parse_mount_options(text: &str) -> Result<MountOptions, String> {
             // value, so fstab lines spell it `shared_url=`.
             "shared" | "shared_url" => o.shared = value.map(str::to_owned),
             "namespace" => o.namespace = value.map(str::to_owned),
+            "shared_clock_skew_ms" => {
+                o.shared_clock_skew_ms = Some(
+                    value
+                        .and_then(|v| v.parse().ok())
+                        .ok_or_else(|| format!("mount option {opt:?} needs a number of milliseconds"))?,
+                )
+            }
             _ => {
                 return Err(format!(
-                    "unknown mount option {opt:?} (known: allow_other, ro, rw, max_size=SIZE, uid=N, gid=N, mode=OCTAL, shared=URL (or shared_url=URL), namespace=NAME, default_permissions)"
+                    "unknown mount option {opt:?} (known: allow_other, ro, rw, max_size=SIZE, uid=N, gid=N, mode=OCTAL, shared=URL (or shared_url=URL), namespace=NAME, shared_clock_skew_ms=MS, default_permissions)"
                 ))
             }
         }
@@ -235,6 +249,7 @@ fn run(cli: Cli) -> Result<(), String> {
             shared,
             namespace,
             shared_timeout_ms,
+            shared_clock_skew_ms,
             shared_umask,
             scrub_interval_ms,
             read_only,
@@ -289,6 +304,9 @@ fn run(cli: Cli) -> Result<(), String> {
                 },
                 max_size_bytes: o.max_size_bytes,
                 shared,
+                clock_skew_max_ms: shared_clock_skew_ms
+                    .or(o.shared_clock_skew_ms)
+                    .unwrap_or(CLOCK_SKEW_MS_DEFAULT),
                 scrub_interval_ms,
                 allow_other: o.allow_other,
                 force,
@@ -319,11 +337,15 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Sync { mountpoint } => {
             let text = read_casfs_file(&mountpoint, "sync")?;
-            print!("{text}");
             if text.starts_with("ok") {
+                print!("{text}");
                 Ok(())
             } else {
-                Err(format!("sync of {} failed", mountpoint.display()))
+                Err(format!(
+                    "sync of {}: {}",
+                    mountpoint.display(),
+                    text.trim_end().trim_start_matches("FAILED: ")
+                ))
             }
         }
         Command::Fsck { store, repair } => std::process::exit(run_fsck(&store, repair).into()),
@@ -357,6 +379,9 @@ mod tests {
         let o = parse_mount_options("shared=redis://h:6379/2,namespace=deb13").unwrap();
         assert_eq!(o.shared.as_deref(), Some("redis://h:6379/2"));
         assert_eq!(o.namespace.as_deref(), Some("deb13"));
+        let o = parse_mount_options("shared_clock_skew_ms=250").unwrap();
+        assert_eq!(o.shared_clock_skew_ms, Some(250));
+        assert!(parse_mount_options("shared_clock_skew_ms=soon").is_err());
     }
 }
 

@@ -28,6 +28,7 @@ counters! {
     misses: "Lookups that found no name",
     publications: "Contents published under a shared name (result or mutable)",
     conflicts: "Create-only conflicts: a rename, link or write onto an existing result that kept the first content",
+    corrupt_results_replaced: "Results that failed their own format's checksum and were replaced by a valid newcomer's rename",
     blobs_deduplicated: "Publications whose bytes were already stored",
     corrupt_blobs: "Blobs that failed hash verification (quarantined, never served)",
     blobs_verified: "Blob reads verified against their hash",

@@ -1,19 +1,21 @@
 //! The daemon's life: check the mountpoint, open the store, mount, serve
 //! until unmounted (by `umount`, `casfs unmount`, SIGINT or SIGTERM), then
-//! flush and exit 0. Also `casfs unmount`.
+//! flush, log how many uploads to the shared tier are still pending (they
+//! are kept in the store and delivered after the next mount), and exit 0.
+//! Also `casfs unmount`.
 
 use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use fuser::{Config as FuseConfig, MountOption, Session, SessionACL};
 use log::{error, info, warn};
 
 use crate::fs::{Config, Core};
 use crate::fuse::{CasFs, Kernel};
-use crate::shared::tier::{LostRace, Tier};
+use crate::shared::tier::{LostRace, Outbox, Tier};
 use crate::shared::EngineConfig;
 use crate::store::meta::open_store;
 
@@ -25,6 +27,9 @@ pub struct MountArgs {
     pub max_size_bytes: Option<u64>,
     /// `--shared URL` and the engine's settings.
     pub shared: Option<(String, EngineConfig)>,
+    /// How far past this host's wall time an mtime from the shared tier
+    /// may move the clock (`--shared-clock-skew-ms`).
+    pub clock_skew_max_ms: u64,
     /// Milliseconds between two blobs checked by the background scrub (0: off).
     pub scrub_interval_ms: u64,
     pub allow_other: bool,
@@ -166,6 +171,7 @@ pub fn run(args: MountArgs) -> Result<(), String> {
     // file's wait queue, and the kernel hands each request to one of them.
     fuse_config.clone_fd = true;
 
+    let mut tier = None;
     if let Some((url, engine_config)) = &args.shared {
         let engine =
             crate::shared::open(url, engine_config).map_err(|e| format!("--shared {url}: {e}"))?;
@@ -175,7 +181,18 @@ pub fn run(args: MountArgs) -> Result<(), String> {
                 core.adopt_winner(path, winner);
             }
         });
-        core.attach_tier(Tier::start(engine, engine_config.timeout, lost));
+        let outbox: Weak<dyn Outbox> = Arc::downgrade(&core) as Weak<dyn Outbox>;
+        let t = Tier::start(engine, engine_config.timeout, lost, outbox);
+        core.attach_tier(t.clone(), args.clock_skew_max_ms.saturating_mul(1_000_000));
+        tier = Some(t);
+    } else {
+        let n = core.uploads_waiting();
+        if n > 0 {
+            warn!(
+                "store {} holds {n} publications not yet delivered to a shared tier; they wait for a mount with --shared",
+                args.store.display()
+            );
+        }
     }
     let session = Session::new(CasFs::new(core.clone()), &mountpoint, &fuse_config)
         .map_err(|e| format!("cannot mount {}: {e}", mountpoint.display()))?;
@@ -214,6 +231,16 @@ pub fn run(args: MountArgs) -> Result<(), String> {
     );
     let result = session.run();
     core.shutdown();
+    if let Some(t) = &tier {
+        match t.pending() {
+            0 => info!("unmount: every publication was delivered to the shared tier {}", t.describe()),
+            n => warn!(
+                "unmount: {n} uploads to the shared tier {} are not delivered yet; they are kept in store {} and delivered after the next mount with --shared",
+                t.describe(),
+                args.store.display()
+            ),
+        }
+    }
     match result {
         Ok(()) => {
             info!("unmounted {}", mountpoint.display());

@@ -253,12 +253,9 @@ impl Core {
             (Content::Blob(id), Class::Result) => {
                 Ok((self.open_blob(id)?, Mode::Discard, false, false))
             }
-            (Content::Blob(id), class) if !truncate => Ok((
-                self.open_blob(id)?,
-                Mode::Write,
-                class == Class::Local,
-                true,
-            )),
+            (Content::Blob(id), class) if !truncate => {
+                Ok((self.open_blob(id)?, Mode::Write, class == Class::Local, true))
+            }
             (Content::Blob(id), _) => {
                 let id = *id;
                 self.lock_blobs(&mut txn, &[id]);
@@ -268,12 +265,7 @@ impl Core {
                 txn.batch.put_inode(&inode);
                 self.commit(txn)?;
                 let local = inode.class == Class::Local;
-                Ok((
-                    self.blobs.open_staging(ino, true)?,
-                    Mode::Write,
-                    local,
-                    false,
-                ))
+                Ok((self.blobs.open_staging(ino, true)?, Mode::Write, local, false))
             }
             (Content::Staged, class) => {
                 let file = self.blobs.open_staging(ino, true)?;

@@ -8,6 +8,8 @@
 //!   reference (the inode stays until the kernel forgets it).
 //! - A rename or link onto a published result keeps the result (create-only)
 //!   and counts a conflict; anything else is replaced as on a local disk.
+//!   A rename replaces a result that fails its own format's checksum with a
+//!   newcomer that passes it (checked before any lock is taken).
 //! - Symlinks and special files (fifos, sockets, device nodes; kind and
 //!   device number in the inode record) are host-local metadata-only nodes:
 //!   never shared, never published.
@@ -26,7 +28,7 @@ use crate::fs::{
     NAME_BYTES_MAX, RETRIES_MAX, SYMLINK_BYTES_MAX,
 };
 use crate::stats::Stats;
-use crate::store::ids::Ino;
+use crate::store::ids::{BlobId, Ino};
 use crate::store::meta::{Content, Inode, Kind};
 
 impl Core {
@@ -496,14 +498,26 @@ impl Core {
                 None if peek.kind == Kind::File => self.head_of(&peek),
                 None => [0; 4],
             };
-            let result = self.rename_locked(
-                (parent, name),
-                (newparent, newname),
-                flags,
-                &peek,
-                class.resolve(&head),
-                prepared.as_ref(),
-            );
+            // A header-decided name already holding a result stays
+            // create-only whatever the newcomer's header says.
+            let header_decided = class == Class::CcacheEntry;
+            let class = class.resolve(&head);
+            let create_only = (class == Class::Result || header_decided) && peek.kind == Kind::File;
+            let replaceable = if create_only {
+                self.corrupt_result_at(newparent, newname, &peek, prepared.as_ref())
+            } else {
+                Ok(None)
+            };
+            let result = replaceable.and_then(|replaceable| {
+                self.rename_locked(
+                    (parent, name),
+                    (newparent, newname),
+                    flags,
+                    &peek,
+                    (class, create_only, replaceable),
+                    prepared.as_ref(),
+                )
+            });
             if sealed {
                 self.end_seal(src_ino);
             }
@@ -521,13 +535,16 @@ impl Core {
 
     /// The locked part of a rename. Returns None if `peek` (read without the
     /// lock) no longer describes the source, else whether to sync the log.
+    /// `create_only`: a published result at the target is kept.
+    /// `replaceable`: a result blob found corrupt (see `corrupt_result_at`)
+    /// that the target may be replaced from, if it still holds it.
     fn rename_locked(
         &self,
         (parent, name): (Ino, &[u8]),
         (newparent, newname): (Ino, &[u8]),
         flags: u32,
         peek: &Inode,
-        class: Class,
+        (class, create_only, replaceable): (Class, bool, Option<BlobId>),
         prepared: Option<&Prepared>,
     ) -> Result<Option<bool>> {
         let (_g, found) = self.lock_names(&[], &[(parent, name), (newparent, newname)])?;
@@ -578,8 +595,13 @@ impl Core {
         self.lock_blobs(&mut txn, &ids);
         let now = self.now();
 
-        if class == Class::Result && src.kind == Kind::File {
-            if let Some(existing) = dst.as_ref().filter(|d| Self::is_published_result(d)) {
+        let dst_blob = dst.as_ref().and_then(Self::blob_of);
+        let heals = replaceable.is_some() && dst_blob == replaceable;
+        if create_only {
+            if let Some(existing) = dst
+                .as_ref()
+                .filter(|d| Self::is_published_result(d) && !heals)
+            {
                 // Create-only: the existing result stays; the newcomer goes.
                 Stats::bump(&self.stats.counters.conflicts);
                 debug!(
@@ -608,6 +630,13 @@ impl Core {
 
         if let Some(p) = prepared {
             self.seal_into(&mut txn, &mut src, p, class)?;
+        }
+        if heals {
+            Stats::bump(&self.stats.counters.corrupt_results_replaced);
+            debug!(
+                "rename name={:?} ino={src_ino} outcome=replaced-corrupt-result",
+                String::from_utf8_lossy(newname)
+            );
         }
         let replaced_dir = dst.as_ref().is_some_and(|d| d.kind == Kind::Dir);
         if let Some(d) = dst {

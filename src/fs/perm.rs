@@ -134,7 +134,12 @@ impl Core {
     /// change modes and set explicit times; only root gives files away; a
     /// touch to now needs ownership or write permission; truncation needs
     /// write permission.
-    pub fn permit_setattr(&self, who: &Who, ino: Ino, set: &SetAttr) -> Result<()> {
+    pub fn permit_setattr(
+        &self,
+        who: &Who,
+        ino: Ino,
+        set: &SetAttr,
+    ) -> Result<()> {
         if who.uid == 0 {
             return Ok(());
         }

@@ -17,6 +17,9 @@
 //! - A blob file is durable and complete before any record points at it.
 //! - Create-only: a file created under a result name that is already bound
 //!   to a published result becomes an unnamed alias of the winner.
+//! - Create-only keeps the first *valid* content: `corrupt_result_at` tells,
+//!   without any lock, whether a result fails its own format's checksum
+//!   (`integrity`) so a valid newcomer's rename may replace it.
 
 use std::fs::File;
 use std::path::PathBuf;
@@ -27,6 +30,7 @@ use crate::classes::Class;
 use crate::error::{Error, Result};
 use crate::fs::txn::{After, Txn};
 use crate::fs::{Core, Invalidate, RETRIES_MAX};
+use crate::integrity::{self, Verdict};
 use crate::stats::Stats;
 use crate::store::blobs::Blobs;
 use crate::store::ids::{BlobId, Ino};
@@ -241,6 +245,48 @@ impl Core {
             txn.batch.put_pending(inode.ino, PendingReason::Unsealed);
         }
         Ok(())
+    }
+
+    /// The blob of the published result bound at `name` in `parent` if its
+    /// bytes fail their own format's checksum while the newcomer's (`src`,
+    /// or its prepared blob) pass it: create-only keeps the first *valid*
+    /// content, so that newcomer may replace it. Runs with no lock held
+    /// (it hashes both); the caller replaces the result only if the name
+    /// still holds that blob under its locks.
+    pub(super) fn corrupt_result_at(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        src: &Inode,
+        prepared: Option<&Prepared>,
+    ) -> Result<Option<BlobId>> {
+        let Some(ino) = self.store.dentry(parent, name)? else {
+            return Ok(None);
+        };
+        let Some(existing) = self.store.inode(ino)? else {
+            return Ok(None);
+        };
+        let (Content::Blob(id), true) = (&existing.content, Self::is_published_result(&existing))
+        else {
+            return Ok(None);
+        };
+        let verdict_of_blob = |id: &BlobId| match self.blobs.open_blob(id) {
+            Ok(f) => integrity::check_file(&f).unwrap_or(Verdict::Unknown),
+            Err(_) => Verdict::Unknown,
+        };
+        if verdict_of_blob(id) != Verdict::Corrupt {
+            return Ok(None);
+        }
+        let newcomer = match (prepared, &src.content) {
+            (Some(p), _) => integrity::check_file(&p.file).unwrap_or(Verdict::Unknown),
+            (None, Content::Blob(new)) => verdict_of_blob(new),
+            _ => Verdict::Unknown,
+        };
+        debug!(
+            "check name={:?} blob={id} outcome=corrupt newcomer={newcomer:?}",
+            String::from_utf8_lossy(name)
+        );
+        Ok((newcomer == Verdict::Valid).then_some(*id))
     }
 
     /// Publishes a staged inode in a shared class that no writer holds open:

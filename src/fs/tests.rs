@@ -248,7 +248,13 @@ fn touches_never_move_mtime_backwards() {
     let ino = core.lookup(Ino::ROOT, &name).unwrap().ino;
     let mut prev = core.getattr(ino).unwrap().mtime_ns;
     for _ in 0..100 {
-        let now = core.setattr(ino, SetAttr::touch()).unwrap().mtime_ns;
+        let now = core
+            .setattr(
+                ino,
+                SetAttr::touch(),
+            )
+            .unwrap()
+            .mtime_ns;
         assert!(now > prev);
         prev = now;
     }
@@ -303,8 +309,9 @@ fn ccache_4_13_entries_are_classed_by_header() {
     let t = TempStore::new();
     let core = t.core();
     let d = mkdirs(&core);
-    let result_name = b"0123456789abcdef0123456789abcd";
-    let manifest_name = b"fedcba9876543210fedcba98765432";
+    // 4.13 names: 40 hex digits less the two of the level directories.
+    let result_name = b"0123456789abcdef0123456789abcdef012345";
+    let manifest_name = b"fedcba9876543210fedcba9876543210fedcba";
     for body in [&[0xcc, 0xac, 1, 0, b'a'][..], &[0xcc, 0xac, 1, 0, b'b']] {
         let tmp = write_tmp(&core, d, "r.tmp", body);
         core.rename(d, &tmp, d, result_name, 0).unwrap();
@@ -359,7 +366,11 @@ fn eviction_removes_least_recently_used_until_under_target() {
     }
     // Use the oldest one: it is now the most recently used.
     let first = core.lookup(d, &names[0]).unwrap().ino;
-    core.setattr(first, SetAttr::touch()).unwrap();
+    core.setattr(
+        first,
+        SetAttr::touch(),
+    )
+    .unwrap();
     for n in &names {
         let ino = core.lookup(d, n).unwrap().ino;
         core.forget(ino, 2);

@@ -6,7 +6,8 @@
 //! - Network calls (fetches) happen with no lock held; what they bring is
 //!   verified against its hash by the tier before the core sees it, and is
 //!   bound under the directory's stripe only if the name is still free.
-//! - Uploads are queued after the commit that publishes (never waited on).
+//! - Uploads are queued after the commit that publishes (never waited on),
+//!   and written to the store in that commit's batch (`Core as Outbox`).
 
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
@@ -17,14 +18,17 @@ use crate::classes::Class;
 use crate::error::{Error, Result};
 use crate::fs::txn::{After, Txn};
 use crate::fs::{Attr, Caller, Core, Invalidate};
-use crate::shared::tier::{Tier, Upload};
+use crate::shared::tier::{Local, Outbox, Tier, Upload};
 use crate::shared::{Record, RecordKind};
 use crate::store::ids::{BlobId, Ino};
-use crate::store::meta::{Content, Inode, Kind};
+use crate::store::meta::{Content, Inode, Kind, PendingUpload};
 
 impl Core {
-    /// Connects the core to a shared tier (once, at mount).
-    pub fn attach_tier(&self, tier: Arc<Tier>) {
+    /// Connects the core to a shared tier (once, at mount); timestamps
+    /// taken from it move the clock at most `clock_ahead_max_ns` past wall
+    /// time.
+    pub fn attach_tier(&self, tier: Arc<Tier>, clock_ahead_max_ns: u64) {
+        self.clock.set_ahead_max_ns(clock_ahead_max_ns);
         if self.tier.set(tier).is_err() {
             warn!("shared tier attached twice; keeping the first");
         }
@@ -47,23 +51,18 @@ impl Core {
         let Content::Blob(id) = inode.content else {
             return Ok(());
         };
-        let path = self.path_of(inode.parent, &inode.name)?.join(&b'/');
-        let record = Record {
-            kind: RecordKind::File {
-                blob: id,
-                size: inode.size,
-                mode: inode.perm,
-            },
+        let pending = PendingUpload {
+            seq: self.now(),
+            path: self.path_of(inode.parent, &inode.name)?.join(&b'/'),
+            create_only: inode.class == Class::Result,
+            blob: id,
+            size: inode.size,
+            mode: inode.perm,
             mtime_ns: inode.mtime_ns,
         };
-        let create_only = inode.class == Class::Result;
-        txn.after.push(After::Upload(Upload {
-            path,
-            record,
-            create_only,
-            blob_file: self.blobs.blob_path(&id),
-            blob: id,
-        }));
+        // Durable with the publication; removed when the tier has it.
+        txn.batch.put_upload(&pending);
+        txn.after.push(After::Upload(self.upload_of(pending)));
         Ok(())
     }
 
@@ -98,6 +97,16 @@ impl Core {
             );
             return;
         };
+        // Create-only keeps the first *valid* content: a winner that fails
+        // its own checksum does not replace ours (which may be the valid
+        // recompile that healed it here).
+        if crate::integrity::check_bytes(&bytes) == crate::integrity::Verdict::Corrupt {
+            warn!(
+                "converge {:?}: the shared tier's result {blob} fails its own checksum; keeping ours",
+                String::from_utf8_lossy(path)
+            );
+            return;
+        }
         let result = (|| -> Result<()> {
             let Some((parent, name, ino)) = self.resolve_path(path)? else {
                 return Ok(());
@@ -122,10 +131,10 @@ impl Core {
                 self.drop_ref(&mut txn, old, ino, inode.size)?;
             }
             self.add_ref(&mut txn, blob, ino, size);
-            self.clock.observe(winner.mtime_ns);
+            let winner_mtime_ns = self.clock.observe(winner.mtime_ns);
             inode.content = Content::Blob(blob);
             inode.size = size;
-            inode.mtime_ns = inode.mtime_ns.max(winner.mtime_ns);
+            inode.mtime_ns = inode.mtime_ns.max(winner_mtime_ns);
             inode.ctime_ns = self.now();
             txn.batch.put_inode(&inode);
             txn.after.push(After::InvalidateNow(Invalidate::Data(ino)));
@@ -189,10 +198,12 @@ impl Core {
             return Ok(None);
         }
         let path = parts.join(&b'/');
-        let Some((record, bytes)) = tier.fetch(&path) else {
+        let Some((mut record, bytes)) = tier.fetch(&path) else {
             return Ok(None);
         };
-        self.clock.observe(record.mtime_ns);
+        // A record from a host whose clock runs fast is shown no further
+        // ahead than the clock may move (see `Clock::observe`).
+        record.mtime_ns = self.clock.observe(record.mtime_ns);
         let fetched = match &bytes {
             Some(b) => Some(self.stage_fetched(b)?),
             None => None,
@@ -259,5 +270,88 @@ struct Fetched {
 impl Drop for Fetched {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Core {
+    /// Uploads the store holds for a shared tier (a scan; at mount).
+    pub fn uploads_waiting(&self) -> u64 {
+        Outbox::count(self)
+    }
+
+    fn upload_of(&self, p: PendingUpload) -> Upload {
+        Upload {
+            seq: p.seq,
+            record: Record {
+                kind: RecordKind::File {
+                    blob: p.blob,
+                    size: p.size,
+                    mode: p.mode,
+                },
+                mtime_ns: p.mtime_ns,
+            },
+            path: p.path,
+            create_only: p.create_only,
+            blob_file: self.blobs.blob_path(&p.blob),
+            blob: p.blob,
+        }
+    }
+}
+
+/// The durable upload queue lives in the store (`Cf::Uploads`); the tier
+/// reads it back and removes what it delivered. Store errors are logged:
+/// an upload that cannot be read now is read again at the next refill.
+impl Outbox for Core {
+    fn pending(&self, limit: usize) -> Vec<Upload> {
+        match self.store.pending_uploads(limit) {
+            Ok(v) => v.into_iter().map(|p| self.upload_of(p)).collect(),
+            Err(e) => {
+                warn!("read pending uploads: {e}");
+                Vec::new()
+            }
+        }
+    }
+
+    fn oldest_seq(&self) -> std::result::Result<Option<u64>, String> {
+        self.store.oldest_upload_seq().map_err(|e| e.to_string())
+    }
+
+    fn count(&self) -> u64 {
+        self.store.count_uploads().unwrap_or_else(|e| {
+            warn!("count pending uploads: {e}");
+            0
+        })
+    }
+
+    fn local(&self, up: &Upload) -> Local {
+        match self.store.upload_is_pending(up.seq, &up.path) {
+            Ok(false) => return Local::Settled,
+            Ok(true) => {}
+            Err(e) => warn!("read pending upload: {e}"),
+        }
+        let ino = match self.resolve_path(&up.path) {
+            Ok(Some((_, _, ino))) => ino,
+            Ok(None) => return Local::Gone,
+            Err(_) => return Local::Current,
+        };
+        match self.store.inode(ino) {
+            Ok(Some(i)) if i.content == Content::Blob(up.blob) => Local::Current,
+            Ok(Some(_)) => Local::Replaced,
+            Ok(None) => Local::Gone,
+            Err(_) => Local::Current,
+        }
+    }
+
+    fn remove(&self, up: &Upload) {
+        if let Err(e) = self.store.delete_upload(up.seq, &up.path) {
+            warn!(
+                "forget delivered upload of {:?}: {e} (it may be delivered again)",
+                String::from_utf8_lossy(&up.path)
+            );
+        }
+    }
+
+    fn tick(&self) -> u64 {
+        self.now()
     }
 }

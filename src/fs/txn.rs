@@ -139,7 +139,23 @@ impl Core {
         let d = &txn.delta;
         txn.batch
             .add_gauges(d.blobs, d.bytes_stored, d.bytes_logical);
-        txn.batch.commit(false).map_err(|e| self.count_error(e))?;
+        // Pending uploads are counted before their records can be seen (an
+        // upload worker may read one back from the store at once).
+        let uploads = txn
+            .after
+            .iter()
+            .filter(|a| matches!(a, After::Upload(_)))
+            .count() as u64;
+        let tier = self.tier.get().filter(|_| uploads > 0);
+        if let Some(t) = tier {
+            t.count_pending(uploads);
+        }
+        if let Err(e) = txn.batch.commit(false) {
+            if let Some(t) = tier {
+                t.uncount_pending(uploads);
+            }
+            return Err(self.count_error(e));
+        }
         self.gauges.add(&txn.delta);
         for a in txn.after {
             match a {
@@ -249,8 +265,7 @@ impl Core {
     pub(super) fn unbind_all(&self, txn: &mut Txn, mut inode: Inode) -> Result<()> {
         for (parent, name) in std::mem::take(&mut inode.links) {
             txn.batch.delete_dentry(parent, &name);
-            txn.after
-                .push(After::Invalidate(Invalidate::Entry(parent, name)));
+            txn.after.push(After::Invalidate(Invalidate::Entry(parent, name)));
         }
         inode.nlink = inode.nlink.min(1);
         let (parent, name) = (inode.parent, inode.name.clone());

@@ -6,7 +6,7 @@
 
 use crate::error::{enoent, Result};
 use crate::fs::{Attr, Core, DirEntry};
-use crate::stats::Snapshot;
+use crate::stats::{Extra, Snapshot};
 use crate::store::ids::Ino;
 use crate::store::meta::Kind;
 
@@ -105,6 +105,12 @@ impl Core {
         ));
         if let Some(t) = self.tier.get() {
             t.snapshot(&mut snap);
+            snap.extras.push(Extra {
+                name: "shared_clock_ahead",
+                help: "Timestamps from the shared tier further ahead of this host's clock than --shared-clock-skew-ms (taken as the bound)",
+                value: self.clock.ahead_count(),
+                gauge: false,
+            });
         }
         match ino {
             Ino::STATS_TEXT => self.stats.render_text(&snap),

@@ -10,14 +10,29 @@
 //! - While the breaker is open no call reaches the engine: lookups miss at
 //!   once, uploads wait; it is logged once when it opens and once when it
 //!   closes.
-//! - Publications are acknowledged locally before they are uploaded; the
-//!   queue is bounded (`UPLOAD_QUEUE_LEN_MAX`) and an upload that does not
-//!   fit is dropped and counted (this is a cache).
-//! - A blob from the tier is never used unless its bytes hash to its id.
+//! - Publications are acknowledged locally before they are uploaded, and
+//!   every upload is as durable as its publication: the core writes it to
+//!   the store (`Cf::Uploads`) in the publication's own batch, and the
+//!   `Outbox` removes it only when the engine has acknowledged it (or it
+//!   was given up). After a restart, pending uploads are read back from the
+//!   store in publication order. The in-memory queue is bounded
+//!   (`UPLOAD_QUEUE_LEN_MAX`); what does not fit waits in the store only.
+//! - Waiting for an engine that is down (breaker open, timeouts,
+//!   unavailable) costs an upload no attempt. An upload is given up only
+//!   for a reason retrying cannot fix (its local blob is gone and the
+//!   engine lacks it, its local blob is unreadable, or the engine refused
+//!   it `UPLOAD_ATTEMPTS_MAX` times with a non-outage error); it is then
+//!   counted, logged, and every later `sync` of this mount fails naming it.
+//! - A name's uploads are delivered one at a time in publication order, and
+//!   one that a later publication of the same name superseded (the local
+//!   name no longer holds its blob, or a newer one is queued) is not
+//!   delivered: the tier never goes back to an older version.
+//! - A blob from the tier is never used unless its bytes hash to its id;
+//!   a local blob is checked against its id before it is uploaded.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
@@ -27,8 +42,16 @@ use super::{Engine, Put, Record, TierError, TierResult};
 use crate::stats::{Extra, Histogram, Snapshot};
 use crate::store::ids::BlobId;
 
-/// Uploads waiting for a worker.
+/// Uploads waiting for a worker in memory (more wait in the store).
 pub const UPLOAD_QUEUE_LEN_MAX: usize = 16_384;
+/// Queued uploads a worker looks past for one whose path is not in flight.
+const IN_FLIGHT_SKIP_MAX: usize = 64;
+/// Paths whose newest queued upload is remembered.
+const NEWEST_PATHS_MAX: usize = 65_536;
+/// How often an idle worker checks that the core is still there.
+const QUEUE_POLL_MS: u64 = 1_000;
+/// Longest pause between two tries of one upload.
+const BACKOFF_MS_MAX: u64 = 5_000;
 /// Threads that upload.
 const UPLOAD_WORKERS: usize = 2;
 /// Threads that run request-path calls under a deadline.
@@ -38,8 +61,13 @@ const BREAKER_FAILURES_MAX: u32 = 3;
 const BREAKER_OPEN_MS: u64 = 5_000;
 /// How often waiting uploads and `sync` look at the breaker.
 const BREAKER_POLL_MS: u64 = 100;
-/// Attempts per upload before it is given up (counted as failed).
+/// Attempts per upload that the engine refuses with a non-outage error
+/// before it is given up (counted as failed). Outages cost no attempt.
 const UPLOAD_ATTEMPTS_MAX: u32 = 5;
+/// Why uploads are given up (the reasons `sync` reports).
+const GIVEN_UP_GONE: &str = "local copy gone before upload";
+const GIVEN_UP_UNREADABLE: &str = "local copy unreadable";
+const GIVEN_UP_REFUSED: &str = "refused by the engine";
 /// How long a "not in the shared tier" answer is trusted, and how many
 /// such answers are kept.
 pub const NEGATIVE_TTL_MS: u64 = 2_000;
@@ -53,6 +81,9 @@ pub const FETCH_BYTES_MAX: u64 = 1 << 30;
 
 /// A publication to share: the record for `path`, and where its bytes are.
 pub struct Upload {
+    /// The publication's clock tick: its key in the store, unique, in
+    /// publication order.
+    pub seq: u64,
     pub path: Vec<u8>,
     pub record: Record,
     pub create_only: bool,
@@ -64,6 +95,37 @@ pub struct Upload {
 /// What the core does when a create-only upload lost to another host.
 pub type LostRace = dyn Fn(&[u8], Record) + Send + Sync;
 
+/// Where the local name of an upload stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Local {
+    /// The name still holds the upload's blob.
+    Current,
+    /// The name now holds something else: a later publication (which has
+    /// its own upload) superseded this one.
+    Replaced,
+    /// The name is gone here (evicted or deleted); the upload still goes
+    /// out if its blob can be found (here under another name, or in the
+    /// tier).
+    Gone,
+    /// The upload is no longer pending (already delivered).
+    Settled,
+}
+
+/// The durable side of the upload queue, kept by the core in its store.
+pub trait Outbox: Send + Sync {
+    /// The oldest pending uploads, in publication order, at most `limit`.
+    fn pending(&self, limit: usize) -> Vec<Upload>;
+    /// The tick of the oldest pending upload.
+    fn oldest_seq(&self) -> Result<Option<u64>, String>;
+    /// How many uploads are pending (a scan; at start).
+    fn count(&self) -> u64;
+    fn local(&self, up: &Upload) -> Local;
+    /// Forgets a delivered (or given up) upload.
+    fn remove(&self, up: &Upload);
+    /// A clock tick: above every pending upload's tick published so far.
+    fn tick(&self) -> u64;
+}
+
 #[derive(Default)]
 pub struct TierStats {
     pub hits: AtomicU64,
@@ -71,6 +133,7 @@ pub struct TierStats {
     pub uploads: AtomicU64,
     pub uploads_dropped: AtomicU64,
     pub uploads_failed: AtomicU64,
+    pub uploads_superseded: AtomicU64,
     pub errors: AtomicU64,
     pub timeouts: AtomicU64,
     pub corrupt_blobs: AtomicU64,
@@ -82,15 +145,6 @@ pub struct TierStats {
 struct Breaker {
     failures: u32,
     open_until: Option<Instant>,
-}
-
-/// Upload accounting for `casfs sync`.
-#[derive(Default)]
-struct Progress {
-    enqueued: u64,
-    finished: u64,
-    failed: u64,
-    last_error: String,
 }
 
 type Job = Box<dyn FnOnce() + Send>;
@@ -108,21 +162,31 @@ pub struct Tier {
     /// Directories already recorded in the tier by this daemon.
     known_dirs: Mutex<std::collections::HashSet<Vec<u8>>>,
     callers: Sender<Job>,
-    uploads: Sender<Upload>,
-    progress: Mutex<Progress>,
+    outbox: Weak<dyn Outbox>,
+    queue: Mutex<Queue>,
+    queue_changed: Condvar,
+    /// Uploads in the store (pending), for `sync`, stats and unmount.
+    pending: AtomicU64,
+    /// Uploads given up by this mount: reason -> (count, last detail).
+    /// `progressed` is signalled under this lock when an upload settles.
+    given_up: Mutex<BTreeMap<&'static str, (u64, String)>>,
     progressed: Condvar,
+    /// The last outage error an upload waited on (for `sync`'s message).
+    last_wait_error: Mutex<String>,
 }
 
 impl Tier {
     /// Starts the caller and upload threads. `lost_race` is called (on an
     /// upload thread) when a create-only upload finds another host's record.
+    /// The upload workers start with the uploads `outbox` holds from before.
     pub fn start(
         engine: Box<dyn Engine>,
         timeout: Duration,
         lost_race: Arc<LostRace>,
+        outbox: Weak<dyn Outbox>,
     ) -> Arc<Tier> {
         let (callers, caller_rx) = bounded::<Job>(CALLERS * 4);
-        let (uploads, upload_rx) = bounded::<Upload>(UPLOAD_QUEUE_LEN_MAX);
+        let pending = outbox.upgrade().map_or(0, |o| o.count());
         let tier = Arc::new(Tier {
             engine: Arc::from(engine),
             timeout,
@@ -136,9 +200,17 @@ impl Tier {
             known_dirs: Mutex::new(Default::default()),
             damaged: Mutex::new(Default::default()),
             callers,
-            uploads,
-            progress: Mutex::new(Progress::default()),
+            outbox,
+            queue: Mutex::new(Queue {
+                // Read back what the store holds from before.
+                spilled: true,
+                ..Queue::default()
+            }),
+            queue_changed: Condvar::new(),
+            pending: AtomicU64::new(pending),
+            given_up: Mutex::new(BTreeMap::new()),
             progressed: Condvar::new(),
+            last_wait_error: Mutex::new(String::new()),
         });
         for i in 0..CALLERS {
             let rx: Receiver<Job> = caller_rx.clone();
@@ -151,22 +223,22 @@ impl Tier {
                 });
         }
         for i in 0..UPLOAD_WORKERS {
-            let rx = upload_rx.clone();
             let tier = tier.clone();
             let lost = lost_race.clone();
             let _ = std::thread::Builder::new()
                 .name(format!("tier-upload-{i}"))
-                .spawn(move || {
-                    for up in rx {
-                        tier.upload(up, &*lost);
-                    }
-                });
+                .spawn(move || tier.work(&*lost));
         }
         info!(
             "shared tier: {} (timeout {} ms)",
             tier.engine.describe(),
             timeout.as_millis()
         );
+        if pending > 0 {
+            info!(
+                "shared tier: {pending} uploads from before this mount are pending; delivering them"
+            );
+        }
         tier
     }
 
@@ -199,20 +271,32 @@ impl Tier {
             ),
             (
                 "shared_upload_queue_len",
-                "Uploads waiting",
+                "Uploads waiting in memory for a worker",
                 self.queue_len(),
                 true,
             ),
             (
+                "shared_uploads_pending",
+                "Uploads not yet delivered (all kept in the store)",
+                self.pending(),
+                true,
+            ),
+            (
                 "shared_uploads_dropped",
-                "Uploads dropped because the queue was full",
+                "Always 0: uploads that do not fit in memory wait in the store",
                 v(&s.uploads_dropped),
                 false,
             ),
             (
                 "shared_uploads_failed",
-                "Uploads given up after retries",
+                "Uploads given up for a reason retrying cannot fix (logged; casfs sync fails)",
                 v(&s.uploads_failed),
+                false,
+            ),
+            (
+                "shared_uploads_superseded",
+                "Uploads skipped because a later publication of the name replaced them",
+                v(&s.uploads_superseded),
                 false,
             ),
             (
@@ -274,7 +358,7 @@ impl Tier {
     }
 
     pub fn queue_len(&self) -> u64 {
-        self.uploads.len() as u64
+        self.queue.lock().unwrap().items.len() as u64
     }
 
     /// False while the breaker is open.
@@ -441,77 +525,189 @@ impl Tier {
         self.negative.lock().unwrap().remove(path);
     }
 
-    /// Queues a publication for upload; never blocks.
+    /// Takes a committed publication (its durable record is written); never
+    /// blocks. When the in-memory queue is full the upload stays in the
+    /// store only, and is read back when the queue has drained.
     pub fn enqueue(&self, up: Upload) {
-        let mut p = self.progress.lock().unwrap();
-        match self.uploads.try_send(up) {
-            Ok(()) => p.enqueued += 1,
-            Err(e) => {
-                // Never delivered: `casfs sync` must say so.
-                p.enqueued += 1;
-                p.finished += 1;
-                p.failed += 1;
-                p.last_error = "the upload queue was full".into();
-                let n = self.stats.uploads_dropped.fetch_add(1, Ordering::Relaxed) + 1;
-                if n.is_power_of_two() {
-                    warn!(
-                        "shared tier: upload queue full ({UPLOAD_QUEUE_LEN_MAX}); dropped the upload of {:?} ({n} dropped so far)",
-                        String::from_utf8_lossy(&e.into_inner().path)
-                    );
-                }
+        let mut q = self.queue.lock().unwrap();
+        if !q.push(up) {
+            let first = !q.spilled_logged;
+            q.spilled_logged = true;
+            if first {
+                info!(
+                    "shared tier: more than {UPLOAD_QUEUE_LEN_MAX} uploads waiting; the rest wait in the store and are read back in order"
+                );
             }
+        }
+        drop(q);
+        self.queue_changed.notify_one();
+    }
+
+    /// Counts uploads about to be committed (before they are visible in
+    /// the store, so they are counted before they can be settled).
+    pub fn count_pending(&self, n: u64) {
+        self.pending.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The commit that would have written them failed.
+    pub fn uncount_pending(&self, n: u64) {
+        let _ = self
+            .pending
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |p| {
+                Some(p.saturating_sub(n))
+            });
+    }
+
+    /// Uploads not yet acknowledged by the engine (or given up): every one
+    /// is in the store.
+    pub fn pending(&self) -> u64 {
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    fn outbox(&self) -> Option<Arc<dyn Outbox>> {
+        self.outbox.upgrade()
+    }
+
+    /// One upload worker: takes the next upload whose name no other worker
+    /// is uploading, delivers it, and goes on until the core is gone.
+    fn work(&self, lost_race: &LostRace) {
+        while let Some(up) = self.next_upload() {
+            let Some(outbox) = self.outbox() else { return };
+            self.deliver(&*outbox, &up, lost_race);
+            drop(outbox);
+            let mut q = self.queue.lock().unwrap();
+            q.in_flight.remove(&up.path);
+            q.queued.remove(&up.seq);
+            if q.newest.get(&up.path) == Some(&up.seq) {
+                q.newest.remove(&up.path);
+            }
+            drop(q);
+            self.queue_changed.notify_all();
         }
     }
 
-    fn upload(&self, up: Upload, lost_race: &LostRace) {
-        if !up.blob_file.exists() {
-            // Evicted (or dropped as corrupt) before it could be shared:
-            // nothing to deliver.
-            log::debug!(
-                "upload path={:?} outcome=skipped-blob-gone",
-                String::from_utf8_lossy(&up.path)
-            );
-            return self.finish(None);
+    /// The oldest queued upload whose path is not being uploaded; refills
+    /// the queue from the store when it is empty and uploads wait there.
+    /// None when the core is gone.
+    fn next_upload(&self) -> Option<Upload> {
+        let mut q = self.queue.lock().unwrap();
+        loop {
+            let free = q
+                .items
+                .iter()
+                .take(IN_FLIGHT_SKIP_MAX)
+                .position(|u| !q.in_flight.contains(&u.path));
+            if let Some(i) = free {
+                let up = q.items.remove(i).expect("position is in range");
+                q.in_flight.insert(up.path.clone());
+                return Some(up);
+            }
+            if q.items.is_empty() && q.spilled && !q.refilling {
+                q.refilling = true;
+                q.spilled = false;
+                drop(q);
+                let loaded = match self.outbox() {
+                    None => return None,
+                    Some(o) => o.pending(UPLOAD_QUEUE_LEN_MAX),
+                };
+                q = self.queue.lock().unwrap();
+                q.refilling = false;
+                if loaded.len() >= UPLOAD_QUEUE_LEN_MAX {
+                    q.spilled = true;
+                }
+                for up in loaded {
+                    q.push(up);
+                }
+                self.queue_changed.notify_all();
+                continue;
+            }
+            if self.outbox.strong_count() == 0 {
+                return None;
+            }
+            q = self
+                .queue_changed
+                .wait_timeout(q, Duration::from_millis(QUEUE_POLL_MS))
+                .unwrap()
+                .0;
         }
-        let mut last_error = String::new();
-        for attempt in 0..UPLOAD_ATTEMPTS_MAX {
-            // While the engine is down, uploads wait in the bounded queue
-            // (costing no attempt); between attempts they back off.
+    }
+
+    /// Delivers one upload, or gives it up for a reason retrying cannot
+    /// fix. Waiting for an engine that is down or failing costs no attempt:
+    /// the upload is durable, so it waits as long as it takes.
+    fn deliver(&self, outbox: &dyn Outbox, up: &Upload, lost_race: &LostRace) {
+        let newer_queued = self
+            .queue
+            .lock()
+            .unwrap()
+            .newest
+            .get(&up.path)
+            .is_some_and(|s| *s > up.seq);
+        let local = outbox.local(up);
+        if local == Local::Settled {
+            return;
+        }
+        if newer_queued || local == Local::Replaced {
+            // A later publication of the name supersedes this one (last
+            // writer wins): never upload a stale version after a newer one.
+            log::debug!(
+                "upload path={:?} seq={} outcome=superseded",
+                String::from_utf8_lossy(&up.path),
+                up.seq
+            );
+            self.stats
+                .uploads_superseded
+                .fetch_add(1, Ordering::Relaxed);
+            return self.settle(outbox, up);
+        }
+        let mut attempts = 0;
+        let mut waits = 0;
+        loop {
             while self.breaker_is_open() {
                 std::thread::sleep(Duration::from_millis(BREAKER_POLL_MS));
             }
-            if attempt > 0 {
-                std::thread::sleep(Duration::from_millis(200 << attempt));
-            }
             let started = Instant::now();
-            match self.try_upload(&up) {
-                Ok(Put::Stored) => {
+            let error = match self.try_upload(up) {
+                Ok(put) => {
                     self.stats.uploads.fetch_add(1, Ordering::Relaxed);
                     self.stats.upload_ms.observe(started.elapsed());
                     self.forget_missing(&up.path);
-                    return self.finish(None);
-                }
-                Ok(Put::Exists(winner)) => {
-                    self.stats.uploads.fetch_add(1, Ordering::Relaxed);
-                    let same = matches!(&winner.kind, super::RecordKind::File { blob, .. } if *blob == up.blob);
-                    if !same {
-                        self.stats.conflicts_lost.fetch_add(1, Ordering::Relaxed);
-                        lost_race(&up.path, winner);
+                    self.settle(outbox, up);
+                    if let Put::Exists(winner) = put {
+                        let same = matches!(&winner.kind, super::RecordKind::File { blob, .. } if *blob == up.blob);
+                        if !same {
+                            self.stats.conflicts_lost.fetch_add(1, Ordering::Relaxed);
+                            lost_race(&up.path, winner);
+                        }
                     }
-                    return self.finish(None);
+                    return;
                 }
-                Err(e) => last_error = e.to_string(),
+                Err(Failure::Local(reason, detail)) => {
+                    return self.give_up(outbox, up, reason, detail)
+                }
+                Err(Failure::Engine(e)) => e,
+            };
+            if matches!(error, TierError::Timeout | TierError::Unavailable(_)) {
+                // The engine is down or not answering: wait, at no cost.
+                *self.last_wait_error.lock().unwrap() = error.to_string();
+                waits += 1;
+                std::thread::sleep(backoff(waits));
+                continue;
             }
+            attempts += 1;
+            if attempts >= UPLOAD_ATTEMPTS_MAX {
+                return self.give_up(
+                    outbox,
+                    up,
+                    GIVEN_UP_REFUSED,
+                    format!("after {attempts} attempts: {error}"),
+                );
+            }
+            std::thread::sleep(backoff(attempts));
         }
-        self.stats.uploads_failed.fetch_add(1, Ordering::Relaxed);
-        warn!(
-            "shared tier: giving up the upload of {:?} after {UPLOAD_ATTEMPTS_MAX} attempts: {last_error}",
-            String::from_utf8_lossy(&up.path)
-        );
-        self.finish(Some(last_error));
     }
 
-    fn try_upload(&self, up: &Upload) -> TierResult<Put> {
+    fn try_upload(&self, up: &Upload) -> Result<Put, Failure> {
         // The directories above the name, so other hosts can walk to it.
         let mut end = 0;
         while let Some(i) = up.path[end..].iter().position(|c| *c == b'/') {
@@ -537,66 +733,361 @@ impl Tier {
         }
         let id = up.blob;
         if self.damaged.lock().unwrap().contains(&id) {
-            let bytes = std::fs::read(&up.blob_file)
-                .map_err(|e| TierError::Unavailable(format!("read local blob {}: {e}", up.blob)))?;
-            if *blake3::hash(&bytes).as_bytes() == id.0 {
-                self.call(move |e| e.repair_blob(&id, &bytes))?;
-                self.damaged.lock().unwrap().remove(&id);
-            }
+            let bytes = self.read_local_blob(up)?;
+            self.call(move |e| e.repair_blob(&id, &bytes))?;
+            self.damaged.lock().unwrap().remove(&id);
         } else if !self.call(move |e| e.has_blob(&id))? {
-            let bytes = std::fs::read(&up.blob_file)
-                .map_err(|e| TierError::Unavailable(format!("read local blob {}: {e}", up.blob)))?;
+            let bytes = self.read_local_blob(up)?;
             self.call(move |e| e.put_blob(&id, &bytes))?;
         }
         let (path, record, create_only) = (up.path.clone(), up.record.clone(), up.create_only);
-        self.call(move |e| e.put_record(&path, &record, create_only))
+        Ok(self.call(move |e| e.put_record(&path, &record, create_only))?)
     }
 
-    fn finish(&self, error: Option<String>) {
-        let mut p = self.progress.lock().unwrap();
-        p.finished += 1;
-        if let Some(e) = error {
-            p.failed += 1;
-            p.last_error = e;
+    /// The upload's blob from the local store, checked against its id.
+    fn read_local_blob(&self, up: &Upload) -> Result<Vec<u8>, Failure> {
+        let bytes = match std::fs::read(&up.blob_file) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Failure::Local(
+                    GIVEN_UP_GONE,
+                    format!(
+                        "blob {} was evicted or deleted here before it could be uploaded, and the shared tier does not have it",
+                        up.blob
+                    ),
+                ))
+            }
+            Err(e) => {
+                return Err(Failure::Local(
+                    GIVEN_UP_UNREADABLE,
+                    format!("cannot read local blob {}: {e}", up.blob),
+                ))
+            }
+        };
+        if *blake3::hash(&bytes).as_bytes() != up.blob.0 {
+            return Err(Failure::Local(
+                GIVEN_UP_UNREADABLE,
+                format!(
+                    "local blob {} does not match its hash (the scrub will quarantine it)",
+                    up.blob
+                ),
+            ));
         }
+        Ok(bytes)
+    }
+
+    /// The upload is done with (delivered, superseded or given up).
+    fn settle(&self, outbox: &dyn Outbox, up: &Upload) {
+        outbox.remove(up);
+        let _ = self
+            .pending
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(1))
+            });
+        let _g = self.given_up.lock().unwrap();
         self.progressed.notify_all();
     }
 
-    /// Waits until every upload queued so far has finished, up to
-    /// `deadline`. Ok(n) when all n were delivered; Err(message) if some
-    /// failed or the time ran out.
+    /// Gives an upload up: counted, logged, and reported by every `sync`
+    /// of this mount from now on.
+    fn give_up(&self, outbox: &dyn Outbox, up: &Upload, reason: &'static str, detail: String) {
+        self.stats.uploads_failed.fetch_add(1, Ordering::Relaxed);
+        warn!(
+            "shared tier: gave up the upload of {:?} ({reason}): {detail}",
+            String::from_utf8_lossy(&up.path)
+        );
+        {
+            let mut g = self.given_up.lock().unwrap();
+            let entry = g.entry(reason).or_default();
+            entry.0 += 1;
+            entry.1 = detail;
+        }
+        self.settle(outbox, up);
+    }
+
+    /// Waits until every publication acknowledged before the call has been
+    /// delivered, up to `deadline`. Ok(n) (n: uploads delivered by this
+    /// mount) only if, in addition, no upload of this mount was ever given
+    /// up; Err(message) names what is missing and why.
     pub fn sync(&self, deadline: Duration) -> Result<u64, String> {
+        let Some(outbox) = self.outbox() else {
+            return Err("the filesystem is shutting down".into());
+        };
+        // Every publication acknowledged before now has a smaller tick.
+        let mark = outbox.tick();
         let until = Instant::now() + deadline;
-        let mut p = self.progress.lock().unwrap();
-        let target = p.enqueued;
-        let failed_before = p.failed;
-        while p.finished < target {
-            let now = Instant::now();
+        let mut g = self.given_up.lock().unwrap();
+        loop {
+            match outbox.oldest_seq() {
+                Err(e) => return Err(format!("cannot read the pending uploads: {e}")),
+                Ok(None) => break,
+                Ok(Some(seq)) if seq > mark => break,
+                Ok(Some(_)) => {}
+            }
+            let waiting = self.pending();
             if self.breaker_is_open() {
                 return Err(format!(
-                    "{} of {target} uploads cannot be delivered now: shared tier {} is down (they wait and retry in the background)",
-                    target - p.finished,
-                    self.engine.describe()
+                    "{waiting} uploads cannot be delivered now: shared tier {} is down ({}); they are kept in the store and retried in the background",
+                    self.engine.describe(),
+                    self.last_wait_error.lock().unwrap()
                 ));
             }
+            let now = Instant::now();
             if now >= until {
                 return Err(format!(
-                    "{} of {target} uploads still pending after {} s (shared tier {})",
-                    target - p.finished,
+                    "{waiting} uploads still pending after {} s (shared tier {}; last error: {})",
                     deadline.as_secs(),
-                    self.engine.describe()
+                    self.engine.describe(),
+                    self.last_wait_error.lock().unwrap()
                 ));
             }
             let slice = (until - now).min(Duration::from_millis(BREAKER_POLL_MS));
-            p = self.progressed.wait_timeout(p, slice).unwrap().0;
+            g = self.progressed.wait_timeout(g, slice).unwrap().0;
         }
-        if p.failed > failed_before {
+        let total: u64 = g.values().map(|(n, _)| n).sum();
+        if total > 0 {
+            let reasons: Vec<String> = g
+                .iter()
+                .map(|(reason, (n, last))| format!("{n} {reason} (last: {last})"))
+                .collect();
             return Err(format!(
-                "{} uploads could not be delivered: {}",
-                p.failed - failed_before,
-                p.last_error
+                "{total} uploads given up since this mount started, so those publications are not in the shared tier {}: {}",
+                self.engine.describe(),
+                reasons.join("; ")
             ));
         }
-        Ok(target)
+        Ok(self.stats.uploads.load(Ordering::Relaxed))
+    }
+}
+
+/// Pause before retry `n` (1, 2, ...): doubling from 200 ms, at most
+/// `BACKOFF_MS_MAX`.
+fn backoff(n: u32) -> Duration {
+    Duration::from_millis((200u64 << n.min(10)).min(BACKOFF_MS_MAX))
+}
+
+/// Why one try of an upload failed.
+enum Failure {
+    /// The engine failed: an outage (timeout, unavailable) is waited out;
+    /// anything else costs an attempt.
+    Engine(TierError),
+    /// Something here that retrying cannot fix: give up now.
+    Local(&'static str, String),
+}
+
+impl From<TierError> for Failure {
+    fn from(e: TierError) -> Failure {
+        Failure::Engine(e)
+    }
+}
+
+/// The in-memory part of the upload queue (the store holds all of it).
+#[derive(Default)]
+struct Queue {
+    /// In publication order, at most `UPLOAD_QUEUE_LEN_MAX`.
+    items: VecDeque<Upload>,
+    /// Ticks of the uploads in `items` or being delivered.
+    queued: HashSet<u64>,
+    /// Paths being delivered (one upload per path at a time, so a newer
+    /// version is never overtaken by an older one).
+    in_flight: HashSet<Vec<u8>>,
+    /// The newest queued tick of each path (bounded; a hint, the local
+    /// name is the authority).
+    newest: HashMap<Vec<u8>, u64>,
+    /// Some pending uploads are only in the store.
+    spilled: bool,
+    spilled_logged: bool,
+    refilling: bool,
+}
+
+impl Queue {
+    /// False if it did not fit (it waits in the store).
+    fn push(&mut self, up: Upload) -> bool {
+        if self.queued.contains(&up.seq) {
+            return true;
+        }
+        if self.items.len() >= UPLOAD_QUEUE_LEN_MAX {
+            self.spilled = true;
+            return false;
+        }
+        if self.newest.len() >= NEWEST_PATHS_MAX {
+            self.newest.clear();
+        }
+        let newest = self.newest.entry(up.path.clone()).or_insert(up.seq);
+        *newest = (*newest).max(up.seq);
+        self.queued.insert(up.seq);
+        self.items.push_back(up);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shared::RecordKind;
+    use std::collections::BTreeMap;
+
+    type Records = Arc<Mutex<HashMap<Vec<u8>, Record>>>;
+
+    /// An engine in memory that holds every blob already.
+    #[derive(Default)]
+    struct MemEngine {
+        records: Records,
+        puts: Arc<AtomicU64>,
+    }
+
+    impl Engine for MemEngine {
+        fn get_record(&self, path: &[u8]) -> TierResult<Option<Record>> {
+            Ok(self.records.lock().unwrap().get(path).cloned())
+        }
+        fn put_record(&self, path: &[u8], record: &Record, create_only: bool) -> TierResult<Put> {
+            self.puts.fetch_add(1, Ordering::Relaxed);
+            let mut r = self.records.lock().unwrap();
+            if create_only {
+                if let Some(old) = r.get(path) {
+                    return Ok(Put::Exists(old.clone()));
+                }
+            }
+            r.insert(path.to_vec(), record.clone());
+            Ok(Put::Stored)
+        }
+        fn has_blob(&self, _: &BlobId) -> TierResult<bool> {
+            Ok(true)
+        }
+        fn get_blob(&self, _: &BlobId, _: u64) -> TierResult<Option<Vec<u8>>> {
+            Ok(None)
+        }
+        fn put_blob(&self, _: &BlobId, _: &[u8]) -> TierResult<()> {
+            Ok(())
+        }
+        fn repair_blob(&self, _: &BlobId, _: &[u8]) -> TierResult<()> {
+            Ok(())
+        }
+        fn describe(&self) -> String {
+            "memory".into()
+        }
+    }
+
+    /// A durable queue in memory; `current` is the blob each local name holds.
+    #[derive(Default)]
+    struct MemOutbox {
+        pending: Mutex<BTreeMap<u64, (Vec<u8>, BlobId)>>,
+        current: Mutex<HashMap<Vec<u8>, BlobId>>,
+        clock: AtomicU64,
+    }
+
+    impl MemOutbox {
+        fn publish(&self, path: &[u8], blob: BlobId) {
+            let seq = self.clock.fetch_add(1, Ordering::Relaxed) + 1;
+            self.pending
+                .lock()
+                .unwrap()
+                .insert(seq, (path.to_vec(), blob));
+            self.current.lock().unwrap().insert(path.to_vec(), blob);
+        }
+    }
+
+    impl Outbox for MemOutbox {
+        fn pending(&self, limit: usize) -> Vec<Upload> {
+            self.pending
+                .lock()
+                .unwrap()
+                .iter()
+                .take(limit)
+                .map(|(seq, (path, blob))| Upload {
+                    seq: *seq,
+                    path: path.clone(),
+                    record: Record {
+                        kind: RecordKind::File {
+                            blob: *blob,
+                            size: 1,
+                            mode: 0o644,
+                        },
+                        mtime_ns: *seq,
+                    },
+                    create_only: false,
+                    blob_file: "/nonexistent".into(),
+                    blob: *blob,
+                })
+                .collect()
+        }
+        fn oldest_seq(&self) -> Result<Option<u64>, String> {
+            Ok(self.pending.lock().unwrap().keys().next().copied())
+        }
+        fn count(&self) -> u64 {
+            self.pending.lock().unwrap().len() as u64
+        }
+        fn local(&self, up: &Upload) -> Local {
+            if !self.pending.lock().unwrap().contains_key(&up.seq) {
+                return Local::Settled;
+            }
+            match self.current.lock().unwrap().get(&up.path) {
+                Some(b) if *b == up.blob => Local::Current,
+                Some(_) => Local::Replaced,
+                None => Local::Gone,
+            }
+        }
+        fn remove(&self, up: &Upload) {
+            self.pending.lock().unwrap().remove(&up.seq);
+        }
+        fn tick(&self) -> u64 {
+            self.clock.fetch_add(1, Ordering::Relaxed) + 1
+        }
+    }
+
+    /// Starts a tier on a `MemEngine`; returns its records and put count.
+    fn start(outbox: &Arc<MemOutbox>) -> (Arc<Tier>, Records, Arc<AtomicU64>) {
+        let engine = MemEngine::default();
+        let (records, puts) = (engine.records.clone(), engine.puts.clone());
+        let weak: Weak<dyn Outbox> = Arc::downgrade(outbox) as Weak<dyn Outbox>;
+        let tier = Tier::start(
+            Box::new(engine),
+            Duration::from_secs(5),
+            Arc::new(|_: &[u8], _| {}),
+            weak,
+        );
+        (tier, records, puts)
+    }
+
+    #[test]
+    fn more_pending_uploads_than_the_queue_holds_are_all_delivered() {
+        let outbox = Arc::new(MemOutbox::default());
+        let n = UPLOAD_QUEUE_LEN_MAX + 500;
+        for i in 0..n {
+            outbox.publish(format!("d/x{i}").as_bytes(), BlobId::of(&i.to_le_bytes()));
+        }
+        let (tier, records, _) = start(&outbox);
+        assert_eq!(tier.pending(), n as u64);
+        assert!(tier.queue_len() <= UPLOAD_QUEUE_LEN_MAX as u64);
+        assert_eq!(tier.sync(Duration::from_secs(120)), Ok(n as u64));
+        assert_eq!(tier.pending(), 0);
+        // n file records and one directory record.
+        assert_eq!(records.lock().unwrap().len(), n + 1);
+    }
+
+    #[test]
+    fn a_superseded_upload_is_never_delivered_after_the_newer_one() {
+        let outbox = Arc::new(MemOutbox::default());
+        let blobs: Vec<BlobId> = (0..3u8).map(|i| BlobId::of(&[i])).collect();
+        for b in &blobs {
+            outbox.publish(b"d/manifest", *b);
+        }
+        let (tier, records, puts) = start(&outbox);
+        assert!(tier.sync(Duration::from_secs(60)).is_ok());
+        let r = records.lock().unwrap()[&b"d/manifest"[..]].clone();
+        assert_eq!(
+            r.kind,
+            RecordKind::File {
+                blob: blobs[2],
+                size: 1,
+                mode: 0o644
+            }
+        );
+        assert_eq!(tier.stats.uploads_superseded.load(Ordering::Relaxed), 2);
+        assert_eq!(
+            puts.load(Ordering::Relaxed),
+            2,
+            "the directory, then the newest only"
+        );
     }
 }

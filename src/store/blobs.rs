@@ -260,6 +260,11 @@ impl Blobs {
     }
 
     /// Moves a blob that failed verification out of the way.
+    /// True if a blob with this id was quarantined (its file moved aside).
+    pub fn is_quarantined(&self, id: &BlobId) -> bool {
+        self.root.join("quarantine").join(id.hex()).exists()
+    }
+
     pub fn quarantine(&self, id: &BlobId) {
         let from = self.blob_path(id);
         let to = self.root.join("quarantine").join(id.hex());

@@ -57,9 +57,15 @@ pub enum Cf {
     Counters,
     /// The clock's persisted lease.
     Clock,
+    /// seq (u64 big-endian, the publication's clock tick) ++ shared path ->
+    /// `PendingUpload`: publications not yet acknowledged by the shared
+    /// tier, written in the publication's own batch, deleted on delivery
+    /// (or when given up). Key order is publication order. Added after
+    /// format 1 shipped: older stores get it (empty) when opened.
+    Uploads,
 }
 
-const CFS: [(Cf, &str); 8] = [
+const CFS: [(Cf, &str); 9] = [
     (Cf::Meta, "meta"),
     (Cf::Inodes, "inodes"),
     (Cf::Dentries, "dentries"),
@@ -68,6 +74,7 @@ const CFS: [(Cf, &str); 8] = [
     (Cf::Pending, "pending"),
     (Cf::Counters, "counters"),
     (Cf::Clock, "clock"),
+    (Cf::Uploads, "uploads"),
 ];
 
 const KEY_FORMAT: &[u8] = b"format_version";
@@ -337,6 +344,71 @@ impl Inode {
     }
 }
 
+/// A publication waiting to be delivered to the shared tier (`Cf::Uploads`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingUpload {
+    /// The publication's clock tick: unique, and increasing in publication
+    /// order across restarts (the clock restarts above its lease).
+    pub seq: u64,
+    /// The name's path below the mount root, `/`-separated.
+    pub path: Vec<u8>,
+    pub create_only: bool,
+    pub blob: BlobId,
+    pub size: u64,
+    pub mode: u16,
+    pub mtime_ns: u64,
+}
+
+impl PendingUpload {
+    fn key(&self) -> Vec<u8> {
+        upload_key(self.seq, &self.path)
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(52);
+        b.push(1); // record version
+        b.push(self.create_only as u8);
+        b.extend_from_slice(&self.blob.0);
+        b.extend_from_slice(&self.size.to_le_bytes());
+        b.extend_from_slice(&self.mode.to_le_bytes());
+        b.extend_from_slice(&self.mtime_ns.to_le_bytes());
+        b
+    }
+
+    fn decode(key: &[u8], v: &[u8]) -> Option<PendingUpload> {
+        let seq = u64::from_be_bytes(key.get(..8)?.try_into().ok()?);
+        let mut r = Reader(v);
+        if r.u8()? != 1 {
+            return None;
+        }
+        let create_only = match r.u8()? {
+            0 => false,
+            1 => true,
+            _ => return None,
+        };
+        let blob = BlobId(r.take(32)?.try_into().ok()?);
+        let size = r.u64()?;
+        let mode = u16::from_le_bytes(r.take(2)?.try_into().ok()?);
+        let mtime_ns = r.u64()?;
+        Some(PendingUpload {
+            seq,
+            path: key[8..].to_vec(),
+            create_only,
+            blob,
+            size,
+            mode,
+            mtime_ns,
+        })
+    }
+}
+
+fn upload_key(seq: u64, path: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + path.len());
+    k.extend_from_slice(&seq.to_be_bytes());
+    k.extend_from_slice(path);
+    k
+}
+
 struct Reader<'a>(&'a [u8]);
 
 impl<'a> Reader<'a> {
@@ -371,6 +443,12 @@ fn blob_ref_key(id: &BlobId, ino: Ino) -> Vec<u8> {
     k.extend_from_slice(&id.0);
     k.extend_from_slice(&ino.key());
     k
+}
+
+fn u64_value_be(v: &[u8]) -> u64 {
+    v.get(..8)
+        .map(|b| u64::from_be_bytes(b.try_into().unwrap()))
+        .unwrap_or(0)
 }
 
 pub fn u64_value(v: &[u8]) -> u64 {
@@ -653,6 +731,79 @@ impl Store {
         Ok(out)
     }
 
+    pub fn upload_is_pending(&self, seq: u64, path: &[u8]) -> Result<bool> {
+        Ok(self
+            .db
+            .get_pinned_cf(self.cf(Cf::Uploads), upload_key(seq, path))
+            .map_err(|e| Error::db(e, "read pending upload"))?
+            .is_some())
+    }
+
+    /// The oldest pending uploads, in publication order, at most `limit`.
+    /// A record that does not decode is reported and dropped (it could
+    /// never be delivered, and would hold `casfs sync` forever).
+    pub fn pending_uploads(&self, limit: usize) -> Result<Vec<PendingUpload>> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(Cf::Uploads), IteratorMode::Start)
+        {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item.map_err(|e| Error::db(e, "read pending uploads"))?;
+            match PendingUpload::decode(&k, &v) {
+                Some(u) => out.push(u),
+                None => {
+                    log::warn!(
+                        "pending upload record {:?} is damaged: dropped (that publication is not shared)",
+                        k.escape_ascii().to_string()
+                    );
+                    self.db
+                        .delete_cf(self.cf(Cf::Uploads), &k)
+                        .map_err(|e| Error::db(e, "drop damaged pending upload"))?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The publication tick of the oldest pending upload.
+    pub fn oldest_upload_seq(&self) -> Result<Option<u64>> {
+        let mut iter = self
+            .db
+            .iterator_cf(self.cf(Cf::Uploads), IteratorMode::Start);
+        match iter.next() {
+            None => Ok(None),
+            Some(item) => {
+                let (k, _) = item.map_err(|e| Error::db(e, "read pending uploads"))?;
+                Ok(Some(u64_value_be(&k)))
+            }
+        }
+    }
+
+    /// How many uploads are pending (a full scan: at mount only).
+    pub fn count_uploads(&self) -> Result<u64> {
+        let mut n = 0;
+        for item in self
+            .db
+            .iterator_cf(self.cf(Cf::Uploads), IteratorMode::Start)
+        {
+            item.map_err(|e| Error::db(e, "count pending uploads"))?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Forgets a pending upload (delivered or given up). Not synced: a
+    /// process crash keeps it written; power loss may replay a delivered
+    /// upload, which is harmless.
+    pub fn delete_upload(&self, seq: u64, path: &[u8]) -> Result<()> {
+        self.db
+            .delete_cf(self.cf(Cf::Uploads), upload_key(seq, path))
+            .map_err(|e| Error::db(e, "delete pending upload"))
+    }
+
     /// The inode-number lease: every number at or above it is unused.
     pub fn ino_lease(&self) -> Result<u64> {
         let v = self
@@ -834,6 +985,12 @@ impl Batch<'_> {
     pub fn delete_pending(&mut self, ino: Ino) {
         self.wb.delete_cf(self.store.cf(Cf::Pending), ino.key());
     }
+    /// Records a publication to deliver to the shared tier, in the batch
+    /// that publishes it (so it is exactly as durable as the publication).
+    pub fn put_upload(&mut self, up: &PendingUpload) {
+        self.wb
+            .put_cf(self.store.cf(Cf::Uploads), up.key(), up.encode());
+    }
     /// Adds signed deltas to the store gauges (merge, no read).
     pub fn add_gauges(&mut self, blobs: i64, bytes_stored: i64, bytes_logical: i64) {
         let cf = self.store.cf(Cf::Counters);
@@ -913,5 +1070,57 @@ mod tests {
         };
         assert_eq!(Inode::decode(Ino(42), &touched.encode()), Some(touched));
         assert_eq!(Inode::decode(Ino(1), &[9, 9]), None);
+    }
+
+    #[test]
+    fn pending_upload_record_round_trips_and_keys_sort_by_publication() {
+        let up = PendingUpload {
+            seq: 1_700_000_000_000_000_123,
+            path: b"cc/a/b/cdefR".to_vec(),
+            create_only: true,
+            blob: BlobId::of(b"x"),
+            size: 1,
+            mode: 0o644,
+            mtime_ns: 7,
+        };
+        assert_eq!(
+            PendingUpload::decode(&up.key(), &up.encode()),
+            Some(up.clone())
+        );
+        assert_eq!(PendingUpload::decode(&up.key(), &[2]), None);
+        assert!(upload_key(255, b"zz") < upload_key(256, b"aa"));
+    }
+
+    #[test]
+    fn a_store_from_before_the_uploads_column_family_opens_and_gets_it() {
+        let root = std::env::temp_dir().join(format!(
+            "casfs-meta-old-store-{}-{}",
+            std::process::id(),
+            crate::store::clock::wall_ns()
+        ));
+        {
+            let mut store = open_store(&root).unwrap();
+            // As a store written before `Cf::Uploads` existed.
+            store.db.drop_cf("uploads").unwrap();
+        }
+        let store = open_store(&root).unwrap();
+        let up = PendingUpload {
+            seq: 5,
+            path: b"cc/x".to_vec(),
+            create_only: false,
+            blob: BlobId::of(b"y"),
+            size: 1,
+            mode: 0o644,
+            mtime_ns: 5,
+        };
+        let mut b = store.batch();
+        b.put_upload(&up);
+        b.commit(false).unwrap();
+        assert_eq!(store.pending_uploads(10).unwrap(), vec![up]);
+        assert_eq!(store.oldest_upload_seq().unwrap(), Some(5));
+        store.delete_upload(5, b"cc/x").unwrap();
+        assert_eq!(store.count_uploads().unwrap(), 0);
+        drop(store);
+        let _ = fs::remove_dir_all(&root);
     }
 }

@@ -1,4 +1,5 @@
-//! Open files: the handle table, open/create, read/write, flush/release.
+//! Open files: the handle table, open/create, read/write, flush/release,
+//! fallocate and SEEK_DATA/SEEK_HOLE.
 //!
 //! Invariants:
 //! - For every open or create there is exactly one release; a handle holds
@@ -6,12 +7,16 @@
 //!   changes under it (published blobs are immutable).
 //! - A handle open for writing counts as a writer in `usage` until its bytes
 //!   are published or it is released; the last writer's close publishes.
+//!   A write open of a published (non-result) file copies it up only at its
+//!   first change (`restage`), so an open that changes nothing, or whose
+//!   change fails, leaves the file, its times and the store as they were.
 //! - A blob is verified against its hash at its first open in this mount
 //!   (on the configured sample), outside any lock; then it is remembered in
 //!   `verified` (bounded) and not hashed again until the scrub checks it.
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -54,8 +59,10 @@ struct Handle {
     /// Rendered statistics for the virtual files.
     virt: Option<Vec<u8>>,
     /// Set when this handle's bytes were published at close while the
-    /// handle stays open (a duplicated descriptor): a later write through it
-    /// starts a new version (`restage`) instead of touching the blob.
+    /// handle stays open (a duplicated descriptor), or when it was opened
+    /// for writing on a published file and has not changed it yet: a later
+    /// write through it starts a new version (`restage`) instead of
+    /// touching the blob.
     published: AtomicBool,
     /// Set when this handle created its file under a create-only name and a
     /// close through it bound the name while the handle stays open (the
@@ -260,6 +267,7 @@ impl Core {
                 self.lock_blobs(&mut txn, &[id]);
                 self.copy_up(&mut txn, &mut inode, if truncate { Some(0) } else { None })?;
                 inode.mtime_ns = self.now();
+                inode.ctime_ns = inode.mtime_ns;
                 txn.batch.put_inode(&inode);
                 self.commit(txn)?;
                 let local = inode.class == Class::Local;
@@ -275,6 +283,7 @@ impl Core {
                 if truncate {
                     file.set_len(0).map_err(|e| Error::io(e, "truncate"))?;
                     inode.mtime_ns = self.now();
+                    inode.ctime_ns = inode.mtime_ns;
                     inode.size = 0;
                     txn.batch.put_inode(&inode);
                 }
@@ -491,16 +500,22 @@ impl Core {
     /// a conflict: returns true); anything else is copied back to a staging
     /// file that this handle writes from now on, published again at close.
     fn restage(&self, h: &Handle) -> Result<bool> {
+        self.restage_to(h, None)
+    }
+
+    /// `restage`, with the copy truncated to `len` if given (nothing past it
+    /// is copied; a size the store's filesystem refuses fails first).
+    fn restage_to(&self, h: &Handle, len: Option<u64>) -> Result<bool> {
         // Counted as a writer (after any seal of it ends) before the lock.
         self.usage.writer_again(h.ino);
-        let result = self.restage_locked(h);
+        let result = self.restage_locked(h, len);
         if !matches!(result, Ok(Restage::Restaged)) {
             self.usage.writer_done(h.ino);
         }
         result.map(|r| r == Restage::Discarded)
     }
 
-    fn restage_locked(&self, h: &Handle) -> Result<Restage> {
+    fn restage_locked(&self, h: &Handle, len: Option<u64>) -> Result<Restage> {
         let _g = self.lock(&[h.ino]);
         if !h.published.load(Ordering::Acquire) {
             return Ok(Restage::AlreadyRestaged); // another write got here first
@@ -519,8 +534,9 @@ impl Core {
                 let id = *id;
                 let mut txn = self.txn();
                 self.lock_blobs(&mut txn, &[id]);
-                self.copy_up(&mut txn, &mut inode, None)?;
+                self.copy_up(&mut txn, &mut inode, len)?;
                 inode.mtime_ns = self.now();
+                inode.ctime_ns = inode.mtime_ns;
                 txn.batch.put_inode(&inode);
                 self.commit(txn)?;
             }
@@ -544,6 +560,7 @@ impl Core {
         }
         let mut txn = self.txn();
         inode.mtime_ns = self.now();
+        inode.ctime_ns = inode.mtime_ns;
         txn.batch.put_inode(&inode);
         self.commit(txn)
     }
@@ -567,6 +584,7 @@ impl Core {
                 if inode.content == Content::Staged {
                     let mut txn = self.txn();
                     inode.mtime_ns = self.now();
+                    inode.ctime_ns = inode.mtime_ns;
                     inode.size = h
                         .file
                         .read()
@@ -630,6 +648,127 @@ impl Core {
         drop(h);
         self.maybe_forget(ino)?;
         result
+    }
+
+    /// Before a truncate through `fh` (`ftruncate`): a handle that has not
+    /// changed a published file yet (or whose bytes were published while it
+    /// stays open) copies it up first, truncated to `size`, and becomes its
+    /// writer again, so the truncated file is published at the handle's
+    /// close like any write, never on its own in between.
+    pub fn before_truncate(&self, fh: u64, size: u64) -> Result<()> {
+        let Ok(h) = self.handle(fh) else {
+            return Ok(()); // the truncate goes by inode
+        };
+        if h.mode != Mode::Write || !h.published.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.restage_to(&h, Some(size)).map(|_| ())
+    }
+
+    /// `fallocate(2)` through an open handle: preallocation (which extends
+    /// the size unless `FALLOC_FL_KEEP_SIZE`), hole punching and zeroing
+    /// change the staging file in place, as writes do (the kernel sends no
+    /// other modes). A discarding writer of a published result accepts and
+    /// discards it like a write (create-only).
+    pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> Result<()> {
+        let h = self.handle(fh)?;
+        match h.mode {
+            Mode::Read => return Err(Error::errno(libc::EBADF)),
+            Mode::Discard => {
+                if !h.conflict_counted.swap(true, Ordering::Relaxed) {
+                    Stats::bump(&self.stats.counters.conflicts);
+                    debug!(
+                        "fallocate ino={} outcome=discarded-onto-existing-result",
+                        h.ino
+                    );
+                }
+                return Ok(());
+            }
+            Mode::Write => {}
+        }
+        if h.published.load(Ordering::Acquire) && self.restage(&h)? {
+            return Ok(());
+        }
+        let (Ok(off), Ok(len)) = (i64::try_from(offset), i64::try_from(length)) else {
+            return Err(Error::errno(libc::EFBIG));
+        };
+        if mode & libc::FALLOC_FL_PUNCH_HOLE == 0 {
+            self.check_space(length)?;
+        }
+        let guard = h.file.read().unwrap();
+        let file = guard.as_ref().expect("write handles hold a file");
+        // SAFETY: plain fallocate(2) on a descriptor this handle owns.
+        let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, off, len) };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(match e.raw_os_error() {
+                // What the caller asked for, not a failure of the store.
+                Some(code @ (libc::EFBIG | libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSPC)) => {
+                    Error::errno(code)
+                }
+                _ => self.count_error(Error::io(e, format_args!("fallocate ino={}", h.ino))),
+            });
+        }
+        h.dirty.store(true, Ordering::Relaxed);
+        if h.local_writer {
+            drop(guard);
+            self.stamp_mtime(h.ino)?;
+        }
+        Ok(())
+    }
+
+    /// `lseek(2)` with `SEEK_DATA` or `SEEK_HOLE` (the kernel answers the
+    /// other whences itself): asked of the file the handle reads, so holes
+    /// punched or never written are found as on the store's filesystem.
+    pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> Result<i64> {
+        let h = self.handle(fh)?;
+        if let Some(v) = &h.virt {
+            // All data, then the implicit hole at the end.
+            let len = v.len() as i64;
+            return match whence {
+                _ if offset < 0 || offset >= len => Err(Error::errno(libc::ENXIO)),
+                libc::SEEK_DATA => Ok(offset),
+                libc::SEEK_HOLE => Ok(len),
+                _ => Err(Error::errno(libc::EINVAL)),
+            };
+        }
+        if whence != libc::SEEK_DATA && whence != libc::SEEK_HOLE {
+            return Err(Error::errno(libc::EINVAL));
+        }
+        let guard = h.file.read().unwrap();
+        let Some(file) = guard.as_ref() else {
+            return Err(Error::errno(libc::EISDIR));
+        };
+        // SAFETY: plain lseek(2) on a descriptor this handle owns; reads and
+        // writes use pread/pwrite, so its file position is not used.
+        let at = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
+        if at < 0 {
+            return Err(Error::errno(
+                std::io::Error::last_os_error()
+                    .raw_os_error()
+                    .unwrap_or(libc::EIO),
+            ));
+        }
+        Ok(at)
+    }
+
+    /// `mknod(S_IFREG)`: an empty regular file, made as `open(O_CREAT |
+    /// O_EXCL)` and `close()` would make it (published at once in a shared
+    /// class, like any file closed after creation).
+    pub fn create_closed(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        caller: Caller,
+    ) -> Result<Attr> {
+        let flags = libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY;
+        let (attr, fh) = self.create(parent, name, mode, flags, caller)?;
+        self.release(fh)?;
+        match self.store.inode(attr.ino)? {
+            Some(inode) => Ok(self.attr_of(&inode)),
+            None => Ok(attr),
+        }
     }
 
     pub fn fsync(&self, fh: u64) -> Result<()> {

@@ -161,6 +161,8 @@ pub struct Attr {
     pub ctime_ns: u64,
     /// False while the name is not yet bound (the kernel must not cache it).
     pub cacheable: bool,
+    /// A device node's device number (0 for everything else).
+    pub rdev: u32,
 }
 
 /// What changed in a `setattr`.
@@ -265,7 +267,8 @@ pub struct Core {
     blob_locks: BlobLocks,
     usage: Usage,
     handles: HandleTable,
-    dirs: Sharded<u64, Arc<Vec<DirEntry>>>,
+    /// Open directory listings, and whether each was read from the start.
+    dirs: Sharded<u64, (Arc<Vec<DirEntry>>, bool)>,
     next_fh: AtomicU64,
     /// Blobs that passed verification in this mount (bounded).
     verified: Sharded<BlobId, ()>,
@@ -448,6 +451,10 @@ impl Core {
             atime_ns: inode.atime_ns.unwrap_or(inode.mtime_ns),
             ctime_ns: inode.ctime_ns,
             cacheable: inode.nlink > 0,
+            rdev: match inode.content {
+                Content::Device(rdev) => rdev,
+                _ => 0,
+            },
         }
     }
 

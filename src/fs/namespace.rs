@@ -1,5 +1,5 @@
 //! Names and attributes: lookup, getattr and setattr, directories, symlinks,
-//! unlink, rename and link.
+//! special files (mknod), unlink, rename and link.
 //!
 //! Invariants:
 //! - A name is read and the kernel's reference to what it names is counted
@@ -10,6 +10,9 @@
 //!   and counts a conflict; anything else is replaced as on a local disk.
 //!   A rename replaces a result that fails its own format's checksum with a
 //!   newcomer that passes it (checked before any lock is taken).
+//! - Symlinks and special files (fifos, sockets, device nodes; kind and
+//!   device number in the inode record) are host-local metadata-only nodes:
+//!   never shared, never published.
 //! - A rename that publishes prepares the blob (hash, sync, link) before it
 //!   takes a lock, and re-checks under the locks that nothing changed.
 
@@ -310,7 +313,8 @@ impl Core {
         }
     }
 
-    /// Binds a new directory or symlink at `name` in `parent`.
+    /// Binds a new directory, symlink or special file at `name` in `parent`
+    /// (host-local: never shared, never published).
     fn make_node(
         &self,
         parent: Ino,
@@ -356,6 +360,33 @@ impl Core {
         }
         let content = Content::Symlink(target.to_vec());
         self.make_node(parent, name, Kind::Symlink, 0o777, content, caller)
+    }
+
+    /// `mknod(2)`: fifos, Unix sockets and device nodes are host-local,
+    /// metadata-only nodes (the kernel runs the pipe, the socket or the
+    /// driver); `S_IFREG` makes an empty regular file of the name's class.
+    pub fn mknod(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        rdev: u32,
+        caller: Caller,
+    ) -> Result<Attr> {
+        let kind = match mode & libc::S_IFMT {
+            libc::S_IFIFO => Kind::Fifo,
+            libc::S_IFSOCK => Kind::Socket,
+            libc::S_IFCHR => Kind::CharDevice,
+            libc::S_IFBLK => Kind::BlockDevice,
+            0 | libc::S_IFREG => return self.create_closed(parent, name, mode & 0o7777, caller),
+            _ => return Err(Error::errno(libc::EINVAL)),
+        };
+        let rdev = match kind {
+            Kind::CharDevice | Kind::BlockDevice => rdev,
+            _ => 0,
+        };
+        let perm = (mode & 0o7777) as u16;
+        self.make_node(parent, name, kind, perm, Content::Device(rdev), caller)
     }
 
     pub fn unlink(&self, parent: Ino, name: &[u8]) -> Result<()> {
@@ -850,6 +881,15 @@ impl Core {
     // ----- directories ---------------------------------------------------------
 
     pub fn opendir(&self, ino: Ino) -> Result<u64> {
+        let entries = self.list(ino)?;
+        let fh = self.next_fh();
+        self.dirs
+            .with(&fh, |m| m.insert(fh, (std::sync::Arc::new(entries), false)));
+        Ok(fh)
+    }
+
+    /// The entries of directory `ino`, with `.` (first) and `..`.
+    fn list(&self, ino: Ino) -> Result<Vec<DirEntry>> {
         let mut entries = vec![
             DirEntry {
                 ino,
@@ -885,17 +925,40 @@ impl Core {
             // Names only the shared tier has (bounded, cached briefly).
             self.list_shared(ino, &mut entries)?;
         }
-        let fh = self.next_fh();
-        self.dirs
-            .with(&fh, |m| m.insert(fh, std::sync::Arc::new(entries)));
-        Ok(fh)
+        Ok(entries)
     }
 
-    /// Entries from `offset` on; the offset of entry i is i + 1.
+    /// The listing taken at opendir; the offset of entry i is i + 1.
     pub fn readdir(&self, fh: u64) -> Result<std::sync::Arc<Vec<DirEntry>>> {
         self.dirs
-            .with(&fh, |m| m.get(&fh).cloned())
+            .with(&fh, |m| m.get(&fh).map(|(l, _)| l.clone()))
             .ok_or_else(|| Error::errno(libc::EBADF))
+    }
+
+    /// The listing to read from `offset` on. Reading from offset 0 again
+    /// (`rewinddir`) lists the directory afresh, as POSIX asks; reads at
+    /// other offsets keep the listing stable.
+    pub fn readdir_at(&self, fh: u64, offset: u64) -> Result<std::sync::Arc<Vec<DirEntry>>> {
+        if offset != 0 {
+            return self.readdir(fh);
+        }
+        let (listing, read_before) = self
+            .dirs
+            .with(&fh, |m| {
+                m.get_mut(&fh)
+                    .map(|(l, read)| (l.clone(), std::mem::replace(read, true)))
+            })
+            .ok_or_else(|| Error::errno(libc::EBADF))?;
+        if !read_before {
+            return Ok(listing);
+        }
+        let fresh = std::sync::Arc::new(self.list(listing[0].ino)?);
+        self.dirs.with(&fh, |m| {
+            if let Some((l, _)) = m.get_mut(&fh) {
+                *l = fresh.clone();
+            }
+        });
+        Ok(fresh)
     }
 
     pub fn releasedir(&self, fh: u64) {

@@ -159,6 +159,7 @@ impl Core {
         inode.size = p.size;
         inode.class = class.resolve(&p.head);
         inode.mtime_ns = self.now();
+        inode.ctime_ns = inode.mtime_ns;
         debug!(
             "publish ino={} blob={} size={} class={}",
             inode.ino, p.id, p.size, inode.class
@@ -214,12 +215,25 @@ impl Core {
             return Ok(());
         };
         let staged = self.blobs.create_staging(inode.ino)?;
-        if len != Some(0) {
-            let src = self.blobs.open_blob(&id)?;
-            Blobs::copy_file(&src, &staged, len)?;
+        // The size first: one the store's filesystem refuses (EFBIG) fails
+        // before a byte is copied. A failure leaves no staged copy behind.
+        let filled = (|| {
             if let Some(l) = len {
-                staged.set_len(l).map_err(|e| Error::io(e, "truncate"))?;
+                staged.set_len(l).map_err(|e| match e.raw_os_error() {
+                    Some(code @ (libc::EFBIG | libc::EINVAL)) => Error::errno(code),
+                    _ => Error::io(e, "truncate"),
+                })?;
             }
+            if len != Some(0) {
+                let src = self.blobs.open_blob(&id)?;
+                Blobs::copy_file(&src, &staged, len)?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = filled {
+            drop(staged);
+            self.blobs.remove_staging(inode.ino);
+            return Err(e);
         }
         self.drop_ref(txn, id, inode.ino, inode.size)?;
         inode.content = Content::Staged;

@@ -224,7 +224,7 @@ impl Core {
         match &inode.content {
             Content::Blob(id) => self.drop_ref(txn, *id, inode.ino, inode.size)?,
             Content::Staged => txn.after.push(After::RetireStaging(inode.ino)),
-            Content::None | Content::Symlink(_) => {}
+            Content::None | Content::Symlink(_) | Content::Device(_) => {}
         }
         Ok(())
     }

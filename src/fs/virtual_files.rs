@@ -79,6 +79,7 @@ impl Core {
             atime_ns: t,
             ctime_ns: t,
             cacheable: false,
+            rdev: 0,
         }
     }
 

@@ -26,8 +26,8 @@ use fuser::{
     AccessFlags, BackingId, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem,
     FopenFlags, Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, Notifier,
     OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyIoctl, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
-    WriteFlags,
+    ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+    TimeOrNow, WriteFlags,
 };
 use log::debug;
 
@@ -208,6 +208,10 @@ fn file_type(kind: Kind) -> FileType {
         Kind::Dir => FileType::Directory,
         Kind::File => FileType::RegularFile,
         Kind::Symlink => FileType::Symlink,
+        Kind::Fifo => FileType::NamedPipe,
+        Kind::Socket => FileType::Socket,
+        Kind::CharDevice => FileType::CharDevice,
+        Kind::BlockDevice => FileType::BlockDevice,
     }
 }
 
@@ -238,7 +242,7 @@ fn file_attr(a: &Attr) -> FileAttr {
         nlink: a.nlink,
         uid: a.uid,
         gid: a.gid,
-        rdev: 0,
+        rdev: a.rdev,
         blksize: 4096,
         flags: 0,
     }
@@ -257,6 +261,7 @@ const NO_ENTRY: Attr = Attr {
     atime_ns: 0,
     ctime_ns: 0,
     cacheable: true,
+    rdev: 0,
 };
 
 fn ttl(a: &Attr) -> Duration {
@@ -328,9 +333,14 @@ impl Filesystem for CasFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // Lookups in one directory may run in parallel (the core's reads
         // take no lock), and symlink targets (ccache's lock files) are
-        // immutable, so the kernel may cache them. Never the writeback
+        // immutable, so the kernel may cache them. `O_TRUNC` comes with the
+        // open (else the kernel truncates by inode, with no handle, after the
+        // open: a file whose copy-up waits for its first change would be
+        // published empty before the writer writes). Never the writeback
         // cache: with it the kernel, not the daemon's clock, owns mtimes.
-        let wanted = InitFlags::FUSE_PARALLEL_DIROPS | InitFlags::FUSE_CACHE_SYMLINKS;
+        let wanted = InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_CACHE_SYMLINKS
+            | InitFlags::FUSE_ATOMIC_O_TRUNC;
         if let Err(missing) = config.add_capabilities(wanted) {
             log::info!("kernel lacks FUSE capabilities {missing:?}; running without them");
         }
@@ -413,7 +423,7 @@ impl Filesystem for CasFs {
         atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
-        _fh: Option<FileHandle>,
+        fh: Option<FileHandle>,
         _crtime: Option<SystemTime>,
         _chgtime: Option<SystemTime>,
         _bkuptime: Option<SystemTime>,
@@ -432,6 +442,10 @@ impl Filesystem for CasFs {
         let result = self
             .core
             .permit_setattr(&who(req), ino(i), &set)
+            .and_then(|_| match (size, fh) {
+                (Some(size), Some(fh)) => self.core.before_truncate(fh.0, size),
+                _ => Ok(()),
+            })
             .and_then(|_| self.core.setattr(ino(i), set));
         self.core.send_urgent_invalidations();
         match result {
@@ -508,6 +522,29 @@ impl Filesystem for CasFs {
                     caller(req),
                 )
             });
+        self.entry(r, reply);
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        self.count(Op::Other);
+        let mode = mode & (libc::S_IFMT | (0o7777 & !umask));
+        let r = self
+            .core
+            .permit(&who(req), ino(parent), MAY_WRITE | MAY_EXEC)
+            .and_then(|_| {
+                self.core
+                    .mknod(ino(parent), name.as_bytes(), mode, rdev, caller(req))
+            });
+        self.core.send_urgent_invalidations();
         self.entry(r, reply);
     }
 
@@ -668,6 +705,36 @@ impl Filesystem for CasFs {
         self.empty(self.core.fsync(fh.0), reply);
     }
 
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _i: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        self.count(Op::Other);
+        self.empty(self.core.fallocate(fh.0, offset, length, mode), reply);
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _i: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        self.count(Op::Other);
+        match self.core.lseek(fh.0, offset, whence) {
+            Ok(at) => reply.offset(at),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
     fn opendir(&self, req: &Request, i: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         self.count(Op::Opendir);
         let r = self
@@ -689,7 +756,7 @@ impl Filesystem for CasFs {
         mut reply: ReplyDirectory,
     ) {
         self.count(Op::Readdir);
-        match self.core.readdir(fh.0) {
+        match self.core.readdir_at(fh.0, offset) {
             Ok(entries) => {
                 for (i, e) in entries.iter().enumerate().skip(offset as usize) {
                     if reply.add(

@@ -209,7 +209,7 @@ pub fn run(root: &Path, repair: bool) -> Result<Report, String> {
                     drop_inodes.insert(*ino);
                 }
             }
-            Content::None | Content::Symlink(_) => {}
+            Content::None | Content::Symlink(_) | Content::Device(_) => {}
         }
     }
     for (id, ino) in &l.refs {

@@ -117,6 +117,14 @@ pub enum Kind {
     Dir,
     File,
     Symlink,
+    /// Host-local special files (`mknod`, `mkfifo`, a bound Unix socket):
+    /// metadata only, never shared or published; the kernel does the rest
+    /// (a fifo's pipe, a socket's peer, a device's driver). Their device
+    /// number is in `Content::Device`.
+    Fifo,
+    Socket,
+    CharDevice,
+    BlockDevice,
 }
 
 /// Where a file's bytes are.
@@ -130,6 +138,8 @@ pub enum Content {
     Blob(BlobId),
     /// A symlink's target.
     Symlink(Vec<u8>),
+    /// A special file's device number (`rdev`; 0 for fifos and sockets).
+    Device(u32),
 }
 
 /// One inode record.
@@ -216,6 +226,10 @@ impl Inode {
             Kind::Dir => 1,
             Kind::File => 2,
             Kind::Symlink => 3,
+            Kind::Fifo => 4,
+            Kind::Socket => 5,
+            Kind::CharDevice => 6,
+            Kind::BlockDevice => 7,
         });
         b.push(self.class.code());
         b.extend_from_slice(&self.perm.to_le_bytes());
@@ -239,6 +253,10 @@ impl Inode {
                 b.push(3);
                 b.extend_from_slice(&(t.len() as u16).to_le_bytes());
                 b.extend_from_slice(t);
+            }
+            Content::Device(rdev) => {
+                b.push(4);
+                b.extend_from_slice(&rdev.to_le_bytes());
             }
         }
         // Optional fields after the content, each a tag byte and its value;
@@ -265,6 +283,10 @@ impl Inode {
             1 => Kind::Dir,
             2 => Kind::File,
             3 => Kind::Symlink,
+            4 => Kind::Fifo,
+            5 => Kind::Socket,
+            6 => Kind::CharDevice,
+            7 => Kind::BlockDevice,
             _ => return None,
         };
         let class = Class::from_code(r.u8()?)?;
@@ -286,6 +308,7 @@ impl Inode {
                 let n = u16::from_le_bytes(r.take(2)?.try_into().ok()?) as usize;
                 Content::Symlink(r.take(n)?.to_vec())
             }
+            4 => Content::Device(r.u32()?),
             _ => return None,
         };
         let mut atime_ns = None;
@@ -1024,6 +1047,22 @@ mod tests {
             ..inode
         };
         assert_eq!(Inode::decode(Ino(42), &link.encode()), Some(link.clone()));
+        // Special files: kind and device number round-trip; the records of
+        // the older kinds above are encoded exactly as before they existed.
+        for kind in [
+            Kind::Fifo,
+            Kind::Socket,
+            Kind::CharDevice,
+            Kind::BlockDevice,
+        ] {
+            let node = Inode {
+                kind,
+                class: Class::Local,
+                content: Content::Device(0x0801),
+                ..link.clone()
+            };
+            assert_eq!(Inode::decode(Ino(42), &node.encode()), Some(node));
+        }
         let touched = Inode {
             atime_ns: Some(7),
             links: vec![(Ino(3), b"other".to_vec()), (Ino(4), b"third".to_vec())],

@@ -20,7 +20,11 @@ fn bash(cwd: &Path, script: &str) {
         .current_dir(cwd)
         .output()
         .expect("run bash");
-    assert!(out.status.success(), "bash {script:?}: {}", output_text(&out));
+    assert!(
+        out.status.success(),
+        "bash {script:?}: {}",
+        output_text(&out)
+    );
 }
 
 /// A result name in ccache's ≤ 4.12 layout (create-only, bound at close).
@@ -41,7 +45,11 @@ fn writes_through_a_duplicated_descriptor_are_all_published() {
     let r1 = result_name(1);
     bash(&d, &format!("printf 'A%.0s' {{1..4017}} > {r1}"));
     let got = fs::read(d.join(&r1)).unwrap();
-    assert!(got == [b'A'; 4017], "redirect: {} bytes, not 4017 'A'", got.len());
+    assert!(
+        got == [b'A'; 4017],
+        "redirect: {} bytes, not 4017 'A'",
+        got.len()
+    );
     // An explicit dup: writes before and after the first descriptor closes.
     let r2 = result_name(2);
     bash(
@@ -52,7 +60,10 @@ fn writes_through_a_duplicated_descriptor_are_all_published() {
     // A forked child writes and exits (its close is a FLUSH) while the
     // parent still holds the file and writes after it.
     let r3 = result_name(3);
-    bash(&d, &format!("{{ printf parent1; (printf child); printf parent2; }} > {r3}"));
+    bash(
+        &d,
+        &format!("{{ printf parent1; (printf child); printf parent2; }} > {r3}"),
+    );
     assert_eq!(
         fs::read_to_string(d.join(&r3)).unwrap(),
         "parent1childparent2",
@@ -104,7 +115,10 @@ impl Drop for Children {
 /// Aborts the FUSE connection of `mp` (what an operator does when a mount
 /// hangs), so that a test can fail and clean up instead of hanging too.
 fn abort_connection(mp: &Path) {
-    if !Path::new("/sys/fs/fuse/connections/").read_dir().is_ok_and(|mut d| d.next().is_some()) {
+    if !Path::new("/sys/fs/fuse/connections/")
+        .read_dir()
+        .is_ok_and(|mut d| d.next().is_some())
+    {
         let _ = Command::new("mount")
             .args(["-t", "fusectl", "none", "/sys/fs/fuse/connections"])
             .status();
@@ -187,11 +201,16 @@ fn creators_under_result_names_beside_unlinkers_do_not_hang_the_mount() {
         // connection is gone.
         abort_connection(&mp);
         drop(kids);
-        panic!("the mount hung: clients still blocked {run_for_s}+90 s after they should have ended");
+        panic!(
+            "the mount hung: clients still blocked {run_for_s}+90 s after they should have ended"
+        );
     }
     // The mount still answers.
     let names = list_dir(&d);
-    assert!(names.iter().any(|n| n.ends_with('R')), "results were published");
+    assert!(
+        names.iter().any(|n| n.ends_with('R')),
+        "results were published"
+    );
     drop(m);
 }
 
@@ -213,7 +232,11 @@ fn link_makes_another_name_of_the_same_file_in_every_class() {
     fs::write(d.join("plain.txt"), b"one").unwrap();
     fs::hard_link(d.join("plain.txt"), d.join("other.txt")).unwrap();
     let (i1, n1) = ino_nlink(&d.join("plain.txt"));
-    assert_eq!(ino_nlink(&d.join("other.txt")), (i1, 2), "same inode, two names");
+    assert_eq!(
+        ino_nlink(&d.join("other.txt")),
+        (i1, 2),
+        "same inode, two names"
+    );
     assert_eq!(n1, 2);
     fs::write(d.join("other.txt"), b"two").unwrap();
     assert_eq!(fs::read(d.join("plain.txt")).unwrap(), b"two");
@@ -233,7 +256,11 @@ fn link_makes_another_name_of_the_same_file_in_every_class() {
         .unwrap();
     assert!(out.success(), "test R -ef out.o");
     fs::write(d.join("out.o"), b"scribbled").unwrap();
-    assert_eq!(fs::read(d.join(&r)).unwrap(), b"result bytes", "create-only");
+    assert_eq!(
+        fs::read(d.join(&r)).unwrap(),
+        b"result bytes",
+        "create-only"
+    );
 
     // The link()-based safe rename: link the temporary file to the result
     // name, then unlink it. A second one onto the same name succeeds and
@@ -248,7 +275,11 @@ fn link_makes_another_name_of_the_same_file_in_every_class() {
     // The kernel answers EEXIST itself when it knows the name (what the
     // link()-based rename expects: someone else published it first).
     if let Err(e) = fs::hard_link(d.join("t2.tmp"), d.join(&r2)) {
-        assert_eq!(e.raw_os_error(), Some(libc::EEXIST), "link onto a result: {e}");
+        assert_eq!(
+            e.raw_os_error(),
+            Some(libc::EEXIST),
+            "link onto a result: {e}"
+        );
     }
     fs::remove_file(d.join("t2.tmp")).unwrap();
     assert_eq!(fs::read(d.join(&r2)).unwrap(), b"first");
@@ -267,7 +298,11 @@ fn link_makes_another_name_of_the_same_file_in_every_class() {
     assert_eq!(ino_nlink(&d.join("other.txt")).1, 1);
     drop(m);
     let out = casfs(&["fsck".as_ref(), "--store".as_ref(), td.store().as_os_str()]);
-    assert!(out.status.success(), "fsck after links: {}", output_text(&out));
+    assert!(
+        out.status.success(),
+        "fsck after links: {}",
+        output_text(&out)
+    );
 }
 
 #[test]
@@ -286,14 +321,26 @@ fn directory_link_counts_and_open_unlinked_files() {
     fs::remove_dir(d.join("x")).unwrap();
     assert_eq!(ino_nlink(&d).1, 3);
     fs::rename(d.join("y"), e.join("y")).unwrap();
-    assert_eq!((ino_nlink(&d).1, ino_nlink(&e).1), (2, 3), "after moving a dir");
+    assert_eq!(
+        (ino_nlink(&d).1, ino_nlink(&e).1),
+        (2, 3),
+        "after moving a dir"
+    );
     fs::create_dir(d.join("z")).unwrap();
     fs::rename(d.join("z"), e.join("y")).unwrap(); // onto an empty directory
-    assert_eq!((ino_nlink(&d).1, ino_nlink(&e).1), (2, 3), "after replacing one");
+    assert_eq!(
+        (ino_nlink(&d).1, ino_nlink(&e).1),
+        (2, 3),
+        "after replacing one"
+    );
     m.unmount();
     drop(m);
     let m = Mount::start(&td.store(), &mp, &[]);
-    assert_eq!((ino_nlink(&d).1, ino_nlink(&e).1), (2, 3), "after a remount");
+    assert_eq!(
+        (ino_nlink(&d).1, ino_nlink(&e).1),
+        (2, 3),
+        "after a remount"
+    );
 
     // An open file that is unlinked shows st_nlink 0, as on Linux.
     let p = d.join("open.txt");
@@ -363,7 +410,10 @@ fn the_scrub_never_drops_a_name_published_while_its_twin_is_unlinked() {
         let _ = fs::remove_file(&name);
         r
     });
-    assert!(failures.is_empty(), "names vanished or failed: {failures:#?}");
+    assert!(
+        failures.is_empty(),
+        "names vanished or failed: {failures:#?}"
+    );
     assert_eq!(m.counter("corrupt_blobs"), 0, "nothing was corrupt");
     drop(m);
 }
@@ -421,15 +471,26 @@ fn new_bytes_equal_to_a_quarantined_blob_are_stored_again() {
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     while m.counter("corrupt_blobs") == 0 {
-        assert!(Instant::now() < deadline, "the scrub never found the damaged blob");
+        assert!(
+            Instant::now() < deadline,
+            "the scrub never found the damaged blob"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     // The same bytes again, under a new name: stored again, and they stay.
     publish(&d, "r2.tmp", &result_name(2), &body);
     assert_eq!(fs::read(d.join(result_name(2))).unwrap(), body);
     std::thread::sleep(Duration::from_millis(300)); // many scrub rounds
-    assert_eq!(fs::read(d.join(result_name(2))).unwrap(), body, "still there");
-    assert_eq!(m.counter("corrupt_blobs"), 1, "only the damaged one was dropped");
+    assert_eq!(
+        fs::read(d.join(result_name(2))).unwrap(),
+        body,
+        "still there"
+    );
+    assert_eq!(
+        m.counter("corrupt_blobs"),
+        1,
+        "only the damaged one was dropped"
+    );
     drop(reader);
     drop(m);
 }

@@ -740,7 +740,15 @@ impl Tier {
                     self.forget_missing(&up.path);
                     self.settle(outbox, up);
                     if let Put::Exists(winner) = put {
-                        let same = matches!(&winner.kind, super::RecordKind::File { blob, .. } if *blob == up.blob);
+                        // Ours already, unless it names our blob with another
+                        // size (a damaged record: the core heals it).
+                        let same = match (&winner.kind, &up.record.kind) {
+                            (
+                                super::RecordKind::File { blob, size, .. },
+                                super::RecordKind::File { size: ours, .. },
+                            ) => *blob == up.blob && size == ours,
+                            _ => false,
+                        };
                         if !same {
                             self.stats.conflicts_lost.fetch_add(1, Ordering::Relaxed);
                             lost_race(&up.path, winner);

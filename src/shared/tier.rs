@@ -738,7 +738,8 @@ impl Tier {
                     self.stats.uploads.fetch_add(1, Ordering::Relaxed);
                     self.stats.upload_ms.observe(started.elapsed());
                     self.forget_missing(&up.path);
-                    self.settle(outbox, up);
+                    // Converge (or heal a damaged record) before the upload
+                    // counts as settled, so `sync` returns after both.
                     if let Put::Exists(winner) = put {
                         // Ours already, unless it names our blob with another
                         // size (a damaged record: the core heals it).
@@ -754,6 +755,7 @@ impl Tier {
                             lost_race(&up.path, winner);
                         }
                     }
+                    self.settle(outbox, up);
                     return;
                 }
                 Err(Failure::Local(reason, detail)) => {

@@ -144,30 +144,19 @@ fn creators_under_result_names_beside_unlinkers_do_not_hang_the_mount() {
     let run_for_s = 8;
     let mut kids = Children(Vec::new());
     // The clients are spawned outside the mount and `cd` into it, so a hung
-    // mount cannot hang the test before its watchdog runs.
-    for w in 0..4 {
-        // Files created directly under result names (published at close).
+    // mount cannot hang the test before its watchdog runs. Four create files
+    // directly under result names (published at close); four create and
+    // unlink ordinary files in the same directory.
+    for w in 0..8 {
+        let body = if w < 4 {
+            format!("printf x > {w}$((i++))-56789abcdefghijklmnR")
+        } else {
+            format!(": > tmp.{w}; rm -f tmp.{w}")
+        };
         let script = format!(
-            "cd {dir} || exit 1; end=$((SECONDS+{run_for_s})); i=0; while [ $SECONDS -lt $end ]; do \
-             printf x > {w}{i:0>4}-$i-56789abcdefghijklmnR; i=$((i+1)); done",
-            i = "$i",
-            dir = d.display()
-        );
-        kids.0.push(
-            Command::new("bash")
-                .arg("-c")
-                .arg(script)
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-    }
-    for w in 0..4 {
-        // Ordinary create and unlink in the same directory.
-        let script = format!(
-            "cd {dir} || exit 1; end=$((SECONDS+{run_for_s})); while [ $SECONDS -lt $end ]; do \
-             : > tmp.{w}; rm -f tmp.{w}; done",
-            dir = d.display()
+            "cd {} || exit 1; end=$((SECONDS+{run_for_s})); i=0; \
+             while [ $SECONDS -lt $end ]; do {body}; done",
+            d.display()
         );
         kids.0.push(
             Command::new("bash")

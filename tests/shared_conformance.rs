@@ -23,9 +23,8 @@
 mod common;
 
 use std::fs;
-use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -175,64 +174,25 @@ impl Backend for DirBackend {
     }
 }
 
-/// A `redis-server` on a free loopback port, stopped on drop.
+/// A `redis-server` on a free loopback port (`common::Redis`), stopped on
+/// drop, damaged with `redis-cli`.
 struct RedisBackend {
-    child: std::sync::Mutex<Child>,
+    redis: std::sync::Mutex<common::Redis>,
     port: u16,
 }
 
 impl RedisBackend {
     fn new() -> RedisBackend {
-        for (tool, what) in [("redis-server", "start"), ("redis-cli", "damage")] {
-            let found = Command::new("sh")
-                .args(["-c", &format!("command -v {tool}")])
-                .output()
-                .unwrap()
-                .status
-                .success();
-            assert!(
-                found,
-                "{tool} is not installed: the conformance suite needs it to {what} Redis \
-                 (apt-get install redis-server redis-tools)"
-            );
-        }
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        assert!(
+            common::find_program("redis-cli").is_some(),
+            "redis-cli is not installed: the conformance suite needs it to damage Redis \
+             (apt-get install redis-server redis-tools)"
+        );
+        let redis = common::Redis::start();
         RedisBackend {
-            child: std::sync::Mutex::new(Self::spawn(port)),
-            port,
+            port: redis.port,
+            redis: std::sync::Mutex::new(redis),
         }
-    }
-
-    /// Starts `redis-server` on `port` and waits until it answers.
-    fn spawn(port: u16) -> Child {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start redis-server");
-        let deadline = Instant::now() + Duration::from_secs(WAIT_S);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not start on port {port}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        child
     }
 
     fn cli(&self, args: &[&[u8]]) -> String {
@@ -252,14 +212,6 @@ impl RedisBackend {
         args.extend(keys.iter().map(|k| k.as_bytes()));
         let out = self.cli(&args);
         assert!(!out.contains("ERR"), "EVAL failed: {out}");
-    }
-}
-
-impl Drop for RedisBackend {
-    fn drop(&mut self) {
-        let c = self.child.get_mut().unwrap();
-        let _ = c.kill();
-        let _ = c.wait();
     }
 }
 
@@ -299,12 +251,11 @@ impl Backend for RedisBackend {
     /// Stops the server (its data goes with it: no persistence) or starts
     /// a new one on the same port.
     fn set_down(&self, down: bool) {
-        let mut c = self.child.lock().unwrap();
+        let mut r = self.redis.lock().unwrap();
         if down {
-            let _ = c.kill();
-            let _ = c.wait();
+            r.stop();
         } else {
-            *c = Self::spawn(self.port);
+            r.restart();
         }
     }
     fn corrupt_blob(&self, id: &BlobId) {

@@ -13,86 +13,10 @@ mod common;
 
 use common::*;
 use std::fs;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+
 use std::thread;
 use std::time::{Duration, Instant};
-
-/// A `redis-server` on a loopback port, stopped on drop.
-struct Redis {
-    child: Option<Child>,
-    port: u16,
-}
-
-impl Redis {
-    fn start() -> Redis {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut r = Redis { child: None, port };
-        r.restart();
-        r
-    }
-
-    /// Starts it (again) on its port, empty.
-    fn restart(&mut self) {
-        assert!(
-            find_program("redis-server").is_some(),
-            "redis-server is not installed: these tests need it (apt-get install redis-server)"
-        );
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start redis-server");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not start on port {}",
-                self.port
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn cli(&self, args: &[&str]) -> Vec<u8> {
-        assert!(
-            find_program("redis-cli").is_some(),
-            "redis-cli is not installed: this test needs it (apt-get install redis-tools)"
-        );
-        let out = Command::new("redis-cli")
-            .args(["-p", &self.port.to_string(), "--no-raw"])
-            .args(args)
-            .output()
-            .expect("run redis-cli");
-        assert!(out.status.success(), "redis-cli {args:?}: {out:?}");
-        out.stdout
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 /// A shared directory whose path can be made to disappear (renamed away,
 /// as when the share is unmounted) and come back. Put back on drop.

@@ -753,11 +753,7 @@ impl Core {
         }
         let mut txn = self.txn();
         if let Some(d) = found[0] {
-            let existing = self.inode(d)?;
-            if class == Class::Result && Self::is_published_result(&existing) {
-                return self.link_kept_existing(txn, existing, newname, prepared);
-            }
-            return Err(Error::errno(libc::EEXIST));
+            return self.link_onto_existing(txn, d, class, newname, prepared);
         }
         let now = self.now();
         if let Some(p) = prepared {
@@ -794,15 +790,21 @@ impl Core {
         Ok(self.attr_of(&src))
     }
 
-    /// A link onto an existing result: it stays, the newcomer is dropped
-    /// (counted), and the call succeeds like the `link()`-based safe rename.
-    fn link_kept_existing<'a>(
+    /// A link onto an existing name: EEXIST, unless it is a result: then it
+    /// stays, the newcomer is dropped (counted), and the call succeeds like
+    /// the `link()`-based safe rename.
+    fn link_onto_existing<'a>(
         &'a self,
         mut txn: Txn<'a>,
-        existing: Inode,
+        existing: Ino,
+        class: Class,
         newname: &[u8],
         prepared: Option<&Prepared>,
     ) -> Result<Attr> {
+        let existing = self.inode(existing)?;
+        if class != Class::Result || !Self::is_published_result(&existing) {
+            return Err(Error::errno(libc::EEXIST));
+        }
         Stats::bump(&self.stats.counters.conflicts);
         debug!(
             "link name={:?} outcome=kept-existing",
@@ -839,11 +841,7 @@ impl Core {
         }
         let mut txn = self.txn();
         if let Some(d) = found[0] {
-            let existing = self.inode(d)?;
-            if class == Class::Result && Self::is_published_result(&existing) {
-                return self.link_kept_existing(txn, existing, newname, Some(&p));
-            }
-            return Err(Error::errno(libc::EEXIST));
+            return self.link_onto_existing(txn, d, class, newname, Some(&p));
         }
         let newdir = self.inode(newparent)?;
         let now = self.now();

@@ -1506,3 +1506,84 @@ pub fn compile_all_as_user(
         cmd
     })
 }
+
+/// A `redis-server` on a loopback port, stopped on drop.
+pub struct Redis {
+    child: Option<Child>,
+    pub port: u16,
+}
+
+impl Redis {
+    /// Starts one on a free loopback port.
+    pub fn start() -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Redis::start_on(port)
+    }
+
+    /// Starts one on `port` (empty: no persistence).
+    pub fn start_on(port: u16) -> Redis {
+        let mut r = Redis { child: None, port };
+        r.restart();
+        r
+    }
+
+    /// Starts it (again) on its port, empty.
+    pub fn restart(&mut self) {
+        assert!(
+            find_program("redis-server").is_some(),
+            "redis-server is not installed: these tests need it (apt-get install redis-server)"
+        );
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not start on port {}",
+                self.port
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Vec<u8> {
+        assert!(
+            find_program("redis-cli").is_some(),
+            "redis-cli is not installed: this test needs it (apt-get install redis-tools)"
+        );
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "--no-raw"])
+            .args(args)
+            .output()
+            .expect("run redis-cli");
+        assert!(out.status.success(), "redis-cli {args:?}: {out:?}");
+        out.stdout
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

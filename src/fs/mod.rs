@@ -70,11 +70,26 @@
 //!    inode-number allocator. The last two write a lease record (a RocksDB
 //!    put, not synced) under their mutex once per lease.
 //!
-//! Known waits under a stripe: a commit is a RocksDB write, and RocksDB
-//! groups concurrent writers, so a commit can wait for the log sync of a
-//! publication that joined the same group (`sync_log`); copy-up of a
-//! mutable file copies its blob under the file's own stripe; a suspected
-//! corrupt blob is re-hashed under its blob stripe before it is dropped.
+//! Known waits under a stripe (each on the file's own stripe, so another
+//! name waits only if it collides, 1 in `INODE_STRIPES`; none on the
+//! network, none unbounded):
+//! - a commit is a RocksDB write, and RocksDB groups concurrent writers, so
+//!   a commit can wait for the log sync of a publication that joined the
+//!   same group (`sync_log`);
+//! - copy-up of a mutable file copies its blob under the file's own stripe;
+//! - a truncate (`setattr` with a size, `open` with `O_TRUNC`) runs
+//!   `ftruncate` on the file's staging file, and opens of staging or blob
+//!   files and the `fstat` that reads a staged file's size at close
+//!   (`flush`) run under the file's stripe: local-disk metadata calls;
+//! - a suspected corrupt blob is re-hashed under its blob stripe before it
+//!   is dropped.
+//!
+//! Never under a stripe: a wait for a seal to end (`Usage::open` of a
+//! writer, `writer_again`, `begin_seal`), whose length is a hash and an
+//! fsync that no one bounds. `locks::assert_no_stripe_held` asserts it at
+//! each such wait, and every taking of a lock asserts its level against
+//! what the thread already holds (`locks::hold`, a thread-local count per
+//! level), in the release build the tests run.
 //!
 //! Waits for contended inode and blob stripes are timed into
 //! `Stats::lock_wait` (`.casfs/metrics`: `casfs_lock_wait_seconds`).

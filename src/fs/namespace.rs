@@ -20,7 +20,7 @@ use log::debug;
 
 use crate::classes::Class;
 use crate::error::{enoent, Error, Result};
-use crate::fs::locks::InodeGuard;
+use crate::fs::locks::{Held, InodeGuard, Level};
 use crate::fs::publish::{Prepared, Share};
 use crate::fs::txn::{After, Txn};
 use crate::fs::{
@@ -481,7 +481,8 @@ impl Core {
             let Some(peek) = self.store.inode(src_ino)? else {
                 continue;
             };
-            let _dir_rename = (peek.kind == Kind::Dir).then(|| self.dir_rename.lock().unwrap());
+            let _dir_rename = (peek.kind == Kind::Dir)
+                .then(|| Held::take(Level::DirRename, || self.dir_rename.lock().unwrap()));
             let class = if peek.kind == Kind::File {
                 self.class_of(newparent, newname)?
             } else {

@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::sync::{Condvar, Mutex, MutexGuard};
 
-use crate::fs::locks::{ShardKey, SHARDS};
+use crate::fs::locks::{assert_no_stripe_held, hold, Level, LevelHold, ShardKey, SHARDS};
 use crate::store::ids::Ino;
 
 #[derive(Default, Clone, Copy, Debug)]
@@ -51,13 +51,30 @@ impl Usage {
         }
     }
 
-    fn shard(&self, ino: Ino) -> (MutexGuard<'_, HashMap<Ino, Use>>, &Condvar) {
+    /// The shard of `ino`: a leaf lock (its hold is released after the
+    /// guard, as the caller's bindings drop in reverse order).
+    fn shard(&self, ino: Ino) -> (LevelHold, MutexGuard<'_, HashMap<Ino, Use>>, &Condvar) {
         let (m, c) = &self.shards[ino.shard()];
-        (m.lock().unwrap(), c)
+        let leaf = hold(Level::Leaf);
+        (leaf, m.lock().unwrap(), c)
+    }
+
+    /// Waits for a seal of `ino` to end (no stripe may be held: no one
+    /// bounds how long a seal takes).
+    fn wait_unsealed<'a>(
+        ino: Ino,
+        mut map: MutexGuard<'a, HashMap<Ino, Use>>,
+        cond: &Condvar,
+    ) -> MutexGuard<'a, HashMap<Ino, Use>> {
+        while map.get(&ino).is_some_and(|u| u.sealing) {
+            assert_no_stripe_held("a wait for a seal to end");
+            map = cond.wait(map).unwrap();
+        }
+        map
     }
 
     fn update<R>(&self, ino: Ino, f: impl FnOnce(&mut Use) -> R) -> R {
-        let (mut map, _) = self.shard(ino);
+        let (_leaf, mut map, _) = self.shard(ino);
         let u = map.entry(ino).or_default();
         let r = f(u);
         if u.idle() {
@@ -83,28 +100,26 @@ impl Usage {
 
     /// True while the kernel or a handle holds `ino`.
     pub fn in_use(&self, ino: Ino) -> bool {
-        let (map, _) = self.shard(ino);
+        let (_leaf, map, _) = self.shard(ino);
         map.get(&ino)
             .is_some_and(|u| u.lookups > 0 || u.handles > 0)
     }
 
     pub fn has_handles(&self, ino: Ino) -> bool {
-        let (map, _) = self.shard(ino);
+        let (_leaf, map, _) = self.shard(ino);
         map.get(&ino).is_some_and(|u| u.handles > 0)
     }
 
     pub fn writers(&self, ino: Ino) -> u32 {
-        let (map, _) = self.shard(ino);
+        let (_leaf, map, _) = self.shard(ino);
         map.get(&ino).map_or(0, |u| u.writers)
     }
 
     /// A handle opens. A writer waits while a publication seals the file.
     pub fn open(&self, ino: Ino, writer: bool) {
-        let (mut map, cond) = self.shard(ino);
+        let (_leaf, mut map, cond) = self.shard(ino);
         if writer {
-            while map.get(&ino).is_some_and(|u| u.sealing) {
-                map = cond.wait(map).unwrap();
-            }
+            map = Self::wait_unsealed(ino, map, cond);
         }
         let u = map.entry(ino).or_default();
         u.handles += 1;
@@ -131,20 +146,16 @@ impl Usage {
     /// A handle whose bytes were published writes again (`restage`); waits
     /// while a publication seals the file.
     pub fn writer_again(&self, ino: Ino) {
-        let (mut map, cond) = self.shard(ino);
-        while map.get(&ino).is_some_and(|u| u.sealing) {
-            map = cond.wait(map).unwrap();
-        }
+        let (_leaf, mut map, cond) = self.shard(ino);
+        map = Self::wait_unsealed(ino, map, cond);
         map.entry(ino).or_default().writers += 1;
     }
 
     /// Starts sealing `ino`'s staged bytes for publication: waits for another
     /// seal of it to end, then refuses (false) if a writer holds it.
     pub fn begin_seal(&self, ino: Ino) -> bool {
-        let (mut map, cond) = self.shard(ino);
-        while map.get(&ino).is_some_and(|u| u.sealing) {
-            map = cond.wait(map).unwrap();
-        }
+        let (_leaf, mut map, cond) = self.shard(ino);
+        map = Self::wait_unsealed(ino, map, cond);
         let u = map.entry(ino).or_default();
         if u.writers > 0 {
             if u.idle() {
@@ -157,7 +168,7 @@ impl Usage {
     }
 
     pub fn end_seal(&self, ino: Ino) {
-        let (mut map, cond) = self.shard(ino);
+        let (_leaf, mut map, cond) = self.shard(ino);
         if let Some(u) = map.get_mut(&ino) {
             u.sealing = false;
             if u.idle() {
@@ -172,7 +183,7 @@ impl Usage {
     }
 
     pub fn awaiting_bind(&self, ino: Ino) -> bool {
-        let (map, _) = self.shard(ino);
+        let (_leaf, map, _) = self.shard(ino);
         map.get(&ino).is_some_and(|u| u.awaiting_bind)
     }
 }

@@ -21,6 +21,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start; the size of the `mount` variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Mount a cache and serve it in the foreground until it is unmounted.
@@ -180,7 +182,7 @@ fn parse_size(text: &str) -> Result<u64, String> {
     let n: f64 = digits
         .parse()
         .map_err(|_| format!("size {text:?} is not a size (use e.g. 20G, 500M, 1T)"))?;
-    if !(n > 0.0) {
+    if n.is_nan() || n <= 0.0 {
         return Err(format!("size {text:?} must be positive"));
     }
     Ok((n * (1u64 << shift) as f64) as u64)
@@ -356,6 +358,23 @@ fn run(cli: Cli) -> Result<(), String> {
     }
 }
 
+fn main() -> ExitCode {
+    // fuser warns when it finds the mount already gone at exit (our normal
+    // way out after `umount`), so its session module logs errors only.
+    env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or("info,fuser::session=error"),
+    )
+    .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("casfs: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -382,22 +401,5 @@ mod tests {
         let o = parse_mount_options("shared_clock_skew_ms=250").unwrap();
         assert_eq!(o.shared_clock_skew_ms, Some(250));
         assert!(parse_mount_options("shared_clock_skew_ms=soon").is_err());
-    }
-}
-
-fn main() -> ExitCode {
-    // fuser warns when it finds the mount already gone at exit (our normal
-    // way out after `umount`), so its session module logs errors only.
-    env_logger::Builder::from_env(
-        env_logger::Env::default().default_filter_or("info,fuser::session=error"),
-    )
-    .init();
-    let cli = Cli::parse();
-    match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("casfs: {e}");
-            ExitCode::FAILURE
-        }
     }
 }

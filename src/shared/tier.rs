@@ -997,6 +997,68 @@ impl Queue {
     }
 }
 
+/// What the core asks beyond lookups and uploads: healing, listing and
+/// revalidation. Each is one engine call under the deadline and the
+/// breaker, like every other.
+impl Tier {
+    /// Counts and logs (once per message) a damaged record.
+    pub fn note_data_error(&self, message: String) {
+        self.record_outcome::<()>(&Err(TierError::Data(message)));
+    }
+
+    /// The record at `path` only (no blob): `Err` when the engine could
+    /// not answer, `Ok(None)` when there is none or it is damaged.
+    pub fn record(&self, path: &[u8]) -> TierResult<Option<Record>> {
+        let p = path.to_vec();
+        match self.call(move |e| e.get_record(&p)) {
+            Err(TierError::Data(_)) => Ok(None),
+            other => other,
+        }
+    }
+
+    /// A blob's verified bytes: `Ok(None)` when the tier lacks it or its
+    /// bytes fail verification (marked for repair), `Err` when it could
+    /// not be asked.
+    pub fn blob_checked(&self, id: BlobId) -> TierResult<Option<Vec<u8>>> {
+        let Some(bytes) = self.call(move |e| e.get_blob(&id, FETCH_BYTES_MAX))? else {
+            return Ok(None);
+        };
+        if *blake3::hash(&bytes).as_bytes() != id.0 {
+            self.stats.corrupt_blobs.fetch_add(1, Ordering::Relaxed);
+            warn!("shared tier: blob {id} does not match its hash: not used");
+            self.mark_damaged(id);
+            return Ok(None);
+        }
+        Ok(Some(bytes))
+    }
+
+    /// Replaces the damaged record `seen` at `path` with `record`.
+    pub fn replace_damaged(
+        &self,
+        path: &[u8],
+        seen: super::Seen,
+        record: Record,
+    ) -> TierResult<bool> {
+        let p = path.to_vec();
+        let r = self.call(move |e| e.replace_damaged(&p, &seen, &record));
+        if matches!(r, Ok(true)) {
+            self.forget_missing(path);
+        }
+        r
+    }
+
+    /// Damaged records the engine replaced in this mount.
+    pub fn records_healed(&self) -> u64 {
+        self.engine.records_healed()
+    }
+
+    /// Names the tier lists below the directory `path` (bounded).
+    pub fn list(&self, path: &[u8]) -> TierResult<Vec<super::Listed>> {
+        let p = path.to_vec();
+        self.call(move |e| e.list(&p, super::LIST_NAMES_MAX))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1179,67 +1241,5 @@ mod tests {
             2,
             "the directory, then the newest only"
         );
-    }
-}
-
-/// What the core asks beyond lookups and uploads: healing, listing and
-/// revalidation. Each is one engine call under the deadline and the
-/// breaker, like every other.
-impl Tier {
-    /// Counts and logs (once per message) a damaged record.
-    pub fn note_data_error(&self, message: String) {
-        self.record_outcome::<()>(&Err(TierError::Data(message)));
-    }
-
-    /// The record at `path` only (no blob): `Err` when the engine could
-    /// not answer, `Ok(None)` when there is none or it is damaged.
-    pub fn record(&self, path: &[u8]) -> TierResult<Option<Record>> {
-        let p = path.to_vec();
-        match self.call(move |e| e.get_record(&p)) {
-            Err(TierError::Data(_)) => Ok(None),
-            other => other,
-        }
-    }
-
-    /// A blob's verified bytes: `Ok(None)` when the tier lacks it or its
-    /// bytes fail verification (marked for repair), `Err` when it could
-    /// not be asked.
-    pub fn blob_checked(&self, id: BlobId) -> TierResult<Option<Vec<u8>>> {
-        let Some(bytes) = self.call(move |e| e.get_blob(&id, FETCH_BYTES_MAX))? else {
-            return Ok(None);
-        };
-        if *blake3::hash(&bytes).as_bytes() != id.0 {
-            self.stats.corrupt_blobs.fetch_add(1, Ordering::Relaxed);
-            warn!("shared tier: blob {id} does not match its hash: not used");
-            self.mark_damaged(id);
-            return Ok(None);
-        }
-        Ok(Some(bytes))
-    }
-
-    /// Replaces the damaged record `seen` at `path` with `record`.
-    pub fn replace_damaged(
-        &self,
-        path: &[u8],
-        seen: super::Seen,
-        record: Record,
-    ) -> TierResult<bool> {
-        let p = path.to_vec();
-        let r = self.call(move |e| e.replace_damaged(&p, &seen, &record));
-        if matches!(r, Ok(true)) {
-            self.forget_missing(path);
-        }
-        r
-    }
-
-    /// Damaged records the engine replaced in this mount.
-    pub fn records_healed(&self) -> u64 {
-        self.engine.records_healed()
-    }
-
-    /// Names the tier lists below the directory `path` (bounded).
-    pub fn list(&self, path: &[u8]) -> TierResult<Vec<super::Listed>> {
-        let p = path.to_vec();
-        self.call(move |e| e.list(&p, super::LIST_NAMES_MAX))
     }
 }

@@ -898,9 +898,9 @@ impl Store {
         };
         let mut wb = WriteBatch::default();
         if v.len() >= 24 {
-            wb.put_cf(cf, KEY_GAUGE_BLOBS, v[0..8].to_vec());
-            wb.put_cf(cf, KEY_GAUGE_BYTES_STORED, v[8..16].to_vec());
-            wb.put_cf(cf, KEY_GAUGE_BYTES_LOGICAL, v[16..24].to_vec());
+            wb.put_cf(cf, KEY_GAUGE_BLOBS, &v[0..8]);
+            wb.put_cf(cf, KEY_GAUGE_BYTES_STORED, &v[8..16]);
+            wb.put_cf(cf, KEY_GAUGE_BYTES_LOGICAL, &v[16..24]);
         }
         wb.delete_cf(cf, KEY_GAUGES_RETIRED);
         self.db.write(wb).map_err(|e| e.to_string())?;

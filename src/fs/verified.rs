@@ -142,9 +142,9 @@ impl Core {
     /// otherwise (it changed in between, or was never checked) it is
     /// checked now, under the stripe (a rare, known wait).
     ///
-    /// Invariant: after this returns Ok, the blob's path holds a file whose
-    /// bytes hashed to `id` at a moment while this stripe was held, or
-    /// `staged`'s own inode.
+    /// Invariant: after this returns Ok, the blob's path holds `staged`'s
+    /// own file (linked now or earlier), or a file that hashed to `id` and
+    /// whose identity has not changed since.
     pub(super) fn settle_blob_file(
         &self,
         txn: &mut Txn,
@@ -179,7 +179,7 @@ impl Core {
             return Ok(());
         }
         warn!(
-            "corrupt blob={id}: the stored file does not match its hash; replaced by the bytes of a new publication, the damaged file quarantined"
+            "corrupt blob={id}: the stored file does not match its hash; replaced by the bytes just hashed for a publication or fetch of it, the damaged file quarantined"
         );
         self.forget_verified(id);
         self.blobs

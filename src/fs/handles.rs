@@ -12,7 +12,19 @@
 //!   change fails, leaves the file, its times and the store as they were.
 //! - A blob is verified against its hash at its first open in this mount
 //!   (on the configured sample), outside any lock; then it is remembered in
-//!   `verified` (bounded) and not hashed again until the scrub checks it.
+//!   `verified` (bounded) with the identity of its file, and not hashed again
+//!   on open while the file it opens has that identity. A file that changed
+//!   since (written, truncated, touched, replaced) is hashed again before the
+//!   open returns, whatever the sample says (`open_verified`).
+//! - What an already-open descriptor sees: its own descriptor on the blob
+//!   file it opened (promise 2). If someone outside casfs writes into that
+//!   file, the descriptor sees those bytes: nothing can take back what an
+//!   open descriptor reads (with passthrough the kernel reads the file
+//!   itself). What casfs does: the next open or the scrub finds the damage,
+//!   quarantines the blob and drops its names (`drop_corrupt`), or a
+//!   publication of the same bytes replaces the file (`settle_blob_file`);
+//!   either way no new open gets the damaged file, while descriptors already
+//!   open keep it until they are closed.
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -27,9 +39,9 @@ use crate::error::{Error, Result};
 use crate::fs::locks::Sharded;
 use crate::fs::publish::Share;
 use crate::fs::txn::After;
-use crate::fs::{Attr, Caller, Core, Invalidate, RETRIES_MAX, VERIFIED_BLOBS_MAX};
+use crate::fs::{Attr, Caller, Core, Invalidate, RETRIES_MAX};
 use crate::stats::Stats;
-use crate::store::blobs::Blobs;
+use crate::store::blobs::FileIdentity;
 use crate::store::ids::{BlobId, Ino};
 use crate::store::meta::{Content, Inode, Kind, PendingReason};
 
@@ -74,8 +86,9 @@ struct Handle {
     dirty: AtomicBool,
     conflict_counted: AtomicBool,
     /// For a read of a published result: its blob, which never changes,
-    /// so the kernel may read the blob file directly (passthrough).
-    immutable_blob: Option<BlobId>,
+    /// so the kernel may read the blob file directly (passthrough), and the
+    /// identity of the file this handle opened (and verified, or trusted).
+    immutable_blob: Option<(BlobId, FileIdentity)>,
     /// A writer of a host-local file: nothing to publish at close, so the
     /// kernel is told to skip FLUSH, and each write stamps the mtime.
     local_writer: bool,
@@ -101,7 +114,7 @@ impl Core {
         mode: Mode,
         file: Option<File>,
         virt: Option<Vec<u8>>,
-        immutable_blob: Option<BlobId>,
+        immutable_blob: Option<(BlobId, FileIdentity)>,
     ) -> u64 {
         let fh = self.next_fh();
         let h = Handle {
@@ -121,8 +134,11 @@ impl Core {
     }
 
     /// For a handle reading a published result: its blob, which never
-    /// changes, so the kernel may read the blob file directly (passthrough).
-    pub fn passthrough_blob(&self, fh: u64) -> Option<BlobId> {
+    /// changes, so the kernel may read the blob file directly (passthrough),
+    /// and the identity of the file the handle holds (the one this open
+    /// verified or found trusted): a backing file registered earlier may be
+    /// used for it only if it is that same file.
+    pub fn passthrough_blob(&self, fh: u64) -> Option<(BlobId, FileIdentity)> {
         self.handle(fh).ok()?.immutable_blob
     }
 
@@ -180,8 +196,13 @@ impl Core {
             let (file, immutable_blob) = match &inode.content {
                 Content::None if inode.kind == Kind::Dir => (None, None),
                 Content::Blob(id) => match self.open_verified(&inode, *id)? {
-                    Some(f) => (Some(f), (inode.class == Class::Result).then_some(*id)),
-                    None => continue, // its content changed meanwhile
+                    Some((f, ident)) => (
+                        Some(f),
+                        (inode.class == Class::Result).then_some((*id, ident)),
+                    ),
+                    // Its content changed meanwhile, or its file was being
+                    // written while it was hashed.
+                    None => continue,
                 },
                 Content::Staged => match self.blobs.open_staging(ino, false) {
                     Ok(f) => (Some(f), None),
@@ -298,9 +319,13 @@ impl Core {
     }
 
     /// Opens a blob, verifying it at its first open (on the configured
-    /// sample). A blob that fails is quarantined and its names dropped: the
-    /// open fails with EIO. None: the inode no longer points at `id`.
-    fn open_verified(&self, inode: &Inode, id: BlobId) -> Result<Option<File>> {
+    /// sample), and again whenever its file is not the file that was
+    /// verified (the rule of the verified set: see `verified.rs`). A blob
+    /// that fails is quarantined and its names dropped: the open fails with
+    /// EIO. None: the inode no longer points at `id`, or the file changed
+    /// while it was hashed (the caller opens again). Returns the descriptor
+    /// and the identity it had when it was checked.
+    fn open_verified(&self, inode: &Inode, id: BlobId) -> Result<Option<(File, FileIdentity)>> {
         let file = match self.open_blob(&id) {
             Ok(f) => f,
             Err(e) => {
@@ -315,26 +340,37 @@ impl Core {
                 ));
             }
         };
-        let known_good = self.verified.with(&id, |m| m.contains_key(&id));
-        if !known_good && self.should_verify() {
-            Stats::bump(&self.stats.counters.blobs_verified);
-            if !Blobs::verify(&file, &id)? {
+        let ident = FileIdentity::of(&file).map_err(|e| self.count_error(e))?;
+        let changed = match self.remembered(&id) {
+            Some(r) if r == ident => return Ok(Some((file, ident))),
+            Some(r) => {
+                debug!(
+                    "open blob={id} ino={}: its file changed since it was verified (was {r:?}, now {ident:?}); hashing it again",
+                    inode.ino
+                );
+                true
+            }
+            None => false,
+        };
+        if !changed && !self.should_verify() {
+            return Ok(Some((file, ident)));
+        }
+        match self.hash_blob_file(&id, &file, &ident)? {
+            Some(true) => Ok(Some((file, ident))),
+            Some(false) => {
                 warn!(
                     "corrupt blob={id} ino={} name={:?}: bytes do not match the hash; quarantined",
                     inode.ino,
                     String::from_utf8_lossy(&inode.name)
                 );
                 self.drop_corrupt(id)?;
-                return Err(Error::errno(libc::EIO));
+                Err(Error::errno(libc::EIO))
             }
-            self.verified.with(&id, |m| {
-                if m.len() >= VERIFIED_BLOBS_MAX / crate::fs::locks::SHARDS {
-                    m.clear();
-                }
-                m.insert(id, ());
-            });
+            None => {
+                debug!("open blob={id}: its file changed while it was hashed; opening again");
+                Ok(None)
+            }
         }
-        Ok(Some(file))
     }
 
     pub fn create(

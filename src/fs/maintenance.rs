@@ -207,7 +207,7 @@ impl Core {
                 return Ok(()); // re-linked by a new publication meanwhile
             }
             Stats::bump(&self.stats.counters.corrupt_blobs);
-            self.verified.with(&id, |m| m.remove(&id));
+            self.forget_verified(&id);
             self.blobs.quarantine(&id);
             self.store.blob_refs(&id, DIR_ENTRIES_MAX)?
         };

@@ -13,6 +13,8 @@
 //! - `locks`: the striped locks and sharded tables below;
 //! - `virtual_files`: the read-only `.casfs/` statistics files;
 //! - `maintenance`: recovery at start, scrub, eviction, corrupt blobs;
+//! - `verified`: which blob files are trusted without hashing (the verified
+//!   set and its rule), and the check of a blob file a publication dedups onto;
 //! - `tier_link`: the one seam to the shared tier.
 //!
 //! How bytes move:
@@ -37,7 +39,11 @@
 //!   staging file; an inode lives while it has a name, a handle or a kernel
 //!   reference (`maybe_forget`).
 //! - A blob's bytes never change under its id, so a blob verified once
-//!   (`verified`) is not hashed again on open; the scrub re-checks blobs.
+//!   is not hashed again on open, but only while its file is the very file
+//!   that was verified, unchanged (`verified`: device, inode, size, mtime,
+//!   ctime); a changed file is hashed again before it is used, and before a
+//!   publication dedups onto it. The scrub re-checks blobs for what that
+//!   rule cannot see (bytes changed below the filesystem).
 //! - Every mtime and ctime the daemon assigns comes from `Clock`.
 //! - The store gauges change only by deltas (a merge operator), never by
 //!   read-modify-write, so batches of unrelated names never conflict.
@@ -82,7 +88,9 @@
 //!   files and the `fstat` that reads a staged file's size at close
 //!   (`flush`) run under the file's stripe: local-disk metadata calls;
 //! - a suspected corrupt blob is re-hashed under its blob stripe before it
-//!   is dropped.
+//!   is dropped; a blob file a publication dedups onto is hashed under its
+//!   blob stripe if it changed between the check without locks and the
+//!   commit (`settle_blob_file`).
 //!
 //! Never under a stripe: a wait for a seal to end (`Usage::open` of a
 //! writer, `writer_again`, `begin_seal`), whose length is a hash and an
@@ -103,6 +111,7 @@ mod publish;
 mod tier_link;
 mod txn;
 mod usage;
+mod verified;
 mod virtual_files;
 
 use std::fs::File;
@@ -115,7 +124,7 @@ use crate::classes::Rules;
 use crate::error::{enoent, Error, Result};
 use crate::shared::tier::Tier;
 use crate::stats::Stats;
-use crate::store::blobs::Blobs;
+use crate::store::blobs::{Blobs, FileIdentity};
 use crate::store::clock::Clock;
 use crate::store::ids::{BlobId, Ino, InoAllocator};
 use crate::store::meta::{Content, Inode, Kind, Store};
@@ -136,8 +145,9 @@ pub const SYMLINK_BYTES_MAX: usize = 4095;
 pub const DIR_ENTRIES_MAX: usize = 1 << 20;
 /// Most eviction candidates one pass of `evict` collects (the oldest ones).
 pub const EVICT_BATCH_MAX: usize = 4096;
-/// Most blob ids remembered as verified (32 bytes each); past it a shard of
-/// the set is emptied and its blobs are verified again on their next open.
+/// Most blob ids remembered as verified (an id and a file identity, 80 bytes
+/// each); past it a shard of the set is emptied and its blobs are verified
+/// again on their next open.
 pub const VERIFIED_BLOBS_MAX: usize = 1 << 18;
 /// How many times an operation re-reads and re-locks when what it locked
 /// changed under it before it got the lock, before giving up with EAGAIN.
@@ -285,8 +295,11 @@ pub struct Core {
     /// Open directory listings, and whether each was read from the start.
     dirs: Sharded<u64, (Arc<Vec<DirEntry>>, bool)>,
     next_fh: AtomicU64,
-    /// Blobs that passed verification in this mount (bounded).
-    verified: Sharded<BlobId, ()>,
+    /// Blobs that passed verification in this mount (bounded), each with the
+    /// identity of the file that was hashed. Rule: a blob is trusted without
+    /// hashing only while the file about to be used has exactly this
+    /// identity (see `verified.rs` for what that does and does not catch).
+    verified: Sharded<BlobId, FileIdentity>,
     /// Supplementary groups by process, with the wall ms they expire (perm.rs).
     groups: Sharded<u64, (Vec<u32>, u64)>,
     kernel: OnceLock<Box<dyn KernelCache>>,

@@ -4,17 +4,23 @@
 //! A publication runs in two steps:
 //! 1. `prepare`, with no lock held: hash the staged file (or a snapshot of
 //!    it, if a writer still holds it), make it durable and link it into
-//!    `blobs/` create-only (skipped when the blob is already known).
+//!    `blobs/` create-only (skipped when the blob is already known). When a
+//!    blob file is already there (dedup), check it (`check_existing`): hashed
+//!    unless the verified set vouches for it.
 //! 2. Under the inode stripes and the blob's stripe: re-check what was read
 //!    before, record the blob (`adopt_prepared`, which re-links the file in
-//!    the rare case it was removed or quarantined meanwhile), point the
-//!    inode at it, bind the name, commit. The log is synced after the locks
-//!    are released and before the caller is answered.
+//!    the rare case it was removed or quarantined meanwhile, and replaces it
+//!    with the publication's bytes if it is damaged: `settle_blob_file`),
+//!    point the inode at it, bind the name, commit. The log is synced after
+//!    the locks are released and before the caller is answered.
 //!
 //! Invariants:
 //! - While a publication prepares a staged file, `usage` admits no writer
 //!   to it (`begin_seal`), so the bytes hashed are the bytes published.
 //! - A blob file is durable and complete before any record points at it.
+//! - A publication never binds a name to a blob file it has not checked:
+//!   its own (just hashed), one the verified set vouches for unchanged, or
+//!   one it hashed; a damaged one is replaced by its own bytes first.
 //! - Create-only: a file created under a result name that is already bound
 //!   to a published result becomes an unnamed alias of the winner.
 //! - Create-only keeps the first *valid* content: `corrupt_result_at` tells,
@@ -29,6 +35,7 @@ use log::debug;
 use crate::classes::Class;
 use crate::error::{Error, Result};
 use crate::fs::txn::{After, Txn};
+use crate::fs::verified::Existing;
 use crate::fs::{Core, Invalidate, RETRIES_MAX};
 use crate::integrity::{self, Verdict};
 use crate::stats::Stats;
@@ -60,6 +67,8 @@ pub(super) struct Prepared {
     snapshot: bool,
     /// This preparation linked a new blob file (no record pointed at it).
     linked_new: bool,
+    /// What the check of a blob file already in place found (dedup).
+    existing: Existing,
 }
 
 impl Drop for Prepared {
@@ -101,6 +110,7 @@ impl Core {
             file,
             snapshot: copy,
             linked_new: false,
+            existing: Existing::Absent,
         };
         let hashed = Blobs::hash_file(&p.file)?;
         p.id = hashed.id;
@@ -113,6 +123,12 @@ impl Core {
             // link, so recording it is enough.
             p.linked_new = self.blobs.install(&p.path, &p.file, &p.id)?;
         }
+        if !p.linked_new {
+            // Dedup: the file already there is checked before any name is
+            // bound to it (a read of it, unless the verified set vouches for
+            // it unchanged).
+            p.existing = self.check_existing(&p.id)?;
+        }
         Ok(p)
     }
 
@@ -121,8 +137,9 @@ impl Core {
     pub(super) fn adopt_prepared(&self, txn: &mut Txn, p: &Prepared) -> Result<()> {
         let known = self.store.blob_known(&p.id)? || txn.new_blobs.contains(&p.id);
         // Linked again if it was removed (its last name went) or quarantined
-        // since `prepare`; a no-op (one stat) otherwise.
-        self.blobs.install(&p.path, &p.file, &p.id)?;
+        // since `prepare`, replaced if it is damaged; two stats otherwise.
+        let durable = self.blobs.durable();
+        self.settle_blob_file(txn, &p.id, &p.path, &p.file, durable, p.existing)?;
         if known {
             Stats::bump(&self.stats.counters.blobs_deduplicated);
         } else {
@@ -133,10 +150,18 @@ impl Core {
     }
 
     /// A prepared blob that will not be published (its name lost a
-    /// create-only race): its file goes if nothing records it.
+    /// create-only race): its file goes if nothing records it. If other
+    /// names use a blob file of these bytes and `prepare` found it damaged,
+    /// it is replaced by these bytes all the same (the caller holds the
+    /// blob's stripe).
     pub(super) fn discard_prepared(&self, txn: &mut Txn, p: &Prepared) -> Result<()> {
-        if p.linked_new && !self.store.blob_known(&p.id)? && !txn.new_blobs.contains(&p.id) {
+        let known = self.store.blob_known(&p.id)? || txn.new_blobs.contains(&p.id);
+        if p.linked_new && !known {
             txn.after.push(After::RemoveBlob(p.id));
+        }
+        if known && matches!(p.existing, Existing::Damaged(_) | Existing::Changing) {
+            let durable = self.blobs.durable();
+            self.settle_blob_file(txn, &p.id, &p.path, &p.file, durable, p.existing)?;
         }
         Ok(())
     }

@@ -434,6 +434,128 @@ fn a_blob_verified_once_is_not_hashed_again_on_open() {
     assert_eq!(count(&core.stats.counters.hits), 3);
 }
 
+const OTHER_RESULT: &[u8] = b"d8aiq5frsd7ctaaepqbvl8shkb4kcjcR";
+
+/// Writes one byte of the blob file of `bytes` in place, as a stray tool
+/// would (it moves the file's mtime and ctime).
+fn flip_blob_byte(core: &Core, bytes: &[u8], at: usize) {
+    use std::os::unix::fs::{FileExt, PermissionsExt};
+    let path = core.blobs.blob_path(&BlobId::of(bytes));
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.write_all_at(&[bytes[at] ^ 1], at as u64).unwrap();
+}
+
+fn publish_as(core: &Core, d: Ino, name: &[u8], bytes: &[u8]) {
+    let tmp = write_tmp(core, d, "p.tmp", bytes);
+    core.rename(d, &tmp, d, name, 0).unwrap();
+}
+
+#[test]
+fn a_blob_file_written_after_its_verified_open_is_hashed_again_and_not_served() {
+    let t = TempStore::new();
+    let core = t.core();
+    let d = mkdirs(&core);
+    publish_as(&core, d, RESULT, b"verified, then damaged");
+    assert_eq!(
+        read_name(&core, d, RESULT).unwrap(),
+        b"verified, then damaged"
+    );
+    assert_eq!(count(&core.stats.counters.blobs_verified), 1);
+    flip_blob_byte(&core, b"verified, then damaged", 3);
+    assert_eq!(read_name(&core, d, RESULT).unwrap_err().code(), libc::EIO);
+    assert_eq!(count(&core.stats.counters.blobs_verified), 2);
+    assert_eq!(count(&core.stats.counters.corrupt_blobs), 1);
+    assert_eq!(core.lookup(d, RESULT).unwrap_err().code(), libc::ENOENT);
+}
+
+#[test]
+fn a_blob_file_touched_after_verification_is_hashed_again_outside_the_sample() {
+    let t = TempStore::new();
+    // A 1% sample: the first open is checked, the next 99 would not be.
+    let core = t.core_with(1);
+    let d = mkdirs(&core);
+    publish_as(&core, d, RESULT, b"touched, not changed");
+    read_name(&core, d, RESULT).unwrap();
+    let path = core.blobs.blob_path(&BlobId::of(b"touched, not changed"));
+    let f = std::fs::File::open(&path).unwrap();
+    f.set_modified(std::time::SystemTime::UNIX_EPOCH).unwrap();
+    assert_eq!(
+        read_name(&core, d, RESULT).unwrap(),
+        b"touched, not changed"
+    );
+    assert_eq!(count(&core.stats.counters.blobs_verified), 2);
+    assert_eq!(
+        read_name(&core, d, RESULT).unwrap(),
+        b"touched, not changed"
+    );
+    assert_eq!(
+        count(&core.stats.counters.blobs_verified),
+        2,
+        "unchanged since"
+    );
+    assert_eq!(count(&core.stats.counters.corrupt_blobs), 0);
+}
+
+#[test]
+fn dedup_onto_a_damaged_blob_file_replaces_it_with_the_publications_bytes() {
+    let t = TempStore::new();
+    let core = t.core();
+    let d = mkdirs(&core);
+    let bytes: &[u8] = b"published twice, damaged in between";
+    publish_as(&core, d, RESULT, bytes);
+    assert_eq!(read_name(&core, d, RESULT).unwrap(), bytes);
+    flip_blob_byte(&core, bytes, 7);
+    publish_as(&core, d, OTHER_RESULT, bytes);
+    assert_eq!(count(&core.stats.counters.corrupt_blobs), 1);
+    assert_eq!(read_name(&core, d, OTHER_RESULT).unwrap(), bytes);
+    // The first name's blob file is the good one again.
+    assert_eq!(read_name(&core, d, RESULT).unwrap(), bytes);
+    let kept = std::fs::read(core.blobs.quarantine_path(&BlobId::of(bytes))).unwrap();
+    assert_ne!(kept, bytes, "the damaged file is kept in quarantine");
+    assert_eq!(kept.len(), bytes.len());
+    assert_eq!(core.gauges.get().blobs, 1);
+}
+
+#[test]
+fn dedup_onto_a_damaged_blob_file_by_a_losing_publication_still_heals_it() {
+    let t = TempStore::new();
+    let core = t.core();
+    let d = mkdirs(&core);
+    let bytes: &[u8] = b"a result published again under its own name";
+    publish_as(&core, d, RESULT, bytes);
+    flip_blob_byte(&core, bytes, 0);
+    // Create-only: the newcomer is discarded, but its bytes heal the file.
+    publish_as(&core, d, RESULT, bytes);
+    assert_eq!(count(&core.stats.counters.conflicts), 1);
+    assert_eq!(count(&core.stats.counters.corrupt_blobs), 1);
+    assert_eq!(read_name(&core, d, RESULT).unwrap(), bytes);
+}
+
+#[test]
+fn dedup_onto_a_verified_unchanged_blob_does_not_hash_it_again() {
+    let t = TempStore::new();
+    let core = t.core();
+    let d = mkdirs(&core);
+    publish_as(&core, d, RESULT, b"dedup of a verified blob");
+    read_name(&core, d, RESULT).unwrap();
+    assert_eq!(count(&core.stats.counters.blobs_verified), 1);
+    publish_as(&core, d, OTHER_RESULT, b"dedup of a verified blob");
+    assert_eq!(count(&core.stats.counters.blobs_deduplicated), 1);
+    assert_eq!(count(&core.stats.counters.blobs_verified), 1);
+    // A dedup onto a blob never opened hashes it once; then it is trusted.
+    let t2 = TempStore::new();
+    let core = t2.core();
+    let d = mkdirs(&core);
+    publish_as(&core, d, RESULT, b"dedup of an unverified blob");
+    publish_as(&core, d, OTHER_RESULT, b"dedup of an unverified blob");
+    assert_eq!(count(&core.stats.counters.blobs_verified), 1);
+    read_name(&core, d, RESULT).unwrap();
+    read_name(&core, d, OTHER_RESULT).unwrap();
+    assert_eq!(count(&core.stats.counters.blobs_verified), 1);
+    assert_eq!(count(&core.stats.counters.corrupt_blobs), 0);
+}
+
 #[test]
 fn gauges_are_kept_by_deltas_across_a_restart() {
     let t = TempStore::new();

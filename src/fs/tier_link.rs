@@ -36,6 +36,7 @@ use log::{debug, info, warn};
 use crate::classes::Class;
 use crate::error::{Error, Result};
 use crate::fs::txn::{After, Txn};
+use crate::fs::verified::Existing;
 use crate::fs::DirEntry;
 use crate::fs::{Attr, Caller, Core, Invalidate};
 use crate::shared::tier::{Local, Outbox, Tier, Upload};
@@ -232,7 +233,7 @@ impl Core {
             let Some((parent, name, ino)) = self.resolve_path(path)? else {
                 return Ok(());
             };
-            let fetched = self.stage_fetched(&bytes)?;
+            let fetched = self.stage_fetched(&bytes, &blob)?;
             let (_g, found) = self.lock_names(&[], &[(parent, &name)])?;
             if found[0] != Some(ino) {
                 return Ok(());
@@ -460,7 +461,7 @@ impl Core {
             return Ok(None);
         }
         self.clock.observe(record.mtime_ns);
-        let fetched = self.stage_fetched(&bytes)?;
+        let fetched = self.stage_fetched(&bytes, &blob)?;
         let _g = self.lock(&[inode.parent, inode.ino]);
         let Some(mut cur) = self.store.inode(inode.ino)? else {
             return Ok(None);
@@ -504,8 +505,10 @@ impl Core {
     }
 
     /// Writes fetched bytes (verified by the tier) to a temporary file,
-    /// outside any lock; `install_fetched` links it into place.
-    fn stage_fetched(&self, bytes: &[u8]) -> Result<Fetched> {
+    /// outside any lock; `install_fetched` links it into place. A file of
+    /// blob `id` already stored is checked now, with no lock held, as a
+    /// publication's would be (`check_existing`).
+    fn stage_fetched(&self, bytes: &[u8], id: &BlobId) -> Result<Fetched> {
         let n = self
             .open_counter
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -517,17 +520,23 @@ impl Core {
             .truncate(true)
             .open(&path)
             .map_err(|e| Error::io(e, "create fetched blob"))?;
-        let fetched = Fetched { path, file };
+        let mut fetched = Fetched {
+            path,
+            file,
+            existing: Existing::Absent,
+        };
         fetched
             .file
             .write_all_at(bytes, 0)
             .map_err(|e| Error::io(e, "write fetched blob"))?;
+        fetched.existing = self.check_existing(id)?;
         Ok(fetched)
     }
 
-    /// Records a fetched blob (its stripe held), linking its file in place.
+    /// Records a fetched blob (its stripe held), linking its file in place
+    /// (not fsynced: see `Blobs::install_as`), or replacing a damaged one.
     fn install_fetched(&self, txn: &mut Txn, f: &Fetched, id: BlobId, size: u64) -> Result<()> {
-        self.blobs.install_copy(&f.path, &f.file, &id)?;
+        self.settle_blob_file(txn, &id, &f.path, &f.file, false, f.existing)?;
         if !self.store.blob_known(&id)? && !txn.new_blobs.contains(&id) {
             self.add_blob(txn, id, size);
         }
@@ -554,9 +563,9 @@ impl Core {
         // A record from a host whose clock runs fast is shown no further
         // ahead than the clock may move (see `Clock::observe`).
         record.mtime_ns = self.clock.observe(record.mtime_ns);
-        let fetched = match &bytes {
-            Some(b) => Some(self.stage_fetched(b)?),
-            None => None,
+        let fetched = match (&bytes, &record.kind) {
+            (Some(b), RecordKind::File { blob, .. }) => Some(self.stage_fetched(b, blob)?),
+            _ => None,
         };
         let ino = self.alloc_ino()?;
         let _g = self.lock(&[parent]);
@@ -625,6 +634,8 @@ impl Core {
 struct Fetched {
     path: std::path::PathBuf,
     file: std::fs::File,
+    /// What the check of a local file of the same blob found.
+    existing: Existing,
 }
 
 impl Drop for Fetched {

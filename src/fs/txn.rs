@@ -125,7 +125,7 @@ impl Core {
         }
     }
 
-    fn assert_held(txn: &Txn, id: &BlobId) {
+    pub(super) fn assert_held(txn: &Txn, id: &BlobId) {
         assert!(
             txn.blobs_held.as_ref().is_some_and(|g| g.covers(id)),
             "blob {id} changed without its stripe held"

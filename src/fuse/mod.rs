@@ -9,6 +9,10 @@
 //!   (the kernel reads the blob file itself): a result's blob never changes,
 //!   and the open still goes through the core, which verifies the blob and
 //!   counts the hit. One backing id per inode, held until the last release.
+//! - A registered backing file is used for an open only if it is the very
+//!   file (device, inode) the core just verified or trusted for that open:
+//!   a blob file replaced since (a damaged one healed by a publication) is
+//!   never read through a backing id registered on the old file.
 //! - An invalidation is sent either before the reply with no core lock held
 //!   (`send_urgent_invalidations`, for requests that hold no directory lock
 //!   or for inode data), or after it by the `invalidator` thread (names
@@ -37,6 +41,7 @@ use crate::fs::{
     MAY_WRITE, NAME_BYTES_MAX,
 };
 use crate::stats::Op;
+use crate::store::blobs::FileIdentity;
 use crate::store::clock::to_system_time;
 use crate::store::ids::{BlobId, Ino};
 use crate::store::meta::Kind;
@@ -67,10 +72,23 @@ pub const BACKING_CACHE_MAX: usize = 4096;
 /// holds a reference until its release, and the cache keeps it registered
 /// for the next open of the inode (a result's blob never changes), so a hit
 /// costs no registration, until the kernel forgets the inode.
+///
+/// Each cached backing remembers the identity of the file it was registered
+/// on. An open reuses it only if the core's handle holds that same file
+/// (`FileIdentity::same_file`): then the backing reads exactly the bytes the
+/// core just checked on that file (same inode, so the same bytes, whatever
+/// its times say). Otherwise (the inode's blob changed, or the blob's file
+/// was replaced, e.g. a damaged one healed by a publication) the old backing
+/// must not serve the open: the open registers the file it holds and
+/// replaces the cached entry (handles still using the old backing keep it
+/// until their release). While descriptors opened earlier keep the old
+/// backing file attached to the inode, the kernel refuses a second one (and
+/// any non-passthrough open of that inode), so such an open fails with EIO
+/// until they are closed; never the old file's bytes.
 #[derive(Default)]
 struct Backing {
     by_fh: HashMap<u64, Arc<BackingId>>,
-    by_ino: HashMap<u64, (BlobId, Arc<BackingId>)>,
+    by_ino: HashMap<u64, (BlobId, FileIdentity, Arc<BackingId>)>,
 }
 
 impl CasFs {
@@ -85,16 +103,17 @@ impl CasFs {
     /// Replies to an open of a published result with passthrough: the
     /// kernel then reads the blob file itself. Falls back to a normal open.
     fn open_passthrough(&self, ino: u64, fh: u64, flags: FopenFlags, reply: ReplyOpen) {
-        let Some(blob) = self.core.passthrough_blob(fh) else {
+        let Some((blob, file)) = self.core.passthrough_blob(fh) else {
             return reply.opened(FileHandle(fh), flags);
         };
         let plain = |reply: ReplyOpen| reply.opened(FileHandle(fh), flags);
+        // The cached backing serves this open only if it is this blob's
+        // file that the core just checked (see `Backing`).
+        let same = |id: &BlobId, f: &FileIdentity| *id == blob && f.same_file(&file);
         let cached = {
             let b = self.backing.lock().unwrap();
             match b.by_ino.get(&ino) {
-                Some((id, backing)) if *id == blob => Some(backing.clone()),
-                // The kernel holds one backing file per inode while it is in use.
-                Some((_, backing)) if Arc::strong_count(backing) > 1 => return plain(reply),
+                Some((id, f, backing)) if same(id, f) => Some(backing.clone()),
                 _ => None,
             }
         };
@@ -116,16 +135,15 @@ impl CasFs {
                 let mut b = self.backing.lock().unwrap();
                 match b.by_ino.get(&ino) {
                     // Another open of this inode registered it meanwhile.
-                    Some((id, backing)) if *id == blob => backing.clone(),
-                    Some((_, backing)) if Arc::strong_count(backing) > 1 => {
-                        drop(b);
-                        return plain(reply);
-                    }
+                    Some((id, f, backing)) if same(id, f) => backing.clone(),
+                    // None yet, or one on another file (see `Backing`): this
+                    // one replaces it. If the old one is still in use, the
+                    // kernel refuses this open (EIO) until it is released.
                     _ => {
                         if b.by_ino.len() >= BACKING_CACHE_MAX {
-                            b.by_ino.retain(|_, (_, id)| Arc::strong_count(id) > 1);
+                            b.by_ino.retain(|_, (_, _, id)| Arc::strong_count(id) > 1);
                         }
-                        b.by_ino.insert(ino, (blob, fresh.clone()));
+                        b.by_ino.insert(ino, (blob, file, fresh.clone()));
                         fresh
                     }
                 }
@@ -396,7 +414,7 @@ impl Filesystem for CasFs {
         let mut b = self.backing.lock().unwrap();
         if b.by_ino
             .get(&i.0)
-            .is_some_and(|(_, id)| Arc::strong_count(id) == 1)
+            .is_some_and(|(_, _, id)| Arc::strong_count(id) == 1)
         {
             b.by_ino.remove(&i.0);
         }

@@ -8,6 +8,14 @@
 //! - A blob is checked against its hash when it is read back from anywhere
 //!   it could have been damaged; one that fails is moved to `quarantine/`
 //!   and never served.
+//! - "Never changes" is what casfs does; others may still write to the store
+//!   (an operator, a stray tool, a bad disk). `FileIdentity` is how the core
+//!   notices that a blob file is no longer the file it verified: see the
+//!   verified set in `crate::fs::verified`.
+//! - A blob file found damaged while correct bytes for its id are at hand
+//!   (a publication just hashed them) is replaced in one `rename()`
+//!   (`replace_damaged`), so its path never goes missing, and the damaged
+//!   file is kept in `quarantine/`.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -38,6 +46,53 @@ pub struct Blobs {
     spare_seq: std::sync::atomic::AtomicU64,
 }
 
+/// Which file a descriptor or path is, and the metadata every change of its
+/// bytes through the filesystem moves: `(st_dev, st_ino)` names the file,
+/// `st_size`, `st_mtime` and `st_ctime` change with any write, truncate or
+/// replacement. A `write()` sets both times, and ctime cannot be set back
+/// from user space (`utimensat` sets mtime and moves ctime to now).
+///
+/// What it does NOT show: bytes changed below the filesystem (bit rot on
+/// the disk, a controller or firmware fault, a write to the block device
+/// itself) leave every field as it was; and on kernels without multigrain
+/// timestamps (before Linux 6.13, or filesystems without them) a write in
+/// the same clock tick (a few ms) as the `fstat` that took an identity may
+/// leave the times as they were. Those are for the scrub and the sampled
+/// checks of `--verify-percent` to find.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileIdentity {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i128,
+    pub ctime_ns: i128,
+}
+
+impl FileIdentity {
+    /// The identity of an open file (`fstat`).
+    pub fn of(file: &File) -> Result<FileIdentity> {
+        file.metadata()
+            .map(|m| FileIdentity::of_metadata(&m))
+            .map_err(|e| Error::io(e, "fstat a blob file"))
+    }
+
+    fn of_metadata(m: &fs::Metadata) -> FileIdentity {
+        use std::os::unix::fs::MetadataExt;
+        FileIdentity {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
+            ctime_ns: m.ctime() as i128 * 1_000_000_000 + m.ctime_nsec() as i128,
+        }
+    }
+
+    /// The same file, whatever has happened to it since.
+    pub fn same_file(&self, other: &FileIdentity) -> bool {
+        (self.dev, self.ino) == (other.dev, other.ino)
+    }
+}
+
 /// What hashing a file found.
 pub struct Hashed {
     pub id: BlobId,
@@ -60,6 +115,25 @@ impl Blobs {
     pub fn blob_path(&self, id: &BlobId) -> PathBuf {
         let hex = id.hex();
         self.root.join("blobs").join(&hex[..2]).join(hex)
+    }
+
+    pub fn quarantine_path(&self, id: &BlobId) -> PathBuf {
+        self.root.join("quarantine").join(id.hex())
+    }
+
+    /// The identity of the file now at blob `id`'s path (`stat`, the same
+    /// fields `fstat` of a descriptor on it gives); None if there is none.
+    pub fn blob_identity(&self, id: &BlobId) -> Result<Option<FileIdentity>> {
+        match fs::metadata(self.blob_path(id)) {
+            Ok(m) => Ok(Some(FileIdentity::of_metadata(&m))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(e, format_args!("stat blob {id}"))),
+        }
+    }
+
+    /// Whether publications are fsynced (see `new`).
+    pub fn durable(&self) -> bool {
+        self.durable
     }
 
     pub fn staging_path(&self, ino: Ino) -> PathBuf {
@@ -188,14 +262,11 @@ impl Blobs {
         self.install_as(staged, staged_file, id, self.durable)
     }
 
-    /// `install` for a copy fetched from the shared tier: not fsynced. It
-    /// can be fetched again, and a copy damaged by a power loss fails the
-    /// hash check on open and is dropped like any corrupt blob.
-    pub fn install_copy(&self, staged: &Path, staged_file: &File, id: &BlobId) -> Result<bool> {
-        self.install_as(staged, staged_file, id, false)
-    }
-
-    fn install_as(
+    /// `install` with the durability chosen by the caller. A copy fetched
+    /// from the shared tier is not fsynced: it can be fetched again, and a
+    /// copy damaged by a power loss fails the hash check on open and is
+    /// dropped like any corrupt blob.
+    pub fn install_as(
         &self,
         staged: &Path,
         staged_file: &File,
@@ -224,6 +295,60 @@ impl Blobs {
                 .map_err(|e| Error::io(e, format_args!("fsync {}", shard.display())))?;
         }
         Ok(true)
+    }
+
+    /// Replaces the blob file of `id`, found damaged, with `staged` (a file
+    /// whose bytes hash to `id`): linked under a temporary name in
+    /// `staging/` (where recovery removes what a crash leaves), then renamed
+    /// over the damaged file, so the blob's path always holds a file and
+    /// opens never find it missing. The damaged file is kept as
+    /// `quarantine/<id>` (replacing an older quarantined copy of the same
+    /// id). Descriptors already open on the damaged file keep it: nothing
+    /// can change what an open descriptor reads.
+    pub fn replace_damaged(
+        &self,
+        staged: &Path,
+        staged_file: &File,
+        id: &BlobId,
+        durable: bool,
+    ) -> Result<()> {
+        let n = self
+            .spare_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dest = self.blob_path(id);
+        let tmp = self.staging_dir().join(format!("replace-{n}"));
+        if durable {
+            staged_file
+                .sync_data()
+                .map_err(|e| Error::io(e, format_args!("fsync {}", staged.display())))?;
+        }
+        let _ = fs::remove_file(&tmp);
+        fs::hard_link(staged, &tmp)
+            .map_err(|e| Error::io(e, format_args!("link the replacement of damaged blob {id}")))?;
+        let _ = fs::set_permissions(&tmp, fs::Permissions::from_mode(0o444));
+        // Kept for inspection; failing to keep it only loses the evidence.
+        let q_tmp = self.staging_dir().join(format!("quarantine-{n}"));
+        let _ = fs::remove_file(&q_tmp);
+        if let Err(e) =
+            fs::hard_link(&dest, &q_tmp).and_then(|()| fs::rename(&q_tmp, self.quarantine_path(id)))
+        {
+            log::warn!("keeping damaged blob {id} in quarantine failed: {e}; replacing it anyway");
+            let _ = fs::remove_file(&q_tmp);
+        }
+        if let Err(e) = fs::rename(&tmp, &dest) {
+            let _ = fs::remove_file(&tmp);
+            return Err(Error::io(
+                e,
+                format_args!("rename the replacement of damaged blob {id} into place"),
+            ));
+        }
+        if durable {
+            let shard = dest.parent().expect("blob paths have a shard directory");
+            File::open(shard)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| Error::io(e, format_args!("fsync {}", shard.display())))?;
+        }
+        Ok(())
     }
 
     /// Copies `src` into a fresh file at `dest` (for publishing bytes that a
@@ -259,15 +384,15 @@ impl Blobs {
         }
     }
 
-    /// Moves a blob that failed verification out of the way.
     /// True if a blob with this id was quarantined (its file moved aside).
     pub fn is_quarantined(&self, id: &BlobId) -> bool {
-        self.root.join("quarantine").join(id.hex()).exists()
+        self.quarantine_path(id).exists()
     }
 
+    /// Moves a blob that failed verification out of the way.
     pub fn quarantine(&self, id: &BlobId) {
         let from = self.blob_path(id);
-        let to = self.root.join("quarantine").join(id.hex());
+        let to = self.quarantine_path(id);
         if let Err(e) = fs::rename(&from, &to) {
             log::warn!("quarantine blob {id} failed: {e}; removing it");
             self.remove_blob(id);

@@ -10,8 +10,10 @@
 //!   publication of the same bytes (which links a good file again) keeps
 //!   its name.
 //! - Eviction never takes an open file or one used since it was chosen.
+//! - New names and new bytes are refused (ENOSPC) while the store's
+//!   filesystem is down to its reserve, whoever filled it (`check_space`).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use log::{debug, info, warn};
 
@@ -21,14 +23,15 @@ use crate::stats::Stats;
 use crate::store::blobs::Blobs;
 use crate::store::ids::{BlobId, Ino};
 use crate::store::meta::{Content, Inode, Kind, PendingReason};
+use crate::store::space;
 
-/// Free space kept back on the store's filesystem, as a fraction (1/N) of
-/// its size, clamped to the bounds below: writers get ENOSPC before the
-/// metadata database could run out of room for its own log and flushes.
-const SPACE_RESERVE_DIVISOR: u64 = 100;
-const SPACE_RESERVE_BYTES_MIN: u64 = 8 << 20;
-const SPACE_RESERVE_BYTES_MAX: u64 = 128 << 20;
-/// The last free-space answer and the last "disk full" warning.
+/// At most this long between two asks of `statvfs` while writes have
+/// budget left: the budget counts only casfs's own writes, so a disk that
+/// another process fills is noticed within this time.
+const SPACE_CHECK_INTERVAL_MS: u64 = 100;
+
+/// The last free-space answer, and whether the store is in a "full"
+/// episode (logged once when it starts and once when it ends).
 #[derive(Default)]
 pub(super) struct SpaceCheck {
     /// Bytes that may still be written before `statvfs` is asked again:
@@ -36,58 +39,69 @@ pub(super) struct SpaceCheck {
     /// leaves none). Writers take from it, so no burst of writes can run
     /// past the reserve between two checks.
     budget_bytes: std::sync::atomic::AtomicI64,
-    /// Wall second of the last "disk full" warning, to log it once a minute.
-    full_warned_s: AtomicU64,
+    /// Wall ms of the last `statvfs`.
+    checked_ms: AtomicU64,
+    full: AtomicBool,
 }
 
 impl Core {
-    /// Refuses `len` new bytes when the store's filesystem is down to its
-    /// reserve.
+    /// Refuses `len` new bytes (`len == 0`: a new name) with ENOSPC when
+    /// the store's filesystem is down to its reserve, before the metadata
+    /// database's log could hit a full disk, whoever filled it: casfs's own
+    /// writes use up the budget; a disk another process fills is seen by
+    /// the next `statvfs` (every new name asks, and data writes ask at
+    /// least every `SPACE_CHECK_INTERVAL_MS`) although the budget says
+    /// there is room.
     pub(super) fn check_space(&self, len: u64) -> Result<()> {
         let len = len.min(i64::MAX as u64) as i64;
-        if self.space.budget_bytes.fetch_sub(len, Ordering::Relaxed) >= len {
+        let now_ms = crate::store::clock::wall_ns() / 1_000_000;
+        let fresh =
+            now_ms < self.space.checked_ms.load(Ordering::Relaxed) + SPACE_CHECK_INTERVAL_MS;
+        if len > 0 && fresh && self.space.budget_bytes.fetch_sub(len, Ordering::Relaxed) >= len {
             return Ok(());
         }
-        let s = self.statfs()?;
-        let total = s.blocks * s.bsize as u64;
-        let free = s.bavail * s.bsize as u64;
-        let reserve =
-            (total / SPACE_RESERVE_DIVISOR).clamp(SPACE_RESERVE_BYTES_MIN, SPACE_RESERVE_BYTES_MAX);
-        if free >= reserve {
-            let budget = ((free - reserve) / 2).min(i64::MAX as u64) as i64;
+        let room = space::room(&self.store.root)?;
+        self.space.checked_ms.store(now_ms, Ordering::Relaxed);
+        if room.above_reserve() {
+            let budget = (room.spare_bytes() / 2).min(i64::MAX as u64) as i64;
             self.space.budget_bytes.store(budget, Ordering::Relaxed);
+            if self.space.full.swap(false, Ordering::Relaxed) {
+                info!(
+                    "store {} has room again ({} bytes free): writes accepted",
+                    self.store.root.display(),
+                    room.free_bytes
+                );
+            }
             return Ok(());
         }
-        self.space.budget_bytes.store(0, Ordering::Relaxed);
+        let budget_left = self.space.budget_bytes.swap(0, Ordering::Relaxed);
         Stats::bump(&self.stats.counters.errors);
-        let now_s = crate::store::clock::wall_ns() / 1_000_000_000;
-        if now_s >= self.space.full_warned_s.load(Ordering::Relaxed) + 60 {
-            self.space.full_warned_s.store(now_s, Ordering::Relaxed);
+        if !self.space.full.swap(true, Ordering::Relaxed) {
+            let who = if budget_left > len {
+                "filled by another process (casfs's own writes had left it room)"
+            } else {
+                "full"
+            };
             warn!(
-                "store {} is full ({free} bytes free, {reserve} kept in reserve): writes get ENOSPC, reads go on",
-                self.store.root.display()
+                "store {} is {who}: {} bytes free, {} kept in reserve for the metadata; \
+                 new files and writes get ENOSPC, reads go on, until space is freed",
+                self.store.root.display(),
+                room.free_bytes,
+                room.reserve_bytes
             );
         }
         Err(Error::errno(libc::ENOSPC))
     }
 
     pub fn statfs(&self) -> Result<Statfs> {
-        let path = std::ffi::CString::new(self.store.root.as_os_str().as_encoded_bytes()).unwrap();
-        let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-        // SAFETY: valid C string and out-pointer.
-        if unsafe { libc::statvfs(path.as_ptr(), &mut s) } != 0 {
-            return Err(Error::io(
-                std::io::Error::last_os_error(),
-                "statfs of the store",
-            ));
-        }
+        let r = space::room(&self.store.root)?;
         Ok(Statfs {
-            blocks: s.f_blocks,
-            bfree: s.f_bfree,
-            bavail: s.f_bavail,
-            files: s.f_files,
-            ffree: s.f_ffree,
-            bsize: s.f_frsize as u32,
+            blocks: r.blocks,
+            bfree: r.bfree,
+            bavail: r.bavail,
+            files: r.files,
+            ffree: r.ffree,
+            bsize: r.bsize,
         })
     }
 

@@ -69,12 +69,18 @@
 //!    supplementary-group cache, the spare staging files, the clock and the
 //!    inode-number allocator. The last two write a lease record (a RocksDB
 //!    put, not synced) under their mutex once per lease.
+//! 5. The store's hold on its database (`store/meta.rs`): shared for one
+//!    RocksDB call, with nothing else taken meanwhile (asserted);
+//!    exclusive only to reopen a database that a full disk stopped.
 //!
 //! Known waits under a stripe: a commit is a RocksDB write, and RocksDB
 //! groups concurrent writers, so a commit can wait for the log sync of a
 //! publication that joined the same group (`sync_log`); copy-up of a
 //! mutable file copies its blob under the file's own stripe; a suspected
-//! corrupt blob is re-hashed under its blob stripe before it is dropped.
+//! corrupt blob is re-hashed under its blob stripe before it is dropped;
+//! once per disk-full episode, the first write after space is back reopens
+//! the metadata database (waiting for the RocksDB calls in flight, and
+//! replaying the log) under whatever its caller holds.
 //!
 //! Waits for contended inode and blob stripes are timed into
 //! `Stats::lock_wait` (`.casfs/metrics`: `casfs_lock_wait_seconds`).
@@ -91,10 +97,10 @@ mod usage;
 mod virtual_files;
 
 use std::fs::File;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use log::warn;
+use log::{info, warn};
 
 use crate::classes::Rules;
 use crate::error::{enoent, Error, Result};
@@ -279,6 +285,8 @@ pub struct Core {
     tier: OnceLock<Arc<Tier>>,
     open_counter: AtomicU64,
     space: maintenance::SpaceCheck,
+    /// True while the clock's lease cannot be written (`now`).
+    lease_failing: AtomicBool,
     /// What the seam to the shared tier remembers (tier_link.rs).
     tier_local: tier_link::TierLocal,
 }
@@ -328,6 +336,7 @@ impl Core {
             tier: OnceLock::new(),
             open_counter: AtomicU64::new(0),
             space: maintenance::SpaceCheck::default(),
+            lease_failing: AtomicBool::new(false),
             tier_local: Default::default(),
         };
         core.ensure_root()?;
@@ -373,13 +382,23 @@ impl Core {
         Ok(())
     }
 
-    /// The next timestamp of the daemon's clock (persisting its lease when due).
+    /// The next timestamp of the daemon's clock (persisting its lease when
+    /// due). A lease that cannot be written (a full disk) is retried on
+    /// every tick, quietly: logged once when it starts failing and once
+    /// when it is written again.
     fn now(&self) -> u64 {
         self.clock
             .tick(|lease| match self.store.put_clock_lease(lease) {
-                Ok(()) => true,
+                Ok(()) => {
+                    if self.lease_failing.swap(false, Ordering::Relaxed) {
+                        info!("clock lease written again");
+                    }
+                    true
+                }
                 Err(e) => {
-                    warn!("clock lease: {e}");
+                    if !self.lease_failing.swap(true, Ordering::Relaxed) {
+                        warn!("clock lease not written: {e}; retried on every tick until it is");
+                    }
                     false
                 }
             })

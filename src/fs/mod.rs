@@ -50,6 +50,11 @@
 //! 1. `dir_rename` (a mutex): held by renames of directories only, so that
 //!    the "not into its own subtree" check sees a tree no other rename is
 //!    changing (the kernel does the same with its own rename mutex).
+//!
+//!    1a. `evict_pass` (a mutex): held by one eviction pass
+//!    (`keep_under_limit`). Publications run it after their commit and log
+//!    sync, with no stripe held (a rename may still hold `dir_rename`); the
+//!    pass takes the stripes below, one name at a time.
 //! 2. Inode stripes (`InodeLocks`, reader-writer): a directory's stripe
 //!    guards its entries, a file's stripe guards its record. Mutations take
 //!    every inode they read-modify-write, in one `lock` call (which sorts the
@@ -285,6 +290,12 @@ pub struct Core {
     tier: OnceLock<Arc<Tier>>,
     open_counter: AtomicU64,
     space: maintenance::SpaceCheck,
+    /// `--max-size`, when given (`set_size_limit`).
+    size_limit: OnceLock<maintenance::SizeLimit>,
+    /// Held by an eviction pass (`keep_under_limit`); lock order level 1a.
+    evict_pass: Mutex<()>,
+    /// Evicted inodes the kernel still holds (maintenance.rs).
+    evicted: maintenance::Evicted,
     /// True while the clock's lease cannot be written (`now`).
     lease_failing: AtomicBool,
     /// What the seam to the shared tier remembers (tier_link.rs).
@@ -336,6 +347,9 @@ impl Core {
             tier: OnceLock::new(),
             open_counter: AtomicU64::new(0),
             space: maintenance::SpaceCheck::default(),
+            size_limit: OnceLock::new(),
+            evict_pass: Mutex::new(()),
+            evicted: Default::default(),
             lease_failing: AtomicBool::new(false),
             tier_local: Default::default(),
         };
@@ -418,11 +432,14 @@ impl Core {
     }
 
     /// Makes committed batches durable (after the locks are released), when
-    /// the change is a publication the caller is about to acknowledge.
+    /// the change is a publication the caller is about to acknowledge; then
+    /// keeps the store under its size limit before the caller is answered
+    /// (`keep_under_limit`), so publications cannot outrun eviction.
     fn sync_log(&self) -> Result<()> {
         if self.config.durable {
             self.store.sync_log().map_err(|e| self.count_error(e))?;
         }
+        self.keep_under_limit();
         Ok(())
     }
 

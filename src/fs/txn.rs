@@ -87,6 +87,8 @@ pub enum After {
     InvalidateNow(Invalidate),
     /// Share a publication (queued; never waits on the network).
     Upload(Upload),
+    /// An evicted inode the kernel held is gone (see `Evicted`).
+    Released(Ino),
 }
 
 /// One metadata change being assembled.
@@ -179,6 +181,7 @@ impl Core {
                         t.enqueue(up)
                     }
                 }
+                After::Released(ino) => self.release_evicted(ino),
             }
         }
         drop(txn.blobs_held);
@@ -227,6 +230,7 @@ impl Core {
     pub(super) fn delete_inode(&self, txn: &mut Txn, inode: &Inode) -> Result<()> {
         txn.batch.delete_inode(inode.ino);
         txn.batch.delete_pending(inode.ino);
+        self.note_deleted(txn, inode.ino);
         match &inode.content {
             Content::Blob(id) => self.drop_ref(txn, *id, inode.ino, inode.size)?,
             Content::Staged => txn.after.push(After::RetireStaging(inode.ino)),

@@ -1048,7 +1048,7 @@ impl Harness {
             self.note("open name spared by eviction");
         }
         let kept: Vec<&Name> = candidates.keys().filter(|n| !gone.contains(n)).collect();
-        let stored = self.core().bytes_stored();
+        let stored = self.core().bytes_live();
         if stored > target && !kept.is_empty() {
             return Err(format!(
                 "evict({target}) stopped with {stored} bytes stored while {} could still go",

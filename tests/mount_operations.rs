@@ -1,6 +1,7 @@
 //! Real-mount tests of running casfs on a build farm: read-only mounts
 //! serve hits and refuse every change, `--max-size` keeps the store under
-//! its budget while builds run, `casfs fsck` finds and repairs injected
+//! its budget while builds run and evicts no further than its low-water
+//! mark under a stream of publications, `casfs fsck` finds and repairs injected
 //! damage, and a loop of `kill -9` at random moments during parallel ccache
 //! builds always leaves a store that fsck calls clean and that gives
 //! gcc-identical objects. `CASFS_KILL_LOOPS=N` runs the loop longer (CI: 4).
@@ -139,6 +140,58 @@ fn max_size_keeps_the_store_under_budget_while_builds_run() {
     let out2 = td.dir("second");
     assert_all_compiled(&compile_all(Some(&cc), &all, &out2, 3), "second build");
     assert_objects_identical(&all, &out2, &reference, "second build under a size limit");
+}
+
+/// ccache's way of filling a cache, as fast as one client can: 80 results
+/// of 12.4 KB, each written to a temporary file and renamed onto its name,
+/// under `--max-size 400K`. Eviction runs when a publication takes the store
+/// over the limit, and stops at its low-water mark (90 %): it used to count
+/// evicted names whose inodes the kernel had not forgotten yet as still
+/// stored, and kept evicting until 2 entries (6 % of the budget) were left.
+#[test]
+fn eviction_under_a_stream_of_publications_stops_at_its_low_water_mark() {
+    let td = TestDir::new("evict-stream");
+    let store = td.store();
+    let mp = td.mountpoint("mnt");
+    const BUDGET: u64 = 400 * 1024;
+    const ENTRY: usize = 12_400;
+    const ENTRIES: u64 = 80;
+    let name = |i: u64| format!("{i:029}R");
+    let mut m = Mount::start(&store, &mp, &["--max-size", "400K"]);
+    let d = mp.join("a/b");
+    fs::create_dir_all(&d).unwrap();
+    for i in 0..ENTRIES {
+        publish(&d, "t.tmp", &name(i), &pattern(100 + i, ENTRY));
+    }
+    // The daemon's own listing and counters (the kernel may still show an
+    // evicted name until it processes the invalidation).
+    let listed: Vec<String> = list_dir(&d);
+    let evictions = m.counter("evictions");
+    let kept = ENTRIES - evictions;
+    let kept_bytes = kept * ENTRY as u64;
+    assert!(
+        kept_bytes >= BUDGET * 80 / 100 && kept_bytes <= BUDGET * 95 / 100,
+        "{kept} entries ({kept_bytes} bytes, {} % of the {BUDGET}-byte budget) kept after \
+         {evictions} evictions; eviction must stop at its low-water mark (80-95 %).\n{}",
+        kept_bytes * 100 / BUDGET,
+        m.log()
+    );
+    // Least recently used first: what is kept is the newest, intact.
+    let newest: Vec<String> = (ENTRIES - kept..ENTRIES).map(name).collect();
+    assert_eq!(listed, newest, "the newest {kept} entries are kept");
+    for i in ENTRIES - kept..ENTRIES {
+        assert_eq!(fs::read(d.join(name(i))).unwrap(), pattern(100 + i, ENTRY));
+    }
+    // Once the kernel has let go of the evicted files (a remount), the
+    // store holds exactly what is kept.
+    m.unmount();
+    let mut m = Mount::start(&store, &mp, &["--max-size", "400K"]);
+    assert_eq!(
+        (m.counter("blobs"), m.counter("bytes_stored")),
+        (kept, kept_bytes),
+        "the store after a remount"
+    );
+    m.unmount();
 }
 
 #[test]

@@ -258,6 +258,12 @@ impl ShardKey for BlobId {
     }
 }
 
+impl<K: ShardKey + Hash + Eq, V> Default for Sharded<K, V> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl<K: ShardKey + Hash + Eq, V> Sharded<K, V> {
     pub fn new() -> Self {
         Sharded {

@@ -10,25 +10,63 @@
 //!   publication of the same bytes (which links a good file again) keeps
 //!   its name.
 //! - Eviction never takes an open file or one used since it was chosen.
+//! - Eviction stops at its target: what it evicted and only the kernel
+//!   still holds counts as gone (`Evicted`), and publications wait for a
+//!   running pass (`keep_under_limit`), so they cannot outrun it.
+//! - New names and new bytes are refused (ENOSPC) while the store's
+//!   filesystem is down to its reserve, whoever filled it (`check_space`).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use log::{debug, info, warn};
 
 use crate::error::{Error, Result};
+use crate::fs::locks::Sharded;
+use crate::fs::txn::{After, Txn};
 use crate::fs::{Caller, Core, SetAttr, Statfs, DIR_ENTRIES_MAX, EVICT_BATCH_MAX};
 use crate::stats::Stats;
 use crate::store::blobs::Blobs;
 use crate::store::ids::{BlobId, Ino};
 use crate::store::meta::{Content, Inode, Kind, PendingReason};
+use crate::store::space;
 
-/// Free space kept back on the store's filesystem, as a fraction (1/N) of
-/// its size, clamped to the bounds below: writers get ENOSPC before the
-/// metadata database could run out of room for its own log and flushes.
-const SPACE_RESERVE_DIVISOR: u64 = 100;
-const SPACE_RESERVE_BYTES_MIN: u64 = 8 << 20;
-const SPACE_RESERVE_BYTES_MAX: u64 = 128 << 20;
-/// The last free-space answer and the last "disk full" warning.
+/// An eviction pass brings the store down to this share of `--max-size`,
+/// so that passes are not triggered by every publication.
+pub const EVICT_TARGET_PERCENT: u64 = 90;
+
+/// `--max-size` and the target an eviction pass brings the store down to.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct SizeLimit {
+    max_bytes: u64,
+    target_bytes: u64,
+}
+
+/// Evicted inodes the kernel still holds: eviction removes every name of
+/// a file at once, but the inode, and the blob it references, live until
+/// the kernel forgets it (a FORGET some time after the invalidation).
+/// Their bytes are still stored, yet evicting more would not bring them
+/// back sooner, so eviction counts the store without them
+/// (`Core::bytes_live`); without that, a pass evicted far below its
+/// target whenever the kernel was slower than the pass.
+///
+/// Invariants: an inode is here only while its record exists, with no
+/// name, as the only reference of its blob when it was evicted (a blob
+/// shared with another name is not counted); `bytes` is the sum of the
+/// sizes here. Entries go when the inode's deletion commits
+/// (`note_deleted`), so the table is bounded by what the kernel holds.
+#[derive(Default)]
+pub(super) struct Evicted {
+    held: Sharded<Ino, u64>,
+    bytes: AtomicU64,
+}
+
+/// At most this long between two asks of `statvfs` while writes have
+/// budget left: the budget counts only casfs's own writes, so a disk that
+/// another process fills is noticed within this time.
+const SPACE_CHECK_INTERVAL_MS: u64 = 100;
+
+/// The last free-space answer, and whether the store is in a "full"
+/// episode (logged once when it starts and once when it ends).
 #[derive(Default)]
 pub(super) struct SpaceCheck {
     /// Bytes that may still be written before `statvfs` is asked again:
@@ -36,58 +74,69 @@ pub(super) struct SpaceCheck {
     /// leaves none). Writers take from it, so no burst of writes can run
     /// past the reserve between two checks.
     budget_bytes: std::sync::atomic::AtomicI64,
-    /// Wall second of the last "disk full" warning, to log it once a minute.
-    full_warned_s: AtomicU64,
+    /// Wall ms of the last `statvfs`.
+    checked_ms: AtomicU64,
+    full: AtomicBool,
 }
 
 impl Core {
-    /// Refuses `len` new bytes when the store's filesystem is down to its
-    /// reserve.
+    /// Refuses `len` new bytes (`len == 0`: a new name) with ENOSPC when
+    /// the store's filesystem is down to its reserve, before the metadata
+    /// database's log could hit a full disk, whoever filled it: casfs's own
+    /// writes use up the budget; a disk another process fills is seen by
+    /// the next `statvfs` (every new name asks, and data writes ask at
+    /// least every `SPACE_CHECK_INTERVAL_MS`) although the budget says
+    /// there is room.
     pub(super) fn check_space(&self, len: u64) -> Result<()> {
         let len = len.min(i64::MAX as u64) as i64;
-        if self.space.budget_bytes.fetch_sub(len, Ordering::Relaxed) >= len {
+        let now_ms = crate::store::clock::wall_ns() / 1_000_000;
+        let fresh =
+            now_ms < self.space.checked_ms.load(Ordering::Relaxed) + SPACE_CHECK_INTERVAL_MS;
+        if len > 0 && fresh && self.space.budget_bytes.fetch_sub(len, Ordering::Relaxed) >= len {
             return Ok(());
         }
-        let s = self.statfs()?;
-        let total = s.blocks * s.bsize as u64;
-        let free = s.bavail * s.bsize as u64;
-        let reserve =
-            (total / SPACE_RESERVE_DIVISOR).clamp(SPACE_RESERVE_BYTES_MIN, SPACE_RESERVE_BYTES_MAX);
-        if free >= reserve {
-            let budget = ((free - reserve) / 2).min(i64::MAX as u64) as i64;
+        let room = space::room(&self.store.root)?;
+        self.space.checked_ms.store(now_ms, Ordering::Relaxed);
+        if room.above_reserve() {
+            let budget = (room.spare_bytes() / 2).min(i64::MAX as u64) as i64;
             self.space.budget_bytes.store(budget, Ordering::Relaxed);
+            if self.space.full.swap(false, Ordering::Relaxed) {
+                info!(
+                    "store {} has room again ({} bytes free): writes accepted",
+                    self.store.root.display(),
+                    room.free_bytes
+                );
+            }
             return Ok(());
         }
-        self.space.budget_bytes.store(0, Ordering::Relaxed);
+        let budget_left = self.space.budget_bytes.swap(0, Ordering::Relaxed);
         Stats::bump(&self.stats.counters.errors);
-        let now_s = crate::store::clock::wall_ns() / 1_000_000_000;
-        if now_s >= self.space.full_warned_s.load(Ordering::Relaxed) + 60 {
-            self.space.full_warned_s.store(now_s, Ordering::Relaxed);
+        if !self.space.full.swap(true, Ordering::Relaxed) {
+            let who = if budget_left > len {
+                "filled by another process (casfs's own writes had left it room)"
+            } else {
+                "full"
+            };
             warn!(
-                "store {} is full ({free} bytes free, {reserve} kept in reserve): writes get ENOSPC, reads go on",
-                self.store.root.display()
+                "store {} is {who}: {} bytes free, {} kept in reserve for the metadata; \
+                 new files and writes get ENOSPC, reads go on, until space is freed",
+                self.store.root.display(),
+                room.free_bytes,
+                room.reserve_bytes
             );
         }
         Err(Error::errno(libc::ENOSPC))
     }
 
     pub fn statfs(&self) -> Result<Statfs> {
-        let path = std::ffi::CString::new(self.store.root.as_os_str().as_encoded_bytes()).unwrap();
-        let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-        // SAFETY: valid C string and out-pointer.
-        if unsafe { libc::statvfs(path.as_ptr(), &mut s) } != 0 {
-            return Err(Error::io(
-                std::io::Error::last_os_error(),
-                "statfs of the store",
-            ));
-        }
+        let r = space::room(&self.store.root)?;
         Ok(Statfs {
-            blocks: s.f_blocks,
-            bfree: s.f_bfree,
-            bavail: s.f_bavail,
-            files: s.f_files,
-            ffree: s.f_ffree,
-            bsize: s.f_frsize as u32,
+            blocks: r.blocks,
+            bfree: r.bfree,
+            bavail: r.bavail,
+            files: r.files,
+            ffree: r.ffree,
+            bsize: r.bsize,
         })
     }
 
@@ -310,15 +359,79 @@ impl Core {
         self.gauges.get().bytes_stored
     }
 
+    /// Bytes of blobs whose names eviction removed but that the kernel
+    /// still holds by inode (they go when it forgets them, see `Evicted`).
+    pub fn bytes_evicted_held(&self) -> u64 {
+        self.evicted.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Bytes stored that eviction can still act on: the store less what it
+    /// already evicted and only waits for the kernel to let go of. The two
+    /// gauges are read one after the other, not together, so the
+    /// difference saturates (an eviction's blob may be counted in both for
+    /// a moment after its inode went).
+    pub fn bytes_live(&self) -> u64 {
+        self.bytes_stored()
+            .saturating_sub(self.bytes_evicted_held())
+    }
+
+    /// Sets `--max-size` (once, at mount): `keep_under_limit` evicts down
+    /// to `EVICT_TARGET_PERCENT` of it once the store goes over it.
+    pub fn set_size_limit(&self, max_bytes: u64) {
+        let limit = SizeLimit {
+            max_bytes,
+            target_bytes: max_bytes / 100 * EVICT_TARGET_PERCENT,
+        };
+        if self.size_limit.set(limit).is_err() {
+            warn!("size limit set twice; keeping the first");
+        }
+    }
+
+    /// Once the store is over its size limit, evicts down to the limit's
+    /// target. Publications call it before they are answered (with no lock
+    /// held), and so does the evictor thread: one pass runs at a time
+    /// (`evict_pass`), and a caller that finds one running waits for it and
+    /// checks again, so a stream of publications cannot outrun eviction
+    /// and the store never holds more than the limit plus what is being
+    /// published. Returns the number of names evicted.
+    pub fn keep_under_limit(&self) -> u64 {
+        let Some(limit) = self.size_limit.get() else {
+            return 0;
+        };
+        if self.bytes_live() <= limit.max_bytes {
+            return 0;
+        }
+        let _pass = self.evict_pass.lock().unwrap();
+        if self.bytes_live() <= limit.max_bytes {
+            return 0; // the pass we waited for did it
+        }
+        match self.evict(limit.target_bytes) {
+            Ok(n) => {
+                info!(
+                    "evicted {n} entries; store now {} bytes ({} more held by the kernel until it forgets evicted files), limit {}",
+                    self.bytes_live(),
+                    self.bytes_evicted_held(),
+                    limit.max_bytes
+                );
+                n
+            }
+            Err(e) => {
+                warn!("eviction failed: {e}");
+                0
+            }
+        }
+    }
+
     /// Evicts least recently used names (oldest mtime first: a hit's touch
     /// counts as use) of published blobs until the store holds at most
-    /// `target_bytes`. Files being written are not candidates (they are not
-    /// blobs yet) and neither are open ones; an evicted name's blob goes
-    /// with its last reference, and the kernel is told the name is gone.
-    /// Returns the number of names evicted.
+    /// `target_bytes` besides what is evicted already and only held by the
+    /// kernel (`bytes_live`). Files being written are not candidates (they
+    /// are not blobs yet) and neither are open ones; an evicted name's blob
+    /// goes with its last reference, and the kernel is told the name is
+    /// gone. Returns the number of names evicted.
     pub fn evict(&self, target_bytes: u64) -> Result<u64> {
         let mut evicted = 0;
-        while self.bytes_stored() > target_bytes {
+        while self.bytes_live() > target_bytes {
             // The oldest EVICT_BATCH_MAX candidates, by a scan without locks.
             let mut heap = std::collections::BinaryHeap::new();
             self.store.for_each_inode(|r| {
@@ -337,7 +450,7 @@ impl Core {
             }
             let before = evicted;
             for (mtime_ns, ino) in heap.into_sorted_vec() {
-                if self.bytes_stored() <= target_bytes {
+                if self.bytes_live() <= target_bytes {
                     break;
                 }
                 if self.evict_one(Ino(ino), mtime_ns)? {
@@ -349,6 +462,25 @@ impl Core {
             }
         }
         Ok(evicted)
+    }
+
+    /// Called for every inode deletion being committed: an evicted inode
+    /// the kernel held stops counting as held once the deletion commits.
+    pub(super) fn note_deleted(&self, txn: &mut Txn, ino: Ino) {
+        if self.evicted.held.with(&ino, |m| m.contains_key(&ino)) {
+            txn.after.push(After::Released(ino));
+        }
+    }
+
+    /// After the commit of an evicted inode's deletion (`After::Released`).
+    pub(super) fn release_evicted(&self, ino: Ino) {
+        if let Some(size) = self.evicted.held.with(&ino, |m| m.remove(&ino)) {
+            self.evicted
+                .bytes
+                .fetch_sub(size, Ordering::Relaxed)
+                .checked_sub(size)
+                .expect("evicted-held bytes are the sum of the held sizes (invariant)");
+        }
     }
 
     fn evict_one(&self, ino: Ino, seen_mtime_ns: u64) -> Result<bool> {
@@ -381,6 +513,21 @@ impl Core {
         self.lock_blobs(&mut txn, &[id]);
         self.unbind_all(&mut txn, inode)?;
         self.commit(txn)?;
+        // Still here: the kernel holds it (an inode lives while the kernel
+        // does), and its blob with it. We hold its stripe, so it cannot go
+        // before it is counted; if it is the blob's only reference, the
+        // blob goes with it, so eviction must not count it as live.
+        if self.store.inode(ino)?.is_some() && self.store.blob_refs(&id, 2)? == [ino] {
+            let new = self
+                .evicted
+                .held
+                .with(&ino, |m| m.insert(ino, size).is_none());
+            assert!(
+                new,
+                "an inode is evicted at most once (it has no name after)"
+            );
+            self.evicted.bytes.fetch_add(size, Ordering::Relaxed);
+        }
         Stats::bump(&self.stats.counters.evictions);
         self.stats
             .counters

@@ -56,6 +56,11 @@
 //! 1. `dir_rename` (a mutex): held by renames of directories only, so that
 //!    the "not into its own subtree" check sees a tree no other rename is
 //!    changing (the kernel does the same with its own rename mutex).
+//!
+//!    1a. `evict_pass` (a mutex): held by one eviction pass
+//!    (`keep_under_limit`). Publications run it after their commit and log
+//!    sync, with no stripe held (a rename may still hold `dir_rename`); the
+//!    pass takes the stripes below, one name at a time.
 //! 2. Inode stripes (`InodeLocks`, reader-writer): a directory's stripe
 //!    guards its entries, a file's stripe guards its record. Mutations take
 //!    every inode they read-modify-write, in one `lock` call (which sorts the
@@ -75,6 +80,9 @@
 //!    supplementary-group cache, the spare staging files, the clock and the
 //!    inode-number allocator. The last two write a lease record (a RocksDB
 //!    put, not synced) under their mutex once per lease.
+//! 5. The store's hold on its database (`store/meta.rs`): shared for one
+//!    RocksDB call, with nothing else taken meanwhile (asserted);
+//!    exclusive only to reopen a database that a full disk stopped.
 //!
 //! Known waits under a stripe (each on the file's own stripe, so another
 //! name waits only if it collides, 1 in `INODE_STRIPES`; none on the
@@ -90,7 +98,10 @@
 //! - a suspected corrupt blob is re-hashed under its blob stripe before it
 //!   is dropped; a blob file a publication dedups onto is hashed under its
 //!   blob stripe if it changed between the check without locks and the
-//!   commit (`settle_blob_file`).
+//!   commit (`settle_blob_file`);
+//! - once per disk-full episode, the first write after space is back
+//!   reopens the metadata database (waiting for the RocksDB calls in
+//!   flight, and replaying the log) under whatever its caller holds.
 //!
 //! Never under a stripe: a wait for a seal to end (`Usage::open` of a
 //! writer, `writer_again`, `begin_seal`), whose length is a hash and an
@@ -115,10 +126,10 @@ mod verified;
 mod virtual_files;
 
 use std::fs::File;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use log::warn;
+use log::{info, warn};
 
 use crate::classes::Rules;
 use crate::error::{enoent, Error, Result};
@@ -307,6 +318,14 @@ pub struct Core {
     tier: OnceLock<Arc<Tier>>,
     open_counter: AtomicU64,
     space: maintenance::SpaceCheck,
+    /// `--max-size`, when given (`set_size_limit`).
+    size_limit: OnceLock<maintenance::SizeLimit>,
+    /// Held by an eviction pass (`keep_under_limit`); lock order level 1a.
+    evict_pass: Mutex<()>,
+    /// Evicted inodes the kernel still holds (maintenance.rs).
+    evicted: maintenance::Evicted,
+    /// True while the clock's lease cannot be written (`now`).
+    lease_failing: AtomicBool,
     /// What the seam to the shared tier remembers (tier_link.rs).
     tier_local: tier_link::TierLocal,
 }
@@ -356,6 +375,10 @@ impl Core {
             tier: OnceLock::new(),
             open_counter: AtomicU64::new(0),
             space: maintenance::SpaceCheck::default(),
+            size_limit: OnceLock::new(),
+            evict_pass: Mutex::new(()),
+            evicted: Default::default(),
+            lease_failing: AtomicBool::new(false),
             tier_local: Default::default(),
         };
         core.ensure_root()?;
@@ -401,13 +424,23 @@ impl Core {
         Ok(())
     }
 
-    /// The next timestamp of the daemon's clock (persisting its lease when due).
+    /// The next timestamp of the daemon's clock (persisting its lease when
+    /// due). A lease that cannot be written (a full disk) is retried on
+    /// every tick, quietly: logged once when it starts failing and once
+    /// when it is written again.
     fn now(&self) -> u64 {
         self.clock
             .tick(|lease| match self.store.put_clock_lease(lease) {
-                Ok(()) => true,
+                Ok(()) => {
+                    if self.lease_failing.swap(false, Ordering::Relaxed) {
+                        info!("clock lease written again");
+                    }
+                    true
+                }
                 Err(e) => {
-                    warn!("clock lease: {e}");
+                    if !self.lease_failing.swap(true, Ordering::Relaxed) {
+                        warn!("clock lease not written: {e}; retried on every tick until it is");
+                    }
                     false
                 }
             })
@@ -427,11 +460,14 @@ impl Core {
     }
 
     /// Makes committed batches durable (after the locks are released), when
-    /// the change is a publication the caller is about to acknowledge.
+    /// the change is a publication the caller is about to acknowledge; then
+    /// keeps the store under its size limit before the caller is answered
+    /// (`keep_under_limit`), so publications cannot outrun eviction.
     fn sync_log(&self) -> Result<()> {
         if self.config.durable {
             self.store.sync_log().map_err(|e| self.count_error(e))?;
         }
+        self.keep_under_limit();
         Ok(())
     }
 

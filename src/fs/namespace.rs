@@ -325,6 +325,7 @@ impl Core {
         caller: Caller,
     ) -> Result<Attr> {
         self.check_new_name(parent, name)?;
+        self.check_space(0)?;
         let ino = self.alloc_ino()?;
         let _g = self.lock(&[parent]);
         if self.store.dentry(parent, name)?.is_some() {

@@ -45,19 +45,25 @@ impl Gauges {
         }
     }
 
+    /// Invariant: a gauge never goes below zero (every decrement undoes an
+    /// increment an earlier commit made); asserted, not clamped, so a
+    /// miscount shows where it happens.
     fn add(&self, d: &Delta) {
-        let apply = |a: &AtomicU64, d: i64| {
+        let apply = |a: &AtomicU64, d: i64, gauge: &str| {
             if d >= 0 {
                 a.fetch_add(d as u64, Ordering::Relaxed);
             } else {
-                let _ = a.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-                    Some(v.saturating_sub(d.unsigned_abs()))
-                });
+                let before = a.fetch_sub(d.unsigned_abs(), Ordering::Relaxed);
+                assert!(
+                    before >= d.unsigned_abs(),
+                    "store gauge {gauge} would go below zero ({before} - {}): a blob or reference counted out twice (invariant)",
+                    d.unsigned_abs()
+                );
             }
         };
-        apply(&self.blobs, d.blobs);
-        apply(&self.bytes_stored, d.bytes_stored);
-        apply(&self.bytes_logical, d.bytes_logical);
+        apply(&self.blobs, d.blobs, "blobs");
+        apply(&self.bytes_stored, d.bytes_stored, "bytes_stored");
+        apply(&self.bytes_logical, d.bytes_logical, "bytes_logical");
     }
 }
 
@@ -81,6 +87,8 @@ pub enum After {
     InvalidateNow(Invalidate),
     /// Share a publication (queued; never waits on the network).
     Upload(Upload),
+    /// An evicted inode the kernel held is gone (see `Evicted`).
+    Released(Ino),
 }
 
 /// One metadata change being assembled.
@@ -173,6 +181,7 @@ impl Core {
                         t.enqueue(up)
                     }
                 }
+                After::Released(ino) => self.release_evicted(ino),
             }
         }
         drop(txn.blobs_held);
@@ -221,6 +230,7 @@ impl Core {
     pub(super) fn delete_inode(&self, txn: &mut Txn, inode: &Inode) -> Result<()> {
         txn.batch.delete_inode(inode.ino);
         txn.batch.delete_pending(inode.ino);
+        self.note_deleted(txn, inode.ino);
         match &inode.content {
             Content::Blob(id) => self.drop_ref(txn, *id, inode.ino, inode.size)?,
             Content::Staged => txn.after.push(After::RetireStaging(inode.ino)),
@@ -242,9 +252,11 @@ impl Core {
         if inode.kind != Kind::Dir && inode.nlink > 1 {
             inode.drop_name(parent, name);
         }
+        // A bound file has nlink >= 1, a directory >= 2 (its name and ".").
         inode.nlink = inode
             .nlink
-            .saturating_sub(if inode.kind == Kind::Dir { 2 } else { 1 });
+            .checked_sub(if inode.kind == Kind::Dir { 2 } else { 1 })
+            .expect("unbind of a name its inode does not count (nlink invariant)");
         if inode.nlink == 0 {
             if self.usage.in_use(inode.ino) {
                 txn.batch.put_pending(inode.ino, PendingReason::Unbound);

@@ -12,6 +12,10 @@
 //!   on the shard's condition variable, with no other lock held.
 //! - Entries whose use is all zero are removed, so the table's size is
 //!   bounded by what the kernel and open handles hold.
+//! - No count goes below zero: every forget, close and end of a writer
+//!   undoes one remember, open or writer counted before. Asserted (also in
+//!   release builds), not clamped, so a miscount shows where it happens
+//!   instead of letting an inode in use be deleted later.
 
 use std::collections::HashMap;
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -91,9 +95,18 @@ impl Usage {
     }
 
     /// The kernel forgot `n` references; true if it holds none now.
+    /// Virtual inodes are not counted (see `remember`).
     pub fn forget(&self, ino: Ino, n: u64) -> bool {
+        if ino.is_virtual() {
+            return false;
+        }
         self.update(ino, |u| {
-            u.lookups = u.lookups.saturating_sub(n);
+            u.lookups = u.lookups.checked_sub(n).unwrap_or_else(|| {
+                panic!(
+                    "kernel forgot {n} references to ino={ino} but holds {} (lookup count invariant)",
+                    u.lookups
+                )
+            });
             u.lookups == 0
         })
     }
@@ -131,16 +144,27 @@ impl Usage {
     /// A handle closes (`writer`: it still counted as a writer).
     pub fn close(&self, ino: Ino, writer: bool) {
         self.update(ino, |u| {
-            u.handles = u.handles.saturating_sub(1);
+            u.handles = u
+                .handles
+                .checked_sub(1)
+                .expect("a handle closes that was opened (handle count invariant)");
             if writer {
-                u.writers = u.writers.saturating_sub(1);
+                u.writers = u
+                    .writers
+                    .checked_sub(1)
+                    .expect("a writer closes that was counted (writer count invariant)");
             }
         });
     }
 
     /// A handle stops counting as a writer (its bytes are being published).
     pub fn writer_done(&self, ino: Ino) {
-        self.update(ino, |u| u.writers = u.writers.saturating_sub(1));
+        self.update(ino, |u| {
+            u.writers = u
+                .writers
+                .checked_sub(1)
+                .expect("a writer is done that was counted (writer count invariant)")
+        });
     }
 
     /// A handle whose bytes were published writes again (`restage`); waits

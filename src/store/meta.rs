@@ -20,6 +20,8 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock, RwLockReadGuard};
 
 use rocksdb::{
     ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch,
@@ -29,7 +31,9 @@ use rocksdb::{
 use crate::classes::Class;
 use crate::error::{Error, Result};
 use crate::stats::StoreGauges;
+use crate::store::clock::wall_ns;
 use crate::store::ids::{BlobId, Ino};
+use crate::store::space;
 
 /// The on-disk format this build reads and writes.
 pub const FORMAT_VERSION: u32 = 1;
@@ -457,11 +461,98 @@ pub fn u64_value(v: &[u8]) -> u64 {
         .unwrap_or(0)
 }
 
+/// How often, at most, a stopped database is reopened while its last
+/// reopen failed (each attempt replays the log and may flush it).
+const REOPEN_INTERVAL_NS: u64 = 1_000_000_000;
+
+thread_local! {
+    /// True while this thread holds the database (`Db`).
+    static DB_HELD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// An open store: the RocksDB handle and the lock that makes it ours.
+///
+/// Invariants:
+/// - A thread holds the database (`Db`, a shared hold of `db`) for one call
+///   at a time and makes no other store call while it holds it (asserted),
+///   so `recover`, which takes `db` exclusively to reopen it, only ever
+///   waits for calls in flight on other threads, each of which ends
+///   without waiting for anything.
+/// - RocksDB keeps the error of a failed write (a full disk): every later
+///   write fails with it, for good, until the database is resumed (not in
+///   RocksDB's C API) or reopened. So once a write failed (`broken`), no
+///   write reaches RocksDB again before `recover` has reopened it, which it
+///   does only once the filesystem has room above its reserve again; until
+///   then writes get ENOSPC at once and reads go on. Reopening replays the
+///   log, so every write that returned Ok before the failure is kept.
 pub struct Store {
     pub root: PathBuf,
-    db: DB,
+    /// `None` only after a reopen failed (the next call tries again).
+    db: RwLock<Option<DB>>,
+    /// Reopens so far; a write failure of the database before the last
+    /// reopen is not one of the current database.
+    generation: AtomicU64,
+    broken: AtomicBool,
+    /// The current disk-full episode; also serializes `recover`.
+    episode: Mutex<Episode>,
     _lock: File,
+}
+
+/// One episode of a stopped database, for `recover` and the log.
+#[derive(Default)]
+struct Episode {
+    since_ns: u64,
+    /// The errno writes get while the database waits to be reopened.
+    errno: i32,
+    last_reopen_ns: u64,
+    reopen_failed_logged: bool,
+}
+
+/// One call's shared hold on the open database (see `Store`).
+struct Db<'a> {
+    guard: RwLockReadGuard<'a, Option<DB>>,
+    generation: u64,
+}
+
+impl std::ops::Deref for Db<'_> {
+    type Target = DB;
+    fn deref(&self) -> &DB {
+        self.guard
+            .as_ref()
+            .expect("a Db is made only of an open database")
+    }
+}
+
+impl Drop for Db<'_> {
+    fn drop(&mut self) {
+        DB_HELD.with(|h| h.set(false));
+    }
+}
+
+fn assert_db_not_held() {
+    assert!(
+        !DB_HELD.with(|h| h.get()),
+        "a store call while this thread holds the database (recover could wait on it forever)"
+    );
+}
+
+/// Opens the RocksDB database of the store at `root`.
+fn open_db(root: &Path) -> std::result::Result<DB, rocksdb::Error> {
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    opts.create_missing_column_families(true);
+    opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    opts.set_keep_log_file_num(4);
+    opts.set_max_total_wal_size(64 << 20);
+    let cfs = CFS.iter().map(|(cf, name)| {
+        let mut o = Options::default();
+        o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        if matches!(cf, Cf::Counters) {
+            o.set_merge_operator_associative("casfs_add_i64", add_merge);
+        }
+        ColumnFamilyDescriptor::new(*name, o)
+    });
+    DB::open_cf_descriptors(&opts, root.join("meta"), cfs)
 }
 
 /// Opens (creating if new) the store at `root`. Errors are messages for an
@@ -527,39 +618,32 @@ pub fn open_store(root: &Path) -> std::result::Result<Store, String> {
         }
     }
 
-    let mut opts = Options::default();
-    opts.create_if_missing(true);
-    opts.create_missing_column_families(true);
-    opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
-    opts.set_keep_log_file_num(4);
-    opts.set_max_total_wal_size(64 << 20);
-    let cfs = CFS.iter().map(|(cf, name)| {
-        let mut o = Options::default();
-        o.set_compression_type(rocksdb::DBCompressionType::Lz4);
-        if matches!(cf, Cf::Counters) {
-            o.set_merge_operator_associative("casfs_add_i64", add_merge);
-        }
-        ColumnFamilyDescriptor::new(*name, o)
-    });
-    let db = DB::open_cf_descriptors(&opts, root.join("meta"), cfs)
+    let db = open_db(root)
         .map_err(|e| format!("cannot open metadata of store {}: {e}", root.display()))?;
     let store = Store {
         root: root.to_path_buf(),
-        db,
+        db: RwLock::new(Some(db)),
+        generation: AtomicU64::new(0),
+        broken: AtomicBool::new(false),
+        episode: Mutex::new(Episode::default()),
         _lock: lock,
     };
 
     let recorded = store
-        .db
-        .get_cf(store.cf(Cf::Meta), KEY_FORMAT)
+        .get(Cf::Meta, KEY_FORMAT, "read format version")
         .map_err(|e| e.to_string())?;
     match recorded {
         None if is_new => {
             store
-                .db
-                .put_cf(store.cf(Cf::Meta), KEY_FORMAT, FORMAT_VERSION.to_le_bytes())
+                .write("write format version", |db| {
+                    db.put_cf(
+                        Store::cf(db, Cf::Meta),
+                        KEY_FORMAT,
+                        FORMAT_VERSION.to_le_bytes(),
+                    )?;
+                    db.flush_wal(true)
+                })
                 .map_err(|e| e.to_string())?;
-            store.db.flush_wal(true).map_err(|e| e.to_string())?;
             write_marker(&marker)?;
         }
         None => {
@@ -614,24 +698,152 @@ fn lock_store(root: &Path) -> std::result::Result<File, String> {
 }
 
 impl Store {
-    fn cf(&self, cf: Cf) -> &ColumnFamily {
+    fn cf(db: &DB, cf: Cf) -> &ColumnFamily {
         let name = CFS[cf as usize].1;
-        self.db
-            .cf_handle(name)
+        db.cf_handle(name)
             .expect("every column family is created at open")
+    }
+
+    /// A shared hold on the database for one call. A database left closed
+    /// by a failed reopen is reopened first (`recover`).
+    fn db(&self) -> Result<Db<'_>> {
+        assert_db_not_held();
+        for _ in 0..2 {
+            let guard = self.db.read().unwrap();
+            if guard.is_some() {
+                // Read under the hold: a reopen takes `db` exclusively.
+                let generation = self.generation.load(Ordering::Acquire);
+                DB_HELD.with(|h| h.set(true));
+                return Ok(Db { guard, generation });
+            }
+            drop(guard);
+            self.recover()?;
+        }
+        Err(Error::with_context(
+            libc::EIO,
+            format!(
+                "metadata store {}: the database is closed (a reopen is in progress)",
+                self.root.display()
+            ),
+        ))
+    }
+
+    /// Runs one write on the database. A database stopped by an earlier
+    /// failed write is reopened first, once the disk has room again (else
+    /// ENOSPC at once: RocksDB would refuse it anyway); a write that fails
+    /// marks the database stopped (see `Store`).
+    fn write(
+        &self,
+        what: &str,
+        f: impl FnOnce(&DB) -> std::result::Result<(), rocksdb::Error>,
+    ) -> Result<()> {
+        if self.broken.load(Ordering::Acquire) {
+            self.recover()?;
+        }
+        let db = self.db()?;
+        let generation = db.generation;
+        let result = f(&db);
+        drop(db);
+        result.map_err(|e| self.write_failed(generation, Error::db(e, what)))
+    }
+
+    /// Marks the database stopped after a failed write (unless it was
+    /// reopened since the write began); logs once per episode.
+    fn write_failed(&self, generation: u64, err: Error) -> Error {
+        let mut ep = self.episode.lock().unwrap();
+        if generation != self.generation.load(Ordering::Acquire)
+            || self.broken.load(Ordering::Acquire)
+        {
+            return err;
+        }
+        *ep = Episode {
+            since_ns: wall_ns(),
+            errno: err.code(),
+            ..Episode::default()
+        };
+        self.broken.store(true, Ordering::Release);
+        log::warn!(
+            "metadata store {}: {err}. The database refuses every write after a failed one, so changes get {} \
+             (reads go on) until the disk has room above its reserve again; then it is reopened, without a remount",
+            self.root.display(),
+            std::io::Error::from_raw_os_error(err.code())
+        );
+        err
+    }
+
+    /// True while the database is stopped by a failed write.
+    pub fn is_stopped(&self) -> bool {
+        self.broken.load(Ordering::Acquire)
+    }
+
+    /// Reopens a database stopped by a failed write, once the filesystem
+    /// has room above its reserve (ENOSPC until then; the errno of the
+    /// failure while a failed reopen waits `REOPEN_INTERVAL_NS`).
+    fn recover(&self) -> Result<()> {
+        assert_db_not_held();
+        let mut ep = self.episode.lock().unwrap();
+        let closed = self.db.read().unwrap().is_none();
+        if !self.broken.load(Ordering::Acquire) && !closed {
+            return Ok(()); // another thread reopened it
+        }
+        if !space::room(&self.root)?.above_reserve() {
+            return Err(Error::errno(libc::ENOSPC));
+        }
+        let now = wall_ns();
+        if ep.last_reopen_ns != 0 && now < ep.last_reopen_ns + REOPEN_INTERVAL_NS {
+            return Err(Error::errno(ep.errno));
+        }
+        ep.last_reopen_ns = now;
+        let mut db = self.db.write().unwrap();
+        // Closing stops RocksDB's own background work and recovery; the
+        // log it leaves holds every write that returned Ok.
+        *db = None;
+        match open_db(&self.root) {
+            Ok(new) => {
+                *db = Some(new);
+                self.generation.fetch_add(1, Ordering::AcqRel);
+                self.broken.store(false, Ordering::Release);
+                drop(db);
+                log::info!(
+                    "metadata store {}: the disk has room again; database reopened after {} s stopped, writes accepted again",
+                    self.root.display(),
+                    now.saturating_sub(ep.since_ns) / 1_000_000_000
+                );
+                *ep = Episode::default();
+                Ok(())
+            }
+            Err(e) => {
+                let err = Error::db(e, "reopen the database");
+                if !ep.reopen_failed_logged {
+                    ep.reopen_failed_logged = true;
+                    log::warn!(
+                        "metadata store {}: {err}; every call fails until a reopen succeeds (retried at most once a second)",
+                        self.root.display()
+                    );
+                }
+                ep.errno = err.code();
+                Err(err)
+            }
+        }
+    }
+
+    fn get(&self, cf: Cf, key: &[u8], what: &str) -> Result<Option<Vec<u8>>> {
+        let db = self.db()?;
+        db.get_cf(Store::cf(&db, cf), key)
+            .map_err(|e| Error::db(e, what))
     }
 
     pub fn batch(&self) -> Batch<'_> {
         Batch {
             store: self,
-            wb: WriteBatch::default(),
+            ops: Vec::new(),
         }
     }
 
     pub fn inode(&self, ino: Ino) -> Result<Option<Inode>> {
-        let v = self
-            .db
-            .get_pinned_cf(self.cf(Cf::Inodes), ino.key())
+        let db = self.db()?;
+        let v = db
+            .get_pinned_cf(Store::cf(&db, Cf::Inodes), ino.key())
             .map_err(|e| Error::db(e, "read inode"))?;
         match v {
             None => Ok(None),
@@ -642,9 +854,9 @@ impl Store {
     }
 
     pub fn dentry(&self, parent: Ino, name: &[u8]) -> Result<Option<Ino>> {
-        let v = self
-            .db
-            .get_pinned_cf(self.cf(Cf::Dentries), dentry_key(parent, name))
+        let db = self.db()?;
+        let v = db
+            .get_pinned_cf(Store::cf(&db, Cf::Dentries), dentry_key(parent, name))
             .map_err(|e| Error::db(e, "read directory entry"))?;
         Ok(v.map(|v| Ino::from_key(&v)))
     }
@@ -653,8 +865,9 @@ impl Store {
     pub fn list_dir(&self, parent: Ino, limit: usize) -> Result<Vec<(Vec<u8>, Ino)>> {
         let prefix = parent.key();
         let mut out = Vec::new();
-        let iter = self.db.iterator_cf(
-            self.cf(Cf::Dentries),
+        let db = self.db()?;
+        let iter = db.iterator_cf(
+            Store::cf(&db, Cf::Dentries),
             IteratorMode::From(&prefix, Direction::Forward),
         );
         for item in iter {
@@ -674,8 +887,9 @@ impl Store {
     /// Inodes referencing a blob, at most `limit`.
     pub fn blob_refs(&self, id: &BlobId, limit: usize) -> Result<Vec<Ino>> {
         let mut out = Vec::new();
-        let iter = self.db.iterator_cf(
-            self.cf(Cf::BlobRefs),
+        let db = self.db()?;
+        let iter = db.iterator_cf(
+            Store::cf(&db, Cf::BlobRefs),
             IteratorMode::From(&id.0, Direction::Forward),
         );
         for item in iter {
@@ -691,9 +905,10 @@ impl Store {
     /// The first blob at or after `from` in id order, wrapping around (the
     /// scrub's random sample).
     pub fn blob_at_or_after(&self, from: &[u8; 32]) -> Result<Option<BlobId>> {
+        let db = self.db()?;
         for start in [&from[..], &[][..]] {
-            let mut iter = self.db.iterator_cf(
-                self.cf(Cf::Blobs),
+            let mut iter = db.iterator_cf(
+                Store::cf(&db, Cf::Blobs),
                 IteratorMode::From(start, Direction::Forward),
             );
             if let Some(item) = iter.next() {
@@ -707,19 +922,18 @@ impl Store {
     }
 
     pub fn blob_known(&self, id: &BlobId) -> Result<bool> {
-        Ok(self
-            .db
-            .get_pinned_cf(self.cf(Cf::Blobs), id.0)
+        let db = self.db()?;
+        let found = db
+            .get_pinned_cf(Store::cf(&db, Cf::Blobs), id.0)
             .map_err(|e| Error::db(e, "read blob"))?
-            .is_some())
+            .is_some();
+        Ok(found)
     }
 
     pub fn pending(&self) -> Result<Vec<(Ino, PendingReason)>> {
         let mut out = Vec::new();
-        for item in self
-            .db
-            .iterator_cf(self.cf(Cf::Pending), IteratorMode::Start)
-        {
+        let db = self.db()?;
+        for item in db.iterator_cf(Store::cf(&db, Cf::Pending), IteratorMode::Start) {
             let (k, v) = item.map_err(|e| Error::db(e, "read pending"))?;
             let reason = if v.first() == Some(&2) {
                 PendingReason::Unsealed
@@ -732,11 +946,12 @@ impl Store {
     }
 
     pub fn upload_is_pending(&self, seq: u64, path: &[u8]) -> Result<bool> {
-        Ok(self
-            .db
-            .get_pinned_cf(self.cf(Cf::Uploads), upload_key(seq, path))
+        let db = self.db()?;
+        let found = db
+            .get_pinned_cf(Store::cf(&db, Cf::Uploads), upload_key(seq, path))
             .map_err(|e| Error::db(e, "read pending upload"))?
-            .is_some())
+            .is_some();
+        Ok(found)
     }
 
     /// The oldest pending uploads, in publication order, at most `limit`.
@@ -744,35 +959,36 @@ impl Store {
     /// never be delivered, and would hold `casfs sync` forever).
     pub fn pending_uploads(&self, limit: usize) -> Result<Vec<PendingUpload>> {
         let mut out = Vec::new();
-        for item in self
-            .db
-            .iterator_cf(self.cf(Cf::Uploads), IteratorMode::Start)
+        let mut damaged = Vec::new();
         {
-            if out.len() >= limit {
-                break;
-            }
-            let (k, v) = item.map_err(|e| Error::db(e, "read pending uploads"))?;
-            match PendingUpload::decode(&k, &v) {
-                Some(u) => out.push(u),
-                None => {
-                    log::warn!(
-                        "pending upload record {:?} is damaged: dropped (that publication is not shared)",
-                        k.escape_ascii().to_string()
-                    );
-                    self.db
-                        .delete_cf(self.cf(Cf::Uploads), &k)
-                        .map_err(|e| Error::db(e, "drop damaged pending upload"))?;
+            let db = self.db()?;
+            for item in db.iterator_cf(Store::cf(&db, Cf::Uploads), IteratorMode::Start) {
+                if out.len() >= limit {
+                    break;
+                }
+                let (k, v) = item.map_err(|e| Error::db(e, "read pending uploads"))?;
+                match PendingUpload::decode(&k, &v) {
+                    Some(u) => out.push(u),
+                    None => damaged.push(k.to_vec()),
                 }
             }
+        }
+        for k in damaged {
+            log::warn!(
+                "pending upload record {:?} is damaged: dropped (that publication is not shared)",
+                k.escape_ascii().to_string()
+            );
+            self.write("drop damaged pending upload", |db| {
+                db.delete_cf(Store::cf(db, Cf::Uploads), &k)
+            })?;
         }
         Ok(out)
     }
 
     /// The publication tick of the oldest pending upload.
     pub fn oldest_upload_seq(&self) -> Result<Option<u64>> {
-        let mut iter = self
-            .db
-            .iterator_cf(self.cf(Cf::Uploads), IteratorMode::Start);
+        let db = self.db()?;
+        let mut iter = db.iterator_cf(Store::cf(&db, Cf::Uploads), IteratorMode::Start);
         match iter.next() {
             None => Ok(None),
             Some(item) => {
@@ -785,10 +1001,8 @@ impl Store {
     /// How many uploads are pending (a full scan: at mount only).
     pub fn count_uploads(&self) -> Result<u64> {
         let mut n = 0;
-        for item in self
-            .db
-            .iterator_cf(self.cf(Cf::Uploads), IteratorMode::Start)
-        {
+        let db = self.db()?;
+        for item in db.iterator_cf(Store::cf(&db, Cf::Uploads), IteratorMode::Start) {
             item.map_err(|e| Error::db(e, "count pending uploads"))?;
             n += 1;
         }
@@ -799,17 +1013,14 @@ impl Store {
     /// process crash keeps it written; power loss may replay a delivered
     /// upload, which is harmless.
     pub fn delete_upload(&self, seq: u64, path: &[u8]) -> Result<()> {
-        self.db
-            .delete_cf(self.cf(Cf::Uploads), upload_key(seq, path))
-            .map_err(|e| Error::db(e, "delete pending upload"))
+        self.write("delete pending upload", |db| {
+            db.delete_cf(Store::cf(db, Cf::Uploads), upload_key(seq, path))
+        })
     }
 
     /// The inode-number lease: every number at or above it is unused.
     pub fn ino_lease(&self) -> Result<u64> {
-        let v = self
-            .db
-            .get_cf(self.cf(Cf::Meta), KEY_NEXT_INO)
-            .map_err(|e| Error::db(e, "read next inode"))?;
+        let v = self.get(Cf::Meta, KEY_NEXT_INO, "read next inode")?;
         Ok(v.map(|v| u64_value(&v)).unwrap_or(Ino::FIRST_DYNAMIC.0))
     }
 
@@ -817,35 +1028,34 @@ impl Store {
     /// below it is written to the log after this, so a crash that loses the
     /// lease loses every batch that used it too.
     pub fn put_ino_lease(&self, lease: u64) -> Result<()> {
-        self.db
-            .put_cf(self.cf(Cf::Meta), KEY_NEXT_INO, lease.to_le_bytes())
-            .map_err(|e| Error::db(e, "write inode lease"))
+        self.write("write inode lease", |db| {
+            db.put_cf(Store::cf(db, Cf::Meta), KEY_NEXT_INO, lease.to_le_bytes())
+        })
     }
 
     /// True once a one-time conversion of an older store, named by `key`,
     /// has been done.
     pub fn converted(&self, key: &str) -> Result<bool> {
-        let v = self
-            .db
-            .get_cf(self.cf(Cf::Meta), format!("converted:{key}"))
-            .map_err(|e| Error::db(e, "read conversion marker"))?;
-        Ok(v.is_some())
+        let key = format!("converted:{key}");
+        Ok(self
+            .get(Cf::Meta, key.as_bytes(), "read conversion marker")?
+            .is_some())
     }
 
     /// Records (synced) that the conversion `key` is done.
     pub fn mark_converted(&self, key: &str) -> Result<()> {
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
-        self.db
-            .put_cf_opt(self.cf(Cf::Meta), format!("converted:{key}"), [], &wo)
-            .map_err(|e| Error::db(e, "write conversion marker"))
+        self.write("write conversion marker", |db| {
+            db.put_cf_opt(Store::cf(db, Cf::Meta), format!("converted:{key}"), [], &wo)
+        })
     }
 
     /// Persists the clock's lease (same ordering argument as the inode lease).
     pub fn put_clock_lease(&self, lease_ns: u64) -> Result<()> {
-        self.db
-            .put_cf(self.cf(Cf::Clock), KEY_LEASE, lease_ns.to_le_bytes())
-            .map_err(|e| Error::db(e, "write clock lease"))
+        self.write("write clock lease", |db| {
+            db.put_cf(Store::cf(db, Cf::Clock), KEY_LEASE, lease_ns.to_le_bytes())
+        })
     }
 
     /// Makes every batch written so far durable. A synced write of one
@@ -857,25 +1067,19 @@ impl Store {
     pub fn sync_log(&self) -> Result<()> {
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
-        self.db
-            .put_cf_opt(self.cf(Cf::Meta), KEY_SYNC_MARKER, [], &wo)
-            .map_err(|e| Error::db(e, "sync log"))
+        self.write("sync log", |db| {
+            db.put_cf_opt(Store::cf(db, Cf::Meta), KEY_SYNC_MARKER, [], &wo)
+        })
     }
 
     pub fn clock_lease(&self) -> Result<u64> {
-        let v = self
-            .db
-            .get_cf(self.cf(Cf::Clock), KEY_LEASE)
-            .map_err(|e| Error::db(e, "read clock"))?;
+        let v = self.get(Cf::Clock, KEY_LEASE, "read clock")?;
         Ok(v.map(|v| u64_value(&v)).unwrap_or(0))
     }
 
     pub fn gauges(&self) -> Result<StoreGauges> {
         let get = |key: &[u8]| -> Result<u64> {
-            let v = self
-                .db
-                .get_cf(self.cf(Cf::Counters), key)
-                .map_err(|e| Error::db(e, "read counters"))?;
+            let v = self.get(Cf::Counters, key, "read counters")?;
             Ok(v.map_or(0, |v| i64_value(&v).max(0) as u64))
         };
         Ok(StoreGauges {
@@ -888,28 +1092,32 @@ impl Store {
     /// Converts the retired one-record gauges of an older store into the
     /// per-gauge keys (once, in one batch).
     fn convert_retired_gauges(&self) -> std::result::Result<(), String> {
-        let cf = self.cf(Cf::Counters);
         let Some(v) = self
-            .db
-            .get_cf(cf, KEY_GAUGES_RETIRED)
+            .get(Cf::Counters, KEY_GAUGES_RETIRED, "read retired gauges")
             .map_err(|e| e.to_string())?
         else {
             return Ok(());
         };
-        let mut wb = WriteBatch::default();
-        if v.len() >= 24 {
-            wb.put_cf(cf, KEY_GAUGE_BLOBS, &v[0..8]);
-            wb.put_cf(cf, KEY_GAUGE_BYTES_STORED, &v[8..16]);
-            wb.put_cf(cf, KEY_GAUGE_BYTES_LOGICAL, &v[16..24]);
-        }
-        wb.delete_cf(cf, KEY_GAUGES_RETIRED);
-        self.db.write(wb).map_err(|e| e.to_string())?;
-        self.db.flush_wal(true).map_err(|e| e.to_string())
+        self.write("convert retired gauges", |db| {
+            let cf = Store::cf(db, Cf::Counters);
+            let mut wb = WriteBatch::default();
+            if v.len() >= 24 {
+                wb.put_cf(cf, KEY_GAUGE_BLOBS, &v[0..8]);
+                wb.put_cf(cf, KEY_GAUGE_BYTES_STORED, &v[8..16]);
+                wb.put_cf(cf, KEY_GAUGE_BYTES_LOGICAL, &v[16..24]);
+            }
+            wb.delete_cf(cf, KEY_GAUGES_RETIRED);
+            db.write(wb)?;
+            db.flush_wal(true)
+        })
+        .map_err(|e| e.to_string())
     }
 
-    /// Calls `f` on every raw record of a column family (fsck).
+    /// Calls `f` on every raw record of a column family (fsck). `f` must
+    /// not call the store (the database is held meanwhile).
     pub fn scan(&self, cf: Cf, mut f: impl FnMut(&[u8], &[u8])) -> Result<()> {
-        for item in self.db.iterator_cf(self.cf(cf), IteratorMode::Start) {
+        let db = self.db()?;
+        for item in db.iterator_cf(Store::cf(&db, cf), IteratorMode::Start) {
             let (k, v) = item.map_err(|e| Error::db(e, "scan"))?;
             f(&k, &v);
         }
@@ -917,11 +1125,10 @@ impl Store {
     }
 
     /// Calls `f` on every inode record (a full scan: eviction and fsck).
+    /// `f` must not call the store (the database is held meanwhile).
     pub fn for_each_inode(&self, mut f: impl FnMut(Result<Inode>)) -> Result<()> {
-        for item in self
-            .db
-            .iterator_cf(self.cf(Cf::Inodes), IteratorMode::Start)
-        {
+        let db = self.db()?;
+        for item in db.iterator_cf(Store::cf(&db, Cf::Inodes), IteratorMode::Start) {
             let (k, v) = item.map_err(|e| Error::db(e, "scan inodes"))?;
             let ino = Ino::from_key(&k);
             f(Inode::decode(ino, &v).ok_or_else(|| {
@@ -932,75 +1139,87 @@ impl Store {
     }
 
     pub fn flush(&self) -> Result<()> {
-        self.db
-            .flush_wal(true)
-            .map_err(|e| Error::db(e, "flush log"))
+        self.write("flush log", |db| db.flush_wal(true))
     }
+}
+
+/// One operation of a batch, kept until the batch is committed (so that
+/// building a batch holds nothing of the database, which a reopen may
+/// replace meanwhile).
+enum Op {
+    Put(Cf, Vec<u8>, Vec<u8>),
+    Delete(Cf, Vec<u8>),
+    Merge(Cf, &'static [u8], [u8; 8]),
 }
 
 /// One atomic change to the metadata.
 pub struct Batch<'a> {
     store: &'a Store,
-    wb: WriteBatch,
+    ops: Vec<Op>,
 }
 
 impl Batch<'_> {
     pub fn put_inode(&mut self, inode: &Inode) {
-        self.wb
-            .put_cf(self.store.cf(Cf::Inodes), inode.ino.key(), inode.encode());
+        self.ops.push(Op::Put(
+            Cf::Inodes,
+            inode.ino.key().to_vec(),
+            inode.encode(),
+        ));
     }
     pub fn delete_inode(&mut self, ino: Ino) {
-        self.wb.delete_cf(self.store.cf(Cf::Inodes), ino.key());
+        self.ops.push(Op::Delete(Cf::Inodes, ino.key().to_vec()));
     }
     pub fn put_dentry(&mut self, parent: Ino, name: &[u8], child: Ino) {
-        self.wb.put_cf(
-            self.store.cf(Cf::Dentries),
+        self.ops.push(Op::Put(
+            Cf::Dentries,
             dentry_key(parent, name),
-            child.key(),
-        );
+            child.key().to_vec(),
+        ));
     }
     pub fn delete_dentry(&mut self, parent: Ino, name: &[u8]) {
-        self.wb
-            .delete_cf(self.store.cf(Cf::Dentries), dentry_key(parent, name));
+        self.ops
+            .push(Op::Delete(Cf::Dentries, dentry_key(parent, name)));
     }
     pub fn put_blob(&mut self, id: &BlobId, size: u64) {
-        self.wb
-            .put_cf(self.store.cf(Cf::Blobs), id.0, size.to_le_bytes());
+        self.ops.push(Op::Put(
+            Cf::Blobs,
+            id.0.to_vec(),
+            size.to_le_bytes().to_vec(),
+        ));
     }
     pub fn delete_blob(&mut self, id: &BlobId) {
-        self.wb.delete_cf(self.store.cf(Cf::Blobs), id.0);
+        self.ops.push(Op::Delete(Cf::Blobs, id.0.to_vec()));
     }
     pub fn put_blob_ref(&mut self, id: &BlobId, ino: Ino) {
-        self.wb
-            .put_cf(self.store.cf(Cf::BlobRefs), blob_ref_key(id, ino), []);
+        self.ops
+            .push(Op::Put(Cf::BlobRefs, blob_ref_key(id, ino), Vec::new()));
     }
     pub fn delete_blob_ref(&mut self, id: &BlobId, ino: Ino) {
-        self.wb
-            .delete_cf(self.store.cf(Cf::BlobRefs), blob_ref_key(id, ino));
+        self.ops
+            .push(Op::Delete(Cf::BlobRefs, blob_ref_key(id, ino)));
     }
     pub fn put_pending(&mut self, ino: Ino, reason: PendingReason) {
-        self.wb
-            .put_cf(self.store.cf(Cf::Pending), ino.key(), [reason as u8]);
+        self.ops
+            .push(Op::Put(Cf::Pending, ino.key().to_vec(), vec![reason as u8]));
     }
     pub fn delete_pending(&mut self, ino: Ino) {
-        self.wb.delete_cf(self.store.cf(Cf::Pending), ino.key());
+        self.ops.push(Op::Delete(Cf::Pending, ino.key().to_vec()));
     }
     /// Records a publication to deliver to the shared tier, in the batch
     /// that publishes it (so it is exactly as durable as the publication).
     pub fn put_upload(&mut self, up: &PendingUpload) {
-        self.wb
-            .put_cf(self.store.cf(Cf::Uploads), up.key(), up.encode());
+        self.ops.push(Op::Put(Cf::Uploads, up.key(), up.encode()));
     }
     /// Adds signed deltas to the store gauges (merge, no read).
     pub fn add_gauges(&mut self, blobs: i64, bytes_stored: i64, bytes_logical: i64) {
-        let cf = self.store.cf(Cf::Counters);
         for (key, delta) in [
             (KEY_GAUGE_BLOBS, blobs),
             (KEY_GAUGE_BYTES_STORED, bytes_stored),
             (KEY_GAUGE_BYTES_LOGICAL, bytes_logical),
         ] {
             if delta != 0 {
-                self.wb.merge_cf(cf, key, delta.to_le_bytes());
+                self.ops
+                    .push(Op::Merge(Cf::Counters, key, delta.to_le_bytes()));
             }
         }
     }
@@ -1010,10 +1229,18 @@ impl Batch<'_> {
     pub fn commit(self, sync: bool) -> Result<()> {
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
-        self.store
-            .db
-            .write_opt(self.wb, &wo)
-            .map_err(|e| Error::db(e, "write batch"))
+        let ops = self.ops;
+        self.store.write("write batch", |db| {
+            let mut wb = WriteBatch::default();
+            for op in &ops {
+                match op {
+                    Op::Put(cf, k, v) => wb.put_cf(Store::cf(db, *cf), k, v),
+                    Op::Delete(cf, k) => wb.delete_cf(Store::cf(db, *cf), k),
+                    Op::Merge(cf, k, v) => wb.merge_cf(Store::cf(db, *cf), k, v),
+                }
+            }
+            db.write_opt(wb, &wo)
+        })
     }
 }
 
@@ -1101,7 +1328,14 @@ mod tests {
         {
             let mut store = open_store(&root).unwrap();
             // As a store written before `Cf::Uploads` existed.
-            store.db.drop_cf("uploads").unwrap();
+            store
+                .db
+                .get_mut()
+                .unwrap()
+                .as_mut()
+                .unwrap()
+                .drop_cf("uploads")
+                .unwrap();
         }
         let store = open_store(&root).unwrap();
         let up = PendingUpload {

@@ -1,10 +1,12 @@
 //! What casfs keeps on disk: the metadata database (`meta`: one RocksDB
 //! column family per kind of record, every multi-key change in one batch),
 //! blob files named by their BLAKE3 hash (`blobs`), the hybrid logical clock
-//! (`clock`), identity types (`ids`) and the offline checker (`fsck`).
+//! (`clock`), identity types (`ids`), free space and the reserve kept on the
+//! store's filesystem (`space`) and the offline checker (`fsck`).
 
 pub mod blobs;
 pub mod clock;
 pub mod fsck;
 pub mod ids;
 pub mod meta;
+pub mod space;

@@ -14,6 +14,26 @@
 //!
 //! Every wait for an inode or blob stripe is timed into `Stats::lock_wait`,
 //! so contention on a many-core host shows in `.casfs/metrics`.
+//!
+//! # Why `lock().unwrap()` is correct here and everywhere in casfs
+//!
+//! Locks are taken with `.lock().unwrap()` (and `read`, `write`, `wait`
+//! likewise) on purpose. The daemon is built with `panic = "abort"`
+//! (`[profile.release]` in Cargo.toml): a panic ends the whole process
+//! before any other thread runs again, so no thread ever finds a lock
+//! poisoned, and `unwrap` on a lock cannot fail in the daemon. What a panic
+//! leaves is what `kill -9` leaves, which crash-safety promise 7 covers.
+//! Where unwinding does happen (the library's own tests, which Cargo builds
+//! with unwinding), a poisoned lock means a test has already failed, and
+//! `unwrap` makes every thread that touches the lock fail loudly too.
+//!
+//! So there is no lock helper: one would be `lock().unwrap()` spelled
+//! differently, and the other choice, taking the guard back from a
+//! poisoned lock (`PoisonError::into_inner`), would carry on with whatever
+//! half-made change the panicking thread left: the half-alive daemon the
+//! abort exists to prevent. (Two locks do take the guard back: the Redis
+//! connection pool and the in-memory test engine, whose state is valid
+//! whatever a panic interrupted.)
 
 use std::collections::HashMap;
 use std::hash::Hash;

@@ -938,20 +938,19 @@ impl Store {
         Ok(out)
     }
 
-    /// The publication tick of the oldest pending upload.
+    /// The publication tick of the oldest pending upload. A key that does
+    /// not decode is passed over: `pending_uploads` reports and drops it.
     pub fn oldest_upload_seq(&self) -> Result<Option<u64>> {
-        let mut iter = self
+        for item in self
             .db
-            .iterator_cf(self.cf(Cf::Uploads), IteratorMode::Start);
-        match iter.next() {
-            None => Ok(None),
-            Some(item) => {
-                let (k, _) = item.map_err(|e| Error::db(e, "read pending uploads"))?;
-                let (seq, _) = split_upload_key(&k)
-                    .map_err(|d| self.damaged(Cf::Uploads, &k, "a pending upload's key", d))?;
-                Ok(Some(seq))
+            .iterator_cf(self.cf(Cf::Uploads), IteratorMode::Start)
+        {
+            let (k, _) = item.map_err(|e| Error::db(e, "read pending uploads"))?;
+            if let Ok((seq, _)) = split_upload_key(&k) {
+                return Ok(Some(seq));
             }
         }
+        Ok(None)
     }
 
     /// How many uploads are pending (a full scan: at mount only).
@@ -980,7 +979,7 @@ impl Store {
     ///
     /// A lease that does not decode is derived again from the inode
     /// records (logged): every number in use has one, and their keys sort
-    /// by number, so the last key is the highest number ever still in use.
+    /// by number (big-endian), so the last key is the highest in use.
     /// The allocator writes a fresh lease before it hands out the first
     /// number. (`casfs fsck` does not look at this lease, so refusing to
     /// start would leave the store with no way back.)
@@ -996,8 +995,6 @@ impl Store {
             Ok(lease) => return Ok(lease),
             Err(d) => d,
         };
-        let what = "the inode-number lease (derived again from the inode records)";
-        drop(self.damaged(Cf::Meta, KEY_NEXT_INO, what, d));
         let mut last = self.db.iterator_cf(self.cf(Cf::Inodes), IteratorMode::End);
         let highest = match last.next() {
             None => 0,
@@ -1015,8 +1012,13 @@ impl Store {
                 let d = Damage::new(format!("inode number {highest} is over {LEASE_MAX}"));
                 self.damaged(Cf::Inodes, &Ino(highest).key(), "the last inode record", d)
             })?;
-        log::warn!("metadata: inode-number lease derived again: {lease}");
-        Ok(lease.max(Ino::FIRST_DYNAMIC.0))
+        let lease = lease.max(Ino::FIRST_DYNAMIC.0);
+        log::warn!(
+            "damaged record cf=meta key={}: {d}; the inode-number lease is derived again from \
+             the inode records: {lease}",
+            shown(KEY_NEXT_INO)
+        );
+        Ok(lease)
     }
 
     /// Raises the inode-number lease. Not synced: a batch that uses a number
@@ -1359,6 +1361,112 @@ mod tests {
         );
         assert!(PendingUpload::decode(&up.key(), &[2]).is_err());
         assert!(upload_key(255, b"zz") < upload_key(256, b"aa"));
+    }
+
+    #[test]
+    fn damaged_gauges_and_leases_are_errors_or_derived_never_zero_and_writes_go_on() {
+        let root = std::env::temp_dir().join(format!(
+            "casfs-meta-damaged-{}-{}",
+            std::process::id(),
+            crate::store::clock::wall_ns()
+        ));
+        let store = open_store(&root).unwrap();
+        let inode = Inode {
+            ino: Ino(70_000),
+            ..sample_inode()
+        };
+        let mut b = store.batch();
+        b.put_inode(&inode);
+        b.add_gauges(2, 10, 10);
+        b.commit(false).unwrap();
+        assert_eq!(store.gauges().unwrap().blobs, 2);
+
+        // A gauge that does not decode stays damaged through merges and a
+        // compaction (which a failing merge operator would stop), and
+        // writes go on; resetting it is what fsck --repair does.
+        store.put_raw(Cf::Counters, KEY_GAUGE_BLOBS, &[1, 2, 3]);
+        let mut b = store.batch();
+        b.add_gauges(1, 1, 1);
+        b.commit(false).unwrap();
+        let e = store.gauges().unwrap_err();
+        assert_eq!(e.code(), libc::EIO);
+        assert!(e.to_string().contains("gauge_blobs"), "{e}");
+        store
+            .db
+            .compact_range_cf(store.cf(Cf::Counters), None::<&[u8]>, None::<&[u8]>);
+        let mut b = store.batch();
+        b.add_gauges(1, 0, 0);
+        b.commit(false).unwrap();
+        assert!(store.gauges().is_err(), "a damaged gauge is no zero");
+        let mut b = store.batch();
+        b.reset_gauges();
+        b.add_gauges(5, 6, 7);
+        b.commit(false).unwrap();
+        let g = store.gauges().unwrap();
+        assert_eq!((g.blobs, g.bytes_stored, g.bytes_logical), (5, 6, 7));
+
+        // Leases: the inode-number lease is derived again from the highest
+        // inode; the clock's is an error (fsck derives it from the times).
+        store.put_raw(Cf::Meta, KEY_NEXT_INO, &[9]);
+        assert_eq!(store.ino_lease().unwrap(), 70_001);
+        store.put_raw(Cf::Clock, KEY_LEASE, &u64::MAX.to_le_bytes());
+        assert_eq!(store.clock_lease().unwrap_err().code(), libc::EIO);
+
+        // Pending records: a damaged reason is taken as unsealed (the
+        // stronger clean-up); a damaged key is an error.
+        store.put_raw(Cf::Pending, &Ino(70_000).key(), &[9]);
+        assert_eq!(
+            store.pending().unwrap(),
+            vec![(Ino(70_000), PendingReason::Unsealed)]
+        );
+        store.put_raw(Cf::Pending, &[1, 2, 3], &[1]);
+        assert!(store.pending().is_err());
+
+        // Uploads: a key that does not decode is passed over, then dropped.
+        let up = PendingUpload {
+            seq: 5,
+            path: b"cc/x".to_vec(),
+            create_only: true,
+            blob: BlobId::of(b"y"),
+            size: 1,
+            mode: 0o644,
+            mtime_ns: 5,
+        };
+        let mut b = store.batch();
+        b.put_upload(&up);
+        b.commit(false).unwrap();
+        store.put_raw(Cf::Uploads, &[0], b"");
+        assert_eq!(store.oldest_upload_seq().unwrap(), Some(5));
+        assert_eq!(store.pending_uploads(10).unwrap(), vec![up]);
+        assert_eq!(store.count_uploads().unwrap(), 1);
+
+        // A retired gauges record of the wrong length: damaged, not zeros.
+        store.put_raw(Cf::Counters, KEY_GAUGES_RETIRED, &[1; 5]);
+        drop(store);
+        let store = open_store(&root).unwrap();
+        assert!(store.gauges().is_err());
+        drop(store);
+        let _ = fs::remove_dir_all(&root);
+    }
+
+    fn sample_inode() -> Inode {
+        Inode {
+            ino: Ino(42),
+            kind: Kind::File,
+            class: Class::Result,
+            perm: 0o644,
+            uid: 1,
+            gid: 2,
+            nlink: 1,
+            size: 123,
+            mtime_ns: 5,
+            atime_ns: None,
+            ctime_ns: 6,
+            parent: Ino(1),
+            name: b"abcR".to_vec(),
+            links: Vec::new(),
+            content: Content::Blob(BlobId::of(b"x")),
+        }
     }
 
     #[test]

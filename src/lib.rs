@@ -15,9 +15,13 @@
 //!   the upload queue.
 //! - `classes`, `integrity`, `stats`, `error`: path classes, cache entries'
 //!   own checksums, counters, the error type.
+//! - `decode`: what every decoder of bytes from disk or the network shares
+//!   (they are total: an error, never a panic or a made-up zero), and the
+//!   seeded test that feeds all of them damaged bytes.
 
 pub mod classes;
 pub mod daemon;
+pub mod decode;
 pub mod error;
 pub mod fs;
 pub mod fuse;

@@ -48,6 +48,36 @@ fn clear_dead_mount(mp: &Path) {
     );
 }
 
+/// The `casfs` binary the tests run (and so the daemon) aborts on a panic
+/// (`panic = "abort"` in Cargo.toml): one panicking thread ends the process
+/// with SIGABRT, never unwinds into exit code 101 or lives on beside the
+/// others. The panic is a real one, with no hook in casfs: printing to a
+/// full stderr panics in std (`eprintln!`), here `casfs fsck` reporting a
+/// store that does not exist.
+#[test]
+fn a_panic_in_the_casfs_binary_aborts_it_with_sigabrt() {
+    use std::os::unix::process::ExitStatusExt;
+    let full = fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("this test needs /dev/full (a write to it fails with ENOSPC)");
+    let td = TestDir::new("panic-abort");
+    let out = std::process::Command::new(CASFS_BIN)
+        .args(["fsck", "--store"])
+        .arg(td.path("no-such-store"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(full)
+        .output()
+        .expect("run casfs fsck");
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGABRT),
+        "casfs panicked without aborting ({}): build it with panic = \"abort\"",
+        out.status
+    );
+}
+
 #[test]
 fn daemon_exits_zero_and_unmounts_on_umount_sigterm_and_sigint() {
     let td = TestDir::new("lifecycle");

@@ -142,7 +142,7 @@ impl Backend for DirBackend {
                 let p = f.unwrap().path();
                 let is_dir = fs::read(&p)
                     .ok()
-                    .and_then(|b| Record::decode(&b))
+                    .and_then(|b| Record::decode(&b).ok())
                     .is_some_and(|r| r.kind == RecordKind::Dir);
                 if is_dir {
                     fs::remove_file(&p).unwrap();

@@ -92,20 +92,28 @@ fn mounted_fs_type(path: &Path) -> Option<String> {
     })
 }
 
-fn unescape_mount_path(s: &str) -> Vec<u8> {
+pub(crate) fn unescape_mount_path(s: &str) -> Vec<u8> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
+        // `\ooo`: three octal digits of one byte (a value over 255 is not
+        // an escape the kernel writes, and is kept as it is).
+        let escaped = b
+            .get(i + 1..i + 4)
+            .filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)))
+            .and_then(|d| {
+                u8::try_from(d.iter().fold(0u32, |n, c| n * 8 + u32::from(c - b'0'))).ok()
+            });
+        match escaped {
+            Some(byte) => {
+                out.push(byte);
+                i += 4;
+            }
+            None => {
+                out.push(b[i]);
+                i += 1;
+            }
         }
     }
     out
@@ -253,20 +261,28 @@ pub fn run(args: MountArgs) -> Result<(), String> {
     }
 }
 
-/// How often the evictor compares the store with `--max-size` (besides
-/// publications, which check before they are answered): for bytes that
-/// arrive otherwise (copies fetched from the shared tier), and for a store
-/// mounted over its limit.
+/// How often the evictor compares the store with `--max-size`.
 const EVICT_PERIOD_MS: u64 = 500;
+/// An eviction pass brings the store down to this share of `--max-size`,
+/// so that passes are not triggered by every publication.
+const EVICT_TARGET_PERCENT: u64 = 90;
 
 /// Keeps the store under `max_bytes` in the background.
 fn start_evictor(core: Arc<Core>, max_bytes: u64) -> Result<(), String> {
     info!("size limit: {max_bytes} bytes (evicting least recently used entries)");
-    core.set_size_limit(max_bytes);
+    let target = max_bytes / 100 * EVICT_TARGET_PERCENT;
     std::thread::Builder::new()
         .name("evictor".into())
         .spawn(move || loop {
-            core.keep_under_limit();
+            if core.bytes_stored() > max_bytes {
+                match core.evict(target) {
+                    Ok(n) => info!(
+                        "evicted {n} entries; store now {} bytes",
+                        core.bytes_stored()
+                    ),
+                    Err(e) => warn!("eviction failed: {e}"),
+                }
+            }
             std::thread::sleep(std::time::Duration::from_millis(EVICT_PERIOD_MS));
         })
         .map(|_| ())

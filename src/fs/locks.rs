@@ -21,6 +21,25 @@
 //! holds per level in a thread-local; every taking of a stripe or a leaf
 //! lock asserts the order with a plain `assert!` (one thread-local read),
 //! so the release build the tests run checks it too.
+//! # Why `lock().unwrap()` is correct here and everywhere in casfs
+//!
+//! Locks are taken with `.lock().unwrap()` (and `read`, `write`, `wait`
+//! likewise) on purpose. The daemon is built with `panic = "abort"`
+//! (`[profile.release]` in Cargo.toml): a panic ends the whole process
+//! before any other thread runs again, so no thread ever finds a lock
+//! poisoned, and `unwrap` on a lock cannot fail in the daemon. What a panic
+//! leaves is what `kill -9` leaves, which crash-safety promise 7 covers.
+//! Where unwinding does happen (the library's own tests, which Cargo builds
+//! with unwinding), a poisoned lock means a test has already failed, and
+//! `unwrap` makes every thread that touches the lock fail loudly too.
+//!
+//! So there is no lock helper: one would be `lock().unwrap()` spelled
+//! differently, and the other choice, taking the guard back from a
+//! poisoned lock (`PoisonError::into_inner`), would carry on with whatever
+//! half-made change the panicking thread left: the half-alive daemon the
+//! abort exists to prevent. (Two locks do take the guard back: the Redis
+//! connection pool and the in-memory test engine, whose state is valid
+//! whatever a panic interrupted.)
 
 use std::cell::Cell;
 use std::collections::HashMap;

@@ -21,6 +21,9 @@ impl TempStore {
         self.core_with(100)
     }
     fn core_with(&self, verify_percent: u32) -> Core {
+        self.start(verify_percent).unwrap()
+    }
+    fn start(&self, verify_percent: u32) -> Result<Core> {
         let store = open_store(&self.0).unwrap();
         Core::start(
             store,
@@ -34,7 +37,6 @@ impl TempStore {
                 root_mode: None,
             },
         )
-        .unwrap()
     }
 }
 
@@ -661,4 +663,52 @@ fn metrics_show_the_lock_wait_histogram() {
     );
     let json = String::from_utf8(core.render(Ino::STATS_JSON)).unwrap();
     assert!(json.contains("\"lock_wait\":{\"count\":"), "{json}");
+}
+
+#[test]
+fn damaged_metadata_records_are_eio_naming_fsck_and_fsck_repair_clears_them() {
+    use crate::store::fsck;
+    use crate::store::meta::Cf;
+    let t = TempStore::new();
+    let core = t.core();
+    let d = mkdirs(&core);
+    let tmp = write_tmp(&core, d, "a.tmp", b"result bytes");
+    core.rename(d, &tmp, d, RESULT, 0).unwrap();
+    let other = write_tmp(&core, d, "b.tmp", b"other bytes");
+    let other_ino = core.lookup(d, &other).unwrap().ino;
+    // A short directory entry value (which used to panic the FUSE worker
+    // that read it) and a short inode record: EIO, saying what to run.
+    core.store
+        .put_raw(Cf::Dentries, &[&d.key()[..], RESULT].concat(), &[1, 2, 3]);
+    core.store.put_raw(Cf::Inodes, &other_ino.key(), &[1, 2]);
+    let e = core.lookup(d, RESULT).unwrap_err();
+    assert_eq!(e.code(), libc::EIO, "{e}");
+    assert!(e.to_string().contains("casfs fsck --store"), "{e}");
+    assert_eq!(core.lookup(d, &other).unwrap_err().code(), libc::EIO);
+    assert_eq!(core.getattr(other_ino).unwrap_err().code(), libc::EIO);
+    drop(core);
+
+    // A damaged clock lease or gauge is never taken as zero: the core does
+    // not start, and says what to run.
+    {
+        let store = open_store(&t.0).unwrap();
+        store.put_raw(Cf::Clock, b"lease_ns", &[7; 3]);
+        store.put_raw(Cf::Counters, b"gauge_blobs", &[7; 3]);
+    }
+    let e = t
+        .start(100)
+        .err()
+        .expect("a damaged clock lease stops the start");
+    assert_eq!(e.code(), libc::EIO, "{e}");
+    assert!(e.to_string().contains("casfs fsck --store"), "{e}");
+
+    let report = fsck::run(&t.0, false).unwrap();
+    assert!(report.problems.len() >= 4, "{:?}", report.problems);
+    fsck::run(&t.0, true).unwrap();
+    let report = fsck::run(&t.0, false).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    let core = t.core();
+    assert_eq!(core.lookup(d, RESULT).unwrap_err().code(), libc::ENOENT);
+    assert_eq!(core.lookup(d, &other).unwrap_err().code(), libc::ENOENT);
+    assert!(core.store.gauges().is_ok(), "the gauges are recounted");
 }

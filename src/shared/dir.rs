@@ -729,7 +729,9 @@ fn list_entry_name(name: &[u8], dir: bool) -> Option<String> {
     (out.len() <= LIST_NAME_BYTES_MAX + 2).then_some(out)
 }
 
-fn parse_list_entry(file: &[u8]) -> Option<Listed> {
+/// The name a listing file's name stands for (total: None for anything
+/// `list_entry_name` does not write).
+pub(crate) fn parse_list_entry(file: &[u8]) -> Option<Listed> {
     let (dir, rest) = match file {
         [b'd', b'.', rest @ ..] => (true, rest),
         [b'f', b'.', rest @ ..] => (false, rest),
@@ -739,8 +741,11 @@ fn parse_list_entry(file: &[u8]) -> Option<Listed> {
     let mut i = 0;
     while i < rest.len() {
         if rest[i] == b'%' {
-            let hex = std::str::from_utf8(rest.get(i + 1..i + 3)?).ok()?;
-            name.push(u8::from_str_radix(hex, 16).ok()?);
+            // Two hex digits (from_str_radix alone would take "+f").
+            let hex = rest
+                .get(i + 1..i + 3)
+                .filter(|h| h.iter().all(u8::is_ascii_hexdigit))?;
+            name.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
             i += 3;
         } else {
             name.push(rest[i]);
@@ -804,7 +809,7 @@ fn read_once(path: &Path, max_bytes: u64) -> Result<Vec<u8>, ReadFail> {
     Ok(bytes)
 }
 
-fn check_marker(text: &[u8]) -> Result<(), String> {
+pub(crate) fn check_marker(text: &[u8]) -> Result<(), String> {
     let text = String::from_utf8_lossy(text);
     let line = text.lines().next().unwrap_or("").trim_end();
     match line.strip_prefix(MARKER_PREFIX) {

@@ -94,7 +94,7 @@ impl MemEngine {
         self.lock().records.retain(|_, v| match v {
             Value::Bytes(b) => !matches!(
                 Record::decode(b),
-                Some(Record {
+                Ok(Record {
                     kind: RecordKind::Dir,
                     ..
                 })
@@ -193,7 +193,7 @@ impl Engine for MemEngine {
         if create_only {
             match s.records.get(path) {
                 Some(Value::Bytes(b)) => {
-                    if let Some(existing) = Record::decode(b) {
+                    if let Ok(existing) = Record::decode(b) {
                         return Ok(Put::Exists(existing));
                     }
                     // Unreadable: replaced below, and counted.

@@ -47,6 +47,7 @@ pub mod tier;
 use std::fmt;
 use std::time::Duration;
 
+use crate::decode::{Damage, Decoded};
 use crate::store::ids::BlobId;
 
 /// What a record describes.
@@ -239,10 +240,10 @@ impl Record {
                 bytes.len()
             )));
         }
-        Record::decode(bytes).ok_or_else(|| {
+        Record::decode(bytes).map_err(|d| {
             let head = String::from_utf8_lossy(&bytes[..bytes.len().min(40)]).into_owned();
             TierError::Data(format!(
-                "{what}: not a casfs record this version reads (it starts {head:?})"
+                "{what}: not a casfs record this version reads ({d}; it starts {head:?})"
             ))
         })
     }
@@ -263,28 +264,56 @@ impl Record {
         }
     }
 
-    pub fn decode(bytes: &[u8]) -> Option<Record> {
-        let text = std::str::from_utf8(bytes).ok()?;
-        let mut lines = text.lines();
-        if lines.next()? != "casfs-record 1" {
-            return None;
-        }
-        let fields: Vec<&str> = lines.next()?.split(' ').collect();
-        match fields.as_slice() {
-            ["file", hex, size, mode, mtime] => Some(Record {
+    /// Decodes what `encode` writes, and nothing else (total). Only the
+    /// canonical form is accepted (no `+`, leading zeros, upper-case hex,
+    /// CRLF or trailing lines), so a record that decodes re-encodes to the
+    /// same bytes: the compare-and-set of `replace_damaged`, which compares
+    /// bytes, sees what a decoded record says.
+    pub fn decode(bytes: &[u8]) -> Decoded<Record> {
+        let text = std::str::from_utf8(bytes).map_err(|_| Damage::new("not UTF-8 text"))?;
+        let body = text
+            .strip_prefix("casfs-record 1\n")
+            .ok_or_else(|| Damage::new("no `casfs-record 1` first line"))?;
+        let line = body
+            .strip_suffix('\n')
+            .filter(|l| !l.contains('\n'))
+            .ok_or_else(|| Damage::new("not exactly one line after the first"))?;
+        let number = |field: &str, what: &str| -> Decoded<u64> {
+            field
+                .parse()
+                .map_err(|_| Damage::new(format!("{what} {field:?} is not a number")))
+        };
+        let fields: Vec<&str> = line.split(' ').collect();
+        let record = match fields.as_slice() {
+            ["file", hex, size, mode, mtime] => Record {
                 kind: RecordKind::File {
-                    blob: BlobId::from_hex(hex)?,
-                    size: size.parse().ok()?,
-                    mode: u16::from_str_radix(mode, 8).ok()?,
+                    blob: BlobId::from_hex(hex).ok_or_else(|| {
+                        Damage::new(format!("blob id {hex:?} is not 64 hex digits"))
+                    })?,
+                    size: number(size, "size")?,
+                    mode: u16::from_str_radix(mode, 8)
+                        .map_err(|_| Damage::new(format!("mode {mode:?} is not 16-bit octal")))?,
                 },
-                mtime_ns: mtime.parse().ok()?,
-            }),
-            ["dir", mtime] => Some(Record {
+                mtime_ns: number(mtime, "mtime")?,
+            },
+            ["dir", mtime] => Record {
                 kind: RecordKind::Dir,
-                mtime_ns: mtime.parse().ok()?,
-            }),
-            _ => None,
+                mtime_ns: number(mtime, "mtime")?,
+            },
+            [kind, ..] => {
+                return Err(Damage::new(format!(
+                    "a {kind:?} line of {} fields: neither `file` with 5 nor `dir` with 2",
+                    fields.len()
+                )))
+            }
+            [] => return Err(Damage::new("an empty line")),
+        };
+        if record.encode() != bytes {
+            return Err(Damage::new(
+                "not in the canonical form casfs writes (signs, leading zeros or upper-case hex)",
+            ));
         }
+        Ok(record)
     }
 }
 
@@ -302,14 +331,29 @@ mod tests {
             },
             mtime_ns: 1_700_000_000_000_000_001,
         };
-        assert_eq!(Record::decode(&f.encode()), Some(f));
+        assert_eq!(Record::decode(&f.encode()), Ok(f));
         let d = Record {
             kind: RecordKind::Dir,
             mtime_ns: 5,
         };
-        assert_eq!(Record::decode(&d.encode()), Some(d));
-        assert_eq!(Record::decode(b"casfs-record 2\ndir 5\n"), None);
-        assert_eq!(Record::decode(b"\xff"), None);
+        assert_eq!(Record::decode(&d.encode()), Ok(d));
+        assert!(Record::decode(b"casfs-record 2\ndir 5\n").is_err());
+        assert!(Record::decode(b"\xff").is_err());
+        // Only the canonical form: what `encode` writes.
+        for other in [
+            "casfs-record 1\ndir +5\n",
+            "casfs-record 1\ndir 05\n",
+            "casfs-record 1\ndir 5",
+            "casfs-record 1\r\ndir 5\r\n",
+            "casfs-record 1\ndir 5\nmore\n",
+        ] {
+            assert!(Record::decode(other.as_bytes()).is_err(), "{other:?}");
+        }
+        let hex = BlobId::of(b"x").hex();
+        let lower = format!("casfs-record 1\nfile {hex} 12 644 5\n");
+        assert!(Record::decode(lower.as_bytes()).is_ok());
+        let upper = lower.replace(&hex, &hex.to_uppercase());
+        assert!(Record::decode(upper.as_bytes()).is_err());
     }
 
     #[test]

@@ -611,17 +611,7 @@ impl Engine for RedisEngine {
                     return Ok(out);
                 }
                 if let Reply::Bulk(Some(m)) = m {
-                    let (dir, name) = match m.as_slice() {
-                        [b'd', b'/', name @ ..] => (true, name),
-                        [b'f', b'/', name @ ..] => (false, name),
-                        _ => continue,
-                    };
-                    if !name.is_empty() {
-                        out.push(Listed {
-                            name: name.to_vec(),
-                            dir,
-                        });
-                    }
+                    out.extend(parse_list_member(m));
                 }
             }
             if next.as_slice() == b"0" {
@@ -635,6 +625,20 @@ impl Engine for RedisEngine {
     fn records_healed(&self) -> u64 {
         self.healed.load(std::sync::atomic::Ordering::Relaxed)
     }
+}
+
+/// A listing set's member (`f/<name>` or `d/<name>`) as a name; None for
+/// anything else (total).
+pub(crate) fn parse_list_member(m: &[u8]) -> Option<Listed> {
+    let (dir, name) = match m {
+        [b'd', b'/', name @ ..] => (true, name),
+        [b'f', b'/', name @ ..] => (false, name),
+        _ => return None,
+    };
+    (!name.is_empty()).then(|| Listed {
+        name: name.to_vec(),
+        dir,
+    })
 }
 
 /// The command and its key, for errors and logs.
@@ -775,7 +779,7 @@ fn percent_decode(s: &str) -> Option<Vec<u8>> {
 
 /// One RESP2 reply.
 #[derive(Debug, PartialEq, Eq)]
-enum Reply {
+pub(crate) enum Reply {
     Status(String),
     Error(String),
     Int(i64),
@@ -904,7 +908,7 @@ impl ReplyBounds {
 /// Reads one reply whose bulk strings hold at most `value_bytes_max` bytes
 /// (and which is at most that plus its framing, within
 /// `REDIS_REPLY_BYTES_MAX`).
-fn read_reply<R: BufRead>(r: &mut R, value_bytes_max: u64) -> io::Result<Reply> {
+pub(crate) fn read_reply<R: BufRead>(r: &mut R, value_bytes_max: u64) -> io::Result<Reply> {
     let limit_bytes = value_bytes_max
         .saturating_add(REDIS_REPLY_FRAMING_BYTES)
         .min(REDIS_REPLY_BYTES_MAX);
@@ -943,7 +947,7 @@ fn read_value<R: BufRead>(r: &mut R, bounds: &mut ReplyBounds, depth: usize) -> 
                     ),
                 ));
             }
-            bounds.charge(len + 2)?;
+            bounds.charge(len.saturating_add(2))?;
             // Grown as bytes arrive, not trusted up front.
             let mut bytes = Vec::with_capacity(len.min(REDIS_READ_BUFFER_BYTES as u64) as usize);
             r.by_ref().take(len).read_to_end(&mut bytes)?;

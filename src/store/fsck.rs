@@ -15,11 +15,15 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::path::Path;
 
+use crate::decode::shown;
 use crate::stats::StoreGauges;
 use crate::store::blobs::Blobs;
 use crate::store::clock::LEASE_NS;
 use crate::store::ids::{BlobId, Ino};
-use crate::store::meta::{open_store, u64_value, Cf, Content, Inode, Kind, Store};
+use crate::store::meta::{
+    blob_key_id, open_store, split_blob_ref_key, split_dentry_key, u64_value, Cf, Content, Inode,
+    Kind, Store,
+};
 
 /// What fsck found.
 #[derive(Default)]
@@ -36,6 +40,9 @@ struct Loaded {
     blobs: BTreeMap<BlobId, u64>,
     refs: BTreeSet<(BlobId, Ino)>,
     pending: BTreeSet<Ino>,
+    /// Records whose key or value does not decode at all: what they are,
+    /// dropped by a repair (what pointed at them is then judged as missing).
+    damaged: Vec<(Cf, Vec<u8>, String)>,
 }
 
 fn load(store: &Store) -> crate::error::Result<Loaded> {
@@ -46,32 +53,46 @@ fn load(store: &Store) -> crate::error::Result<Loaded> {
         blobs: BTreeMap::new(),
         refs: BTreeSet::new(),
         pending: BTreeSet::new(),
+        damaged: Vec::new(),
     };
-    store.scan(Cf::Inodes, |k, v| {
-        let ino = Ino::from_key(k);
-        match Inode::decode(ino, v) {
-            Some(i) => {
+    let mut damaged = |cf: Cf, k: &[u8], what: &str, d: crate::decode::Damage| {
+        let text = format!("{what} {}: does not decode ({d})", shown(k));
+        l.damaged.push((cf, k.to_vec(), text));
+    };
+    store.scan(Cf::Inodes, |k, v| match Ino::from_key(k) {
+        Ok(ino) => match Inode::decode(ino, v) {
+            Ok(i) => {
                 l.inodes.insert(ino, i);
             }
-            None => l.damaged_inodes.push(ino),
-        }
+            Err(_) => l.damaged_inodes.push(ino),
+        },
+        Err(d) => damaged(Cf::Inodes, k, "inode record key", d),
     })?;
     store.scan(Cf::Dentries, |k, v| {
-        l.dentries
-            .push((Ino::from_key(k), k[8..].to_vec(), Ino::from_key(v)))
+        match split_dentry_key(k).and_then(|(p, n)| Ok((p, n, Ino::from_key(v)?))) {
+            Ok((parent, n, child)) => l.dentries.push((parent, n.to_vec(), child)),
+            Err(d) => damaged(Cf::Dentries, k, "directory entry", d),
+        }
     })?;
     store.scan(Cf::Blobs, |k, v| {
-        if let Ok(id) = <[u8; 32]>::try_from(k) {
-            l.blobs.insert(BlobId(id), u64_value(v));
+        match blob_key_id(k).and_then(|id| Ok((id, u64_value(v)?))) {
+            Ok((id, size)) => {
+                l.blobs.insert(id, size);
+            }
+            Err(d) => damaged(Cf::Blobs, k, "blob record", d),
         }
     })?;
-    store.scan(Cf::BlobRefs, |k, _| {
-        if let Ok(id) = <[u8; 32]>::try_from(&k[..32]) {
-            l.refs.insert((BlobId(id), Ino::from_key(&k[32..])));
+    store.scan(Cf::BlobRefs, |k, _| match split_blob_ref_key(k) {
+        Ok(r) => {
+            l.refs.insert(r);
         }
+        Err(d) => damaged(Cf::BlobRefs, k, "blob reference", d),
     })?;
-    store.scan(Cf::Pending, |k, _| {
-        l.pending.insert(Ino::from_key(k));
+    store.scan(Cf::Pending, |k, _| match Ino::from_key(k) {
+        Ok(ino) => {
+            l.pending.insert(ino);
+        }
+        Err(d) => damaged(Cf::Pending, k, "pending record key", d),
     })?;
     Ok(l)
 }
@@ -102,6 +123,10 @@ pub fn run(root: &Path, repair: bool) -> Result<Report, String> {
     for ino in &l.damaged_inodes {
         r.problems.push(format!("inode {ino}: record is damaged"));
         drop_inodes.insert(*ino);
+    }
+    for (cf, key, text) in &l.damaged {
+        r.problems.push(text.clone());
+        batch.delete_raw(*cf, key);
     }
 
     // Blobs: every one on record exists, has its size and hashes to its name.
@@ -244,11 +269,12 @@ pub fn run(root: &Path, repair: bool) -> Result<Report, String> {
     }
 
     // The clock never hands out a time at or below one already used.
-    let lease = store.clock_lease().map_err(|e| e.to_string())?;
-    if lease < max_time_ns {
-        r.problems.push(format!(
-            "clock lease {lease} is behind a recorded time {max_time_ns}"
-        ));
+    let lease = store.clock_lease();
+    if lease.as_ref().map_or(true, |lease| *lease < max_time_ns) {
+        r.problems.push(match lease {
+            Ok(lease) => format!("clock lease {lease} is behind a recorded time {max_time_ns}"),
+            Err(e) => e.to_string(),
+        });
         if repair {
             store
                 .put_clock_lease(max_time_ns + LEASE_NS)
@@ -296,7 +322,12 @@ pub fn run(root: &Path, repair: bool) -> Result<Report, String> {
             })
             .sum(),
     };
-    let recorded = store.gauges().map_err(|e| e.to_string())?;
+    let recorded = store.gauges().unwrap_or_else(|e| {
+        // Recounted from nothing: the deltas below are the new values.
+        r.problems.push(e.to_string());
+        batch.reset_gauges();
+        StoreGauges::default()
+    });
     let gauges_off = recorded.blobs != expected.blobs
         || recorded.bytes_stored != expected.bytes_stored
         || recorded.bytes_logical != expected.bytes_logical;

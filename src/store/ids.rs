@@ -2,6 +2,8 @@
 
 use std::fmt;
 
+use crate::decode::{exact, Decoded};
+
 /// An inode number. `Ino::ROOT` is the mount root; numbers below
 /// `Ino::FIRST_DYNAMIC` are reserved for the daemon's virtual files.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -27,10 +29,9 @@ impl Ino {
         self.0.to_be_bytes()
     }
 
-    pub fn from_key(key: &[u8]) -> Ino {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(&key[..8]);
-        Ino(u64::from_be_bytes(b))
+    /// The inode number a key (or value) of exactly 8 bytes holds.
+    pub fn from_key(key: &[u8]) -> Decoded<Ino> {
+        Ok(Ino(u64::from_be_bytes(exact(key, "an inode number")?)))
     }
 }
 

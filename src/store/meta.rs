@@ -16,6 +16,8 @@
 //! - A store with an unknown format version is refused, never "upgraded"
 //!   by guessing.
 
+use std::collections::HashSet;
+use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::io::AsRawFd;
@@ -29,6 +31,7 @@ use rocksdb::{
 };
 
 use crate::classes::Class;
+use crate::decode::{exact, shown, Damage, Decoded, Reader};
 use crate::error::{Error, Result};
 use crate::stats::StoreGauges;
 use crate::store::clock::wall_ns;
@@ -97,22 +100,53 @@ const KEY_GAUGE_BYTES_LOGICAL: &[u8] = b"gauge_bytes_logical";
 /// How many inode numbers one lease covers.
 pub const INO_LEASE: u64 = 1 << 16;
 
+/// What a gauge holds once a value or delta that does not decode was merged
+/// into it: never 8 bytes, so every later read reports the gauge damaged
+/// (`gauge_value`) until `casfs fsck --repair` resets it.
+const GAUGE_DAMAGED: &[u8] = b"damaged";
+
 /// The counters' merge operator: values and operands are i64 little-endian
 /// deltas, and the value is their sum (a gauge never goes below zero).
+///
+/// Invariant: it never fails (a failed merge is a RocksDB corruption error
+/// that stops compactions, and with them every write) and never drops a
+/// delta silently: if the value or an operand does not decode, the result
+/// is `GAUGE_DAMAGED`, which stays so under later merges.
 fn add_merge(
     _key: &[u8],
     existing: Option<&[u8]>,
     operands: &rocksdb::MergeOperands,
 ) -> Option<Vec<u8>> {
-    let mut sum = existing.map_or(0, i64_value);
-    for op in operands {
-        sum = sum.wrapping_add(i64_value(op));
-    }
-    Some(sum.to_le_bytes().to_vec())
+    Some(merge_gauge(existing, operands.iter()))
 }
 
-fn i64_value(v: &[u8]) -> i64 {
-    u64_value(v) as i64
+/// The merge itself, on plain slices (so that it can be tested).
+pub(crate) fn merge_gauge<'a>(
+    existing: Option<&[u8]>,
+    operands: impl Iterator<Item = &'a [u8]>,
+) -> Vec<u8> {
+    let mut sum = match existing.map(gauge_value) {
+        None => 0,
+        Some(Ok(v)) => v,
+        Some(Err(_)) => return GAUGE_DAMAGED.to_vec(),
+    };
+    for op in operands {
+        match gauge_value(op) {
+            Ok(delta) => sum = sum.wrapping_add(delta),
+            Err(_) => return GAUGE_DAMAGED.to_vec(),
+        }
+    }
+    sum.to_le_bytes().to_vec()
+}
+
+/// A gauge's value or delta: an i64, 8 bytes little-endian.
+pub fn gauge_value(v: &[u8]) -> Decoded<i64> {
+    if v == GAUGE_DAMAGED {
+        return Err(Damage::new(
+            "marked damaged (a value or delta that did not decode was merged into it)",
+        ));
+    }
+    Ok(i64::from_le_bytes(exact(v, "a gauge")?))
 }
 
 /// What kind of object an inode is.
@@ -278,12 +312,18 @@ impl Inode {
         b
     }
 
-    pub fn decode(ino: Ino, b: &[u8]) -> Option<Inode> {
-        let mut r = Reader(b);
-        if r.u8()? != 1 {
-            return None;
+    /// Decodes an inode record (total: any bytes give a record or `Damage`).
+    pub fn decode(ino: Ino, b: &[u8]) -> Decoded<Inode> {
+        let mut r = Reader::new(b);
+        match r.u8("the record version")? {
+            1 => {}
+            v => {
+                return Err(Damage::new(format!(
+                    "record version {v}, this casfs reads 1"
+                )))
+            }
         }
-        let kind = match r.u8()? {
+        let kind = match r.u8("the kind")? {
             1 => Kind::Dir,
             2 => Kind::File,
             3 => Kind::Symlink,
@@ -291,44 +331,52 @@ impl Inode {
             5 => Kind::Socket,
             6 => Kind::CharDevice,
             7 => Kind::BlockDevice,
-            _ => return None,
+            k => return Err(Damage::new(format!("unknown kind {k}"))),
         };
-        let class = Class::from_code(r.u8()?)?;
-        let perm = u16::from_le_bytes(r.take(2)?.try_into().ok()?);
-        let uid = r.u32()?;
-        let gid = r.u32()?;
-        let nlink = r.u32()?;
-        let size = r.u64()?;
-        let mtime_ns = r.u64()?;
-        let ctime_ns = r.u64()?;
-        let parent = Ino(r.u64()?);
-        let name_len = u16::from_le_bytes(r.take(2)?.try_into().ok()?) as usize;
-        let name = r.take(name_len)?.to_vec();
-        let content = match r.u8()? {
+        let code = r.u8("the class")?;
+        let class =
+            Class::from_code(code).ok_or_else(|| Damage::new(format!("unknown class {code}")))?;
+        let perm = r.u16_le("the mode")?;
+        let uid = r.u32_le("the uid")?;
+        let gid = r.u32_le("the gid")?;
+        let nlink = r.u32_le("the link count")?;
+        let size = r.u64_le("the size")?;
+        let mtime_ns = r.u64_le("the mtime")?;
+        let ctime_ns = r.u64_le("the ctime")?;
+        let parent = Ino(r.u64_le("the parent")?);
+        let name_len = r.u16_le("the name length")? as usize;
+        let name = r.take(name_len, "the name")?.to_vec();
+        let content = match r.u8("the content tag")? {
             0 => Content::None,
             1 => Content::Staged,
-            2 => Content::Blob(BlobId(r.take(32)?.try_into().ok()?)),
+            2 => Content::Blob(BlobId(r.array("the blob id")?)),
             3 => {
-                let n = u16::from_le_bytes(r.take(2)?.try_into().ok()?) as usize;
-                Content::Symlink(r.take(n)?.to_vec())
+                let n = r.u16_le("the symlink target length")? as usize;
+                Content::Symlink(r.take(n, "the symlink target")?.to_vec())
             }
-            4 => Content::Device(r.u32()?),
-            _ => return None,
+            4 => Content::Device(r.u32_le("the device number")?),
+            t => return Err(Damage::new(format!("unknown content tag {t}"))),
         };
         let mut atime_ns = None;
         let mut links = Vec::new();
-        while let Some(tag) = r.u8() {
+        loop {
+            let at = r.at();
+            let Some(tag) = r.next_u8() else { break };
             match tag {
-                TAG_ATIME => atime_ns = Some(r.u64()?),
+                TAG_ATIME => atime_ns = Some(r.u64_le("the atime")?),
                 TAG_LINK => {
-                    let parent = Ino(r.u64()?);
-                    let n = u16::from_le_bytes(r.take(2)?.try_into().ok()?) as usize;
-                    links.push((parent, r.take(n)?.to_vec()));
+                    let parent = Ino(r.u64_le("a link's parent")?);
+                    let n = r.u16_le("a link's name length")? as usize;
+                    links.push((parent, r.take(n, "a link's name")?.to_vec()));
                 }
-                _ => return None,
+                t => {
+                    return Err(Damage::new(format!(
+                        "unknown optional field tag {t} at byte {at}"
+                    )))
+                }
             }
         }
-        Some(Inode {
+        Ok(Inode {
             ino,
             kind,
             class,
@@ -364,11 +412,11 @@ pub struct PendingUpload {
 }
 
 impl PendingUpload {
-    fn key(&self) -> Vec<u8> {
+    pub(crate) fn key(&self) -> Vec<u8> {
         upload_key(self.seq, &self.path)
     }
 
-    fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(52);
         b.push(1); // record version
         b.push(self.create_only as u8);
@@ -379,24 +427,31 @@ impl PendingUpload {
         b
     }
 
-    fn decode(key: &[u8], v: &[u8]) -> Option<PendingUpload> {
-        let seq = u64::from_be_bytes(key.get(..8)?.try_into().ok()?);
-        let mut r = Reader(v);
-        if r.u8()? != 1 {
-            return None;
+    /// Decodes a record of `Cf::Uploads` from its key and value (total).
+    pub(crate) fn decode(key: &[u8], v: &[u8]) -> Decoded<PendingUpload> {
+        let (seq, path) = split_upload_key(key)?;
+        let mut r = Reader::new(v);
+        match r.u8("the record version")? {
+            1 => {}
+            v => {
+                return Err(Damage::new(format!(
+                    "record version {v}, this casfs reads 1"
+                )))
+            }
         }
-        let create_only = match r.u8()? {
+        let create_only = match r.u8("the create-only flag")? {
             0 => false,
             1 => true,
-            _ => return None,
+            f => return Err(Damage::new(format!("create-only flag {f}, not 0 or 1"))),
         };
-        let blob = BlobId(r.take(32)?.try_into().ok()?);
-        let size = r.u64()?;
-        let mode = u16::from_le_bytes(r.take(2)?.try_into().ok()?);
-        let mtime_ns = r.u64()?;
-        Some(PendingUpload {
+        let blob = BlobId(r.array("the blob id")?);
+        let size = r.u64_le("the size")?;
+        let mode = r.u16_le("the mode")?;
+        let mtime_ns = r.u64_le("the mtime")?;
+        r.finish("the mtime")?;
+        Ok(PendingUpload {
             seq,
-            path: key[8..].to_vec(),
+            path: path.to_vec(),
             create_only,
             blob,
             size,
@@ -413,26 +468,17 @@ fn upload_key(seq: u64, path: &[u8]) -> Vec<u8> {
     k
 }
 
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        if self.0.len() < n {
-            return None;
-        }
-        let (a, b) = self.0.split_at(n);
-        self.0 = b;
-        Some(a)
+/// An upload key: the publication's tick (8 bytes, big-endian) and the
+/// shared path (not empty).
+pub(crate) fn split_upload_key(key: &[u8]) -> Decoded<(u64, &[u8])> {
+    if key.len() <= 8 {
+        return Err(Damage::new(format!(
+            "key of {} bytes: a tick (8) and a path (at least 1)",
+            key.len()
+        )));
     }
-    fn u8(&mut self) -> Option<u8> {
-        Some(self.take(1)?[0])
-    }
-    fn u32(&mut self) -> Option<u32> {
-        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
-    }
-    fn u64(&mut self) -> Option<u64> {
-        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
-    }
+    let (seq, path) = key.split_at(8);
+    Ok((u64::from_be_bytes(exact(seq, "a tick")?), path))
 }
 
 fn dentry_key(parent: Ino, name: &[u8]) -> Vec<u8> {
@@ -449,16 +495,63 @@ fn blob_ref_key(id: &BlobId, ino: Ino) -> Vec<u8> {
     k
 }
 
-fn u64_value_be(v: &[u8]) -> u64 {
-    v.get(..8)
-        .map(|b| u64::from_be_bytes(b.try_into().unwrap()))
-        .unwrap_or(0)
+/// A directory entry's key: the parent and the (non-empty) name.
+pub fn split_dentry_key(key: &[u8]) -> Decoded<(Ino, &[u8])> {
+    if key.len() <= 8 {
+        return Err(Damage::new(format!(
+            "key of {} bytes: a parent (8) and a name (at least 1)",
+            key.len()
+        )));
+    }
+    let (parent, name) = key.split_at(8);
+    Ok((Ino::from_key(parent)?, name))
 }
 
-pub fn u64_value(v: &[u8]) -> u64 {
-    v.get(..8)
-        .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
-        .unwrap_or(0)
+/// A blob reference's key: the blob id and the referencing inode.
+pub fn split_blob_ref_key(key: &[u8]) -> Decoded<(BlobId, Ino)> {
+    let k: [u8; 40] = exact(key, "a blob reference key (blob id and inode)")?;
+    let (id, ino) = k.split_at(32);
+    Ok((BlobId(exact(id, "a blob id")?), Ino::from_key(ino)?))
+}
+
+/// A key of `Cf::Blobs`: a blob id.
+pub fn blob_key_id(key: &[u8]) -> Decoded<BlobId> {
+    Ok(BlobId(exact(key, "a blob id")?))
+}
+
+/// A fixed-width value: a u64, 8 bytes little-endian (blob sizes, leases).
+pub fn u64_value(v: &[u8]) -> Decoded<u64> {
+    Ok(u64::from_le_bytes(exact(v, "a u64 value")?))
+}
+
+impl PendingReason {
+    /// A pending record's value: one byte, the reason.
+    pub fn decode(v: &[u8]) -> Decoded<PendingReason> {
+        match v {
+            [1] => Ok(PendingReason::Unbound),
+            [2] => Ok(PendingReason::Unsealed),
+            _ => Err(Damage::new(format!(
+                "reason {:?}: not one byte 1 (unbound) or 2 (unsealed)",
+                crate::decode::shown(v)
+            ))),
+        }
+    }
+}
+
+/// Leases above this are damage, not time or numbers in use: the clock's
+/// and the allocator's arithmetic (`+ LEASE_NS`, `+ INO_LEASE`) must not
+/// overflow, and nanoseconds past i64 (the year 2262) are no time a file
+/// system shows.
+const LEASE_MAX: u64 = i64::MAX as u64;
+
+/// A lease value (`KEY_NEXT_INO`, `KEY_LEASE`): a u64 up to `LEASE_MAX`.
+pub fn lease_value(v: &[u8]) -> Decoded<u64> {
+    match u64_value(v)? {
+        n if n > LEASE_MAX => Err(Damage::new(format!(
+            "lease {n} is over {LEASE_MAX}, the largest a lease may be"
+        ))),
+        n => Ok(n),
+    }
 }
 
 /// How often, at most, a stopped database is reopened while its last
@@ -496,6 +589,19 @@ pub struct Store {
     /// The current disk-full episode; also serializes `recover`.
     episode: Mutex<Episode>,
     _lock: File,
+    /// Damaged records already logged (`Store::damaged`).
+    damage_logged: Mutex<DamageLog>,
+}
+
+/// Bound on the damaged records logged one by one; past it, one line says
+/// that more were found.
+const DAMAGE_LOG_KEYS_MAX: usize = 1024;
+
+/// Which damaged records were logged, so each is logged once.
+#[derive(Default)]
+struct DamageLog {
+    keys: HashSet<(usize, Vec<u8>)>,
+    overflowed: bool,
 }
 
 /// One episode of a stopped database, for `recover` and the log.
@@ -627,6 +733,7 @@ pub fn open_store(root: &Path) -> std::result::Result<Store, String> {
         broken: AtomicBool::new(false),
         episode: Mutex::new(Episode::default()),
         _lock: lock,
+        damage_logged: Mutex::new(DamageLog::default()),
     };
 
     let recorded = store
@@ -840,6 +947,38 @@ impl Store {
         }
     }
 
+    /// The error for a record of `cf` under `key` that does not decode: EIO,
+    /// saying which record (`what`) and what is wrong, and what to do. The
+    /// first time a key is seen damaged it is logged (so a name the kernel
+    /// keeps asking for does not fill the log); the record is left as it
+    /// is for `casfs fsck` to report and repair.
+    pub(crate) fn damaged(&self, cf: Cf, key: &[u8], what: impl fmt::Display, d: Damage) -> Error {
+        let cf_name = CFS[cf as usize].1;
+        let context = format!(
+            "metadata: {what} is damaged ({d}); unmount, then run `casfs fsck --store {}` \
+             (add --repair to mend it)",
+            self.root.display()
+        );
+        let first = {
+            let mut log = self.damage_logged.lock().unwrap();
+            if log.keys.len() < DAMAGE_LOG_KEYS_MAX {
+                log.keys.insert((cf as usize, key.to_vec()))
+            } else if !log.keys.contains(&(cf as usize, key.to_vec())) && !log.overflowed {
+                log.overflowed = true;
+                log::warn!(
+                    "metadata: over {DAMAGE_LOG_KEYS_MAX} damaged records; the others are not logged one by one"
+                );
+                false
+            } else {
+                false
+            }
+        };
+        if first {
+            log::warn!("damaged record cf={cf_name} key={}: {context}", shown(key));
+        }
+        Error::with_context(libc::EIO, context)
+    }
+
     pub fn inode(&self, ino: Ino) -> Result<Option<Inode>> {
         let db = self.db()?;
         let v = db
@@ -847,18 +986,25 @@ impl Store {
             .map_err(|e| Error::db(e, "read inode"))?;
         match v {
             None => Ok(None),
-            Some(v) => Inode::decode(ino, &v).map(Some).ok_or_else(|| {
-                Error::with_context(libc::EIO, format!("inode {ino} record is damaged"))
-            }),
+            Some(v) => Inode::decode(ino, &v)
+                .map(Some)
+                .map_err(|d| self.damaged(Cf::Inodes, &ino.key(), format_args!("inode {ino}"), d)),
         }
     }
 
     pub fn dentry(&self, parent: Ino, name: &[u8]) -> Result<Option<Ino>> {
+        let key = dentry_key(parent, name);
         let db = self.db()?;
         let v = db
-            .get_pinned_cf(Store::cf(&db, Cf::Dentries), dentry_key(parent, name))
+            .get_pinned_cf(Store::cf(&db, Cf::Dentries), &key)
             .map_err(|e| Error::db(e, "read directory entry"))?;
-        Ok(v.map(|v| Ino::from_key(&v)))
+        match v {
+            None => Ok(None),
+            Some(v) => Ino::from_key(&v).map(Some).map_err(|d| {
+                let what = format_args!("entry {:?} of directory {parent}", shown(name));
+                self.damaged(Cf::Dentries, &key, what, d)
+            }),
+        }
     }
 
     /// Entries of a directory, in key order, at most `limit`.
@@ -875,7 +1021,14 @@ impl Store {
             if !k.starts_with(&prefix) || out.len() >= limit {
                 break;
             }
-            out.push((k[8..].to_vec(), Ino::from_key(&v)));
+            let what = || format!("an entry of directory {parent}");
+            let (_, name) =
+                split_dentry_key(&k).map_err(|d| self.damaged(Cf::Dentries, &k, what(), d))?;
+            let child = Ino::from_key(&v).map_err(|d| {
+                let what = format!("entry {:?} of directory {parent}", shown(name));
+                self.damaged(Cf::Dentries, &k, what, d)
+            })?;
+            out.push((name.to_vec(), child));
         }
         Ok(out)
     }
@@ -897,24 +1050,34 @@ impl Store {
             if !k.starts_with(&id.0) || out.len() >= limit {
                 break;
             }
-            out.push(Ino::from_key(&k[32..]));
+            let (_, ino) = split_blob_ref_key(&k).map_err(|d| {
+                self.damaged(
+                    Cf::BlobRefs,
+                    &k,
+                    format_args!("a reference to blob {id}"),
+                    d,
+                )
+            })?;
+            out.push(ino);
         }
         Ok(out)
     }
 
     /// The first blob at or after `from` in id order, wrapping around (the
-    /// scrub's random sample).
+    /// scrub's random sample). A key that is no blob id is reported (once,
+    /// `damaged`) and passed over, so the scrub goes on with the others.
     pub fn blob_at_or_after(&self, from: &[u8; 32]) -> Result<Option<BlobId>> {
         let db = self.db()?;
         for start in [&from[..], &[][..]] {
-            let mut iter = db.iterator_cf(
+            let iter = db.iterator_cf(
                 Store::cf(&db, Cf::Blobs),
                 IteratorMode::From(start, Direction::Forward),
             );
-            if let Some(item) = iter.next() {
+            for item in iter {
                 let (k, _) = item.map_err(|e| Error::db(e, "read blobs"))?;
-                if let Ok(id) = <[u8; 32]>::try_from(&k[..]) {
-                    return Ok(Some(BlobId(id)));
+                match blob_key_id(&k) {
+                    Ok(id) => return Ok(Some(id)),
+                    Err(d) => drop(self.damaged(Cf::Blobs, &k, "a blob record", d)),
                 }
             }
         }
@@ -935,12 +1098,18 @@ impl Store {
         let db = self.db()?;
         for item in db.iterator_cf(Store::cf(&db, Cf::Pending), IteratorMode::Start) {
             let (k, v) = item.map_err(|e| Error::db(e, "read pending"))?;
-            let reason = if v.first() == Some(&2) {
+            let ino = Ino::from_key(&k)
+                .map_err(|d| self.damaged(Cf::Pending, &k, "a pending record's key", d))?;
+            // A reason that does not decode is taken as the stronger one:
+            // unsealed drops the inode's names as well as the inode, which
+            // is right for either reason (the record says the inode is
+            // unfinished, whichever way).
+            let reason = PendingReason::decode(&v).unwrap_or_else(|d| {
+                let what = format_args!("the pending record of inode {ino} (taken as unsealed)");
+                drop(self.damaged(Cf::Pending, &k, what, d));
                 PendingReason::Unsealed
-            } else {
-                PendingReason::Unbound
-            };
-            out.push((Ino::from_key(&k), reason));
+            });
+            out.push((ino, reason));
         }
         Ok(out)
     }
@@ -968,15 +1137,15 @@ impl Store {
                 }
                 let (k, v) = item.map_err(|e| Error::db(e, "read pending uploads"))?;
                 match PendingUpload::decode(&k, &v) {
-                    Some(u) => out.push(u),
-                    None => damaged.push(k.to_vec()),
+                    Ok(u) => out.push(u),
+                    Err(d) => damaged.push((k.to_vec(), d)),
                 }
             }
         }
-        for k in damaged {
+        for (k, d) in damaged {
             log::warn!(
-                "pending upload record {:?} is damaged: dropped (that publication is not shared)",
-                k.escape_ascii().to_string()
+                "damaged record cf=uploads key={}: {d}; dropped (that publication is not shared)",
+                shown(&k)
             );
             self.write("drop damaged pending upload", |db| {
                 db.delete_cf(Store::cf(db, Cf::Uploads), &k)
@@ -985,17 +1154,17 @@ impl Store {
         Ok(out)
     }
 
-    /// The publication tick of the oldest pending upload.
+    /// The publication tick of the oldest pending upload. A key that does
+    /// not decode is passed over: `pending_uploads` reports and drops it.
     pub fn oldest_upload_seq(&self) -> Result<Option<u64>> {
         let db = self.db()?;
-        let mut iter = db.iterator_cf(Store::cf(&db, Cf::Uploads), IteratorMode::Start);
-        match iter.next() {
-            None => Ok(None),
-            Some(item) => {
-                let (k, _) = item.map_err(|e| Error::db(e, "read pending uploads"))?;
-                Ok(Some(u64_value_be(&k)))
+        for item in db.iterator_cf(Store::cf(&db, Cf::Uploads), IteratorMode::Start) {
+            let (k, _) = item.map_err(|e| Error::db(e, "read pending uploads"))?;
+            if let Ok((seq, _)) = split_upload_key(&k) {
+                return Ok(Some(seq));
             }
         }
+        Ok(None)
     }
 
     /// How many uploads are pending (a full scan: at mount only).
@@ -1019,9 +1188,52 @@ impl Store {
     }
 
     /// The inode-number lease: every number at or above it is unused.
+    ///
+    /// A lease that does not decode is derived again from the inode
+    /// records (logged): every number in use has one, and their keys sort
+    /// by number (big-endian), so the last key is the highest in use.
+    /// The allocator writes a fresh lease before it hands out the first
+    /// number. (`casfs fsck` does not look at this lease, so refusing to
+    /// start would leave the store with no way back.)
     pub fn ino_lease(&self) -> Result<u64> {
         let v = self.get(Cf::Meta, KEY_NEXT_INO, "read next inode")?;
-        Ok(v.map(|v| u64_value(&v)).unwrap_or(Ino::FIRST_DYNAMIC.0))
+        let Some(v) = v else {
+            return Ok(Ino::FIRST_DYNAMIC.0);
+        };
+        let d = match lease_value(&v) {
+            Ok(lease) => return Ok(lease),
+            Err(d) => d,
+        };
+        let last_key = {
+            let db = self.db()?;
+            let mut last = db.iterator_cf(Store::cf(&db, Cf::Inodes), IteratorMode::End);
+            match last.next() {
+                None => None,
+                Some(item) => Some(item.map_err(|e| Error::db(e, "read inodes"))?.0.to_vec()),
+            }
+        };
+        let highest = match last_key {
+            None => 0,
+            Some(k) => {
+                Ino::from_key(&k)
+                    .map_err(|d| self.damaged(Cf::Inodes, &k, "an inode record's key", d))?
+                    .0
+            }
+        };
+        let lease = highest
+            .checked_add(1)
+            .filter(|l| *l <= LEASE_MAX)
+            .ok_or_else(|| {
+                let d = Damage::new(format!("inode number {highest} is over {LEASE_MAX}"));
+                self.damaged(Cf::Inodes, &Ino(highest).key(), "the last inode record", d)
+            })?;
+        let lease = lease.max(Ino::FIRST_DYNAMIC.0);
+        log::warn!(
+            "damaged record cf=meta key={}: {d}; the inode-number lease is derived again from \
+             the inode records: {lease}",
+            shown(KEY_NEXT_INO)
+        );
+        Ok(lease)
     }
 
     /// Raises the inode-number lease. Not synced: a batch that uses a number
@@ -1072,15 +1284,34 @@ impl Store {
         })
     }
 
+    /// The clock's persisted lease (zero for a new store). One that does
+    /// not decode is an error: starting the clock anywhere else could hand
+    /// out times below ones already used; `casfs fsck --repair` derives it
+    /// again from the recorded times.
     pub fn clock_lease(&self) -> Result<u64> {
         let v = self.get(Cf::Clock, KEY_LEASE, "read clock")?;
-        Ok(v.map(|v| u64_value(&v)).unwrap_or(0))
+        match v {
+            None => Ok(0),
+            Some(v) => lease_value(&v)
+                .map_err(|d| self.damaged(Cf::Clock, KEY_LEASE, "the clock lease", d)),
+        }
     }
 
+    /// The store gauges (zero for a new store). A gauge that does not decode
+    /// is an error (`casfs fsck --repair` recounts it), never a zero.
     pub fn gauges(&self) -> Result<StoreGauges> {
         let get = |key: &[u8]| -> Result<u64> {
             let v = self.get(Cf::Counters, key, "read counters")?;
-            Ok(v.map_or(0, |v| i64_value(&v).max(0) as u64))
+            match v {
+                None => Ok(0),
+                Some(v) => match gauge_value(&v) {
+                    Ok(n) => Ok(n.max(0) as u64),
+                    Err(d) => {
+                        let what = format_args!("store gauge {}", shown(key));
+                        Err(self.damaged(Cf::Counters, key, what, d))
+                    }
+                },
+            }
         };
         Ok(StoreGauges {
             blobs: get(KEY_GAUGE_BLOBS)?,
@@ -1098,19 +1329,41 @@ impl Store {
         else {
             return Ok(());
         };
+        let keys = [
+            KEY_GAUGE_BLOBS,
+            KEY_GAUGE_BYTES_STORED,
+            KEY_GAUGE_BYTES_LOGICAL,
+        ];
+        let values: Vec<Vec<u8>> = match exact::<24>(&v, "the retired gauges record (three u64)") {
+            Ok(all) => all.chunks_exact(8).map(<[u8]>::to_vec).collect(),
+            // Not a zero: the gauges stay damaged until fsck recounts them.
+            Err(d) => {
+                log::warn!(
+                    "damaged record cf=counters key=gauges: {d}; the gauges are marked damaged \
+                     until `casfs fsck --store {} --repair` recounts them",
+                    self.root.display()
+                );
+                vec![GAUGE_DAMAGED.to_vec(); 3]
+            }
+        };
         self.write("convert retired gauges", |db| {
             let cf = Store::cf(db, Cf::Counters);
             let mut wb = WriteBatch::default();
-            if v.len() >= 24 {
-                wb.put_cf(cf, KEY_GAUGE_BLOBS, &v[0..8]);
-                wb.put_cf(cf, KEY_GAUGE_BYTES_STORED, &v[8..16]);
-                wb.put_cf(cf, KEY_GAUGE_BYTES_LOGICAL, &v[16..24]);
+            for (key, value) in keys.iter().zip(&values) {
+                wb.put_cf(cf, key, value);
             }
             wb.delete_cf(cf, KEY_GAUGES_RETIRED);
             db.write(wb)?;
             db.flush_wal(true)
         })
         .map_err(|e| e.to_string())
+    }
+
+    /// Writes raw bytes under a key (tests: damage a record).
+    #[cfg(test)]
+    pub(crate) fn put_raw(&self, cf: Cf, key: &[u8], value: &[u8]) {
+        self.write("put raw", |db| db.put_cf(Store::cf(db, cf), key, value))
+            .unwrap();
     }
 
     /// Calls `f` on every raw record of a column family (fsck). `f` must
@@ -1130,10 +1383,12 @@ impl Store {
         let db = self.db()?;
         for item in db.iterator_cf(Store::cf(&db, Cf::Inodes), IteratorMode::Start) {
             let (k, v) = item.map_err(|e| Error::db(e, "scan inodes"))?;
-            let ino = Ino::from_key(&k);
-            f(Inode::decode(ino, &v).ok_or_else(|| {
-                Error::with_context(libc::EIO, format!("inode {ino} record is damaged"))
-            }));
+            f(Ino::from_key(&k)
+                .map_err(|d| self.damaged(Cf::Inodes, &k, "an inode record's key", d))
+                .and_then(|ino| {
+                    Inode::decode(ino, &v)
+                        .map_err(|d| self.damaged(Cf::Inodes, &k, format_args!("inode {ino}"), d))
+                }));
         }
         Ok(())
     }
@@ -1210,6 +1465,24 @@ impl Batch<'_> {
     pub fn put_upload(&mut self, up: &PendingUpload) {
         self.ops.push(Op::Put(Cf::Uploads, up.key(), up.encode()));
     }
+    /// Deletes a record whatever its key (fsck, for records that do not
+    /// decode, so no typed delete can name them).
+    pub fn delete_raw(&mut self, cf: Cf, key: &[u8]) {
+        self.ops.push(Op::Delete(cf, key.to_vec()));
+    }
+
+    /// Forgets the store gauges (fsck, for gauges that do not decode): the
+    /// deltas added after it in the same batch are their new values.
+    pub fn reset_gauges(&mut self) {
+        for key in [
+            KEY_GAUGE_BLOBS,
+            KEY_GAUGE_BYTES_STORED,
+            KEY_GAUGE_BYTES_LOGICAL,
+        ] {
+            self.ops.push(Op::Delete(Cf::Counters, key.to_vec()));
+        }
+    }
+
     /// Adds signed deltas to the store gauges (merge, no read).
     pub fn add_gauges(&mut self, blobs: i64, bytes_stored: i64, bytes_logical: i64) {
         for (key, delta) in [
@@ -1267,13 +1540,13 @@ mod tests {
             links: Vec::new(),
             content: Content::Blob(BlobId::of(b"x")),
         };
-        assert_eq!(Inode::decode(Ino(42), &inode.encode()), Some(inode.clone()));
+        assert_eq!(Inode::decode(Ino(42), &inode.encode()), Ok(inode.clone()));
         let link = Inode {
             kind: Kind::Symlink,
             content: Content::Symlink(b"target".to_vec()),
             ..inode
         };
-        assert_eq!(Inode::decode(Ino(42), &link.encode()), Some(link.clone()));
+        assert_eq!(Inode::decode(Ino(42), &link.encode()), Ok(link.clone()));
         // Special files: kind and device number round-trip; the records of
         // the older kinds above are encoded exactly as before they existed.
         for kind in [
@@ -1288,15 +1561,15 @@ mod tests {
                 content: Content::Device(0x0801),
                 ..link.clone()
             };
-            assert_eq!(Inode::decode(Ino(42), &node.encode()), Some(node));
+            assert_eq!(Inode::decode(Ino(42), &node.encode()), Ok(node));
         }
         let touched = Inode {
             atime_ns: Some(7),
             links: vec![(Ino(3), b"other".to_vec()), (Ino(4), b"third".to_vec())],
             ..link
         };
-        assert_eq!(Inode::decode(Ino(42), &touched.encode()), Some(touched));
-        assert_eq!(Inode::decode(Ino(1), &[9, 9]), None);
+        assert_eq!(Inode::decode(Ino(42), &touched.encode()), Ok(touched));
+        assert!(Inode::decode(Ino(1), &[9, 9]).is_err());
     }
 
     #[test]
@@ -1312,10 +1585,116 @@ mod tests {
         };
         assert_eq!(
             PendingUpload::decode(&up.key(), &up.encode()),
-            Some(up.clone())
+            Ok(up.clone())
         );
-        assert_eq!(PendingUpload::decode(&up.key(), &[2]), None);
+        assert!(PendingUpload::decode(&up.key(), &[2]).is_err());
         assert!(upload_key(255, b"zz") < upload_key(256, b"aa"));
+    }
+
+    #[test]
+    fn damaged_gauges_and_leases_are_errors_or_derived_never_zero_and_writes_go_on() {
+        let root = std::env::temp_dir().join(format!(
+            "casfs-meta-damaged-{}-{}",
+            std::process::id(),
+            crate::store::clock::wall_ns()
+        ));
+        let store = open_store(&root).unwrap();
+        let inode = Inode {
+            ino: Ino(70_000),
+            ..sample_inode()
+        };
+        let mut b = store.batch();
+        b.put_inode(&inode);
+        b.add_gauges(2, 10, 10);
+        b.commit(false).unwrap();
+        assert_eq!(store.gauges().unwrap().blobs, 2);
+
+        // A gauge that does not decode stays damaged through merges and a
+        // compaction (which a failing merge operator would stop), and
+        // writes go on; resetting it is what fsck --repair does.
+        store.put_raw(Cf::Counters, KEY_GAUGE_BLOBS, &[1, 2, 3]);
+        let mut b = store.batch();
+        b.add_gauges(1, 1, 1);
+        b.commit(false).unwrap();
+        let e = store.gauges().unwrap_err();
+        assert_eq!(e.code(), libc::EIO);
+        assert!(e.to_string().contains("gauge_blobs"), "{e}");
+        store
+            .db
+            .compact_range_cf(store.cf(Cf::Counters), None::<&[u8]>, None::<&[u8]>);
+        let mut b = store.batch();
+        b.add_gauges(1, 0, 0);
+        b.commit(false).unwrap();
+        assert!(store.gauges().is_err(), "a damaged gauge is no zero");
+        let mut b = store.batch();
+        b.reset_gauges();
+        b.add_gauges(5, 6, 7);
+        b.commit(false).unwrap();
+        let g = store.gauges().unwrap();
+        assert_eq!((g.blobs, g.bytes_stored, g.bytes_logical), (5, 6, 7));
+
+        // Leases: the inode-number lease is derived again from the highest
+        // inode; the clock's is an error (fsck derives it from the times).
+        store.put_raw(Cf::Meta, KEY_NEXT_INO, &[9]);
+        assert_eq!(store.ino_lease().unwrap(), 70_001);
+        store.put_raw(Cf::Clock, KEY_LEASE, &u64::MAX.to_le_bytes());
+        assert_eq!(store.clock_lease().unwrap_err().code(), libc::EIO);
+
+        // Pending records: a damaged reason is taken as unsealed (the
+        // stronger clean-up); a damaged key is an error.
+        store.put_raw(Cf::Pending, &Ino(70_000).key(), &[9]);
+        assert_eq!(
+            store.pending().unwrap(),
+            vec![(Ino(70_000), PendingReason::Unsealed)]
+        );
+        store.put_raw(Cf::Pending, &[1, 2, 3], &[1]);
+        assert!(store.pending().is_err());
+
+        // Uploads: a key that does not decode is passed over, then dropped.
+        let up = PendingUpload {
+            seq: 5,
+            path: b"cc/x".to_vec(),
+            create_only: true,
+            blob: BlobId::of(b"y"),
+            size: 1,
+            mode: 0o644,
+            mtime_ns: 5,
+        };
+        let mut b = store.batch();
+        b.put_upload(&up);
+        b.commit(false).unwrap();
+        store.put_raw(Cf::Uploads, &[0], b"");
+        assert_eq!(store.oldest_upload_seq().unwrap(), Some(5));
+        assert_eq!(store.pending_uploads(10).unwrap(), vec![up]);
+        assert_eq!(store.count_uploads().unwrap(), 1);
+
+        // A retired gauges record of the wrong length: damaged, not zeros.
+        store.put_raw(Cf::Counters, KEY_GAUGES_RETIRED, &[1; 5]);
+        drop(store);
+        let store = open_store(&root).unwrap();
+        assert!(store.gauges().is_err());
+        drop(store);
+        let _ = fs::remove_dir_all(&root);
+    }
+
+    fn sample_inode() -> Inode {
+        Inode {
+            ino: Ino(42),
+            kind: Kind::File,
+            class: Class::Result,
+            perm: 0o644,
+            uid: 1,
+            gid: 2,
+            nlink: 1,
+            size: 123,
+            mtime_ns: 5,
+            atime_ns: None,
+            ctime_ns: 6,
+            parent: Ino(1),
+            name: b"abcR".to_vec(),
+            links: Vec::new(),
+            content: Content::Blob(BlobId::of(b"x")),
+        }
     }
 
     #[test]

@@ -1210,17 +1210,7 @@ fn non_casfs_store_directory_is_refused() {
 /// Runs `sh -c script` as `uid`:`gid` with exactly the supplementary
 /// `groups`; returns (success, stderr).
 fn sh_as(uid: u32, gid: u32, groups: &[u32], dir: &Path, script: &str) -> (bool, String) {
-    require_programs(&[("setpriv", "util-linux")]);
-    let mut c = std::process::Command::new("setpriv");
-    c.arg(format!("--reuid={uid}"))
-        .arg(format!("--regid={gid}"));
-    if groups.is_empty() {
-        c.arg("--clear-groups");
-    } else {
-        let list: Vec<String> = groups.iter().map(u32::to_string).collect();
-        c.arg(format!("--groups={}", list.join(",")));
-    }
-    let out = c
+    let out = as_user(uid, gid, groups)
         .args(["--", "sh", "-c", script])
         .current_dir(dir)
         .output()

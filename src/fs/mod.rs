@@ -38,7 +38,10 @@
 //!   reference (`maybe_forget`).
 //! - A blob's bytes never change under its id, so a blob verified once
 //!   (`verified`) is not hashed again on open; the scrub re-checks blobs.
-//! - Every mtime and ctime the daemon assigns comes from `Clock`.
+//! - Every mtime and ctime the daemon assigns comes from `Clock`. An mtime a
+//!   client sets explicitly is kept as given (`Inode::mtime_set`): a FLUSH
+//!   stamps only writes made after it (`Usage::take_written`), and a
+//!   publication keeps it (`seal_into`).
 //! - The store gauges change only by deltas (a merge operator), never by
 //!   read-modify-write, so batches of unrelated names never conflict.
 //!

@@ -158,6 +158,11 @@ pub struct Inode {
     /// Some: a client set it (`touch -a`, `utimensat` with explicit times).
     pub atime_ns: Option<u64>,
     pub ctime_ns: u64,
+    /// The mtime is one a client set (`utimensat` with a time: `cp -a`,
+    /// `touch -t`, `tar x`) and the content has not changed since: a
+    /// publication keeps it instead of stamping the clock's now. Every time
+    /// the daemon stamps (`stamp`) clears it.
+    pub mtime_set: bool,
     /// The directory holding the name this inode was last bound to (for a
     /// directory: its parent). Used for class paths and repair.
     pub parent: Ino,
@@ -183,8 +188,18 @@ pub enum PendingReason {
 /// each other name of a hard-linked file (repeated).
 const TAG_ATIME: u8 = 1;
 const TAG_LINK: u8 = 2;
+/// `mtime_set` (no value: present means true).
+const TAG_MTIME_SET: u8 = 3;
 
 impl Inode {
+    /// The content changed now: mtime and ctime are the daemon's clock, and
+    /// a time a client set before no longer stands.
+    pub fn stamp(&mut self, now: u64) {
+        self.mtime_ns = now;
+        self.ctime_ns = now;
+        self.mtime_set = false;
+    }
+
     /// Every name the inode is bound to (for a bound inode).
     pub fn names(&self) -> Vec<(Ino, Vec<u8>)> {
         let mut all = vec![(self.parent, self.name.clone())];
@@ -265,6 +280,9 @@ impl Inode {
             b.push(TAG_ATIME);
             b.extend_from_slice(&atime.to_le_bytes());
         }
+        if self.mtime_set {
+            b.push(TAG_MTIME_SET);
+        }
         for (parent, name) in &self.links {
             b.push(TAG_LINK);
             b.extend_from_slice(&parent.0.to_le_bytes());
@@ -312,10 +330,12 @@ impl Inode {
             _ => return None,
         };
         let mut atime_ns = None;
+        let mut mtime_set = false;
         let mut links = Vec::new();
         while let Some(tag) = r.u8() {
             match tag {
                 TAG_ATIME => atime_ns = Some(r.u64()?),
+                TAG_MTIME_SET => mtime_set = true,
                 TAG_LINK => {
                     let parent = Ino(r.u64()?);
                     let n = u16::from_le_bytes(r.take(2)?.try_into().ok()?) as usize;
@@ -336,6 +356,7 @@ impl Inode {
             mtime_ns,
             atime_ns,
             ctime_ns,
+            mtime_set,
             parent,
             name,
             links,
@@ -1035,6 +1056,7 @@ mod tests {
             mtime_ns: 5,
             atime_ns: None,
             ctime_ns: 6,
+            mtime_set: false,
             parent: Ino(1),
             name: b"abcR".to_vec(),
             links: Vec::new(),
@@ -1065,6 +1087,7 @@ mod tests {
         }
         let touched = Inode {
             atime_ns: Some(7),
+            mtime_set: true,
             links: vec![(Ino(3), b"other".to_vec()), (Ino(4), b"third".to_vec())],
             ..link
         };

@@ -5,7 +5,11 @@
 //! metadata-only nodes that the kernel runs itself; writable files take
 //! `fallocate` modes and `SEEK_DATA`/`SEEK_HOLE` as the store's filesystem
 //! does; a truncate the store's filesystem refuses leaves nothing behind.
-//! The deliberate differences from a local filesystem are listed in the
+//! A time set on a file still open for writing (`cp -a`) survives its close
+//! and publication, in every class. Permissions for a user other than the
+//! owner (chown, setuid/setgid clearing, setgid outside the group,
+//! `ftruncate`, moving directories) are checked against the same program
+//! run on the local disk as the same user. The deliberate differences from a local filesystem are listed in the
 //! README (*Differences from a local filesystem*).
 
 mod common;
@@ -443,4 +447,345 @@ fn rewriting_a_published_file_in_place_publishes_once_at_close() {
     drop(f);
     assert_eq!(m.counter("publications"), published + 2, "after close");
     assert_eq!(fs::read(&path).unwrap(), b"third\n");
+}
+
+// ---------------------------------------------------------------------------
+// Times set through an open descriptor
+// ---------------------------------------------------------------------------
+
+/// 1999-12-31 12:00:00 UTC and 123456789 ns: a time no clock of the daemon
+/// hands out, with nanoseconds that a stamp would not keep.
+const BACKDATED_S: i64 = 946_641_600;
+const BACKDATED_NS: i64 = 123_456_789;
+
+/// One name of each class: a result (ccache 4.0–4.12), a manifest
+/// (mutable), a ccache ≥ 4.13 entry whose header makes it mutable, an
+/// ordinary file (mutable) and a host-local scratch file.
+const NAMES_OF_EVERY_CLASS: [&str; 5] = [
+    "a/0123456789abcdefghijklmnopqrR",
+    "a/0123456789abcdefghijklmnopqrM",
+    "1/2/0123456789abcdef0123456789abcdef",
+    "notes.txt",
+    "tmp/scratch",
+];
+
+fn mtime_of(p: &Path) -> (i64, i64) {
+    let m = fs::metadata(p).unwrap_or_else(|e| panic!("stat {p:?}: {e}"));
+    (m.mtime(), m.mtime_nsec())
+}
+
+#[test]
+fn a_time_set_on_an_open_file_survives_its_close_and_publication_in_every_class() {
+    let td = TestDir::new("opentimes");
+    let (store, mp) = (td.store(), td.mountpoint("mnt"));
+    let mut m = Mount::start(&store, &mp, &[]);
+    for d in [
+        "a", "1/2", "tmp", "cp/a", "cp/1/2", "cp/tmp", "late/a", "late/1/2", "late/tmp",
+    ] {
+        fs::create_dir_all(mp.join(d)).unwrap();
+    }
+    // `cp -a` of a backdated file: open(O_CREAT|O_EXCL), write, futimens,
+    // fchown, fchmod, close.
+    let src = td.path("backdated");
+    fs::write(&src, b"made in 1999\n").unwrap();
+    utimensat(&src, Some([timespec(BACKDATED_S, BACKDATED_NS); 2])).unwrap();
+    for name in NAMES_OF_EVERY_CLASS {
+        let out = Command::new("cp")
+            .arg("-a")
+            .arg(&src)
+            .arg(mp.join("cp").join(name))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "cp -a to {name}: {}",
+            output_text(&out)
+        );
+    }
+    // The same through Python: futimens, and a time set by path while the
+    // file is open (not for a result or a ccache >= 4.13 entry: their names
+    // are bound at close); then a write after the time was set, which moves
+    // the mtime to now again.
+    let program = format!(
+        r#"
+import os
+t = {BACKDATED_S} * 10**9 + {BACKDATED_NS}
+for name in {names:?}:
+    fd = os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    os.write(fd, b"written, then dated\n")
+    if name.endswith("R") or name.startswith("1/2/"):
+        os.utime(fd, ns=(t, t))
+    else:
+        os.utime(name, ns=(t, t))
+    os.close(fd)
+    fd = os.open("late/" + name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    os.write(fd, b"dated, then written\n")
+    os.utime(fd, ns=(t, t))
+    os.write(fd, b"more\n")
+    os.close(fd)
+"#,
+        names = NAMES_OF_EVERY_CLASS,
+    );
+    let before_ns = now_ns();
+    python(&mp, &program);
+    let check = |when: &str| {
+        for name in NAMES_OF_EVERY_CLASS {
+            for dir in ["cp/", ""] {
+                let p = mp.join(format!("{dir}{name}"));
+                assert_eq!(
+                    mtime_of(&p),
+                    (BACKDATED_S, BACKDATED_NS),
+                    "{when}: mtime of {p:?}"
+                );
+            }
+            let late = mp.join(format!("late/{name}"));
+            assert!(
+                mtime_ns(&late) >= before_ns,
+                "{when}: a write after the time was set moves the mtime to now: {late:?}"
+            );
+        }
+        assert_eq!(
+            fs::read(mp.join("cp/a/0123456789abcdefghijklmnopqrR")).unwrap(),
+            b"made in 1999\n"
+        );
+    };
+    check("after close");
+    // What the daemon recorded, not what the kernel cached.
+    m.unmount();
+    drop(m);
+    let _m = Mount::start(&store, &mp, &[]);
+    check("after remount");
+}
+
+// ---------------------------------------------------------------------------
+// Permissions as Linux keeps them, for a user other than the owner
+// ---------------------------------------------------------------------------
+
+/// Helpers the permission programs below share: `t(what, f)` prints what
+/// `f` returned (`ok` for None) or the errno's name; `mode(p)` the mode bits.
+const PY_PRELUDE: &str = r#"
+import errno, os
+def t(what, f):
+    try:
+        r = f()
+        print(what, "ok" if r is None else r)
+    except OSError as e:
+        print(what, errno.errorcode[e.errno])
+def mode(p):
+    return oct(os.stat(p).st_mode & 0o7777)
+"#;
+
+/// Runs `setup` (sh, as root), then `program` (Python after `PY_PRELUDE`,
+/// as nobody:nogroup with no supplementary groups) in a new world-writable
+/// directory `name` on the local disk and another in the mount; returns
+/// what the program printed in each. The mount must allow other users.
+fn here_and_on_local_disk(
+    td: &TestDir,
+    mp: &Path,
+    name: &str,
+    setup: &str,
+    program: &str,
+) -> (String, String) {
+    use std::os::unix::fs::PermissionsExt;
+    let (nobody, _) = user_ids("nobody");
+    let nogroup = group_id("nogroup");
+    let run = |dir: &Path| {
+        fs::create_dir(dir).unwrap();
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o777)).unwrap();
+        sh(dir, setup);
+        let out = as_user(nobody, nogroup, &[])
+            .args([
+                "--",
+                "timeout",
+                &SCRIPT_TIMEOUT_S.to_string(),
+                "python3",
+                "-c",
+            ])
+            .arg(format!("{PY_PRELUDE}{program}"))
+            // Python from the system (a per-user shim in root's home is
+            // not for other users).
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .current_dir(dir)
+            .output()
+            .expect("run setpriv");
+        assert!(
+            out.status.success(),
+            "as nobody in {dir:?}:\n{program}\n{}",
+            output_text(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let local = run(&td.path(&format!("local-{name}")));
+    let mounted = run(&mp.join(name));
+    (mounted, local)
+}
+
+fn mounted_for_everyone(tag: &str) -> (TestDir, Mount) {
+    use std::os::unix::fs::PermissionsExt;
+    let td = TestDir::new(tag);
+    let m = Mount::start(&td.store(), &td.mountpoint("mnt"), &["-o", "allow_other"]);
+    fs::set_permissions(&m.mountpoint, fs::Permissions::from_mode(0o755)).unwrap();
+    (td, m)
+}
+
+#[test]
+fn a_non_owner_cannot_chown_a_file_even_to_the_ids_it_already_has() {
+    let (td, m) = mounted_for_everyone("chown-same");
+    let (nobody, _) = user_ids("nobody");
+    let nogroup = group_id("nogroup");
+    let (mounted, local) = here_and_on_local_disk(
+        &td,
+        &m.mountpoint,
+        "chown",
+        "touch roots; chmod 644 roots",
+        &format!(
+            r#"
+t("chown to its uid", lambda: os.chown("roots", 0, -1))
+t("chgrp to its gid", lambda: os.chown("roots", -1, 0))
+t("chown to both", lambda: os.chown("roots", 0, 0))
+open("mine", "w").close()
+t("chown own file to own ids", lambda: os.chown("mine", {nobody}, {nogroup}))
+st = os.stat("roots")
+print(st.st_uid, st.st_gid)
+"#
+        ),
+    );
+    assert_eq!(
+        mounted,
+        "chown to its uid EPERM\nchgrp to its gid EPERM\nchown to both EPERM\n\
+         chown own file to own ids ok\n0 0\n"
+    );
+    assert_eq!(mounted, local, "as on the local disk");
+}
+
+#[test]
+fn a_non_owners_write_or_truncate_clears_setuid_and_setgid_and_succeeds() {
+    let (td, m) = mounted_for_everyone("killsuid");
+    let (mounted, local) = here_and_on_local_disk(
+        &td,
+        &m.mountpoint,
+        "killsuid",
+        "for m in 4777 2777 6777; do
+             printf old > w$m; printf old > t$m; chmod $m w$m t$m
+         done",
+        r#"
+for m in ("4777", "2777", "6777"):
+    fd = os.open("w" + m, os.O_WRONLY)
+    t("write " + m, lambda: os.write(fd, b"new"))
+    print("  mode", oct(os.fstat(fd).st_mode & 0o7777))
+    os.close(fd)
+    t("truncate " + m, lambda: os.truncate("t" + m, 1))
+    print("  mode", mode("t" + m), "size", os.stat("t" + m).st_size)
+"#,
+    );
+    assert_eq!(
+        mounted,
+        "write 4777 3\n  mode 0o777\ntruncate 4777 ok\n  mode 0o777 size 1\n\
+         write 2777 3\n  mode 0o777\ntruncate 2777 ok\n  mode 0o777 size 1\n\
+         write 6777 3\n  mode 0o777\ntruncate 6777 ok\n  mode 0o777 size 1\n"
+    );
+    assert_eq!(mounted, local, "as on the local disk");
+    // The bytes arrived, and root (the owner) sees the bits gone.
+    let dir = m.mountpoint.join("killsuid");
+    for mode in ["4777", "2777", "6777"] {
+        assert_eq!(fs::read(dir.join(format!("w{mode}"))).unwrap(), b"new");
+        assert_eq!(
+            fs::metadata(dir.join(format!("w{mode}"))).unwrap().mode() & 0o7777,
+            0o777
+        );
+    }
+}
+
+#[test]
+fn the_owner_setting_setgid_outside_the_files_group_loses_the_bit() {
+    let (td, m) = mounted_for_everyone("sgid");
+    let (nobody, _) = user_ids("nobody");
+    let (mounted, local) = here_and_on_local_disk(
+        &td,
+        &m.mountpoint,
+        "sgid",
+        &format!("touch file; mkdir dir; chown {nobody}:0 file dir"),
+        r#"
+t("chmod 2755 file of group root", lambda: os.chmod("file", 0o2755))
+print("  mode", mode("file"))
+t("chmod 2755 directory of group root", lambda: os.chmod("dir", 0o2755))
+print("  mode", mode("dir"))
+open("mine", "w").close()
+t("chmod 2755 file of own group", lambda: os.chmod("mine", 0o2755))
+print("  mode", mode("mine"))
+"#,
+    );
+    assert_eq!(
+        mounted,
+        "chmod 2755 file of group root ok\n  mode 0o755\n\
+         chmod 2755 directory of group root ok\n  mode 0o755\n\
+         chmod 2755 file of own group ok\n  mode 0o2755\n"
+    );
+    assert_eq!(mounted, local, "as on the local disk");
+}
+
+#[test]
+fn ftruncate_through_a_descriptor_opened_for_writing_needs_no_write_permission() {
+    let (td, m) = mounted_for_everyone("ftrunc0");
+    let (mounted, local) = here_and_on_local_disk(
+        &td,
+        &m.mountpoint,
+        "ftrunc",
+        "true",
+        r#"
+fd = os.open("mode0", os.O_CREAT | os.O_EXCL | os.O_RDWR, 0)
+t("write", lambda: os.write(fd, b"hello"))
+t("ftruncate", lambda: os.ftruncate(fd, 2))
+print("  size", os.fstat(fd).st_size)
+os.close(fd)
+t("truncate by path", lambda: os.truncate("mode0", 1))
+t("open for writing", lambda: os.close(os.open("mode0", os.O_WRONLY)))
+print("  mode", mode("mode0"), "size", os.stat("mode0").st_size)
+"#,
+    );
+    assert_eq!(
+        mounted,
+        "write 5\nftruncate ok\n  size 2\ntruncate by path EACCES\n\
+         open for writing EACCES\n  mode 0o0 size 2\n"
+    );
+    assert_eq!(mounted, local, "as on the local disk");
+}
+
+#[test]
+fn moving_a_directory_to_another_parent_needs_write_permission_on_it() {
+    let (td, m) = mounted_for_everyone("mvdir");
+    let (nobody, _) = user_ids("nobody");
+    // pjdfstest rename/09: nobody owns the sticky directory, root owns the
+    // directory in it. Moving it elsewhere changes its `..`; renaming it in
+    // place does not.
+    let (mounted, local) = here_and_on_local_disk(
+        &td,
+        &m.mountpoint,
+        "mvdir",
+        &format!(
+            "mkdir -m 1777 sticky; mkdir sticky/roots; chown {nobody} sticky
+             mkdir -m 0777 plain; mkdir plain/roots
+             mkdir other; chown {nobody} other"
+        ),
+        r#"
+for d in ("sticky", "plain"):
+    t(d + ": move out", lambda: os.rename(d + "/roots", "other/roots"))
+    os.mkdir("other/empty")
+    t(d + ": move onto an empty directory", lambda: os.rename(d + "/roots", "other/empty"))
+    os.rmdir("other/empty")
+    t(d + ": rename in place", lambda: os.rename(d + "/roots", d + "/renamed"))
+    print("  ", sorted(os.listdir(d)), sorted(os.listdir("other")))
+os.mkdir("other/mine")
+t("own directory moves", lambda: os.rename("other/mine", "plain/mine"))
+"#,
+    );
+    assert_eq!(
+        mounted,
+        "sticky: move out EACCES\nsticky: move onto an empty directory EACCES\n\
+         sticky: rename in place ok\n   ['renamed'] []\n\
+         plain: move out EACCES\nplain: move onto an empty directory EACCES\n\
+         plain: rename in place ok\n   ['renamed'] []\n\
+         own directory moves ok\n"
+    );
+    assert_eq!(mounted, local, "as on the local disk");
 }

@@ -649,13 +649,23 @@ fn explicit_times_are_kept_and_touches_come_from_the_clock() {
             "{name}: touch -m keeps atime"
         );
     }
-    // A publication gets its mtime from the daemon's clock, not the source's.
+    // A publication keeps a time the client set after the last write (as
+    // `mv` keeps it on a local disk); one written after gets the clock's now.
     let src = d.join("pub.tmp");
     fs::write(&src, b"published later").unwrap();
     let _ = utimensat(&src, Some(old));
-    let wall_before = now_ns();
     fs::rename(&src, d.join("ggggggggggggggggggggggggggggggR")).unwrap();
     let t = mtime_ns(&d.join("ggggggggggggggggggggggggggggggR"));
+    assert_eq!(
+        t,
+        1_000_000_000 * 1_000_000_000 + 123,
+        "a dated file renamed into a result"
+    );
+    let src = d.join("pub2.tmp");
+    fs::write(&src, b"published later").unwrap();
+    let wall_before = now_ns();
+    fs::rename(&src, d.join("hhhhhhhhhhhhhhhhhhhhhhhhhhhhhhR")).unwrap();
+    let t = mtime_ns(&d.join("hhhhhhhhhhhhhhhhhhhhhhhhhhhhhhR"));
     assert!(
         t >= wall_before,
         "a freshly published result has mtime {t}, older than the wall clock before its \
@@ -1210,17 +1220,7 @@ fn non_casfs_store_directory_is_refused() {
 /// Runs `sh -c script` as `uid`:`gid` with exactly the supplementary
 /// `groups`; returns (success, stderr).
 fn sh_as(uid: u32, gid: u32, groups: &[u32], dir: &Path, script: &str) -> (bool, String) {
-    require_programs(&[("setpriv", "util-linux")]);
-    let mut c = std::process::Command::new("setpriv");
-    c.arg(format!("--reuid={uid}"))
-        .arg(format!("--regid={gid}"));
-    if groups.is_empty() {
-        c.arg("--clear-groups");
-    } else {
-        let list: Vec<String> = groups.iter().map(u32::to_string).collect();
-        c.arg(format!("--groups={}", list.join(",")));
-    }
-    let out = c
+    let out = as_user(uid, gid, groups)
         .args(["--", "sh", "-c", script])
         .current_dir(dir)
         .output()

@@ -83,7 +83,6 @@ struct Handle {
     /// are published again at the next close, and the name is shared with
     /// other hosts only when the last reference goes (`release`).
     bound_at_close: AtomicBool,
-    dirty: AtomicBool,
     conflict_counted: AtomicBool,
     /// For a read of a published result: its blob, which never changes,
     /// so the kernel may read the blob file directly (passthrough), and the
@@ -124,7 +123,6 @@ impl Core {
             virt,
             published: AtomicBool::new(false),
             bound_at_close: AtomicBool::new(false),
-            dirty: AtomicBool::new(false),
             conflict_counted: AtomicBool::new(false),
             immutable_blob,
             local_writer: false,
@@ -287,8 +285,7 @@ impl Core {
                 let id = *id;
                 self.lock_blobs(&mut txn, &[id]);
                 self.copy_up(&mut txn, &mut inode, if truncate { Some(0) } else { None })?;
-                inode.mtime_ns = self.now();
-                inode.ctime_ns = inode.mtime_ns;
+                inode.stamp(self.now());
                 txn.batch.put_inode(&inode);
                 self.commit(txn)?;
                 let local = inode.class == Class::Local;
@@ -303,8 +300,7 @@ impl Core {
                 let file = self.blobs.open_staging(ino, true)?;
                 if truncate {
                     file.set_len(0).map_err(|e| Error::io(e, "truncate"))?;
-                    inode.mtime_ns = self.now();
-                    inode.ctime_ns = inode.mtime_ns;
+                    inode.stamp(self.now());
                     inode.size = 0;
                     txn.batch.put_inode(&inode);
                 }
@@ -418,6 +414,13 @@ impl Core {
         });
     }
 
+    /// True if `fh` is a handle opened for writing: a truncate through it
+    /// (`ftruncate`) needs no other permission, as on Linux (write access
+    /// was checked when it was opened).
+    pub fn opened_for_writing(&self, fh: u64) -> bool {
+        self.handle(fh).is_ok_and(|h| h.mode != Mode::Read)
+    }
+
     /// True if closing `fh` has nothing for the daemon to do (the kernel
     /// may skip FLUSH): read-only handles, discarding writers, and writers
     /// of host-local files (whose mtime every write stamps).
@@ -521,11 +524,8 @@ impl Core {
                 file.write_all_at(data, offset).map_err(|e| {
                     self.count_error(Error::io(e, format_args!("write ino={}", h.ino)))
                 })?;
-                h.dirty.store(true, Ordering::Relaxed);
-                if h.local_writer {
-                    drop(guard);
-                    self.stamp_mtime(h.ino)?;
-                }
+                drop(guard);
+                self.wrote(&h)?;
                 Ok(data.len() as u32)
             }
         }
@@ -571,8 +571,7 @@ impl Core {
                 let mut txn = self.txn();
                 self.lock_blobs(&mut txn, &[id]);
                 self.copy_up(&mut txn, &mut inode, len)?;
-                inode.mtime_ns = self.now();
-                inode.ctime_ns = inode.mtime_ns;
+                inode.stamp(self.now());
                 txn.batch.put_inode(&inode);
                 self.commit(txn)?;
             }
@@ -584,8 +583,19 @@ impl Core {
         Ok(Restage::Restaged)
     }
 
-    /// A write to a host-local file: its mtime is now (what FLUSH would
-    /// have recorded at close, for writers the kernel closes silently).
+    /// After a change through `h`: a host-local file's mtime is now (what
+    /// FLUSH would have recorded at close, for writers the kernel closes
+    /// silently); any other file's is stamped at the next FLUSH.
+    fn wrote(&self, h: &Handle) -> Result<()> {
+        if h.local_writer {
+            self.stamp_mtime(h.ino)
+        } else {
+            self.usage.mark_written(h.ino);
+            Ok(())
+        }
+    }
+
+    /// A write to a host-local file: its mtime is now.
     fn stamp_mtime(&self, ino: Ino) -> Result<()> {
         let _g = self.lock(&[ino]);
         let Some(mut inode) = self.store.inode(ino)? else {
@@ -595,8 +605,7 @@ impl Core {
             return Ok(());
         }
         let mut txn = self.txn();
-        inode.mtime_ns = self.now();
-        inode.ctime_ns = inode.mtime_ns;
+        inode.stamp(self.now());
         txn.batch.put_inode(&inode);
         self.commit(txn)
     }
@@ -614,13 +623,14 @@ impl Core {
         if h.mode != Mode::Write || h.published.load(Ordering::Acquire) {
             return Ok(());
         }
-        if h.dirty.swap(false, Ordering::Relaxed) {
+        // Written since the mtime was last stamped or set by a client (a
+        // time set after the last write, `cp -a`'s futimens, stands).
+        if self.usage.take_written(h.ino) {
             let _g = self.lock(&[h.ino]);
             if let Some(mut inode) = self.store.inode(h.ino)? {
                 if inode.content == Content::Staged {
                     let mut txn = self.txn();
-                    inode.mtime_ns = self.now();
-                    inode.ctime_ns = inode.mtime_ns;
+                    inode.stamp(self.now());
                     inode.size = h
                         .file
                         .read()
@@ -745,11 +755,8 @@ impl Core {
                 _ => self.count_error(Error::io(e, format_args!("fallocate ino={}", h.ino))),
             });
         }
-        h.dirty.store(true, Ordering::Relaxed);
-        if h.local_writer {
-            drop(guard);
-            self.stamp_mtime(h.ino)?;
-        }
+        drop(guard);
+        self.wrote(&h)?;
         Ok(())
     }
 

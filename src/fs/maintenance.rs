@@ -158,6 +158,7 @@ impl Core {
             mtime_ns: now,
             atime_ns: None,
             ctime_ns: now,
+            mtime_set: false,
             parent: Ino::ROOT,
             name: Vec::new(),
             links: Vec::new(),

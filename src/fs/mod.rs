@@ -44,7 +44,10 @@
 //!   ctime); a changed file is hashed again before it is used, and before a
 //!   publication dedups onto it. The scrub re-checks blobs for what that
 //!   rule cannot see (bytes changed below the filesystem).
-//! - Every mtime and ctime the daemon assigns comes from `Clock`.
+//! - Every mtime and ctime the daemon assigns comes from `Clock`. An mtime a
+//!   client sets explicitly is kept as given (`Inode::mtime_set`): a FLUSH
+//!   stamps only writes made after it (`Usage::take_written`), and a
+//!   publication keeps it (`seal_into`).
 //! - The store gauges change only by deltas (a merge operator), never by
 //!   read-modify-write, so batches of unrelated names never conflict.
 //!

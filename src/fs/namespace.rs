@@ -170,22 +170,38 @@ impl Core {
                     let id = *id;
                     self.lock_blobs(&mut txn, &[id]);
                     self.copy_up(&mut txn, &mut inode, Some(size))?;
-                    inode.mtime_ns = now;
+                    inode.stamp(now);
                 }
                 (Content::Staged, _) => {
                     let f = self.blobs.open_staging(ino, true)?;
                     f.set_len(size).map_err(|e| Error::io(e, "truncate"))?;
                     inode.size = size;
-                    inode.mtime_ns = now;
+                    inode.stamp(now);
                 }
                 _ => return Err(Error::errno(libc::EINVAL)),
             }
         }
-        // The daemon's clock for "now"; an explicit time is kept as given.
+        // The daemon's clock for "now"; an explicit time is kept as given,
+        // also through the close and the publication of a file open for
+        // writing (`mtime_set`): the writes before it are older than the
+        // time the client set, so they no longer stamp the mtime at FLUSH.
+        // A write after it stamps again, as on a local disk.
         let old_mtime = inode.mtime_ns;
         match set.mtime {
-            Some(SetTime::Now) => inode.mtime_ns = now,
-            Some(SetTime::At(t)) => inode.mtime_ns = t,
+            Some(SetTime::Now) => {
+                inode.mtime_ns = now;
+                inode.mtime_set = false;
+            }
+            Some(SetTime::At(t)) => {
+                inode.mtime_ns = t;
+                inode.mtime_set = true;
+                if self.usage.take_written(ino) && inode.content == Content::Staged {
+                    // What the FLUSH of those writes would have recorded.
+                    if let Ok(m) = std::fs::metadata(self.blobs.staging_path(ino)) {
+                        inode.size = std::os::unix::fs::MetadataExt::size(&m);
+                    }
+                }
+            }
             None => {}
         }
         match set.atime {
@@ -306,6 +322,7 @@ impl Core {
             mtime_ns: now,
             atime_ns: None,
             ctime_ns: now,
+            mtime_set: false,
             parent: dir.ino,
             name: name.to_vec(),
             links: Vec::new(),

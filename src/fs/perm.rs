@@ -13,7 +13,9 @@
 //! group's (primary or supplementary) or the others' bits decide, in that
 //! order. Supplementary groups come from `/proc/PID/status`, read only when
 //! the owner and primary group do not decide, and cached per process for
-//! `GROUPS_CACHE_MS`.
+//! `GROUPS_CACHE_MS`. Root stands for the capabilities Linux would ask
+//! for (`CAP_DAC_OVERRIDE`, `CAP_FOWNER`, `CAP_CHOWN`, `CAP_FSETID`): the
+//! daemon sees only the caller's ids.
 
 use std::sync::atomic::Ordering;
 
@@ -130,28 +132,84 @@ impl Core {
         }
     }
 
-    /// Checks a `setattr` as `setattr_prepare` would: owners (and root)
-    /// change modes and set explicit times; only root gives files away; a
-    /// touch to now needs ownership or write permission; truncation needs
-    /// write permission.
-    pub fn permit_setattr(&self, who: &Who, ino: Ino, set: &SetAttr) -> Result<()> {
+    /// Checks that `who` may rename `name` in `parent` to `newname` in
+    /// `newparent`, as the kernel's `vfs_rename` would: remove the name
+    /// from one directory and replace (or add) it in the other, and, for a
+    /// directory that changes parent, write it (its `..` entry changes).
+    pub fn permit_rename(
+        &self,
+        who: &Who,
+        (parent, name): (Ino, &[u8]),
+        (newparent, newname): (Ino, &[u8]),
+    ) -> Result<()> {
+        self.permit_remove(who, parent, name)?;
+        self.permit_remove(who, newparent, newname)?;
+        if parent != newparent && who.uid != 0 {
+            if let Some(child) = self.store.dentry(parent, name)? {
+                if self.getattr(child)?.kind == Kind::Dir {
+                    self.permit(who, child, MAY_WRITE)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks a `setattr` as the kernel's `setattr_prepare` would, and
+    /// adjusts it as Linux does (`set.mode` may lose `S_ISGID`).
+    /// `writer`: it came through a handle opened for writing (`ftruncate`).
+    ///
+    /// - Only root gives a file away: a chown needs root, or the owner
+    ///   naming their own uid; a chgrp needs root, or the owner naming the
+    ///   file's group or a group of theirs.
+    /// - A mode change needs the owner or root, except the kernel clearing
+    ///   `S_ISUID`/`S_ISGID` when someone else writes, truncates or chowns
+    ///   the file (without `handle_killpriv` FUSE sends that as a SETATTR of
+    ///   the mode alone, as the caller): a mode that only drops those bits
+    ///   is taken from anyone who may write the file, as Linux's
+    ///   `ATTR_FORCE` does. Nobody else can set or keep a privilege bit.
+    /// - The owner setting `S_ISGID` without being in the file's group (the
+    ///   new one, if the same call changes it) loses the bit silently.
+    /// - Explicit times need the owner; a touch to now needs the owner or
+    ///   write permission; truncation needs write permission, which a
+    ///   handle opened for writing already proved at its open.
+    pub fn setattr_prepare(
+        &self,
+        who: &Who,
+        ino: Ino,
+        set: &mut SetAttr,
+        writer: bool,
+    ) -> Result<()> {
         if who.uid == 0 {
-            return Ok(());
+            return Ok(()); // CAP_CHOWN, CAP_FOWNER, CAP_FSETID
         }
         let a = self.getattr(ino)?;
         let owner = who.uid == a.uid;
-        if set.size.is_some() {
+        let may_write = || writer || self.permit(who, ino, MAY_WRITE).is_ok();
+        if set.size.is_some() && !writer {
             self.permit(who, ino, MAY_WRITE)?;
         }
-        if set.uid.is_some_and(|u| u != a.uid) {
+        if set.uid.is_some_and(|u| !(owner && u == a.uid)) {
             return Err(Error::errno(libc::EPERM));
         }
         if let Some(g) = set.gid {
-            if g != a.gid && !(owner && self.in_group(who, g)) {
+            if !(owner && (g == a.gid || self.in_group(who, g))) {
                 return Err(Error::errno(libc::EPERM));
             }
         }
-        if (set.mode.is_some() || set.sets_explicit_time()) && !owner {
+        if let Some(mode) = set.mode {
+            let (old, new) = (u32::from(a.perm) & 0o7777, mode & 0o7777);
+            if owner {
+                if new & 0o2000 != 0 && !self.in_group(who, set.gid.unwrap_or(a.gid)) {
+                    set.mode = Some(mode & !0o2000);
+                }
+            } else {
+                let drops_privileges_only = new != old && new | (old & 0o6000) == old;
+                if !(drops_privileges_only && may_write()) {
+                    return Err(Error::errno(libc::EPERM));
+                }
+            }
+        }
+        if set.sets_explicit_time() && !owner {
             return Err(Error::errno(libc::EPERM));
         }
         if set.touches() && !owner {

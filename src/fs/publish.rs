@@ -183,8 +183,15 @@ impl Core {
         inode.content = Content::Blob(p.id);
         inode.size = p.size;
         inode.class = class.resolve(&p.head);
-        inode.mtime_ns = self.now();
-        inode.ctime_ns = inode.mtime_ns;
+        // The clock's now, unless a client set the mtime after the last
+        // write (`cp -a`, `touch -t` while it is open): that time is
+        // stored as given (promise 5).
+        let now = self.now();
+        if inode.mtime_set && !self.usage.written(inode.ino) {
+            inode.ctime_ns = now;
+        } else {
+            inode.stamp(now);
+        }
         debug!(
             "publish ino={} blob={} size={} class={}",
             inode.ino, p.id, p.size, inode.class
@@ -221,6 +228,7 @@ impl Core {
             loser.content = Content::Blob(id);
             loser.size = winner.size;
             loser.mtime_ns = winner.mtime_ns;
+            loser.mtime_set = winner.mtime_set;
             loser.class = Class::Result;
             loser.nlink = 0;
             txn.batch.put_inode(&loser);
@@ -426,7 +434,9 @@ impl Core {
                     if share == Share::Now {
                         self.share(&mut txn, &inode)?;
                     }
-                    self.touch_dir(&mut txn, self.inode(parent)?, inode.mtime_ns);
+                    // The directory changed now (the file's mtime may be
+                    // one its writer set).
+                    self.touch_dir(&mut txn, self.inode(parent)?, inode.ctime_ns);
                 }
             }
             // Negative entries for names bound at close are never cached

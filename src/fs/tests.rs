@@ -712,3 +712,43 @@ fn damaged_metadata_records_are_eio_naming_fsck_and_fsck_repair_clears_them() {
     assert_eq!(core.lookup(d, &other).unwrap_err().code(), libc::ENOENT);
     assert!(core.store.gauges().is_ok(), "the gauges are recounted");
 }
+
+#[test]
+fn a_time_set_on_a_scratch_file_survives_a_restart_and_its_rename_into_a_result() {
+    const DATED_NS: u64 = 946_641_600_123_456_789;
+    let dated = || SetAttr {
+        mtime: Some(SetTime::At(DATED_NS)),
+        ..SetAttr::default()
+    };
+    let t = TempStore::new();
+    let d;
+    {
+        let core = t.core();
+        d = mkdirs(&core);
+        // Host-local scratch: kept across the restart, still staged.
+        let tmp = write_tmp(&core, d, "dated.tmp", b"made in 1999");
+        let ino = core.lookup(d, &tmp).unwrap().ino;
+        core.setattr(ino, dated()).unwrap();
+    }
+    let core = t.core();
+    core.rename(d, b"dated.tmp", d, RESULT, 0).unwrap();
+    let published = core.lookup(d, RESULT).unwrap();
+    assert_eq!(published.mtime_ns, DATED_NS, "kept by the publication");
+    assert_eq!(read_name(&core, d, RESULT).unwrap(), b"made in 1999");
+
+    // Written after its time was set: the close stamps the clock's now,
+    // and the publication keeps that.
+    let before_ns = core.getattr(d).unwrap().mtime_ns;
+    let (attr, fh) = core.create(d, b"notes", 0o644, libc::O_EXCL, ME).unwrap();
+    core.write(fh, 0, b"dated, ").unwrap();
+    core.setattr(attr.ino, dated()).unwrap();
+    core.write(fh, 7, b"then written").unwrap();
+    core.flush(fh).unwrap();
+    core.release(fh).unwrap();
+    let notes = core.lookup(d, b"notes").unwrap();
+    assert!(
+        notes.mtime_ns > before_ns,
+        "{} <= {before_ns}",
+        notes.mtime_ns
+    );
+}

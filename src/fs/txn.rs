@@ -288,8 +288,7 @@ impl Core {
     }
 
     pub(super) fn touch_dir(&self, txn: &mut Txn, mut dir: Inode, now: u64) {
-        dir.mtime_ns = now;
-        dir.ctime_ns = now;
+        dir.stamp(now);
         txn.batch.put_inode(&dir);
     }
 

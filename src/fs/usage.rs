@@ -2,8 +2,9 @@
 //!
 //! Per inode: the kernel's lookup count (references it may still use by
 //! number), open handles, handles open for writing, whether a publication
-//! is preparing its staged bytes (`sealing`), and whether it was created
-//! under a create-only name and waits to be bound at close.
+//! is preparing its staged bytes (`sealing`), whether it was created
+//! under a create-only name and waits to be bound at close, and whether it
+//! was written since its mtime was last stamped or set (`written`).
 //!
 //! Invariants:
 //! - An inode whose use is non-zero is never deleted (`Core::maybe_forget`).
@@ -30,6 +31,10 @@ struct Use {
     writers: u32,
     sealing: bool,
     awaiting_bind: bool,
+    /// Written through a handle since the mtime was last stamped (at a
+    /// FLUSH) or set by a client: the next FLUSH stamps the clock's now.
+    /// Only meaningful while handles are open, so not part of `idle`.
+    written: bool,
 }
 
 impl Use {
@@ -200,6 +205,23 @@ impl Usage {
             }
         }
         cond.notify_all();
+    }
+
+    /// A handle wrote (or preallocated, or punched a hole in) `ino`.
+    pub fn mark_written(&self, ino: Ino) {
+        self.update(ino, |u| u.written = true);
+    }
+
+    /// True if `ino` was written since its mtime was last stamped or set;
+    /// clears the mark (the caller stamps or sets the mtime).
+    pub fn take_written(&self, ino: Ino) -> bool {
+        self.update(ino, |u| std::mem::take(&mut u.written))
+    }
+
+    /// True if `ino` was written since its mtime was last stamped or set.
+    pub fn written(&self, ino: Ino) -> bool {
+        let (_leaf, map, _) = self.shard(ino);
+        map.get(&ino).is_some_and(|u| u.written)
     }
 
     pub fn set_awaiting_bind(&self, ino: Ino, on: bool) {

@@ -449,7 +449,7 @@ impl Filesystem for CasFs {
         reply: ReplyAttr,
     ) {
         self.count(Op::Setattr);
-        let set = SetAttr {
+        let mut set = SetAttr {
             mode,
             uid,
             gid,
@@ -457,9 +457,10 @@ impl Filesystem for CasFs {
             atime: atime.map(set_time),
             mtime: mtime.map(set_time),
         };
+        let writer = fh.is_some_and(|fh| self.core.opened_for_writing(fh.0));
         let result = self
             .core
-            .permit_setattr(&who(req), ino(i), &set)
+            .setattr_prepare(&who(req), ino(i), &mut set, writer)
             .and_then(|_| match (size, fh) {
                 (Some(size), Some(fh)) => self.core.before_truncate(fh.0, size),
                 _ => Ok(()),
@@ -577,14 +578,13 @@ impl Filesystem for CasFs {
         reply: ReplyEmpty,
     ) {
         self.count(Op::Rename);
-        let w = who(req);
         let r = self
             .core
-            .permit_remove(&w, ino(parent), name.as_bytes())
-            .and_then(|_| {
-                self.core
-                    .permit_remove(&w, ino(newparent), newname.as_bytes())
-            })
+            .permit_rename(
+                &who(req),
+                (ino(parent), name.as_bytes()),
+                (ino(newparent), newname.as_bytes()),
+            )
             .and_then(|_| {
                 self.core.rename(
                     ino(parent),

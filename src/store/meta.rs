@@ -196,6 +196,11 @@ pub struct Inode {
     /// Some: a client set it (`touch -a`, `utimensat` with explicit times).
     pub atime_ns: Option<u64>,
     pub ctime_ns: u64,
+    /// The mtime is one a client set (`utimensat` with a time: `cp -a`,
+    /// `touch -t`, `tar x`) and the content has not changed since: a
+    /// publication keeps it instead of stamping the clock's now. Every time
+    /// the daemon stamps (`stamp`) clears it.
+    pub mtime_set: bool,
     /// The directory holding the name this inode was last bound to (for a
     /// directory: its parent). Used for class paths and repair.
     pub parent: Ino,
@@ -221,8 +226,18 @@ pub enum PendingReason {
 /// each other name of a hard-linked file (repeated).
 const TAG_ATIME: u8 = 1;
 const TAG_LINK: u8 = 2;
+/// `mtime_set` (no value: present means true).
+const TAG_MTIME_SET: u8 = 3;
 
 impl Inode {
+    /// The content changed now: mtime and ctime are the daemon's clock, and
+    /// a time a client set before no longer stands.
+    pub fn stamp(&mut self, now: u64) {
+        self.mtime_ns = now;
+        self.ctime_ns = now;
+        self.mtime_set = false;
+    }
+
     /// Every name the inode is bound to (for a bound inode).
     pub fn names(&self) -> Vec<(Ino, Vec<u8>)> {
         let mut all = vec![(self.parent, self.name.clone())];
@@ -303,6 +318,9 @@ impl Inode {
             b.push(TAG_ATIME);
             b.extend_from_slice(&atime.to_le_bytes());
         }
+        if self.mtime_set {
+            b.push(TAG_MTIME_SET);
+        }
         for (parent, name) in &self.links {
             b.push(TAG_LINK);
             b.extend_from_slice(&parent.0.to_le_bytes());
@@ -358,12 +376,14 @@ impl Inode {
             t => return Err(Damage::new(format!("unknown content tag {t}"))),
         };
         let mut atime_ns = None;
+        let mut mtime_set = false;
         let mut links = Vec::new();
         loop {
             let at = r.at();
             let Some(tag) = r.next_u8() else { break };
             match tag {
                 TAG_ATIME => atime_ns = Some(r.u64_le("the atime")?),
+                TAG_MTIME_SET => mtime_set = true,
                 TAG_LINK => {
                     let parent = Ino(r.u64_le("a link's parent")?);
                     let n = r.u16_le("a link's name length")? as usize;
@@ -388,6 +408,7 @@ impl Inode {
             mtime_ns,
             atime_ns,
             ctime_ns,
+            mtime_set,
             parent,
             name,
             links,
@@ -1535,6 +1556,7 @@ mod tests {
             mtime_ns: 5,
             atime_ns: None,
             ctime_ns: 6,
+            mtime_set: false,
             parent: Ino(1),
             name: b"abcR".to_vec(),
             links: Vec::new(),
@@ -1565,6 +1587,7 @@ mod tests {
         }
         let touched = Inode {
             atime_ns: Some(7),
+            mtime_set: true,
             links: vec![(Ino(3), b"other".to_vec()), (Ino(4), b"third".to_vec())],
             ..link
         };

@@ -1423,6 +1423,22 @@ impl Drop for ForeignDaemon {
     }
 }
 
+/// A `setpriv` command that runs what follows as `uid`:`gid` with exactly
+/// the supplementary `groups` (none if empty); append `--` and the program.
+pub fn as_user(uid: u32, gid: u32, groups: &[u32]) -> Command {
+    require_programs(&[("setpriv", "util-linux")]);
+    let mut c = Command::new("setpriv");
+    c.arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={gid}"));
+    if groups.is_empty() {
+        c.arg("--clear-groups");
+    } else {
+        let list: Vec<String> = groups.iter().map(u32::to_string).collect();
+        c.arg(format!("--groups={}", list.join(",")));
+    }
+    c
+}
+
 /// The uid and primary gid of user `name` (e.g. `nobody`); fails if there is
 /// no such user.
 pub fn user_ids(name: &str) -> (u32, u32) {

@@ -170,7 +170,7 @@ fn eviction_under_a_stream_of_publications_stops_at_its_low_water_mark() {
     let kept = ENTRIES - evictions;
     let kept_bytes = kept * ENTRY as u64;
     assert!(
-        kept_bytes >= BUDGET * 80 / 100 && kept_bytes <= BUDGET * 95 / 100,
+        (BUDGET * 80 / 100..=BUDGET * 95 / 100).contains(&kept_bytes),
         "{kept} entries ({kept_bytes} bytes, {} % of the {BUDGET}-byte budget) kept after \
          {evictions} evictions; eviction must stop at its low-water mark (80-95 %).\n{}",
         kept_bytes * 100 / BUDGET,

@@ -54,7 +54,7 @@ impl Rng {
         // Half the time a byte that means something to some decoder.
         const INTERESTING: &[u8] =
             b"\x00\x01\x02\x03\x04\x07\xff\xcc\xac\r\n $*:+-/.%0123456789abcdefFcasfs-record";
-        if self.next() % 2 == 0 {
+        if self.next().is_multiple_of(2) {
             INTERESTING[self.below(INTERESTING.len())]
         } else {
             self.next() as u8
@@ -163,6 +163,7 @@ fn inodes() -> Vec<Inode> {
         size: 12345,
         mtime_ns: 1_700_000_000_000_000_001,
         atime_ns: None,
+        mtime_set: false,
         ctime_ns: 1_700_000_000_000_000_002,
         parent: Ino(17),
         name: b"c8aiq5frsd7ctaaepqbvl8shkb4kcjcR".to_vec(),

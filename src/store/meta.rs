@@ -1642,9 +1642,10 @@ mod tests {
         let e = store.gauges().unwrap_err();
         assert_eq!(e.code(), libc::EIO);
         assert!(e.to_string().contains("gauge_blobs"), "{e}");
-        store
-            .db
-            .compact_range_cf(store.cf(Cf::Counters), None::<&[u8]>, None::<&[u8]>);
+        {
+            let db = store.db().unwrap();
+            db.compact_range_cf(Store::cf(&db, Cf::Counters), None::<&[u8]>, None::<&[u8]>);
+        }
         let mut b = store.batch();
         b.add_gauges(1, 0, 0);
         b.commit(false).unwrap();
@@ -1712,6 +1713,7 @@ mod tests {
             size: 123,
             mtime_ns: 5,
             atime_ns: None,
+            mtime_set: false,
             ctime_ns: 6,
             parent: Ino(1),
             name: b"abcR".to_vec(),

@@ -261,28 +261,20 @@ pub fn run(args: MountArgs) -> Result<(), String> {
     }
 }
 
-/// How often the evictor compares the store with `--max-size`.
+/// How often the evictor compares the store with `--max-size` (besides
+/// publications, which check before they are answered): for bytes that
+/// arrive otherwise (copies fetched from the shared tier), and for a store
+/// mounted over its limit.
 const EVICT_PERIOD_MS: u64 = 500;
-/// An eviction pass brings the store down to this share of `--max-size`,
-/// so that passes are not triggered by every publication.
-const EVICT_TARGET_PERCENT: u64 = 90;
 
 /// Keeps the store under `max_bytes` in the background.
 fn start_evictor(core: Arc<Core>, max_bytes: u64) -> Result<(), String> {
     info!("size limit: {max_bytes} bytes (evicting least recently used entries)");
-    let target = max_bytes / 100 * EVICT_TARGET_PERCENT;
+    core.set_size_limit(max_bytes);
     std::thread::Builder::new()
         .name("evictor".into())
         .spawn(move || loop {
-            if core.bytes_stored() > max_bytes {
-                match core.evict(target) {
-                    Ok(n) => info!(
-                        "evicted {n} entries; store now {} bytes",
-                        core.bytes_stored()
-                    ),
-                    Err(e) => warn!("eviction failed: {e}"),
-                }
-            }
+            core.keep_under_limit();
             std::thread::sleep(std::time::Duration::from_millis(EVICT_PERIOD_MS));
         })
         .map(|_| ())

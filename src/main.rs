@@ -323,7 +323,7 @@ fn run(cli: Cli) -> Result<(), String> {
             }
             result
         }
-        Command::Unmount { lazy, mountpoint } => mount::unmount(&mountpoint, lazy),
+        Command::Unmount { lazy, mountpoint } => mount::unmount_command(&mountpoint, lazy),
         Command::BenchPopulate { store, entries } => {
             let config = core::Config {
                 rules: classes::Rules::new(&[])?,

@@ -130,7 +130,10 @@ pub fn describe_bytes(bytes: u64) -> String {
         ("Ki", 1 << 10),
         ("k", 1000),
     ];
-    match UNITS.iter().find(|(_, u)| bytes >= *u && bytes.is_multiple_of(*u)) {
+    match UNITS
+        .iter()
+        .find(|(_, u)| bytes >= *u && bytes.is_multiple_of(*u))
+    {
         Some((name, u)) => format!("{}{name} ({bytes} bytes)", bytes / u),
         None => format!("{bytes} bytes"),
     }

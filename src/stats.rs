@@ -4,7 +4,7 @@
 //! Event counters (result opens, misses, ...) count since the daemon
 //! started; store gauges (blobs, bytes) are read from the metadata, which
 //! keeps them exact. Counter names are part of the interface: add; rename
-//! only a name that misleads, and say so in the README (`hits` became
+//! only a name that misleads, and say so in doc/operations.md (`hits` became
 //! `result_opens`: it never counted cache hits).
 //!
 //! Every FUSE request is timed and its outcome counted, by operation

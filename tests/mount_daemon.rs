@@ -594,3 +594,70 @@ fn node_exporter_scrapes_two_mounts_at_once_through_the_textfile_recipe() {
     m1.unmount();
     m2.unmount();
 }
+
+// ---------------------------------------------------------------------------
+// Unmount while another mount namespace holds a copy
+// ---------------------------------------------------------------------------
+
+/// A process in a mount namespace of its own; killed on drop.
+struct Holder(std::process::Child);
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn casfs_unmount_names_the_other_mount_namespaces_that_keep_the_daemon_serving() {
+    require_programs(&[("unshare", "util-linux")]);
+    let td = TestDir::new("unmount-holders");
+    let mp = td.mountpoint("mnt");
+    let mut m = Mount::start(&td.store(), &mp, &[]);
+    // A copy of the mount table with the mount in it, as a container or
+    // `unshare -m` makes.
+    let mut holder = Holder(
+        Command::new("unshare")
+            .args(["-m", "--propagation", "private", "sleep", "120"])
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("unshare -m sleep"),
+    );
+    let pid = holder.0.id();
+    let ours = fs::read_link("/proc/self/ns/mnt").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while fs::read_link(format!("/proc/{pid}/ns/mnt")).ok().as_ref() == Some(&ours)
+        || !fs::read_to_string(format!("/proc/{pid}/mountinfo"))
+            .unwrap_or_default()
+            .contains(mp.to_str().unwrap())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "unshare -m did not start"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+
+    let out = casfs(&["unmount".as_ref(), mp.as_os_str()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(
+        err.contains("1 other mount namespace(s) still hold the mount")
+            && err.contains(&format!("{pid} (sleep)"))
+            && err.contains("its daemon keeps serving them"),
+        "casfs unmount must name the namespaces that keep the daemon serving:\n{err}"
+    );
+    assert!(!is_mounted(&mp), "{mp:?} is still mounted here");
+    thread::sleep(Duration::from_millis(300));
+    assert!(
+        m.try_status().is_none(),
+        "the daemon exited although another namespace still holds its mount"
+    );
+    // The last copy goes: the daemon exits 0.
+    let _ = holder.0.kill();
+    let _ = holder.0.wait();
+    let st = m.wait_exit(EXIT_TIMEOUT_S);
+    assert!(st.success(), "daemon exit after the last copy went: {st}");
+    drop(holder);
+}

@@ -1000,6 +1000,20 @@ fn installer_stages_every_file_under_destdir_and_uninstall_removes_them() {
         ),
         ("sbin/mount.fuse.casfs", 0o777, None),
     ];
+    // And the documentation by topic.
+    let expect: Vec<(String, u32, Option<PathBuf>)> = expect
+        .into_iter()
+        .map(|(rel, mode, orig)| (rel.to_string(), mode, orig))
+        .chain(
+            ["usage", "semantics", "operations", "design", "performance"].map(|topic| {
+                (
+                    format!("usr/local/share/doc/casfs/doc/{topic}.md"),
+                    0o644,
+                    Some(repo.join(format!("doc/{topic}.md"))),
+                )
+            }),
+        )
+        .collect();
     for (rel, mode, same_as) in &expect {
         let p = dest.join(rel);
         let m = fs::symlink_metadata(&p)
@@ -1063,7 +1077,7 @@ fn installer_stages_every_file_under_destdir_and_uninstall_removes_them() {
     assert_ok(&out, "install --uninstall");
     for (rel, _, _) in &expect {
         let p = dest.join(rel);
-        if *rel == "etc/default/casfs" {
+        if rel == "etc/default/casfs" {
             assert!(p.exists(), "uninstall removed the edited {p:?}");
         } else {
             assert!(

@@ -198,7 +198,10 @@ fn the_debian_package_installs_mounts_from_fstab_and_the_unit_serves_ccache_and_
         "every file must belong to root:\n{listing}"
     );
     let conffiles = run_ok(
-        Command::new("dpkg-deb").arg("-I").arg(&deb).arg("conffiles"),
+        Command::new("dpkg-deb")
+            .arg("-I")
+            .arg(&deb)
+            .arg("conffiles"),
         "dpkg-deb -I DEB conffiles",
     );
     assert_eq!(

@@ -408,6 +408,87 @@ fn start_scrubber(core: Arc<Core>, interval_ms: u64) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
+/// `casfs unmount`: unmounts `path`, then says so when other mount
+/// namespaces (a container, `unshare -m`, `ip netns exec`) still hold a
+/// copy of the mount: the kernel keeps the filesystem, and so its daemon,
+/// alive until the last copy goes, which surprises an operator who just
+/// unmounted it.
+pub fn unmount_command(path: &Path, lazy: bool) -> Result<(), String> {
+    let dev = fs::canonicalize(path)
+        .ok()
+        .and_then(|p| mount_device(&fs::read_to_string("/proc/self/mountinfo").ok()?, &p));
+    unmount(path, lazy)?;
+    if let Some(dev) = dev {
+        let holders = holders_in_other_namespaces(&dev);
+        if !holders.is_empty() {
+            let list: Vec<String> = holders
+                .iter()
+                .map(|(pid, comm)| format!("{pid} ({comm})"))
+                .collect();
+            eprintln!(
+                "casfs unmount: {} is unmounted here, but {} other mount namespace(s) still hold the mount (e.g. processes {}); its daemon keeps serving them until they unmount it or exit",
+                path.display(),
+                holders.len(),
+                list.join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The device (`major:minor`, field 3 of mountinfo) of the FUSE mount
+/// exactly at `path` in `mountinfo`.
+fn mount_device(mountinfo: &str, path: &Path) -> Option<String> {
+    let want = path.as_os_str().as_bytes();
+    mountinfo.lines().find_map(|line| {
+        let f: Vec<&str> = line.split(' ').collect();
+        let sep = f.iter().position(|x| *x == "-")?;
+        let fstype = f.get(sep + 1)?;
+        (unescape_mount_path(f.get(4)?) == want && fstype.starts_with("fuse"))
+            .then(|| f.get(2).map(|d| d.to_string()))?
+    })
+}
+
+/// One process per other mount namespace whose mount table still has a
+/// FUSE mount of device `dev`: (pid, command name).
+fn holders_in_other_namespaces(dev: &str) -> Vec<(u32, String)> {
+    let ours = fs::read_link("/proc/self/ns/mnt").ok();
+    let mut seen = Vec::new();
+    let mut holders = Vec::new();
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return holders;
+    };
+    for e in procs.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(ns) = fs::read_link(format!("/proc/{pid}/ns/mnt")) else {
+            continue;
+        };
+        if Some(&ns) == ours.as_ref() || seen.contains(&ns) {
+            continue;
+        }
+        let Ok(text) = fs::read_to_string(format!("/proc/{pid}/mountinfo")) else {
+            continue;
+        };
+        let holds = text.lines().any(|line| {
+            let f: Vec<&str> = line.split(' ').collect();
+            let fuse = f
+                .iter()
+                .position(|x| *x == "-")
+                .and_then(|s| f.get(s + 1))
+                .is_some_and(|t| t.starts_with("fuse"));
+            fuse && f.get(2) == Some(&dev)
+        });
+        seen.push(ns);
+        if holds {
+            let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            holders.push((pid, comm.trim().to_string()));
+        }
+    }
+    holders
+}
+
 /// Unmounts `path` (also a dead mount whose daemon was killed).
 pub fn unmount(path: &Path, lazy: bool) -> Result<(), String> {
     let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|e| e.to_string())?;

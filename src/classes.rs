@@ -103,7 +103,7 @@ impl fmt::Display for Class {
 
 /// The built-in rules, one group per ccache generation, written from each
 /// version's sources (the file operations are replayed in
-/// `tests/mount_layouts.rs`). Documented in the README; keep the two in step.
+/// `tests/mount_layouts.rs`). Documented in doc/semantics.md; keep the two in step.
 pub const DEFAULT_RULES: &[&str] = &[
     // Host-local scratch, every generation: ccache's temporary directory and
     // lock directory, `symlink()` locks and their `.alive` companions,

@@ -13,8 +13,9 @@
 //!   the clock, identities, fsck.
 //! - `shared/`: the shared tier (engine trait, shared directory, Redis) and
 //!   the upload queue.
-//! - `classes`, `integrity`, `stats`, `error`: path classes, cache entries'
-//!   own checksums, counters, the error type.
+//! - `classes`, `integrity`, `stats`, `error`, `size`: path classes, cache
+//!   entries' own checksums, counters, the error type, sizes as ccache
+//!   writes them.
 //! - `decode`: what every decoder of bytes from disk or the network shares
 //!   (they are total: an error, never a panic or a made-up zero), and the
 //!   seeded test that feeds all of them damaged bytes.
@@ -27,5 +28,6 @@ pub mod fs;
 pub mod fuse;
 pub mod integrity;
 pub mod shared;
+pub mod size;
 pub mod stats;
 pub mod store;

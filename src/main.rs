@@ -3,12 +3,13 @@
 //! else (0 ok, 1 failed, 2 usage).
 
 use casfs::store::{fsck, meta};
-use casfs::{classes, daemon as mount, fs as core, shared};
+use casfs::{classes, daemon as mount, fs as core, shared, size};
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -26,52 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Mount a cache and serve it in the foreground until it is unmounted.
-    Mount {
-        /// Store directory [default: /var/cache/casfs as root, else $XDG_CACHE_HOME/casfs or ~/.cache/casfs]
-        #[arg(long)]
-        store: Option<PathBuf>,
-        /// Class rule PATTERN=CLASS (result, mutable, local, ccache-entry), before the built-in rules; repeatable
-        #[arg(long = "class", value_name = "PATTERN=CLASS")]
-        classes: Vec<String>,
-        /// Percentage of blobs verified against their hash at their first open in this mount (0-100); the scrub re-checks them later
-        #[arg(long, default_value_t = 100)]
-        verify_percent: u32,
-        /// Keep the store under SIZE (e.g. 20G, 500M) by evicting least recently used entries
-        #[arg(long, value_name = "SIZE")]
-        max_size: Option<String>,
-        /// Share entries with other hosts: file:///ABSOLUTE/PATH or redis://[:PASSWORD@]HOST:PORT[/DB]
-        #[arg(long, value_name = "URL")]
-        shared: Option<String>,
-        /// Partition of the shared engine this cache uses (e.g. one per OS release)
-        #[arg(long, value_name = "NAME")]
-        namespace: Option<String>,
-        /// Bound on every shared-tier call, in milliseconds
-        #[arg(long, default_value_t = 500)]
-        shared_timeout_ms: u64,
-        /// How far ahead of this host's clock an mtime from the shared tier may move it, in milliseconds (build hosts are assumed to run NTP) [default: 1000]
-        #[arg(long, value_name = "MS")]
-        shared_clock_skew_ms: Option<u64>,
-        /// umask for files the shared-directory engine creates (octal)
-        #[arg(long, default_value = "002")]
-        shared_umask: String,
-        /// Milliseconds between two blobs checked by the background scrub (0 turns it off)
-        #[arg(long, default_value_t = 1000)]
-        scrub_interval_ms: u64,
-        /// Serve hits only: every change gets EROFS
-        #[arg(long)]
-        read_only: bool,
-        /// Mount options, comma separated: allow_other, ro, rw, max_size=SIZE,
-        /// uid=N, gid=N, mode=OCTAL (of the cache root), default_permissions
-        #[arg(short = 'o', value_name = "OPTS")]
-        options: Option<String>,
-        /// Mount over a non-empty directory
-        #[arg(long)]
-        force: bool,
-        /// Threads serving kernel requests, each with its own /dev/fuse descriptor [default: the host's parallelism, at most 64]
-        #[arg(long)]
-        threads: Option<usize>,
-        mountpoint: PathBuf,
-    },
+    Mount(MountCmd),
     /// Unmount a casfs mount (also one whose daemon died).
     Unmount {
         /// Detach now even if busy; the mount goes when the last user leaves
@@ -99,6 +55,58 @@ enum Command {
         #[arg(long)]
         repair: bool,
     },
+}
+
+/// `casfs mount`'s flags, raw (validated by `run_mount`).
+#[derive(Args)]
+struct MountCmd {
+    /// Store directory [default: /var/cache/casfs as root, else $XDG_CACHE_HOME/casfs or ~/.cache/casfs]
+    #[arg(long)]
+    store: Option<PathBuf>,
+    /// Class rule PATTERN=CLASS (result, mutable, local, ccache-entry), before the built-in rules; repeatable
+    #[arg(long = "class", value_name = "PATTERN=CLASS")]
+    classes: Vec<String>,
+    /// Percentage of blobs verified against their hash at their first open in this mount (0-100); the scrub re-checks them later
+    #[arg(long, default_value_t = 100)]
+    verify_percent: u32,
+    /// Keep the store under SIZE by evicting least recently used entries; sizes as ccache writes them: 20G = 20 GB, 20Gi = 20 GiB, 500M, 64Ki; a bare number means G; 0 means no limit
+    #[arg(long, value_name = "SIZE")]
+    max_size: Option<String>,
+    /// Share entries with other hosts: file:///ABSOLUTE/PATH or redis://[:PASSWORD@]HOST:PORT[/DB]
+    #[arg(long, value_name = "URL")]
+    shared: Option<String>,
+    /// Partition of the shared engine this cache uses (e.g. one per OS release)
+    #[arg(long, value_name = "NAME")]
+    namespace: Option<String>,
+    /// Bound on every shared-tier call, in milliseconds
+    #[arg(long, default_value_t = 500)]
+    shared_timeout_ms: u64,
+    /// How far ahead of this host's clock an mtime from the shared tier may move it, in milliseconds (build hosts are assumed to run NTP) [default: 1000]
+    #[arg(long, value_name = "MS")]
+    shared_clock_skew_ms: Option<u64>,
+    /// umask for files the shared-directory engine creates (octal)
+    #[arg(long, default_value = "002")]
+    shared_umask: String,
+    /// Milliseconds between two blobs checked by the background scrub (0 turns it off)
+    #[arg(long, default_value_t = 1000)]
+    scrub_interval_ms: u64,
+    /// Serve hits only: every change gets EROFS
+    #[arg(long)]
+    read_only: bool,
+    /// Mount options, comma separated: allow_other, ro, rw, max_size=SIZE,
+    /// uid=N, gid=N, mode=OCTAL (of the cache root), default_permissions
+    #[arg(short = 'o', value_name = "OPTS")]
+    options: Option<String>,
+    /// Mount over a non-empty directory
+    #[arg(long)]
+    force: bool,
+    /// Threads serving kernel requests, each with its own /dev/fuse descriptor [default: the host's parallelism, at most 64]
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Write one line to descriptor N once the mount serves ("ready") or the daemon fails to start (its error message), then close it
+    #[arg(long, value_name = "N")]
+    ready_fd: Option<i32>,
+    mountpoint: PathBuf,
 }
 
 /// `--shared-clock-skew-ms` when not given.
@@ -144,7 +152,10 @@ fn parse_mount_options(text: &str) -> Result<MountOptions, String> {
             "allow_other" => o.allow_other = true,
             "ro" => o.read_only = true,
             "rw" | "default_permissions" => {}
-            "max_size" => o.max_size_bytes = Some(parse_size(value.unwrap_or(""))?),
+            "max_size" => {
+                o.max_size_bytes = size::parse_size_limit(value.unwrap_or(""))
+                    .map_err(|e| format!("mount option max_size={e}"))?
+            }
             "uid" => o.uid = Some(number(value, 10)?),
             "gid" => o.gid = Some(number(value, 10)?),
             "mode" => o.mode = Some(number(value, 8)? & 0o7777),
@@ -167,25 +178,6 @@ fn parse_mount_options(text: &str) -> Result<MountOptions, String> {
         }
     }
     Ok(o)
-}
-
-/// `20G`, `500M`, `64K`, `1T` (powers of 1024, an optional `B` or `iB`), or bytes.
-fn parse_size(text: &str) -> Result<u64, String> {
-    let t = text.trim().trim_end_matches("iB").trim_end_matches('B');
-    let (digits, shift) = match t.chars().last() {
-        Some('K' | 'k') => (&t[..t.len() - 1], 10),
-        Some('M' | 'm') => (&t[..t.len() - 1], 20),
-        Some('G' | 'g') => (&t[..t.len() - 1], 30),
-        Some('T' | 't') => (&t[..t.len() - 1], 40),
-        _ => (t, 0),
-    };
-    let n: f64 = digits
-        .parse()
-        .map_err(|_| format!("size {text:?} is not a size (use e.g. 20G, 500M, 1T)"))?;
-    if n.is_nan() || n <= 0.0 {
-        return Err(format!("size {text:?} must be positive"));
-    }
-    Ok((n * (1u64 << shift) as f64) as u64)
 }
 
 /// Runs `casfs fsck` and prints its findings; returns the exit code.
@@ -241,81 +233,97 @@ fn read_casfs_file(mountpoint: &Path, name: &str) -> Result<String, String> {
     })
 }
 
+/// `casfs mount`: validates the flags into ready-to-use values and runs
+/// the daemon until the filesystem is unmounted.
+fn run_mount(m: MountCmd, readiness: Arc<mount::Readiness>) -> Result<(), String> {
+    let MountCmd {
+        store,
+        classes,
+        verify_percent,
+        max_size,
+        shared,
+        namespace,
+        shared_timeout_ms,
+        shared_clock_skew_ms,
+        shared_umask,
+        scrub_interval_ms,
+        read_only,
+        options,
+        force,
+        threads,
+        ready_fd: _,
+        mountpoint,
+    } = m;
+    if verify_percent > 100 {
+        return Err(format!(
+            "--verify-percent {verify_percent} is not a percentage (0-100)"
+        ));
+    }
+    let rules = classes::Rules::new(&classes)?;
+    let mut o = parse_mount_options(options.as_deref().unwrap_or(""))?;
+    o.read_only |= read_only;
+    if let Some(text) = max_size {
+        o.max_size_bytes = size::parse_size_limit(&text).map_err(|e| format!("--max-size {e}"))?;
+    }
+    o.shared = shared.or(o.shared);
+    o.namespace = namespace.or(o.namespace);
+    let umask = u32::from_str_radix(&shared_umask, 8)
+        .ok()
+        .filter(|u| *u <= 0o777)
+        .ok_or_else(|| format!("--shared-umask {shared_umask:?} is not an octal umask"))?;
+    if o.namespace.is_some() && o.shared.is_none() {
+        return Err("--namespace needs --shared".into());
+    }
+    if shared_timeout_ms == 0 {
+        return Err("--shared-timeout-ms must be at least 1".into());
+    }
+    let shared = o.shared.clone().map(|url| {
+        let config = shared::EngineConfig {
+            namespace: o.namespace.clone().unwrap_or_else(|| "default".into()),
+            timeout: std::time::Duration::from_millis(shared_timeout_ms),
+            umask,
+        };
+        (url, config)
+    });
+    let store = store.unwrap_or_else(default_store);
+    mount::run(mount::MountArgs {
+        store,
+        mountpoint,
+        config: core::Config {
+            rules,
+            verify_percent,
+            read_only: o.read_only,
+            durable: true,
+            root_uid: o.uid,
+            root_gid: o.gid,
+            root_mode: o.mode,
+        },
+        max_size_bytes: o.max_size_bytes,
+        shared,
+        clock_skew_max_ms: shared_clock_skew_ms
+            .or(o.shared_clock_skew_ms)
+            .unwrap_or(CLOCK_SKEW_MS_DEFAULT),
+        scrub_interval_ms,
+        allow_other: o.allow_other,
+        force,
+        threads: threads.unwrap_or_else(mount::default_threads),
+        readiness,
+    })
+}
+
 fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
-        Command::Mount {
-            store,
-            classes,
-            verify_percent,
-            max_size,
-            shared,
-            namespace,
-            shared_timeout_ms,
-            shared_clock_skew_ms,
-            shared_umask,
-            scrub_interval_ms,
-            read_only,
-            options,
-            force,
-            threads,
-            mountpoint,
-        } => {
-            if verify_percent > 100 {
-                return Err(format!(
-                    "--verify-percent {verify_percent} is not a percentage (0-100)"
-                ));
+        Command::Mount(m) => {
+            // First, so that every refusal below reaches the starter too.
+            let notify_socket = std::env::var("NOTIFY_SOCKET").ok();
+            let readiness = Arc::new(mount::Readiness::new(notify_socket.as_deref(), m.ready_fd)?);
+            let result = run_mount(m, readiness.clone());
+            if let Err(e) = &result {
+                readiness.failed(&format!("casfs: {e}"));
             }
-            let rules = classes::Rules::new(&classes)?;
-            let mut o = parse_mount_options(options.as_deref().unwrap_or(""))?;
-            o.read_only |= read_only;
-            if let Some(size) = max_size {
-                o.max_size_bytes = Some(parse_size(&size)?);
-            }
-            o.shared = shared.or(o.shared);
-            o.namespace = namespace.or(o.namespace);
-            let umask = u32::from_str_radix(&shared_umask, 8)
-                .ok()
-                .filter(|u| *u <= 0o777)
-                .ok_or_else(|| format!("--shared-umask {shared_umask:?} is not an octal umask"))?;
-            if o.namespace.is_some() && o.shared.is_none() {
-                return Err("--namespace needs --shared".into());
-            }
-            if shared_timeout_ms == 0 {
-                return Err("--shared-timeout-ms must be at least 1".into());
-            }
-            let shared = o.shared.clone().map(|url| {
-                let config = shared::EngineConfig {
-                    namespace: o.namespace.clone().unwrap_or_else(|| "default".into()),
-                    timeout: std::time::Duration::from_millis(shared_timeout_ms),
-                    umask,
-                };
-                (url, config)
-            });
-            let store = store.unwrap_or_else(default_store);
-            mount::run(mount::MountArgs {
-                store,
-                mountpoint,
-                config: core::Config {
-                    rules,
-                    verify_percent,
-                    read_only: o.read_only,
-                    durable: true,
-                    root_uid: o.uid,
-                    root_gid: o.gid,
-                    root_mode: o.mode,
-                },
-                max_size_bytes: o.max_size_bytes,
-                shared,
-                clock_skew_max_ms: shared_clock_skew_ms
-                    .or(o.shared_clock_skew_ms)
-                    .unwrap_or(CLOCK_SKEW_MS_DEFAULT),
-                scrub_interval_ms,
-                allow_other: o.allow_other,
-                force,
-                threads: threads.unwrap_or_else(mount::default_threads),
-            })
+            result
         }
-        Command::Unmount { lazy, mountpoint } => mount::unmount(&mountpoint, lazy),
+        Command::Unmount { lazy, mountpoint } => mount::unmount_command(&mountpoint, lazy),
         Command::BenchPopulate { store, entries } => {
             let config = core::Config {
                 rules: classes::Rules::new(&[])?,
@@ -358,18 +366,61 @@ fn run(cli: Cli) -> Result<(), String> {
     }
 }
 
-fn main() -> ExitCode {
+/// Whether stderr is a stream to the systemd journal: `$JOURNAL_STREAM`
+/// names its device and inode (checked, because the variable is inherited
+/// by processes whose stderr was redirected elsewhere).
+fn stderr_is_journal() -> bool {
+    let Some((dev, ino)) = std::env::var("JOURNAL_STREAM").ok().and_then(|v| {
+        let (d, i) = v.split_once(':')?;
+        Some((d.parse::<u64>().ok()?, i.parse::<u64>().ok()?))
+    }) else {
+        return false;
+    };
+    // SAFETY: fstat into a zeroed struct on our own stderr.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    let ok = unsafe { libc::fstat(2, &mut st) } == 0;
+    ok && st.st_dev == dev && st.st_ino == ino
+}
+
+/// The logger: env_logger's lines on a terminal or in a file; on the
+/// journal, which stamps every line itself, no timestamp of our own and a
+/// syslog priority prefix (`<4>` for a warning) so that `journalctl -p`
+/// filters by level.
+fn init_logging() {
+    use std::io::Write;
     // fuser warns when it finds the mount already gone at exit (our normal
     // way out after `umount`), so its session module logs errors only.
-    env_logger::Builder::from_env(
+    let mut builder = env_logger::Builder::from_env(
         env_logger::Env::default().default_filter_or("info,fuser::session=error"),
-    )
-    .init();
+    );
+    if stderr_is_journal() {
+        builder.format(|buf, record| {
+            let priority = match record.level() {
+                log::Level::Error => 3,
+                log::Level::Warn => 4,
+                log::Level::Info => 6,
+                log::Level::Debug | log::Level::Trace => 7,
+            };
+            writeln!(
+                buf,
+                "<{priority}>[{} {}] {}",
+                record.level(),
+                record.target(),
+                record.args()
+            )
+        });
+    }
+    builder.init();
+}
+
+fn main() -> ExitCode {
+    init_logging();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("casfs: {e}");
+            let priority = if stderr_is_journal() { "<3>" } else { "" };
+            eprintln!("{priority}casfs: {e}");
             ExitCode::FAILURE
         }
     }
@@ -381,18 +432,22 @@ mod tests {
 
     #[test]
     fn sizes_and_mount_options_parse_or_are_refused_clearly() {
-        assert_eq!(parse_size("20G").unwrap(), 20 << 30);
-        assert_eq!(parse_size("500MiB").unwrap(), 500 << 20);
-        assert_eq!(parse_size("1.5K").unwrap(), 1536);
-        assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert!(parse_size("lots").is_err());
-        assert!(parse_size("0").is_err());
         let o = parse_mount_options("allow_other,ro,max_size=1G,uid=65534,gid=65534,mode=2775")
             .unwrap();
         assert!(o.allow_other && o.read_only);
         assert_eq!(
             (o.max_size_bytes, o.uid, o.gid, o.mode),
-            (Some(1 << 30), Some(65534), Some(65534), Some(0o2775))
+            (Some(1_000_000_000), Some(65534), Some(65534), Some(0o2775))
+        );
+        // As in ccache.conf: a bare number is G, 0 is no limit.
+        let o = parse_mount_options("max_size=20").unwrap();
+        assert_eq!(o.max_size_bytes, Some(20_000_000_000));
+        let o = parse_mount_options("max_size=0").unwrap();
+        assert_eq!(o.max_size_bytes, None);
+        let e = parse_mount_options("max_size=inf").unwrap_err();
+        assert!(
+            e.starts_with("mount option max_size=\"inf\" is refused"),
+            "{e}"
         );
         assert!(parse_mount_options("bogus").is_err());
         let o = parse_mount_options("shared=redis://h:6379/2,namespace=deb13").unwrap();

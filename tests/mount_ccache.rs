@@ -132,7 +132,7 @@ fn statistics_files_agree_after_cold_and_warm_builds() {
     let json = m.stats_json();
     let keys = [
         "lookups",
-        "hits",
+        "result_opens",
         "misses",
         "publications",
         "conflicts",
@@ -154,9 +154,9 @@ fn statistics_files_agree_after_cold_and_warm_builds() {
     );
     let get = |k: &str| json_u64(&json, k).unwrap();
     assert!(
-        get("hits") >= n,
-        "a warm build of {n} sources opened {n} results, but hits = {}:\n{json}",
-        get("hits")
+        get("result_opens") >= n,
+        "a warm build of {n} sources opened {n} results, but result_opens = {}:\n{json}",
+        get("result_opens")
     );
     assert!(
         get("misses") > 0,
@@ -215,8 +215,14 @@ fn statistics_files_agree_after_cold_and_warm_builds() {
         parsed.keys().all(|k| k.starts_with("casfs_")),
         "every metric is named casfs_*:\n{metrics}"
     );
-    for k in ["hits", "misses", "publications", "conflicts"] {
-        let name = format!("casfs_{k}_total");
+    // Every series carries the mount label.
+    let label = format!("{{mount=\"{}\"", m.mountpoint.display());
+    assert!(
+        parsed.keys().all(|k| k.contains(&label)),
+        "every series must carry {label}}}:\n{metrics}"
+    );
+    for k in ["result_opens", "misses", "publications", "conflicts"] {
+        let name = format!("casfs_{k}_total{label}}}");
         let v = parsed
             .get(&name)
             .unwrap_or_else(|| panic!("metrics has no {name}:\n{metrics}"));
@@ -240,8 +246,8 @@ fn statistics_files_agree_after_cold_and_warm_builds() {
     );
     let printed = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
-        before.to_ascii_lowercase().contains("hits"),
-        ".casfs/stats does not mention hits:\n{before}"
+        before.contains("result_opens"),
+        ".casfs/stats does not mention result_opens:\n{before}"
     );
     let shape = |t: &str| -> Vec<String> {
         t.lines()
@@ -295,9 +301,9 @@ fn remount_from_same_store_serves_every_entry_as_hit() {
     s.mount = Mount::start(&store, &mp, &[]);
     let warm = s.build("after-remount");
     assert_warm(&warm, n, "after unmount and remount of the same store");
-    let hits = s.mount.counter("hits");
+    let opens = s.mount.counter("result_opens");
     assert!(
-        hits >= n as u64,
-        "new daemon counted {hits} hits for {n} ccache hits"
+        opens >= n as u64,
+        "new daemon counted {opens} result opens for {n} ccache hits"
     );
 }

@@ -939,8 +939,10 @@ fn installer_stages_every_file_under_destdir_and_uninstall_removes_them() {
 
     let out = installer(&[]);
     assert_ok(&out, "DESTDIR=... mount-helpers/install");
-    let expect: [(&str, u32, Option<PathBuf>); 8] = [
-        ("usr/local/bin/casfs", 0o755, Some(PathBuf::from(CASFS_BIN))),
+    let repo = helpers_dir().parent().unwrap().to_path_buf();
+    let expect: Vec<(&str, u32, Option<PathBuf>)> = vec![
+        // Stripped: checked below, not compared.
+        ("usr/local/bin/casfs", 0o755, None),
         (
             "sbin/mount.casfs",
             0o755,
@@ -952,9 +954,24 @@ fn installer_stages_every_file_under_destdir_and_uninstall_removes_them() {
             Some(helpers_dir().join("casfs-chroots")),
         ),
         (
+            "usr/local/sbin/casfs-textfile",
+            0o755,
+            Some(helpers_dir().join("casfs-textfile")),
+        ),
+        (
             "etc/systemd/system/casfs@.service",
             0o644,
             Some(helpers_dir().join("casfs@.service")),
+        ),
+        (
+            "etc/systemd/system/casfs-textfile.service",
+            0o644,
+            Some(helpers_dir().join("casfs-textfile.service")),
+        ),
+        (
+            "etc/systemd/system/casfs-textfile.timer",
+            0o644,
+            Some(helpers_dir().join("casfs-textfile.timer")),
         ),
         (
             "etc/default/casfs",
@@ -962,7 +979,17 @@ fn installer_stages_every_file_under_destdir_and_uninstall_removes_them() {
             Some(helpers_dir().join("casfs.default")),
         ),
         (
+            "etc/logrotate.d/casfs",
+            0o644,
+            Some(helpers_dir().join("casfs.logrotate")),
+        ),
+        (
             "usr/local/share/doc/casfs/README.md",
+            0o644,
+            Some(repo.join("README.md")),
+        ),
+        (
+            "usr/local/share/doc/casfs/mount-helpers.md",
             0o644,
             Some(helpers_dir().join("README.md")),
         ),
@@ -973,6 +1000,20 @@ fn installer_stages_every_file_under_destdir_and_uninstall_removes_them() {
         ),
         ("sbin/mount.fuse.casfs", 0o777, None),
     ];
+    // And the documentation by topic.
+    let expect: Vec<(String, u32, Option<PathBuf>)> = expect
+        .into_iter()
+        .map(|(rel, mode, orig)| (rel.to_string(), mode, orig))
+        .chain(
+            ["usage", "semantics", "operations", "design", "performance"].map(|topic| {
+                (
+                    format!("usr/local/share/doc/casfs/doc/{topic}.md"),
+                    0o644,
+                    Some(repo.join(format!("doc/{topic}.md"))),
+                )
+            }),
+        )
+        .collect();
     for (rel, mode, same_as) in &expect {
         let p = dest.join(rel);
         let m = fs::symlink_metadata(&p)
@@ -980,7 +1021,7 @@ fn installer_stages_every_file_under_destdir_and_uninstall_removes_them() {
         if let Some(orig) = same_as {
             assert_eq!(m.mode() & 0o7777, *mode, "mode of {p:?}");
             assert!(same_content(&p, orig), "{p:?} is not a copy of {orig:?}");
-        } else {
+        } else if rel.ends_with("mount.fuse.casfs") {
             assert_eq!(
                 fs::read_link(&p).ok(),
                 Some(PathBuf::from("mount.casfs")),
@@ -988,6 +1029,25 @@ fn installer_stages_every_file_under_destdir_and_uninstall_removes_them() {
             );
         }
     }
+    // The binary is installed stripped: a fraction of the build's size,
+    // and it runs.
+    let bin = dest.join("usr/local/bin/casfs");
+    let (built, installed) = (
+        fs::metadata(CASFS_BIN).unwrap().len(),
+        fs::metadata(&bin).unwrap().len(),
+    );
+    assert_eq!(fs::metadata(&bin).unwrap().mode() & 0o7777, 0o755);
+    assert!(
+        installed < built / 4,
+        "the installed binary ({installed} bytes) is not stripped (built: {built} bytes)"
+    );
+    let version = Command::new(&bin).arg("--version").output().unwrap();
+    assert!(
+        version.status.success() && String::from_utf8_lossy(&version.stdout).starts_with("casfs "),
+        "the stripped binary does not run: {}",
+        output_text(&version)
+    );
+    eprintln!("installed binary: {installed} bytes (built: {built} bytes)");
     assert_eq!(
         Path::new("/usr/local/bin/casfs").exists(),
         system_bin_before,
@@ -1017,7 +1077,7 @@ fn installer_stages_every_file_under_destdir_and_uninstall_removes_them() {
     assert_ok(&out, "install --uninstall");
     for (rel, _, _) in &expect {
         let p = dest.join(rel);
-        if *rel == "etc/default/casfs" {
+        if rel == "etc/default/casfs" {
             assert!(p.exists(), "uninstall removed the edited {p:?}");
         } else {
             assert!(

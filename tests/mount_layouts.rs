@@ -138,7 +138,7 @@ fn assert_replaced(m: &Mount, tmp: &Path, dest: &Path, layout: &str) {
 
 /// Opening results read-only counts hits.
 fn assert_hits(m: &Mount, before: u64, at_least: u64, layout: &str) {
-    let got = m.counter("hits") - before;
+    let got = m.counter("result_opens") - before;
     assert!(
         got >= at_least,
         "{layout}: the hit opened {at_least} results but casfs counted {got} hits: they are \
@@ -209,7 +209,7 @@ fn ccache_2_4_results_are_create_only_and_hits_are_counted() {
     );
 
     // Hit: open stderr, stat the object, touch, copy the object out.
-    let hits = m.counter("hits");
+    let hits = m.counter("result_opens");
     let e = File::open(&path_stderr).unwrap();
     fs::metadata(&hashname).unwrap();
     touch_now(&path_stderr);
@@ -308,7 +308,7 @@ fn ccache_3_7_results_are_create_only_manifests_replaced_hits_counted() {
 
     // A direct-mode hit: read the manifest, stat and touch the files, copy
     // the object, the dependency file and stderr out.
-    let hits = m.counter("hits");
+    let hits = m.counter("result_opens");
     read(&manifest);
     fs::metadata(&cached_obj).unwrap();
     touch_now(&cached_obj);
@@ -368,7 +368,7 @@ fn ccache_4_0_to_4_12_temporaries_are_local_results_create_only() {
     store_via_tmp(&tmp47(&raw, "QwErtW"), &raw, &object, layout);
     assert_create_only(&m, &tmp47(&raw, "QwErtR"), &raw, &object, layout);
     assert_replaced(&m, &tmp47(&manifest, "QwErtM"), &manifest, layout);
-    let hits = m.counter("hits");
+    let hits = m.counter("result_opens");
     read(&manifest);
     assert_eq!(read(&result), entry);
     touch_now(&result);

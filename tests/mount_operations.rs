@@ -110,7 +110,7 @@ fn max_size_keeps_the_store_under_budget_while_builds_run() {
     let reference = td.dir("gcc");
     gcc_reference(&all, &reference);
     let max: u64 = 64 * 1024;
-    let m = Mount::start(&store, &mp, &["--max-size", "64K"]);
+    let m = Mount::start(&store, &mp, &["--max-size", "64Ki"]);
     let cc = Ccache::new(&mp.join("cc"), &td.root);
     let out = td.dir("cold");
     assert_all_compiled(
@@ -157,7 +157,7 @@ fn eviction_under_a_stream_of_publications_stops_at_its_low_water_mark() {
     const ENTRY: usize = 12_400;
     const ENTRIES: u64 = 80;
     let name = |i: u64| format!("{i:029}R");
-    let mut m = Mount::start(&store, &mp, &["--max-size", "400K"]);
+    let mut m = Mount::start(&store, &mp, &["--max-size", "400Ki"]);
     let d = mp.join("a/b");
     fs::create_dir_all(&d).unwrap();
     for i in 0..ENTRIES {
@@ -185,7 +185,7 @@ fn eviction_under_a_stream_of_publications_stops_at_its_low_water_mark() {
     // Once the kernel has let go of the evicted files (a remount), the
     // store holds exactly what is kept.
     m.unmount();
-    let mut m = Mount::start(&store, &mp, &["--max-size", "400K"]);
+    let mut m = Mount::start(&store, &mp, &["--max-size", "400Ki"]);
     assert_eq!(
         (m.counter("blobs"), m.counter("bytes_stored")),
         (kept, kept_bytes),

@@ -10,7 +10,7 @@
 //! owner (chown, setuid/setgid clearing, setgid outside the group,
 //! `ftruncate`, moving directories) are checked against the same program
 //! run on the local disk as the same user. The deliberate differences from a local filesystem are listed in the
-//! README (*Differences from a local filesystem*).
+//! doc/semantics.md (*Differences from a local filesystem*).
 
 mod common;
 

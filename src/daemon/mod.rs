@@ -3,6 +3,12 @@
 //! flush, log how many uploads to the shared tier are still pending (they
 //! are kept in the store and delivered after the next mount), and exit 0.
 //! Also `casfs unmount`.
+//!
+//! Whoever started the daemon is told when the mount serves, what it is
+//! doing and when it stops (`notify`: `$NOTIFY_SOCKET`, `--ready-fd`).
+
+mod notify;
+pub use notify::Readiness;
 
 use std::fs;
 use std::io;
@@ -35,6 +41,8 @@ pub struct MountArgs {
     pub allow_other: bool,
     pub force: bool,
     pub threads: usize,
+    /// Told when the mount serves, what it does, and when it stops.
+    pub readiness: Arc<Readiness>,
 }
 
 /// Refuses mountpoints that would surprise an operator, saying what to do.
@@ -148,12 +156,15 @@ pub fn default_threads() -> usize {
 pub fn run(args: MountArgs) -> Result<(), String> {
     let signals = block_signals();
     let read_only = args.config.read_only;
+    let readiness = args.readiness.clone();
     let mountpoint = check_mountpoint(&args.mountpoint, args.force)?;
+    readiness.status(&format!("opening store {}", args.store.display()));
     let store = open_store(&args.store)?;
     let core = Arc::new(
         Core::start(store, args.config)
             .map_err(|e| format!("cannot start on store {}: {e}", args.store.display()))?,
     );
+    core.stats.set_mount_label(&mountpoint.to_string_lossy());
 
     // No `default_permissions`: the daemon checks permissions itself
     // (`fs/perm.rs`), so directory changes do not cost a GETATTR per path walk.
@@ -208,6 +219,7 @@ pub fn run(args: MountArgs) -> Result<(), String> {
         Kernel::start(session.notifier()).map_err(|e| e.to_string())?,
     ));
     let mp = mountpoint.clone();
+    let r = readiness.clone();
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -215,6 +227,7 @@ pub fn run(args: MountArgs) -> Result<(), String> {
             // SAFETY: waits on the set blocked above.
             unsafe { libc::sigwait(&signals, &mut sig) };
             info!("signal {sig}: unmounting {}", mp.display());
+            r.stopping(&format!("signal {sig}: unmounting {}", mp.display()));
             if let Err(e) = unmount(&mp, false) {
                 warn!("{e}; detaching it lazily");
                 let _ = unmount(&mp, true);
@@ -232,12 +245,36 @@ pub fn run(args: MountArgs) -> Result<(), String> {
             start_evictor(core.clone(), max)?;
         }
     }
+    // Session::new returned: the kernel mounted the filesystem and its INIT
+    // was answered, so requests are queued for the workers `run` starts.
+    // Say so only once the mount table shows it too.
+    if mounted_fs_type(&mountpoint).is_none() {
+        return Err(format!(
+            "mounted {} but /proc/self/mountinfo does not show it; is the daemon in another mount namespace than its mountpoint?",
+            mountpoint.display()
+        ));
+    }
     info!(
         "mounted store={} at {}",
         args.store.display(),
         mountpoint.display()
     );
+    let status = Status {
+        mountpoint: mountpoint.clone(),
+        store: args.store.clone(),
+        tier: tier.clone(),
+    };
+    readiness.ready(&status.serving());
+    let serving = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    start_housekeeping(
+        core.clone(),
+        readiness.clone(),
+        status.clone(),
+        serving.clone(),
+    )?;
     let result = session.run();
+    serving.store(false, std::sync::atomic::Ordering::SeqCst);
+    readiness.stopping(&format!("unmounting {}", mountpoint.display()));
     core.shutdown();
     if let Some(t) = &tier {
         match t.pending() {
@@ -249,6 +286,7 @@ pub fn run(args: MountArgs) -> Result<(), String> {
             ),
         }
     }
+    readiness.status(&status.unmounted());
     match result {
         Ok(()) => {
             info!("unmounted {}", mountpoint.display());
@@ -261,6 +299,78 @@ pub fn run(args: MountArgs) -> Result<(), String> {
     }
 }
 
+/// What the service status line says.
+#[derive(Clone)]
+struct Status {
+    mountpoint: PathBuf,
+    store: PathBuf,
+    tier: Option<Arc<Tier>>,
+}
+
+impl Status {
+    fn uploads(&self) -> String {
+        match &self.tier {
+            None => "no shared tier".into(),
+            Some(t) => format!("{} uploads pending to {}", t.pending(), t.describe()),
+        }
+    }
+
+    fn serving(&self) -> String {
+        format!(
+            "serving {} (store {}); {}",
+            self.mountpoint.display(),
+            self.store.display(),
+            self.uploads()
+        )
+    }
+
+    fn unmounted(&self) -> String {
+        match &self.tier {
+            Some(t) if t.pending() > 0 => format!(
+                "unmounted {}; {} uploads kept in store {} for the next mount with --shared",
+                self.mountpoint.display(),
+                t.pending(),
+                self.store.display()
+            ),
+            _ => format!("unmounted {}", self.mountpoint.display()),
+        }
+    }
+}
+
+/// How often the housekeeping thread runs.
+const HOUSEKEEPING_PERIOD_MS: u64 = 2000;
+
+/// Keeps the service manager's status line current (pending uploads, when
+/// they changed) and reports operating errors the log left out.
+fn start_housekeeping(
+    core: Arc<Core>,
+    readiness: Arc<Readiness>,
+    status: Status,
+    serving: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<(), String> {
+    std::thread::Builder::new()
+        .name("housekeeping".into())
+        .spawn(move || {
+            let mut last = status.serving();
+            loop {
+                std::thread::sleep(std::time::Duration::from_millis(HOUSEKEEPING_PERIOD_MS));
+                if !serving.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                core.flush_error_log();
+                if readiness.has_socket() {
+                    let now = status.serving();
+                    if now != last {
+                        readiness.status(&now);
+                        last = now;
+                    }
+                }
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
 /// How often the evictor compares the store with `--max-size` (besides
 /// publications, which check before they are answered): for bytes that
 /// arrive otherwise (copies fetched from the shared tier), and for a store
@@ -269,7 +379,10 @@ const EVICT_PERIOD_MS: u64 = 500;
 
 /// Keeps the store under `max_bytes` in the background.
 fn start_evictor(core: Arc<Core>, max_bytes: u64) -> Result<(), String> {
-    info!("size limit: {max_bytes} bytes (evicting least recently used entries)");
+    info!(
+        "size limit: {} (evicting least recently used entries)",
+        crate::size::describe_bytes(max_bytes)
+    );
     core.set_size_limit(max_bytes);
     std::thread::Builder::new()
         .name("evictor".into())
@@ -293,6 +406,87 @@ fn start_scrubber(core: Arc<Core>, interval_ms: u64) -> Result<(), String> {
         })
         .map(|_| ())
         .map_err(|e| e.to_string())
+}
+
+/// `casfs unmount`: unmounts `path`, then says so when other mount
+/// namespaces (a container, `unshare -m`, `ip netns exec`) still hold a
+/// copy of the mount: the kernel keeps the filesystem, and so its daemon,
+/// alive until the last copy goes, which surprises an operator who just
+/// unmounted it.
+pub fn unmount_command(path: &Path, lazy: bool) -> Result<(), String> {
+    let dev = fs::canonicalize(path)
+        .ok()
+        .and_then(|p| mount_device(&fs::read_to_string("/proc/self/mountinfo").ok()?, &p));
+    unmount(path, lazy)?;
+    if let Some(dev) = dev {
+        let holders = holders_in_other_namespaces(&dev);
+        if !holders.is_empty() {
+            let list: Vec<String> = holders
+                .iter()
+                .map(|(pid, comm)| format!("{pid} ({comm})"))
+                .collect();
+            eprintln!(
+                "casfs unmount: {} is unmounted here, but {} other mount namespace(s) still hold the mount (e.g. processes {}); its daemon keeps serving them until they unmount it or exit",
+                path.display(),
+                holders.len(),
+                list.join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The device (`major:minor`, field 3 of mountinfo) of the FUSE mount
+/// exactly at `path` in `mountinfo`.
+fn mount_device(mountinfo: &str, path: &Path) -> Option<String> {
+    let want = path.as_os_str().as_bytes();
+    mountinfo.lines().find_map(|line| {
+        let f: Vec<&str> = line.split(' ').collect();
+        let sep = f.iter().position(|x| *x == "-")?;
+        let fstype = f.get(sep + 1)?;
+        (unescape_mount_path(f.get(4)?) == want && fstype.starts_with("fuse"))
+            .then(|| f.get(2).map(|d| d.to_string()))?
+    })
+}
+
+/// One process per other mount namespace whose mount table still has a
+/// FUSE mount of device `dev`: (pid, command name).
+fn holders_in_other_namespaces(dev: &str) -> Vec<(u32, String)> {
+    let ours = fs::read_link("/proc/self/ns/mnt").ok();
+    let mut seen = Vec::new();
+    let mut holders = Vec::new();
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return holders;
+    };
+    for e in procs.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(ns) = fs::read_link(format!("/proc/{pid}/ns/mnt")) else {
+            continue;
+        };
+        if Some(&ns) == ours.as_ref() || seen.contains(&ns) {
+            continue;
+        }
+        let Ok(text) = fs::read_to_string(format!("/proc/{pid}/mountinfo")) else {
+            continue;
+        };
+        let holds = text.lines().any(|line| {
+            let f: Vec<&str> = line.split(' ').collect();
+            let fuse = f
+                .iter()
+                .position(|x| *x == "-")
+                .and_then(|s| f.get(s + 1))
+                .is_some_and(|t| t.starts_with("fuse"));
+            fuse && f.get(2) == Some(&dev)
+        });
+        seen.push(ns);
+        if holds {
+            let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            holders.push((pid, comm.trim().to_string()));
+        }
+    }
+    holders
 }
 
 /// Unmounts `path` (also a dead mount whose daemon was killed).

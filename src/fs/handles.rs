@@ -210,7 +210,7 @@ impl Core {
                 _ => (None, None),
             };
             if immutable_blob.is_some() {
-                Stats::bump(&self.stats.counters.hits);
+                Stats::bump(&self.stats.counters.result_opens);
             }
             self.usage.open(ino, false);
             return Ok((

@@ -331,6 +331,8 @@ pub struct Core {
     lease_failing: AtomicBool,
     /// What the seam to the shared tier remembers (tier_link.rs).
     tier_local: tier_link::TierLocal,
+    /// Bounds how many operating errors reach the log (`count_error`).
+    error_log: crate::error::ErrorLog,
 }
 
 thread_local! {
@@ -383,6 +385,7 @@ impl Core {
             evicted: Default::default(),
             lease_failing: AtomicBool::new(false),
             tier_local: Default::default(),
+            error_log: Default::default(),
         };
         core.ensure_root()?;
         if !core.config.read_only {
@@ -416,6 +419,17 @@ impl Core {
     pub fn shutdown(&self) {
         if let Err(e) = self.store.flush() {
             warn!("flush at shutdown: {e}");
+        }
+        if let Some(summary) = self.error_log.flush(std::time::Instant::now(), true) {
+            warn!("{summary}");
+        }
+    }
+
+    /// Logs how many operating errors were not logged, once their window
+    /// has ended (the daemon calls this periodically).
+    pub fn flush_error_log(&self) {
+        if let Some(summary) = self.error_log.flush(std::time::Instant::now(), false) {
+            warn!("{summary}");
         }
     }
 
@@ -474,10 +488,14 @@ impl Core {
         Ok(())
     }
 
+    /// Counts an operating error and logs it, rate-limited (`ErrorLog`):
+    /// the counter counts every one.
     fn count_error(&self, e: Error) -> Error {
         if e.is_operating_error() {
             Stats::bump(&self.stats.counters.errors);
-            warn!("{e}");
+            for line in self.error_log.record(std::time::Instant::now(), &e) {
+                warn!("{line}");
+            }
         }
         e
     }

@@ -433,7 +433,7 @@ fn a_blob_verified_once_is_not_hashed_again_on_open() {
         assert_eq!(read_name(&core, d, RESULT).unwrap(), b"verified once");
     }
     assert_eq!(count(&core.stats.counters.blobs_verified), 1);
-    assert_eq!(count(&core.stats.counters.hits), 3);
+    assert_eq!(count(&core.stats.counters.result_opens), 3);
 }
 
 const OTHER_RESULT: &[u8] = b"d8aiq5frsd7ctaaepqbvl8shkb4kcjcR";

@@ -1,5 +1,7 @@
 //! The FUSE adapter: the only file that knows fuser's request and reply
-//! types. Each handler counts the request, calls the core and replies.
+//! types. Each handler starts timing the request (`Timed`), calls the core
+//! and replies; the timing and the outcome go to the per-operation
+//! statistics when the handler returns.
 //!
 //! Invariants:
 //! - The kernel may cache names (also absent ones), attributes and pages
@@ -19,12 +21,13 @@
 //!   changed during rename, create and the like, whose directory the kernel
 //!   holds locked until we reply).
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use fuser::{
     AccessFlags, BackingId, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem,
@@ -326,24 +329,64 @@ fn ino(i: INodeNo) -> Ino {
     Ino(i.0)
 }
 
+/// One request being served: dropped after the reply, it records how long
+/// the request took and how it ended (`Stats::finish`; atomics only).
+/// Every reply with an errno goes through `errno` or `posix`, which note
+/// the failure.
+struct Timed<'a> {
+    stats: &'a crate::stats::Stats,
+    op: Op,
+    started: Instant,
+    /// `None` while the request has not failed; else whether the failure
+    /// is an operating error.
+    failed: Cell<Option<bool>>,
+}
+
+impl Timed<'_> {
+    /// The errno to reply with for `e`, noting the failure.
+    fn errno(&self, e: &Error) -> Errno {
+        self.failed.set(Some(e.is_operating_error()));
+        errno(e)
+    }
+
+    /// A plain POSIX answer (`ENOSYS`, `ENOTTY`), noted as such.
+    fn posix(&self, code: i32) -> Errno {
+        self.failed.set(Some(false));
+        Errno::from_i32(code)
+    }
+}
+
+impl Drop for Timed<'_> {
+    fn drop(&mut self) {
+        self.stats
+            .finish(self.op, self.started.elapsed(), self.failed.get());
+    }
+}
+
 impl CasFs {
-    fn entry(&self, result: Result<Attr, Error>, reply: ReplyEntry) {
+    fn entry(&self, t: &Timed, result: Result<Attr, Error>, reply: ReplyEntry) {
         match result {
             Ok(a) => reply.entry(&ttl(&a), &file_attr(&a), Generation(0)),
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(t.errno(&e)),
         }
     }
 
-    fn empty(&self, result: Result<(), Error>, reply: ReplyEmpty) {
+    fn empty(&self, t: &Timed, result: Result<(), Error>, reply: ReplyEmpty) {
         self.core.send_urgent_invalidations();
         match result {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(t.errno(&e)),
         }
     }
 
-    fn count(&self, op: Op) {
-        self.core.stats.request(op);
+    /// Starts timing a request of `op` (see `Timed`).
+    fn begin(&self, op: Op) -> Timed<'_> {
+        Timed {
+            stats: &self.core.stats,
+            op,
+            started: Instant::now(),
+            failed: Cell::new(None),
+        }
     }
 }
 
@@ -384,7 +427,7 @@ impl Filesystem for CasFs {
     }
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        self.count(Op::Lookup);
+        let t = self.begin(Op::Lookup);
         let r = self
             .core
             .permit(&who(req), ino(parent), MAY_EXEC)
@@ -401,12 +444,12 @@ impl Filesystem for CasFs {
                 };
                 reply.entry(&ttl, &file_attr(&NO_ENTRY), Generation(0))
             }
-            r => self.entry(r, reply),
+            r => self.entry(&t, r, reply),
         }
     }
 
     fn forget(&self, _req: &Request, i: INodeNo, nlookup: u64) {
-        self.count(Op::Forget);
+        let _t = self.begin(Op::Forget);
         // The kernel sends FORGET when it drops the inode (and for lookups it
         // did not use): a cached backing file no open handle uses goes too,
         // so an evicted blob's disk space is freed. One still in use stays:
@@ -423,10 +466,10 @@ impl Filesystem for CasFs {
     }
 
     fn getattr(&self, _req: &Request, i: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        self.count(Op::Getattr);
+        let t = self.begin(Op::Getattr);
         match self.core.getattr(ino(i)) {
             Ok(a) => reply.attr(&ttl(&a), &file_attr(&a)),
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(t.errno(&e)),
         }
     }
 
@@ -448,7 +491,7 @@ impl Filesystem for CasFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        self.count(Op::Setattr);
+        let t = self.begin(Op::Setattr);
         let mut set = SetAttr {
             mode,
             uid,
@@ -469,15 +512,15 @@ impl Filesystem for CasFs {
         self.core.send_urgent_invalidations();
         match result {
             Ok(a) => reply.attr(&ttl(&a), &file_attr(&a)),
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(t.errno(&e)),
         }
     }
 
     fn readlink(&self, _req: &Request, i: INodeNo, reply: ReplyData) {
-        self.count(Op::Readlink);
+        let t = self.begin(Op::Readlink);
         match self.core.readlink(ino(i)) {
             Ok(t) => reply.data(&t),
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(t.errno(&e)),
         }
     }
 
@@ -490,7 +533,7 @@ impl Filesystem for CasFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        self.count(Op::Mkdir);
+        let t = self.begin(Op::Mkdir);
         let r = self
             .core
             .permit(&who(req), ino(parent), MAY_WRITE | MAY_EXEC)
@@ -498,27 +541,27 @@ impl Filesystem for CasFs {
                 self.core
                     .mkdir(ino(parent), name.as_bytes(), mode & !umask, caller(req))
             });
-        self.entry(r, reply);
+        self.entry(&t, r, reply);
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.count(Op::Unlink);
+        let t = self.begin(Op::Unlink);
         let (p, n) = (ino(parent), name.as_bytes());
         let r = self
             .core
             .permit_remove(&who(req), p, n)
             .and_then(|_| self.core.unlink(p, n));
-        self.empty(r, reply);
+        self.empty(&t, r, reply);
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.count(Op::Rmdir);
+        let t = self.begin(Op::Rmdir);
         let (p, n) = (ino(parent), name.as_bytes());
         let r = self
             .core
             .permit_remove(&who(req), p, n)
             .and_then(|_| self.core.rmdir(p, n));
-        self.empty(r, reply);
+        self.empty(&t, r, reply);
     }
 
     fn symlink(
@@ -529,7 +572,7 @@ impl Filesystem for CasFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        self.count(Op::Symlink);
+        let t = self.begin(Op::Symlink);
         let r = self
             .core
             .permit(&who(req), ino(parent), MAY_WRITE | MAY_EXEC)
@@ -541,7 +584,7 @@ impl Filesystem for CasFs {
                     caller(req),
                 )
             });
-        self.entry(r, reply);
+        self.entry(&t, r, reply);
     }
 
     fn mknod(
@@ -554,7 +597,7 @@ impl Filesystem for CasFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        self.count(Op::Other);
+        let t = self.begin(Op::Other);
         let mode = mode & (libc::S_IFMT | (0o7777 & !umask));
         let r = self
             .core
@@ -564,7 +607,7 @@ impl Filesystem for CasFs {
                     .mknod(ino(parent), name.as_bytes(), mode, rdev, caller(req))
             });
         self.core.send_urgent_invalidations();
-        self.entry(r, reply);
+        self.entry(&t, r, reply);
     }
 
     fn rename(
@@ -577,7 +620,7 @@ impl Filesystem for CasFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        self.count(Op::Rename);
+        let t = self.begin(Op::Rename);
         let r = self
             .core
             .permit_rename(
@@ -594,7 +637,7 @@ impl Filesystem for CasFs {
                     flags.bits(),
                 )
             });
-        self.empty(r, reply);
+        self.empty(&t, r, reply);
     }
 
     fn link(
@@ -605,16 +648,16 @@ impl Filesystem for CasFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        self.count(Op::Link);
+        let t = self.begin(Op::Link);
         let r = self
             .core
             .permit(&who(req), ino(newparent), MAY_WRITE | MAY_EXEC)
             .and_then(|_| self.core.link(ino(i), ino(newparent), newname.as_bytes()));
-        self.entry(r, reply);
+        self.entry(&t, r, reply);
     }
 
     fn open(&self, req: &Request, i: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        self.count(Op::Open);
+        let t = self.begin(Op::Open);
         let r = self
             .core
             .permit(&who(req), ino(i), open_mask(flags.0))
@@ -642,7 +685,7 @@ impl Filesystem for CasFs {
                 }
                 reply.opened(FileHandle(fh), f)
             }
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(t.errno(&e)),
         }
     }
 
@@ -657,10 +700,10 @@ impl Filesystem for CasFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.count(Op::Read);
+        let t = self.begin(Op::Read);
         match self.core.read(fh.0, offset, size) {
             Ok(d) => reply.data(&d),
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(t.errno(&e)),
         }
     }
 
@@ -676,10 +719,10 @@ impl Filesystem for CasFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        self.count(Op::Write);
+        let t = self.begin(Op::Write);
         match self.core.write(fh.0, offset, data) {
             Ok(n) => reply.written(n),
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(t.errno(&e)),
         }
     }
 
@@ -691,8 +734,8 @@ impl Filesystem for CasFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        self.count(Op::Flush);
-        self.empty(self.core.flush(fh.0), reply);
+        let t = self.begin(Op::Flush);
+        self.empty(&t, self.core.flush(fh.0), reply);
     }
 
     fn release(
@@ -705,10 +748,10 @@ impl Filesystem for CasFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.count(Op::Release);
+        let t = self.begin(Op::Release);
         let result = self.core.release(fh.0);
         self.release_backing(fh.0);
-        self.empty(result, reply);
+        self.empty(&t, result, reply);
     }
 
     fn fsync(
@@ -719,8 +762,8 @@ impl Filesystem for CasFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.count(Op::Fsync);
-        self.empty(self.core.fsync(fh.0), reply);
+        let t = self.begin(Op::Fsync);
+        self.empty(&t, self.core.fsync(fh.0), reply);
     }
 
     fn fallocate(
@@ -733,8 +776,8 @@ impl Filesystem for CasFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        self.count(Op::Other);
-        self.empty(self.core.fallocate(fh.0, offset, length, mode), reply);
+        let t = self.begin(Op::Other);
+        self.empty(&t, self.core.fallocate(fh.0, offset, length, mode), reply);
     }
 
     fn lseek(
@@ -746,22 +789,22 @@ impl Filesystem for CasFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        self.count(Op::Other);
+        let t = self.begin(Op::Other);
         match self.core.lseek(fh.0, offset, whence) {
             Ok(at) => reply.offset(at),
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(t.errno(&e)),
         }
     }
 
     fn opendir(&self, req: &Request, i: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        self.count(Op::Opendir);
+        let t = self.begin(Op::Opendir);
         let r = self
             .core
             .permit(&who(req), ino(i), MAY_READ)
             .and_then(|_| self.core.opendir(ino(i)));
         match r {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(t.errno(&e)),
         }
     }
 
@@ -773,7 +816,7 @@ impl Filesystem for CasFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        self.count(Op::Readdir);
+        let t = self.begin(Op::Readdir);
         match self.core.readdir_at(fh.0, offset) {
             Ok(entries) => {
                 for (i, e) in entries.iter().enumerate().skip(offset as usize) {
@@ -788,7 +831,7 @@ impl Filesystem for CasFs {
                 }
                 reply.ok()
             }
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(t.errno(&e)),
         }
     }
 
@@ -800,7 +843,7 @@ impl Filesystem for CasFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        self.count(Op::Releasedir);
+        let _t = self.begin(Op::Releasedir);
         self.core.releasedir(fh.0);
         reply.ok();
     }
@@ -813,12 +856,12 @@ impl Filesystem for CasFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.count(Op::Fsync);
+        let _t = self.begin(Op::Fsync);
         reply.ok();
     }
 
     fn statfs(&self, _req: &Request, _i: INodeNo, reply: ReplyStatfs) {
-        self.count(Op::Statfs);
+        let t = self.begin(Op::Statfs);
         match self.core.statfs() {
             Ok(s) => reply.statfs(
                 s.blocks,
@@ -830,18 +873,18 @@ impl Filesystem for CasFs {
                 NAME_BYTES_MAX as u32,
                 s.bsize,
             ),
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(t.errno(&e)),
         }
     }
 
     fn access(&self, req: &Request, i: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        self.count(Op::Access);
+        let t = self.begin(Op::Access);
         let mask = mask.bits() as u32 & (MAY_READ | MAY_WRITE | MAY_EXEC);
         let r = self
             .core
             .access(ino(i))
             .and_then(|_| self.core.permit(&who(req), ino(i), mask));
-        self.empty(r, reply);
+        self.empty(&t, r, reply);
     }
 
     fn create(
@@ -854,7 +897,7 @@ impl Filesystem for CasFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        self.count(Op::Create);
+        let t = self.begin(Op::Create);
         let r = self
             .core
             .permit(&who(req), ino(parent), MAY_WRITE | MAY_EXEC)
@@ -876,7 +919,7 @@ impl Filesystem for CasFs {
                 }
                 reply.created(&ttl(&a), &file_attr(&a), Generation(0), FileHandle(fh), f)
             }
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(t.errno(&e)),
         }
     }
 
@@ -884,13 +927,13 @@ impl Filesystem for CasFs {
     // makes the kernel remember that and answer EOPNOTSUPP itself, so the
     // security.capability probe on every write stops reaching the daemon.
     fn getxattr(&self, _req: &Request, _i: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
-        self.count(Op::Xattr);
-        reply.error(Errno::from_i32(libc::ENOSYS));
+        let t = self.begin(Op::Xattr);
+        reply.error(t.posix(libc::ENOSYS));
     }
 
     fn listxattr(&self, _req: &Request, _i: INodeNo, _size: u32, reply: ReplyXattr) {
-        self.count(Op::Xattr);
-        reply.error(Errno::from_i32(libc::ENOSYS));
+        let t = self.begin(Op::Xattr);
+        reply.error(t.posix(libc::ENOSYS));
     }
 
     fn setxattr(
@@ -903,13 +946,13 @@ impl Filesystem for CasFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        self.count(Op::Xattr);
-        reply.error(Errno::from_i32(libc::ENOSYS));
+        let t = self.begin(Op::Xattr);
+        reply.error(t.posix(libc::ENOSYS));
     }
 
     fn removexattr(&self, _req: &Request, _i: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        self.count(Op::Xattr);
-        reply.error(Errno::from_i32(libc::ENOSYS));
+        let t = self.begin(Op::Xattr);
+        reply.error(t.posix(libc::ENOSYS));
     }
 
     /// No ioctls: `isatty()` on a cache file asks TCGETS, which is ENOTTY.
@@ -924,7 +967,7 @@ impl Filesystem for CasFs {
         _out_size: u32,
         reply: ReplyIoctl,
     ) {
-        self.count(Op::Other);
-        reply.error(Errno::from_i32(libc::ENOTTY));
+        let t = self.begin(Op::Other);
+        reply.error(t.posix(libc::ENOTTY));
     }
 }

@@ -330,6 +330,18 @@ impl Mount {
 
     /// Starts the daemon without waiting for it to be ready.
     pub fn spawn(store: &Path, mountpoint: &Path, extra: &[&str]) -> Mount {
+        Mount::spawn_with(store, mountpoint, extra, |_, _| {})
+    }
+
+    /// `spawn`, with `setup` adjusting the command first (environment,
+    /// descriptors); it also gets the log file, the daemon's stdout and
+    /// stderr.
+    pub fn spawn_with(
+        store: &Path,
+        mountpoint: &Path,
+        extra: &[&str],
+        setup: impl FnOnce(&mut Command, &Path),
+    ) -> Mount {
         require_tools();
         let mounts_before = mount_count(mountpoint);
         let log_dir = mountpoint.parent().unwrap_or(Path::new("/tmp"));
@@ -341,16 +353,20 @@ impl Mount {
         let log =
             fs::File::create(&log_path).unwrap_or_else(|e| panic!("create {log_path:?}: {e}"));
         let log2 = log.try_clone().unwrap();
-        let child = Command::new(CASFS_BIN)
-            .arg("mount")
+        let mut cmd = Command::new(CASFS_BIN);
+        cmd.arg("mount")
             .arg("--store")
             .arg(store)
             .args(extra)
             .arg(mountpoint)
             .env("RUST_LOG", "info")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("JOURNAL_STREAM")
             .stdin(Stdio::null())
             .stdout(log)
-            .stderr(log2)
+            .stderr(log2);
+        setup(&mut cmd, &log_path);
+        let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {CASFS_BIN} mount: {e}"));
         let pid = child.id();

@@ -23,9 +23,7 @@ use log::{debug, info, warn};
 use crate::error::{Error, Result};
 use crate::fs::locks::Sharded;
 use crate::fs::txn::{After, Txn};
-use crate::fs::{
-    Caller, Core, SetAttr, Statfs, DIR_ENTRIES_MAX, EVICT_BATCH_MAX, TOUCH_BATCH_MAX,
-};
+use crate::fs::{Caller, Core, SetAttr, Statfs, DIR_ENTRIES_MAX, EVICT_BATCH_MAX, TOUCH_BATCH_MAX};
 use crate::stats::Stats;
 use crate::store::blobs::Blobs;
 use crate::store::ids::{BlobId, Ino};

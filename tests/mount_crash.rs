@@ -158,6 +158,52 @@ fn daemon_exits_zero_and_unmounts_on_umount_sigterm_and_sigint() {
     m.unmount();
 }
 
+/// ccache's LRU touch (`utimensat` on a result) is written in batches
+/// (`store/touches.rs`): seen at once, kept by an unmount, and by a
+/// `kill -9` once the touch writer's period has passed.
+#[test]
+fn touches_are_seen_at_once_and_survive_unmount_and_a_later_kill9() {
+    let td = TestDir::new("touches");
+    let store = td.store();
+    let mp = td.mountpoint("mnt");
+    let mut m = Mount::start(&store, &mp, &[]);
+    let d = mp.join("t");
+    mkdir(&d);
+    publish(&d, "a.tmp", &result_name(1), &pattern(1, 4000));
+    publish(&d, "b.tmp", &result_name(2), &pattern(2, 4000));
+    let (a, b) = (d.join(result_name(1)), d.join(result_name(2)));
+    let old = timespec(1_000_000_000, 0);
+    utimensat(&a, Some([old, old])).unwrap();
+    assert_eq!(mtime_ns(&a), 1_000_000_000_000_000_000);
+    m.unmount();
+    drop(m);
+
+    let mut m = Mount::start(&store, &mp, &[]);
+    assert_eq!(mtime_ns(&a), 1_000_000_000_000_000_000, "an explicit time lost by an unmount");
+    let before = now_ns();
+    utimensat(&b, None).unwrap();
+    let touched = mtime_ns(&b);
+    assert!(touched >= before, "a touch is seen at once");
+    // The touch writer runs every second; once nothing is pending, a
+    // kill -9 keeps the touch.
+    let started = Instant::now();
+    while m.counter("touches_pending") > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the touch writer wrote nothing in 60 s"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    m.kill9();
+    clear_dead_mount(&mp);
+    drop(m);
+
+    let mut m = Mount::start(&store, &mp, &[]);
+    assert_eq!(mtime_ns(&b), touched, "a touch written by the touch writer was lost by kill -9");
+    assert_eq!(mtime_ns(&a), 1_000_000_000_000_000_000);
+    m.unmount();
+}
+
 #[test]
 fn acknowledged_publications_survive_kill9() {
     let td = TestDir::new("kill9");

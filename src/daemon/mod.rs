@@ -238,6 +238,9 @@ pub fn run(args: MountArgs) -> Result<(), String> {
     if args.scrub_interval_ms > 0 && !read_only {
         start_scrubber(core.clone(), args.scrub_interval_ms)?;
     }
+    if !read_only {
+        start_touch_writer(core.clone())?;
+    }
     if let Some(max) = args.max_size_bytes {
         if read_only {
             warn!("--max-size is ignored on a read-only mount");
@@ -389,6 +392,36 @@ fn start_evictor(core: Arc<Core>, max_bytes: u64) -> Result<(), String> {
         .spawn(move || loop {
             core.keep_under_limit();
             std::thread::sleep(std::time::Duration::from_millis(EVICT_PERIOD_MS));
+        })
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Writes pending touches (`store/touches.rs`) every
+/// `TOUCH_WRITE_PERIOD_MS`; a failure (a full disk) leaves them pending, is
+/// logged once per episode, and is retried on the next period.
+fn start_touch_writer(core: Arc<Core>) -> Result<(), String> {
+    std::thread::Builder::new()
+        .name("touches".into())
+        .spawn(move || {
+            let mut failing = false;
+            loop {
+                std::thread::sleep(std::time::Duration::from_millis(
+                    crate::store::touches::TOUCH_WRITE_PERIOD_MS,
+                ));
+                match core.write_touches() {
+                    Ok(_) if failing => {
+                        failing = false;
+                        info!("touches written again");
+                    }
+                    Ok(_) => {}
+                    Err(e) if !failing => {
+                        failing = true;
+                        warn!("touches not written: {e}; kept in memory and retried every period");
+                    }
+                    Err(_) => {}
+                }
+            }
         })
         .map(|_| ())
         .map_err(|e| e.to_string())

@@ -23,7 +23,7 @@ use log::{debug, info, warn};
 use crate::error::{Error, Result};
 use crate::fs::locks::Sharded;
 use crate::fs::txn::{After, Txn};
-use crate::fs::{Caller, Core, SetAttr, Statfs, DIR_ENTRIES_MAX, EVICT_BATCH_MAX};
+use crate::fs::{Caller, Core, SetAttr, Statfs, DIR_ENTRIES_MAX, EVICT_BATCH_MAX, TOUCH_BATCH_MAX};
 use crate::stats::Stats;
 use crate::store::blobs::Blobs;
 use crate::store::ids::{BlobId, Ino};
@@ -421,6 +421,29 @@ impl Core {
                 0
             }
         }
+    }
+
+    /// Writes the touches not yet written (`store/touches.rs`), up to
+    /// `TOUCH_BATCH_MAX` inodes per commit, each under its stripe. Returns
+    /// how many records were written; on an error what is left stays
+    /// pending for the next call.
+    pub fn write_touches(&self) -> Result<usize> {
+        let mut written = 0;
+        for chunk in self.store.touches.pending().chunks(TOUCH_BATCH_MAX) {
+            let _g = self.lock(chunk);
+            let mut txn = self.txn();
+            for &ino in chunk {
+                match self.store.inode(ino)? {
+                    Some(inode) => {
+                        txn.batch.put_inode(&inode);
+                        written += 1;
+                    }
+                    None => self.store.touches.landed(ino),
+                }
+            }
+            self.commit(txn)?;
+        }
+        Ok(written)
     }
 
     /// Evicts least recently used names (oldest mtime first: a hit's touch

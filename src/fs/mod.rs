@@ -157,6 +157,8 @@ pub const NAME_BYTES_MAX: usize = 255;
 pub const SYMLINK_BYTES_MAX: usize = 4095;
 /// Most entries one directory listing holds in memory.
 pub const DIR_ENTRIES_MAX: usize = 1 << 20;
+/// Most inodes whose pending touches one commit writes (`write_touches`).
+pub const TOUCH_BATCH_MAX: usize = 64;
 /// Most eviction candidates one pass of `evict` collects (the oldest ones).
 pub const EVICT_BATCH_MAX: usize = 4096;
 /// Most blob ids remembered as verified (an id and a file identity, 80 bytes
@@ -415,8 +417,14 @@ impl Core {
         }
     }
 
-    /// Flushes the metadata log at unmount.
+    /// Writes pending touches and flushes the metadata log at unmount.
     pub fn shutdown(&self) {
+        if let Err(e) = self.write_touches() {
+            warn!(
+                "unmount: {} touches not written ({e}); those entries look older to eviction",
+                self.store.touches.len()
+            );
+        }
         if let Err(e) = self.store.flush() {
             warn!("flush at shutdown: {e}");
         }

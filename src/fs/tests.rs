@@ -257,6 +257,62 @@ fn touches_never_move_mtime_backwards() {
 }
 
 #[test]
+fn a_touch_of_a_result_is_seen_at_once_and_written_in_a_batch() {
+    let t = TempStore::new();
+    let d;
+    let touched;
+    {
+        let core = t.core();
+        d = mkdirs(&core);
+        let tmp = write_tmp(&core, d, "a.tmp", b"result bytes");
+        core.rename(d, &tmp, d, RESULT, 0).unwrap();
+        let ino = core.lookup(d, RESULT).unwrap().ino;
+        let before = core.getattr(ino).unwrap().mtime_ns;
+        touched = core.setattr(ino, SetAttr::touch()).unwrap().mtime_ns;
+        assert!(touched > before);
+        // Remembered, not written: the client reads its time at once.
+        assert_eq!(core.store.touches.len(), 1);
+        assert_eq!(core.getattr(ino).unwrap().mtime_ns, touched);
+        assert_eq!(core.lookup(d, RESULT).unwrap().mtime_ns, touched);
+        assert_eq!(core.write_touches().unwrap(), 1);
+        assert!(core.store.touches.is_empty());
+        assert_eq!(core.getattr(ino).unwrap().mtime_ns, touched);
+        // Touched again and not written: a crash loses only this touch.
+        core.setattr(ino, SetAttr::touch()).unwrap();
+    }
+    let core = t.core();
+    assert_eq!(core.lookup(d, RESULT).unwrap().mtime_ns, touched);
+}
+
+#[test]
+fn a_change_after_a_pending_touch_keeps_both_and_drops_the_touch() {
+    let t = TempStore::new();
+    let core = t.core();
+    let d = mkdirs(&core);
+    let tmp = write_tmp(&core, d, "a.tmp", b"result bytes");
+    core.rename(d, &tmp, d, RESULT, 0).unwrap();
+    let ino = core.lookup(d, RESULT).unwrap().ino;
+    let touched = core.setattr(ino, SetAttr::touch()).unwrap().mtime_ns;
+    let chmod = SetAttr {
+        mode: Some(0o600),
+        ..SetAttr::default()
+    };
+    let a = core.setattr(ino, chmod).unwrap();
+    assert_eq!((a.perm, a.mtime_ns), (0o600, touched));
+    // The chmod's record carried the touch; nothing is pending.
+    assert!(core.store.touches.is_empty());
+    drop(core);
+    let core = t.core();
+    let a = core.lookup(d, RESULT).unwrap();
+    assert_eq!((a.perm, a.mtime_ns), (0o600, touched));
+    // An unlink after a touch leaves nothing pending either.
+    core.setattr(a.ino, SetAttr::touch()).unwrap();
+    core.unlink(d, RESULT).unwrap();
+    core.forget(a.ino, 1);
+    assert!(core.store.touches.is_empty());
+}
+
+#[test]
 fn entries_survive_a_restart_and_unpublished_files_do_not() {
     let t = TempStore::new();
     let d;

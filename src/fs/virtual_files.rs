@@ -98,6 +98,12 @@ impl Core {
             gauges: self.gauges.get(),
             ..Default::default()
         };
+        snap.extras.push(Extra {
+            name: "touches_pending",
+            help: "Touches (utimensat of published files) remembered and not yet written to the metadata",
+            value: self.store.touches.len() as u64,
+            gauge: true,
+        });
         snap.histograms.push((
             "lock_wait",
             "Time spent waiting for a contended inode or blob lock",

@@ -146,22 +146,44 @@ impl Blobs {
 
     /// Creates (or truncates) the staging file of `ino`, reusing a retired
     /// one when there is one.
+    ///
+    /// A reused spare is opened without `O_TRUNC`: it is empty already
+    /// (`retire_staging` empties it), and a truncate to zero arms ext4's
+    /// `auto_da_alloc`, which starts writeback of the new bytes at the
+    /// handle's close: a disk write per host-local file (ccache's `stats`
+    /// on every call). Anything else is created or truncated.
     pub fn create_staging(&self, ino: Ino) -> Result<File> {
         let path = self.staging_path(ino);
         let spare = self.spares.lock().unwrap().pop();
-        if let Some(spare) = spare {
-            if fs::rename(&spare, &path).is_err() {
-                let _ = fs::remove_file(&spare);
+        let reused = match spare {
+            Some(spare) => {
+                let moved = fs::rename(&spare, &path).is_ok();
+                if !moved {
+                    let _ = fs::remove_file(&spare);
+                }
+                moved
+            }
+            None => false,
+        };
+        let open = |truncate: bool| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(truncate)
+                .mode(0o600)
+                .open(&path)
+                .map_err(|e| Error::io(e, format_args!("create staging file {}", path.display())))
+        };
+        if reused {
+            let f = open(false)?;
+            // Invariant: a spare is empty; checked, as it is cheap (an fstat).
+            match f.metadata() {
+                Ok(m) if m.len() == 0 => return Ok(f),
+                _ => {}
             }
         }
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|e| Error::io(e, format_args!("create staging file {}", path.display())))
+        open(true)
     }
 
     pub fn open_staging(&self, ino: Ino, write: bool) -> Result<File> {

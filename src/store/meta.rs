@@ -37,6 +37,7 @@ use crate::stats::StoreGauges;
 use crate::store::clock::wall_ns;
 use crate::store::ids::{BlobId, Ino};
 use crate::store::space;
+use crate::store::touches::Touches;
 
 /// The on-disk format this build reads and writes.
 pub const FORMAT_VERSION: u32 = 1;
@@ -612,6 +613,8 @@ pub struct Store {
     _lock: File,
     /// Damaged records already logged (`Store::damaged`).
     damage_logged: Mutex<DamageLog>,
+    /// Touches not yet written; applied to every inode read (`touches.rs`).
+    pub touches: Touches,
 }
 
 /// Bound on the damaged records logged one by one; past it, one line says
@@ -755,6 +758,7 @@ pub fn open_store(root: &Path) -> std::result::Result<Store, String> {
         episode: Mutex::new(Episode::default()),
         _lock: lock,
         damage_logged: Mutex::new(DamageLog::default()),
+        touches: Touches::default(),
     };
 
     let recorded = store
@@ -1007,9 +1011,13 @@ impl Store {
             .map_err(|e| Error::db(e, "read inode"))?;
         match v {
             None => Ok(None),
-            Some(v) => Inode::decode(ino, &v)
-                .map(Some)
-                .map_err(|d| self.damaged(Cf::Inodes, &ino.key(), format_args!("inode {ino}"), d)),
+            Some(v) => match Inode::decode(ino, &v) {
+                Ok(mut inode) => {
+                    self.touches.apply(&mut inode);
+                    Ok(Some(inode))
+                }
+                Err(d) => Err(self.damaged(Cf::Inodes, &ino.key(), format_args!("inode {ino}"), d)),
+            },
         }
     }
 
@@ -1407,8 +1415,11 @@ impl Store {
             f(Ino::from_key(&k)
                 .map_err(|d| self.damaged(Cf::Inodes, &k, "an inode record's key", d))
                 .and_then(|ino| {
-                    Inode::decode(ino, &v)
-                        .map_err(|d| self.damaged(Cf::Inodes, &k, format_args!("inode {ino}"), d))
+                    let mut inode = Inode::decode(ino, &v).map_err(|d| {
+                        self.damaged(Cf::Inodes, &k, format_args!("inode {ino}"), d)
+                    })?;
+                    self.touches.apply(&mut inode);
+                    Ok(inode)
                 }));
         }
         Ok(())
@@ -1534,7 +1545,16 @@ impl Batch<'_> {
                 }
             }
             db.write_opt(wb, &wo)
-        })
+        })?;
+        // The records of these inodes now carry their pending touches.
+        for op in &ops {
+            if let Op::Put(Cf::Inodes, k, _) | Op::Delete(Cf::Inodes, k) = op {
+                if let Ok(ino) = Ino::from_key(k) {
+                    self.store.touches.landed(ino);
+                }
+            }
+        }
+        Ok(())
     }
 }
 

@@ -2,7 +2,8 @@
 //! column family per kind of record, every multi-key change in one batch),
 //! blob files named by their BLAKE3 hash (`blobs`), the hybrid logical clock
 //! (`clock`), identity types (`ids`), free space and the reserve kept on the
-//! store's filesystem (`space`) and the offline checker (`fsck`).
+//! store's filesystem (`space`), touches not yet written (`touches`) and the
+//! offline checker (`fsck`).
 
 pub mod blobs;
 pub mod clock;
@@ -10,3 +11,4 @@ pub mod fsck;
 pub mod ids;
 pub mod meta;
 pub mod space;
+pub mod touches;

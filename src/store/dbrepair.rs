@@ -90,7 +90,7 @@ impl DbDamage {
         d.rocksdb = Some(e.to_string());
         if d.findings.is_empty() {
             d.findings.push(
-                named_in_message(&e.to_string())
+                named_in_message(e.as_ref())
                     .unwrap_or_else(|| "the database does not open".to_string()),
             );
         }
@@ -116,7 +116,7 @@ impl DbDamage {
         let mut d = inspect(root);
         d.rocksdb = Some(e.to_string());
         d.findings
-            .push(named_in_message(&e.to_string()).unwrap_or_else(|| {
+            .push(named_in_message(e.as_ref()).unwrap_or_else(|| {
                 "a table file holds records that do not read back (checksum mismatch)".to_string()
             }));
         Some(d)

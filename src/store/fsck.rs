@@ -187,7 +187,7 @@ impl Progress {
     fn tick(&mut self) {
         self.done += 1;
         if self.tty
-            && self.done % PROGRESS_CHECK_EVERY == 0
+            && self.done.is_multiple_of(PROGRESS_CHECK_EVERY)
             && self.last.elapsed() >= PROGRESS_INTERVAL
         {
             self.last = Instant::now();
@@ -247,7 +247,7 @@ pub fn run_with(root: &Path, repair: bool, progress: &mut Progress) -> Result<Re
     loop {
         let (damage, lock) = match opened {
             Err((OpenError::Other(m), _)) => return Err(m),
-            Err((OpenError::Damaged(d), lock)) => (d, lock),
+            Err((OpenError::Damaged(d), lock)) => (*d, lock),
             Ok(store) => {
                 let moves_to = database
                     .last()
@@ -284,10 +284,13 @@ pub fn run_with(root: &Path, repair: bool, progress: &mut Progress) -> Result<Re
     }
 }
 
+/// A record as an iterator gives it: key and value.
+type Record = (Box<[u8]>, Box<[u8]>);
+
 /// One walk over a column family in key order, one record ahead.
 struct Cursor<'a> {
     it: DBIteratorWithThreadMode<'a, DB>,
-    cur: Option<(Box<[u8]>, Box<[u8]>)>,
+    cur: Option<Record>,
 }
 
 impl<'a> Cursor<'a> {
@@ -304,7 +307,7 @@ impl<'a> Cursor<'a> {
     }
 
     /// Takes the current record and reads the next one.
-    fn take(&mut self, c: &mut Ctx) -> Result<Option<(Box<[u8]>, Box<[u8]>)>, Stop> {
+    fn take(&mut self, c: &mut Ctx) -> Result<Option<Record>, Stop> {
         let cur = self.cur.take();
         if cur.is_some() {
             self.advance(c)?;

@@ -723,7 +723,7 @@ pub fn meta_dir(root: &Path) -> PathBuf {
 pub enum OpenError {
     /// Its metadata database is damaged; `casfs fsck --store DIR --repair`
     /// can bring it back (see `dbrepair`).
-    Damaged(DbDamage),
+    Damaged(Box<DbDamage>),
     /// Anything else: a message for an operator (what is wrong, what to do).
     Other(String),
 }
@@ -836,13 +836,13 @@ pub(crate) fn open_locked(
     // RocksDB (through the crate) would create a missing directory, and
     // cannot open one that is a file: either is damage to report as such.
     if !create && !meta_dir(root).is_dir() {
-        return Err((OpenError::Damaged(DbDamage::of_files(root)), lock));
+        return Err((OpenError::Damaged(Box::new(DbDamage::of_files(root))), lock));
     }
     let db = match open_db(root, create) {
         Ok(db) => db,
         Err(e) => {
             let err = match DbDamage::of_open_error(root, &e) {
-                Some(d) => OpenError::Damaged(d),
+                Some(d) => OpenError::Damaged(Box::new(d)),
                 None => OpenError::Other(format!(
                     "cannot open metadata of store {}: {e}",
                     root.display()
@@ -945,7 +945,7 @@ impl Store {
             db.get_cf(Store::cf(&db, Cf::Meta), KEY_FORMAT)
         };
         let recorded = read.map_err(|e| match DbDamage::of_read_error(&self.root, &e) {
-            Some(d) => OpenError::Damaged(d),
+            Some(d) => OpenError::Damaged(Box::new(d)),
             None => OpenError::Other(Error::db(e, "read format version").to_string()),
         })?;
         match recorded {
@@ -962,8 +962,8 @@ impl Store {
                 write_marker(&self.root.join(MARKER))?;
             }
             None => {
-                return Err(OpenError::Damaged(DbDamage::format_record_missing(
-                    &self.root,
+                return Err(OpenError::Damaged(Box::new(
+                    DbDamage::format_record_missing(&self.root),
                 )))
             }
             Some(v) if v.as_slice() == FORMAT_VERSION.to_le_bytes() => {}

@@ -141,7 +141,12 @@ fn refused_reported_and_repaired(
         log.contains("damaged") && !log.contains("panicked"),
         "the mount's error must say the metadata is damaged, not panic ({damage}):\n{log}"
     );
+    reported_and_repaired(b, damage, blobs_before)
+}
 
+/// The fsck half of `refused_reported_and_repaired`.
+fn reported_and_repaired(b: &Built, damage: &str, blobs_before: &BTreeSet<String>) -> String {
+    let store = &b.store;
     let before = meta_files(store);
     let (rc, text) = fsck(store, false);
     assert_eq!(
@@ -302,6 +307,37 @@ fn truncated_table_file_loses_only_its_records_and_the_cache_refills_them() {
     m.unmount();
     let (rc, text) = fsck(&b.store, false);
     assert_eq!(rc, 0, "the re-filled store is clean:\n{text}");
+}
+
+#[test]
+fn table_block_failing_its_checksum_is_found_by_the_check_and_repaired() {
+    // The database opens (a block is read only when asked for); fsck reads
+    // every block, finds it, and repairs the database as for a truncated one.
+    let b = build("dmg-block", 1);
+    let blobs = blob_names(&b.store);
+    let (victim, _) = b.tables[0]
+        .iter()
+        .max_by_key(|(_, size)| **size)
+        .map(|(n, s)| (n.clone(), *s))
+        .unwrap();
+    let path = b.store.join("meta").join(&victim);
+    let mut bytes = fs::read(&path).unwrap();
+    assert!(bytes.len() > 2000, "{victim}: {} bytes", bytes.len());
+    for b in &mut bytes[100..600] {
+        *b ^= 0x55;
+    }
+    fs::write(&path, &bytes).unwrap();
+
+    let repaired = reported_and_repaired(&b, "a block of a .sst", &blobs);
+    assert!(
+        repaired.contains("checksum") && repaired.contains(&victim),
+        "the report names the table file and what RocksDB found:\n{repaired}"
+    );
+    let mut m = Mount::start(&b.store, &b.mp, &[]);
+    let cc = Ccache::new(&b.mp.join("cc"), &b.td.root);
+    let (hits, misses) = rebuild(&b, &cc, &b.rounds[0], "warm");
+    assert_eq!(hits + misses, b.rounds[0].len() as u64);
+    m.unmount();
 }
 
 /// A blob file no record names, as a crash between link and commit

@@ -40,7 +40,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::decode::shown;
-use crate::store::meta::{self, meta_dir, OpenError, Store, StoreLock};
+use crate::store::meta::{self, meta_dir, OpenError, OpenMode, Store, StoreLock};
 
 /// The magic number at the end of every block-based table file (the last
 /// 8 bytes, little-endian): a file without it was cut short.
@@ -426,7 +426,7 @@ pub fn repair(
     };
 
     if damage.format_only {
-        match meta::open_locked(root, lock, false, true) {
+        match meta::open_locked(root, lock, OpenMode::Repaired) {
             Ok(store) => {
                 steps.push("wrote the format version record again".to_string());
                 return done(store, steps, Outcome::FormatRestored);
@@ -441,7 +441,7 @@ pub fn repair(
     if let Some(manifest) = &damage.repoint {
         match write_current(&meta, manifest) {
             Err(e) => steps.push(format!("pointing CURRENT at {manifest} failed: {e}")),
-            Ok(()) => match meta::open_locked(root, lock, false, true) {
+            Ok(()) => match meta::open_locked(root, lock, OpenMode::Repaired) {
                 Ok(store) => {
                     steps.push(format!("pointed CURRENT at {manifest}: the database opens"));
                     return done(store, steps, Outcome::Repointed(manifest.clone()));
@@ -468,7 +468,7 @@ pub fn repair(
                     // Log files are always moved there once turned into tables.
                     .filter(|f| f.ends_with(".sst"))
                     .collect();
-                match meta::open_locked(root, lock, false, true) {
+                match meta::open_locked(root, lock, OpenMode::Repaired) {
                     Ok(store) => {
                         steps.push(if lost.is_empty() {
                             "rebuilt the database with RocksDB's repair: every table file read back"
@@ -509,7 +509,7 @@ pub fn repair(
             aside.display()
         ));
     }
-    match meta::open_locked(root, lock, true, true) {
+    match meta::open_locked(root, lock, OpenMode::Create) {
         Ok(store) => {
             steps.push("started empty metadata".to_string());
             done(store, steps, Outcome::Started)

@@ -53,7 +53,7 @@ use crate::store::dbrepair::{self, DbDamage, Repaired};
 use crate::store::ids::{BlobId, Ino};
 use crate::store::meta::{
     self, blob_key_id, lease_value, split_blob_ref_key, split_dentry_key, u64_value, Batch, Cf,
-    Content, Inode, Kind, OpenError, Store, KEY_NEXT_INO,
+    Content, Inode, Kind, OpenError, OpenMode, Store, KEY_NEXT_INO,
 };
 
 /// Most problems (and, separately, leftovers) listed one by one; the rest
@@ -243,7 +243,13 @@ pub fn run_with(root: &Path, repair: bool, progress: &mut Progress) -> Result<Re
     }
     let (lock, _) = meta::lock_store_dir(root)?;
     let mut database: Vec<(DbDamage, Option<Repaired>)> = Vec::new();
-    let mut opened = meta::open_locked(root, lock, false, false);
+    // Without --repair nothing is written: the database is opened read-only.
+    let mode = if repair {
+        OpenMode::Existing
+    } else {
+        OpenMode::ReadOnly
+    };
+    let mut opened = meta::open_locked(root, lock, mode);
     loop {
         let (damage, lock) = match opened {
             Err((OpenError::Other(m), _)) => return Err(m),

@@ -705,12 +705,41 @@ pub(crate) fn repair_options() -> Options {
     opts
 }
 
+/// How a store's database is opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum OpenMode {
+    /// `casfs fsck` without `--repair`: nothing is written (RocksDB adds to
+    /// its own info log, `meta/LOG`, and that is all). A store whose
+    /// database lacks a column family this casfs added since (it was never
+    /// opened by this casfs) is opened for writing instead, as a mount
+    /// would, which adds the missing column families, empty.
+    ReadOnly,
+    /// A mount, or fsck with `--repair`.
+    Existing,
+    /// After a repair of the database: also writes the format record if
+    /// it is missing (the marker file says which format the store has).
+    Repaired,
+    /// A new store, or fresh metadata after `dbrepair` moved the old aside:
+    /// creates the database.
+    Create,
+}
+
 /// Opens the RocksDB database of the store at `root`.
-fn open_db(root: &Path, create: bool) -> std::result::Result<DB, rocksdb::Error> {
-    let cfs = CFS
-        .iter()
-        .map(|(cf, name)| ColumnFamilyDescriptor::new(*name, cf_options(*cf)));
-    DB::open_cf_descriptors(&db_options(create), meta_dir(root), cfs)
+fn open_db(root: &Path, mode: OpenMode) -> std::result::Result<DB, rocksdb::Error> {
+    let cfs = || {
+        CFS.iter()
+            .map(|(cf, name)| ColumnFamilyDescriptor::new(*name, cf_options(*cf)))
+    };
+    let opts = db_options(mode == OpenMode::Create);
+    if mode == OpenMode::ReadOnly {
+        match DB::open_cf_descriptors_read_only(&opts, meta_dir(root), cfs(), false) {
+            Err(e)
+                if e.kind() == rocksdb::ErrorKind::InvalidArgument
+                    && e.as_ref().contains("olumn famil") => {}
+            other => return other,
+        }
+    }
+    DB::open_cf_descriptors(&opts, meta_dir(root), cfs())
 }
 
 /// The metadata database's directory.
@@ -752,7 +781,12 @@ pub fn open_store(root: &Path) -> std::result::Result<Store, String> {
 /// `open_store`, telling a damaged metadata database from other failures.
 pub fn open_store_checked(root: &Path) -> std::result::Result<Store, OpenError> {
     let (lock, is_new) = lock_store_dir(root)?;
-    open_locked(root, lock, is_new, false).map_err(|(e, _lock)| e)
+    let mode = if is_new {
+        OpenMode::Create
+    } else {
+        OpenMode::Existing
+    };
+    open_locked(root, lock, mode).map_err(|(e, _lock)| e)
 }
 
 /// Checks the store directory at `root` (creating it if new) and takes its
@@ -823,22 +857,17 @@ pub fn lock_store_dir(root: &Path) -> std::result::Result<(StoreLock, bool), Str
 /// Opens the database of a store whose lock is held (`lock_store_dir`);
 /// on failure the lock is handed back, so that fsck can repair the
 /// database and try again without letting a daemon in meanwhile.
-/// `create`: make the database if there is none (a new store, or fresh
-/// metadata after `dbrepair` moved the old aside). `restore_format`: write
-/// the format version record if it is missing (after a repair of the
-/// database: the marker file says which format the store has).
 pub(crate) fn open_locked(
     root: &Path,
     lock: StoreLock,
-    create: bool,
-    restore_format: bool,
+    mode: OpenMode,
 ) -> std::result::Result<Store, (OpenError, StoreLock)> {
     // RocksDB (through the crate) would create a missing directory, and
     // cannot open one that is a file: either is damage to report as such.
-    if !create && !meta_dir(root).is_dir() {
+    if mode != OpenMode::Create && !meta_dir(root).is_dir() {
         return Err((OpenError::Damaged(Box::new(DbDamage::of_files(root))), lock));
     }
-    let db = match open_db(root, create) {
+    let db = match open_db(root, mode) {
         Ok(db) => db,
         Err(e) => {
             let err = match DbDamage::of_open_error(root, &e) {
@@ -860,7 +889,7 @@ pub(crate) fn open_locked(
         lock,
         damage_logged: Mutex::new(DamageLog::default()),
     };
-    match store.check_format(create || restore_format) {
+    match store.check_format(mode) {
         Ok(()) => Ok(store),
         Err(e) => Err((e, store.close())),
     }
@@ -936,10 +965,12 @@ impl Store {
     }
 
     /// Checks the format version recorded in the metadata, converts what
-    /// an older store needs converted. `write_missing`: records the version
-    /// if it is missing (a new store, or one whose database was repaired or
-    /// started afresh: the marker file says which format the store has).
-    fn check_format(&self, write_missing: bool) -> std::result::Result<(), OpenError> {
+    /// an older store needs converted (not when read-only). Records the
+    /// version if it is missing in a new store, or one whose database was
+    /// repaired or started afresh (the marker file says which format the
+    /// store has).
+    fn check_format(&self, mode: OpenMode) -> std::result::Result<(), OpenError> {
+        let write_missing = matches!(mode, OpenMode::Create | OpenMode::Repaired);
         let read = {
             let db = self.db().map_err(|e| OpenError::Other(e.to_string()))?;
             db.get_cf(Store::cf(&db, Cf::Meta), KEY_FORMAT)
@@ -974,7 +1005,9 @@ impl Store {
                 )))
             }
         }
-        self.convert_retired_gauges()?;
+        if mode != OpenMode::ReadOnly {
+            self.convert_retired_gauges()?;
+        }
         Ok(())
     }
 
@@ -1138,7 +1171,7 @@ impl Store {
         // Closing stops RocksDB's own background work and recovery; the
         // log it leaves holds every write that returned Ok.
         *db = None;
-        match open_db(&self.root, false) {
+        match open_db(&self.root, OpenMode::Existing) {
             Ok(new) => {
                 *db = Some(new);
                 self.generation.fetch_add(1, Ordering::AcqRel);

@@ -800,6 +800,7 @@ fn fsck_work_is_linear_in_the_store_size() {
         "fsck's work must grow linearly: {w1}, {w2}, {w3} operations for 500, 1000, 1500 entries"
     );
     let per_entry = (w2 - w1) / 500;
+    eprintln!("fsck work: {w1}, {w2}, {w3} operations; {per_entry} per entry");
     assert!(
         per_entry <= 12,
         "{per_entry} operations per entry: a constant, and a small one"

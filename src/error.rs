@@ -52,9 +52,17 @@ impl Error {
         }
     }
 
-    /// A RocksDB error. Out-of-space becomes ENOSPC, everything else EIO.
+    /// A RocksDB error. Out-of-space becomes ENOSPC, everything else EIO;
+    /// damage to the database's files says what to run.
     pub fn db(err: rocksdb::Error, what: impl fmt::Display) -> Error {
-        let text = err.into_string();
+        let damaged = err.kind() == rocksdb::ErrorKind::Corruption;
+        let mut text = err.into_string();
+        if damaged {
+            text.push_str(
+                " (the metadata database is damaged: unmount, then run `casfs fsck --store STORE` \
+                 on this mount's store to see what `--repair` will do)",
+            );
+        }
         let errno = if text.contains("No space left") || text.contains("NoSpace") {
             libc::ENOSPC
         } else {

@@ -3,14 +3,15 @@
 //!
 //! Layers, each in its own folder, each knowing only the ones below it:
 //! - `daemon/`: the mount command: mountpoint checks, signals, background
-//!   threads (eviction, scrub).
+//!   threads (eviction, scrub, the orphan sweep after mount).
 //! - `fuse/`: the only place that knows fuser; translates kernel requests
 //!   into calls on `fs::Core` and maps errors to errno (via `error`).
 //! - `fs/`: the filesystem core (namespace, publication, handles, kernel
 //!   references, `.casfs/` files, maintenance, the seam to the shared tier).
 //!   Its module doc holds the lock order.
 //! - `store/`: what is on disk: the RocksDB schema and batches, blob files,
-//!   the clock, identities, fsck.
+//!   the clock, identities, fsck, and the repair of a damaged metadata
+//!   database (`store::dbrepair`).
 //! - `shared/`: the shared tier (engine trait, shared directory, Redis) and
 //!   the upload queue.
 //! - `classes`, `integrity`, `stats`, `error`, `size`: path classes, cache

@@ -47,11 +47,11 @@ enum Command {
         #[arg(long)]
         entries: u64,
     },
-    /// Check an unmounted store; exit 0 if clean, 1 if problems were found, 2 if it could not be checked.
+    /// Check an unmounted store; exit 0 if clean, 1 if problems were found (or a damaged metadata database), 2 if it could not be checked.
     Fsck {
         #[arg(long)]
         store: PathBuf,
-        /// Drop what is corrupt or dangling, so the store is clean afterwards
+        /// Drop what is corrupt or dangling, so the store is clean afterwards; repair a damaged metadata database (the plan fsck prints says how, and what it loses)
         #[arg(long)]
         repair: bool,
     },
@@ -108,6 +108,10 @@ struct MountCmd {
     ready_fd: Option<i32>,
     mountpoint: PathBuf,
 }
+
+/// Written into a store by `bench-populate` once it is fully populated
+/// (holds the entry count).
+const BENCH_POPULATED: &str = "bench-populated";
 
 /// `--shared-clock-skew-ms` when not given.
 const CLOCK_SKEW_MS_DEFAULT: u64 = 1000;
@@ -188,36 +192,106 @@ fn run_fsck(store: &Path, repair: bool) -> u8 {
             2
         }
         Ok(report) => {
-            for p in &report.problems {
-                println!("problem: {p}");
-            }
-            for l in &report.leftovers {
-                println!("crash leftover: {l}");
-            }
-            let action = if repair {
-                "repaired"
-            } else {
-                "found (run with --repair to drop them)"
-            };
-            match (report.problems.len(), report.leftovers.len()) {
-                (0, 0) => println!("store {} is clean", store.display()),
-                (0, n) => println!(
-                    "store {} is clean; {n} crash leftovers {}",
-                    store.display(),
-                    if repair {
-                        "removed"
-                    } else {
-                        "will be cleaned at the next mount"
-                    }
-                ),
-                (n, _) => println!("store {}: {n} problems {action}", store.display()),
-            }
-            if report.problems.is_empty() {
+            print_fsck_report(store, repair, &report);
+            if report.problem_count() == 0 && report.database.is_empty() {
                 0
             } else {
                 1
             }
         }
+    }
+}
+
+fn print_fsck_report(store: &Path, repair: bool, report: &fsck::Report) {
+    let dir = store.display();
+    for (damage, repaired) in &report.database {
+        for f in &damage.findings {
+            println!("problem: metadata database: {f}");
+        }
+        if let Some(m) = &damage.rocksdb {
+            println!("  (RocksDB says: {m})");
+        }
+        match repaired {
+            None => {
+                println!(
+                    "plan: `casfs fsck --store {dir} --repair` will, in this order, stopping at the first step that gives a database that opens:"
+                );
+                for (i, step) in damage.plan().iter().enumerate() {
+                    println!("  {}. {step}", i + 1);
+                }
+            }
+            Some(r) => {
+                for step in &r.steps {
+                    println!("repaired: {step}");
+                }
+                println!("lost: {}", r.outcome.loses());
+            }
+        }
+    }
+    for p in &report.problems {
+        println!("problem: {p}");
+    }
+    if report.problems_unlisted > 0 {
+        println!(
+            "problem: ... and {} more not listed",
+            report.problems_unlisted
+        );
+    }
+    for l in &report.leftovers {
+        println!("crash leftover: {l}");
+    }
+    if report.leftovers_unlisted > 0 {
+        println!(
+            "crash leftover: ... and {} more not listed",
+            report.leftovers_unlisted
+        );
+    }
+    let saved = report
+        .database
+        .iter()
+        .rev()
+        .find_map(|(_, r)| r.as_ref().map(|r| r.saved.clone()));
+    if let Some(saved) = &saved {
+        let (files, bytes) = report.moved_aside;
+        if files > 0 {
+            println!(
+                "kept: {files} files ({bytes} bytes) that no record names any more were moved into {} (blob files are named by their hash; nothing was deleted)",
+                saved.display()
+            );
+        }
+        println!(
+            "kept: the damaged metadata as found is in {}; remove that directory once the store serves again",
+            saved.display()
+        );
+    }
+    if report.database_unrepaired() {
+        println!(
+            "store {dir}: the metadata database is damaged; nothing was changed (run with --repair to carry out the plan above)"
+        );
+        return;
+    }
+    let action = if repair {
+        "repaired"
+    } else {
+        "found (run with --repair to drop them)"
+    };
+    match (report.problem_count(), report.leftover_count()) {
+        (0, _) if !report.database.is_empty() => {
+            println!("store {dir}: metadata database repaired; the store mounts again")
+        }
+        (0, 0) => println!("store {dir} is clean"),
+        (0, n) => println!(
+            "store {dir} is clean; {n} crash leftovers {}",
+            if repair {
+                "removed"
+            } else {
+                "will be cleaned at the next mount"
+            }
+        ),
+        (n, _) if !report.database.is_empty() => println!(
+            "store {dir}: metadata database repaired, and {n} problems it left behind {action}; the store mounts again"
+        ),
+        (n, _) => println!("store {dir}: {n} problems {action}"),
     }
 }
 
@@ -337,8 +411,14 @@ fn run(cli: Cli) -> Result<(), String> {
             let core =
                 core::Core::start(meta::open_store(&store)?, config).map_err(|e| e.to_string())?;
             let started = std::time::Instant::now();
+            // The marker says the population finished (a benchmark must not
+            // measure an interrupted one as a full store).
+            let marker = store.join(BENCH_POPULATED);
+            let _ = std::fs::remove_file(&marker);
             core.populate(entries).map_err(|e| e.to_string())?;
             core.shutdown();
+            std::fs::write(&marker, format!("{entries}\n"))
+                .map_err(|e| format!("cannot write {}: {e}", marker.display()))?;
             println!(
                 "populated {entries} entries in {:.1} s",
                 started.elapsed().as_secs_f64()

@@ -52,6 +52,8 @@ counters! {
     evictions: "Names evicted to keep the store under --max-size",
     bytes_evicted: "Bytes of the names evicted",
     group_lookups: "Supplementary group lists read from /proc for permission checks",
+    orphan_blobs_removed: "Blob files no record named (left by a crash between linking and committing), removed by the sweep after mount",
+    orphan_sweeps: "Sweeps of the blob directories for orphan files finished (one after each mount)",
 }
 
 /// FUSE operations, for the per-operation request counts.

@@ -32,6 +32,9 @@
 //!
 //! Every name the model has must look up, list, and read back exactly the
 //! model's bytes; every other name must be ENOENT and absent from listings.
+//! At every remount, `casfs fsck` (no repair) must find no problem in the
+//! store the core left, clean or abandoned mid-way (its consistency rules
+//! hold in every state the core can leave).
 //! Kernel references are balanced with `forget`, as the kernel would. The
 //! run ends by closing everything, checking, remounting and checking again,
 //! and prints how often each promise was exercised.
@@ -1124,6 +1127,20 @@ impl Harness {
         }
         self.touched.clear();
         drop(core);
+        // Whatever state the core leaves, clean or abandoned mid-way, fsck
+        // finds no damage in it (leftovers of unfinished files are not
+        // damage).
+        let report = casfs::store::fsck::run_with(
+            &self.store.0,
+            false,
+            &mut casfs::store::fsck::Progress::quiet(),
+        )?;
+        if !report.problems.is_empty() {
+            return Err(format!(
+                "fsck finds problems in the store the core left: {:?}",
+                report.problems
+            ));
+        }
         self.core = Some(start_core(&self.store.0, false)?);
         Ok(())
     }

@@ -1,4 +1,6 @@
-//! The daemon's life: check the mountpoint, open the store, mount, serve
+//! The daemon's life: check the mountpoint, open the store (a damaged
+//! metadata database stops here, with the `casfs fsck` command that
+//! repairs it), mount, sweep orphan blob files in the background, serve
 //! until unmounted (by `umount`, `casfs unmount`, SIGINT or SIGTERM), then
 //! flush, log how many uploads to the shared tier are still pending (they
 //! are kept in the store and delivered after the next mount), and exit 0.
@@ -240,6 +242,7 @@ pub fn run(args: MountArgs) -> Result<(), String> {
     }
     if !read_only {
         start_touch_writer(core.clone())?;
+        start_orphan_sweep(core.clone())?;
     }
     if let Some(max) = args.max_size_bytes {
         if read_only {
@@ -520,6 +523,28 @@ fn holders_in_other_namespaces(dev: &str) -> Vec<(u32, String)> {
         }
     }
     holders
+}
+
+/// Removes, once, the blob files a crash left with no record (see
+/// `Core::sweep_orphan_blobs` for why a live publication never loses its
+/// file to it), in the background while the mount serves.
+fn start_orphan_sweep(core: Arc<Core>) -> Result<(), String> {
+    std::thread::Builder::new()
+        .name("orphan-sweep".into())
+        .spawn(move || {
+            let started = std::time::Instant::now();
+            match core.sweep_orphan_blobs() {
+                Ok((0, _)) => {}
+                Ok((files, bytes)) => info!(
+                    "orphan sweep: removed {files} blob files ({bytes} bytes) that no record named \
+                     (left by a crash between a publication's link and its commit), in {:.1} s",
+                    started.elapsed().as_secs_f64()
+                ),
+                Err(e) => warn!("orphan sweep: {e}; the next mount sweeps again"),
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 /// Unmounts `path` (also a dead mount whose daemon was killed).

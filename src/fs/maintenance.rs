@@ -1,5 +1,6 @@
 //! Keeping the store healthy: recovery at start, free-space checks, the
-//! background scrub, dropping corrupt blobs, and eviction under a size limit.
+//! background scrub, the sweep of orphan blob files after mount, dropping
+//! corrupt blobs, and eviction under a size limit.
 //!
 //! Invariants:
 //! - A blob is treated as damaged only after re-checking under its stripe
@@ -13,6 +14,9 @@
 //! - Eviction stops at its target: what it evicted and only the kernel
 //!   still holds counts as gone (`Evicted`), and publications wait for a
 //!   running pass (`keep_under_limit`), so they cannot outrun it.
+//! - The orphan sweep removes a blob file only if no record names it and
+//!   it was linked before this daemon started, decided under the blob's
+//!   stripe (`sweep_orphan_blobs` has the whole rule).
 //! - New names and new bytes are refused (ENOSPC) while the store's
 //!   filesystem is down to its reserve, whoever filled it (`check_space`).
 
@@ -27,7 +31,7 @@ use crate::fs::{Caller, Core, SetAttr, Statfs, DIR_ENTRIES_MAX, EVICT_BATCH_MAX,
 use crate::stats::Stats;
 use crate::store::blobs::Blobs;
 use crate::store::ids::{BlobId, Ino};
-use crate::store::meta::{Content, Inode, Kind, PendingReason};
+use crate::store::meta::{Content, FileTime, Inode, Kind, PendingReason};
 use crate::store::space;
 
 /// An eviction pass brings the store down to this share of `--max-size`,
@@ -353,6 +357,85 @@ impl Core {
             self.drop_corrupt(id)?;
         }
         Ok(())
+    }
+
+    /// Removes blob files that no metadata record names, in the background
+    /// after mount: a `kill -9` between a publication's link of its blob
+    /// file and its commit leaves one (fsck calls them crash leftovers).
+    /// Shard by shard, each shard's sorted listing merged with the blob ids
+    /// on record for it, so the cost is one pass over `blobs/` and the
+    /// `blobs` column family. Returns the files and bytes removed.
+    ///
+    /// The rule that keeps a live publication's file (a publication links
+    /// its blob file in `prepare`, with no lock, and records it later under
+    /// the blob's stripe):
+    /// 1. Only a file linked before this daemon started is a candidate: its
+    ///    ctime is older than `Store::opened_at` (both on the store
+    ///    filesystem's clock; every file this daemon links gets a ctime at
+    ///    or after it, from the `link()` and the `chmod` that follows). So
+    ///    no publication of this daemon is ever a candidate.
+    /// 2. The file is removed under the blob's stripe, after checking again
+    ///    there that no record names the blob and that the file is still
+    ///    that old one: a commit that records the blob holds the same
+    ///    stripe, so the sweep never removes a file a committed record
+    ///    names.
+    /// 3. Should both fail (a wall clock stepped back across the mount), a
+    ///    publication that finds its file gone at its commit links it
+    ///    again, under the stripe, before it records it (`settle_blob_file`).
+    ///
+    /// A publication of the same bytes as an old orphan dedups onto its
+    /// file (checking it first) and so adopts it, if it gets there first.
+    pub fn sweep_orphan_blobs(&self) -> Result<(u64, u64)> {
+        self.sweep_orphan_blobs_before(self.store.opened_at())
+    }
+
+    /// `sweep_orphan_blobs` with the cutoff of rule 1 given (tests).
+    pub(super) fn sweep_orphan_blobs_before(&self, cutoff: FileTime) -> Result<(u64, u64)> {
+        let (mut files, mut bytes) = (0u64, 0u64);
+        let old = |path: &std::path::Path| {
+            std::fs::symlink_metadata(path)
+                .ok()
+                .filter(|m| m.is_file() && FileTime::ctime_of(m) < cutoff)
+        };
+        for shard in 0..=255u8 {
+            let on_disk = match self.blobs.shard_files(shard) {
+                Ok(f) => f,
+                Err(e) => {
+                    warn!("orphan sweep: cannot list blobs/{shard:02x}: {e}");
+                    continue;
+                }
+            };
+            let recorded = self.store.blob_ids_in_shard(shard)?;
+            let mut r = recorded.iter().peekable();
+            for (id, path) in on_disk {
+                while r.next_if(|k| **k < id).is_some() {}
+                if r.peek() == Some(&&id) || old(&path).is_none() {
+                    continue;
+                }
+                let _g = self.blob_locks.lock(&[id], &self.stats.lock_wait);
+                if self.store.blob_known(&id)? {
+                    continue; // published meanwhile: adopted
+                }
+                let Some(m) = old(&path) else {
+                    continue;
+                };
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {
+                        self.forget_verified(&id);
+                        files += 1;
+                        bytes += m.len();
+                        Stats::bump(&self.stats.counters.orphan_blobs_removed);
+                        debug!("orphan sweep: removed blob={id} size={}", m.len());
+                    }
+                    Err(e) => warn!(
+                        "orphan sweep: cannot remove blob file {}: {e}",
+                        path.display()
+                    ),
+                }
+            }
+        }
+        Stats::bump(&self.stats.counters.orphan_sweeps);
+        Ok((files, bytes))
     }
 
     /// Bytes of blobs in the store now.

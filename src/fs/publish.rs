@@ -53,6 +53,18 @@ pub enum Share {
 }
 use crate::store::meta::{Content, Inode, Kind, PendingReason};
 
+/// A test's code to run between a publication's link and its commit.
+#[cfg(test)]
+pub(super) type PrepareHook = Box<dyn Fn(&Core, &BlobId)>;
+
+#[cfg(test)]
+thread_local! {
+    /// Called at the end of `prepare`, on the publishing thread (tests: what
+    /// may happen between a publication's link and its commit).
+    pub(super) static AFTER_PREPARE: std::cell::RefCell<Option<PrepareHook>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// A staged file's bytes, hashed, durable and (unless already known) linked
 /// into place as a blob file, not yet recorded in the metadata.
 pub(super) struct Prepared {
@@ -129,6 +141,12 @@ impl Core {
             // it unchanged).
             p.existing = self.check_existing(&p.id)?;
         }
+        #[cfg(test)]
+        AFTER_PREPARE.with(|h| {
+            if let Some(hook) = &*h.borrow() {
+                hook(self, &p.id);
+            }
+        });
         Ok(p)
     }
 

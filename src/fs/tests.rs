@@ -808,3 +808,201 @@ fn a_time_set_on_a_scratch_file_survives_a_restart_and_its_rename_into_a_result(
         notes.mtime_ns
     );
 }
+
+/// A store of `entries` results made by `populate` (256 directories).
+fn populated(entries: u64) -> TempStore {
+    let t = TempStore::new();
+    let store = open_store(&t.0).unwrap();
+    let core = Core::start(
+        store,
+        Config {
+            rules: Rules::new(&[]).unwrap(),
+            verify_percent: 0,
+            read_only: false,
+            durable: false,
+            root_uid: None,
+            root_gid: None,
+            root_mode: None,
+        },
+    )
+    .unwrap();
+    core.populate(entries).unwrap();
+    core.shutdown();
+    t
+}
+
+#[test]
+fn fsck_work_is_linear_in_the_store_size() {
+    use crate::store::fsck::{run_with, Progress};
+    // Operations (records read in order, records looked up, files listed,
+    // files hashed), counted by fsck itself: each entry costs the same, so
+    // equal steps in size cost equal steps in work, exactly.
+    let work = |entries: u64| {
+        let t = populated(entries);
+        let r = run_with(&t.0, false, &mut Progress::quiet()).unwrap();
+        assert!(
+            r.problems.is_empty() && r.leftovers.is_empty(),
+            "{:?} {:?}",
+            r.problems,
+            r.leftovers
+        );
+        assert_eq!(r.work.files_hashed, entries, "each blob is hashed once");
+        r.work.operations()
+    };
+    let (w1, w2, w3) = (work(500), work(1000), work(1500));
+    assert_eq!(
+        w3 - w2,
+        w2 - w1,
+        "fsck's work must grow linearly: {w1}, {w2}, {w3} operations for 500, 1000, 1500 entries"
+    );
+    let per_entry = (w2 - w1) / 500;
+    eprintln!("fsck work: {w1}, {w2}, {w3} operations; {per_entry} per entry");
+    assert!(
+        per_entry <= 12,
+        "{per_entry} operations per entry: a constant, and a small one"
+    );
+}
+
+/// Writes a blob file for `bytes` as a crash between link and commit
+/// leaves it (no record names it).
+fn plant_orphan(t: &TempStore, bytes: &[u8]) -> PathBuf {
+    let id = BlobId::of(bytes);
+    let path = Blobs::new(&t.0, false).blob_path(&id);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+#[test]
+fn the_orphan_sweep_never_takes_a_live_publications_file() {
+    use crate::fs::publish::AFTER_PREPARE;
+    use crate::store::meta::FileTime;
+    let t = TempStore::new();
+    let core = t.core();
+    let d = mkdirs(&core);
+    let any_time = FileTime(i64::MAX, 0);
+
+    // Rule 1: a file linked after the daemon started is no candidate.
+    let planted = plant_orphan(&t, b"linked after the start");
+    assert_eq!(core.sweep_orphan_blobs().unwrap(), (0, 0));
+    assert!(planted.exists());
+    // Without rule 1 it is an orphan like any other.
+    assert_eq!(core.sweep_orphan_blobs_before(any_time).unwrap(), (1, 22));
+    assert!(!planted.exists());
+    assert_eq!(count(&core.stats.counters.orphan_blobs_removed), 1);
+
+    // A sweep between a publication's link and its commit, with rule 1
+    // off: the file no record names yet goes, and the commit, under the
+    // blob's stripe, links it again. Both for new bytes and for bytes an
+    // orphan already held (the publication dedups onto that file).
+    AFTER_PREPARE.with(|h| {
+        *h.borrow_mut() = Some(Box::new(move |core: &Core, id: &BlobId| {
+            let (removed, _) = core.sweep_orphan_blobs_before(any_time).unwrap();
+            assert_eq!(
+                removed, 1,
+                "the sweep took the unrecorded file of blob {id}"
+            );
+        }))
+    });
+    let tmp = write_tmp(&core, d, "a.tmp", b"raced bytes");
+    core.rename(d, &tmp, d, RESULT, 0).unwrap();
+    let orphan = plant_orphan(&t, b"bytes an orphan holds");
+    let tmp = write_tmp(&core, d, "b.tmp", b"bytes an orphan holds");
+    core.rename(d, &tmp, d, b"other000000000000000000000000R", 0)
+        .unwrap();
+    AFTER_PREPARE.with(|h| h.borrow_mut().take());
+    assert!(orphan.exists(), "linked again by the commit");
+    assert_eq!(read_name(&core, d, RESULT).unwrap(), b"raced bytes");
+    assert_eq!(
+        read_name(&core, d, b"other000000000000000000000000R").unwrap(),
+        b"bytes an orphan holds"
+    );
+    assert_eq!(count(&core.stats.counters.corrupt_blobs), 0);
+    // Rule 2: a file a record names is never taken.
+    assert_eq!(core.sweep_orphan_blobs_before(any_time).unwrap(), (0, 0));
+    drop(core);
+    let r = crate::store::fsck::run(&t.0, false).unwrap();
+    assert!(
+        r.problems.is_empty() && r.leftovers.is_empty(),
+        "{:?} {:?}",
+        r.problems,
+        r.leftovers
+    );
+}
+
+#[test]
+fn a_database_no_repair_can_read_is_moved_aside_and_the_store_starts_empty_keeping_its_files() {
+    use crate::store::dbrepair::Outcome;
+    use crate::store::fsck;
+    let t = TempStore::new();
+    let d;
+    let blob;
+    {
+        let core = t.core();
+        d = mkdirs(&core);
+        let tmp = write_tmp(&core, d, "a.tmp", b"result bytes");
+        core.rename(d, &tmp, d, RESULT, 0).unwrap();
+        write_tmp(&core, d, "notes.tmp", b"a host-local file");
+        blob = core.blobs.blob_path(&BlobId::of(b"result bytes"));
+    }
+    // Where the database was, a file: nothing RocksDB can open or repair.
+    let meta = t.0.join("meta");
+    std::fs::rename(&meta, t.0.join("meta-elsewhere")).unwrap();
+    std::fs::write(&meta, b"not a database").unwrap();
+
+    let e = open_store(&t.0)
+        .err()
+        .expect("a damaged store does not open");
+    assert!(
+        e.contains(&format!("casfs fsck --store {} --repair", t.0.display())),
+        "{e}"
+    );
+    let r = fsck::run(&t.0, false).unwrap();
+    assert!(r.database_unrepaired(), "reported, not repaired");
+    assert!(
+        r.database[0]
+            .0
+            .findings
+            .iter()
+            .any(|f| f.contains("not a directory")),
+        "{:?}",
+        r.database[0].0.findings
+    );
+    assert_eq!(
+        std::fs::read(&meta).unwrap(),
+        b"not a database",
+        "unchanged"
+    );
+
+    let r = fsck::run(&t.0, true).unwrap();
+    let repaired = r.database[0].1.as_ref().expect("repaired");
+    assert_eq!(repaired.outcome, Outcome::Started, "{:?}", repaired.steps);
+    let saved = repaired.saved.clone();
+    assert_eq!(
+        std::fs::read(saved.join("meta.after-repair-attempts")).unwrap(),
+        b"not a database",
+        "the old database is kept"
+    );
+    // The blob and the staging file no record names now are kept beside it.
+    let name = blob.file_name().unwrap();
+    let shard = blob.parent().unwrap().file_name().unwrap();
+    assert!(saved.join("blobs").join(shard).join(name).exists());
+    assert!(!blob.exists());
+    assert_eq!(r.moved_aside.0, 2, "the blob and the host-local file");
+    let r = fsck::run(&t.0, false).unwrap();
+    assert!(
+        r.problems.is_empty() && r.leftovers.is_empty() && r.database.is_empty(),
+        "{:?} {:?}",
+        r.problems,
+        r.leftovers
+    );
+    let core = t.core();
+    assert_eq!(
+        core.lookup(Ino::ROOT, b"a").unwrap_err().code(),
+        libc::ENOENT
+    );
+    // The cache re-fills: the same bytes published again.
+    let d = mkdirs(&core);
+    let tmp = write_tmp(&core, d, "a.tmp", b"result bytes");
+    core.rename(d, &tmp, d, RESULT, 0).unwrap();
+    assert_eq!(read_name(&core, d, RESULT).unwrap(), b"result bytes");
+}

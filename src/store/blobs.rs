@@ -421,6 +421,26 @@ impl Blobs {
         }
     }
 
+    /// The blob files of shard directory `blobs/<shard>/`, sorted by id,
+    /// each with its path; names that are no blob id of that shard are
+    /// left out (`casfs fsck` reports them).
+    pub fn shard_files(&self, shard: u8) -> io::Result<Vec<(BlobId, PathBuf)>> {
+        let dir = self.root.join("blobs").join(format!("{shard:02x}"));
+        let mut out = Vec::new();
+        for e in fs::read_dir(dir)? {
+            let e = e?;
+            let name = e.file_name();
+            let Some(id) = name.to_str().and_then(BlobId::from_hex) else {
+                continue;
+            };
+            if id.0[0] == shard && name.to_str() == Some(id.hex().as_str()) {
+                out.push((id, e.path()));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
     /// Names of files in the staging directory (bounded by the number of
     /// files being written plus host-local files).
     pub fn staging_files(&self) -> Vec<(String, PathBuf)> {

@@ -9,6 +9,9 @@
 //!   staging/<ino>       bytes not yet (or never) published: writes in
 //!                       progress and host-local files
 //!   quarantine/   blobs that failed verification, kept for inspection
+//!   meta.damaged-<UTC time>/  a damaged metadata database as `casfs fsck
+//!                 --repair` found it, and what it moved aside (dbrepair.rs);
+//!                 the operator's to inspect and remove
 //!
 //! Invariants:
 //! - Every change touching several keys is one `WriteBatch`.
@@ -35,6 +38,7 @@ use crate::decode::{exact, shown, Damage, Decoded, Reader};
 use crate::error::{Error, Result};
 use crate::stats::StoreGauges;
 use crate::store::clock::wall_ns;
+use crate::store::dbrepair::DbDamage;
 use crate::store::ids::{BlobId, Ino};
 use crate::store::space;
 use crate::store::touches::Touches;
@@ -88,7 +92,7 @@ const CFS: [(Cf, &str); 9] = [
 const KEY_FORMAT: &[u8] = b"format_version";
 /// Inode numbers below this value may have been handed out: a lease, raised
 /// (before any number above the old one is used) in steps of `INO_LEASE`.
-const KEY_NEXT_INO: &[u8] = b"next_ino";
+pub(crate) const KEY_NEXT_INO: &[u8] = b"next_ino";
 const KEY_LEASE: &[u8] = b"lease_ns";
 /// Written (empty) with sync to make the log durable (`sync_log`).
 const KEY_SYNC_MARKER: &[u8] = b"sync_marker";
@@ -610,7 +614,7 @@ pub struct Store {
     broken: AtomicBool,
     /// The current disk-full episode; also serializes `recover`.
     episode: Mutex<Episode>,
-    _lock: File,
+    lock: StoreLock,
     /// Damaged records already logged (`Store::damaged`).
     damage_logged: Mutex<DamageLog>,
     /// Touches not yet written; applied to every inode read (`touches.rs`).
@@ -666,28 +670,131 @@ fn assert_db_not_held() {
     );
 }
 
-/// Opens the RocksDB database of the store at `root`.
-fn open_db(root: &Path) -> std::result::Result<DB, rocksdb::Error> {
+/// The RocksDB options every open of the store's database uses (and
+/// RocksDB's own repair: `crate::store::dbrepair`).
+pub(crate) fn db_options(create: bool) -> Options {
     let mut opts = Options::default();
-    opts.create_if_missing(true);
+    // Only a new store creates its database: for an existing one, a missing
+    // `CURRENT` is damage to report, never a reason to start an empty
+    // database over the old tables (RocksDB would then delete them).
+    opts.create_if_missing(create);
     opts.create_missing_column_families(true);
     opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
     opts.set_keep_log_file_num(4);
     opts.set_max_total_wal_size(64 << 20);
-    let cfs = CFS.iter().map(|(cf, name)| {
-        let mut o = Options::default();
-        o.set_compression_type(rocksdb::DBCompressionType::Lz4);
-        if matches!(cf, Cf::Counters) {
-            o.set_merge_operator_associative("casfs_add_i64", add_merge);
+    opts
+}
+
+/// The options of one column family.
+fn cf_options(cf: Cf) -> Options {
+    let mut o = Options::default();
+    o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    if matches!(cf, Cf::Counters) {
+        o.set_merge_operator_associative(GAUGE_MERGE_NAME, add_merge);
+    }
+    o
+}
+
+/// The name the gauges' merge operator is registered under.
+const GAUGE_MERGE_NAME: &str = "casfs_add_i64";
+
+/// Options for RocksDB's repair, which recreates the column families it
+/// finds with one set of options: the gauges' merge operator on all of them
+/// (only `counters` holds merge records, and its log records cannot be
+/// turned into tables without it).
+pub(crate) fn repair_options() -> Options {
+    let mut opts = db_options(false);
+    opts.set_merge_operator_associative(GAUGE_MERGE_NAME, add_merge);
+    opts
+}
+
+/// How a store's database is opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum OpenMode {
+    /// `casfs fsck` without `--repair`: nothing is written (RocksDB adds to
+    /// its own info log, `meta/LOG`, and that is all). A store whose
+    /// database lacks a column family this casfs added since (it was never
+    /// opened by this casfs) is opened for writing instead, as a mount
+    /// would, which adds the missing column families, empty.
+    ReadOnly,
+    /// A mount, or fsck with `--repair`.
+    Existing,
+    /// After a repair of the database: also writes the format record if
+    /// it is missing (the marker file says which format the store has).
+    Repaired,
+    /// A new store, or fresh metadata after `dbrepair` moved the old aside:
+    /// creates the database.
+    Create,
+}
+
+/// Opens the RocksDB database of the store at `root`.
+fn open_db(root: &Path, mode: OpenMode) -> std::result::Result<DB, rocksdb::Error> {
+    let cfs = || {
+        CFS.iter()
+            .map(|(cf, name)| ColumnFamilyDescriptor::new(*name, cf_options(*cf)))
+    };
+    let opts = db_options(mode == OpenMode::Create);
+    if mode == OpenMode::ReadOnly {
+        match DB::open_cf_descriptors_read_only(&opts, meta_dir(root), cfs(), false) {
+            Err(e)
+                if e.kind() == rocksdb::ErrorKind::InvalidArgument
+                    && e.as_ref().contains("olumn famil") => {}
+            other => return other,
         }
-        ColumnFamilyDescriptor::new(*name, o)
-    });
-    DB::open_cf_descriptors(&opts, root.join("meta"), cfs)
+    }
+    DB::open_cf_descriptors(&opts, meta_dir(root), cfs())
+}
+
+/// The metadata database's directory.
+pub fn meta_dir(root: &Path) -> PathBuf {
+    root.join("meta")
+}
+
+/// Why a store did not open.
+#[derive(Debug)]
+pub enum OpenError {
+    /// Its metadata database is damaged; `casfs fsck --store DIR --repair`
+    /// can bring it back (see `dbrepair`).
+    Damaged(Box<DbDamage>),
+    /// Anything else: a message for an operator (what is wrong, what to do).
+    Other(String),
+}
+
+impl fmt::Display for OpenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OpenError::Other(m) => f.write_str(m),
+            OpenError::Damaged(d) => f.write_str(&d.mount_message()),
+        }
+    }
+}
+
+impl From<String> for OpenError {
+    fn from(m: String) -> OpenError {
+        OpenError::Other(m)
+    }
 }
 
 /// Opens (creating if new) the store at `root`. Errors are messages for an
 /// operator: what is wrong and what to do.
 pub fn open_store(root: &Path) -> std::result::Result<Store, String> {
+    open_store_checked(root).map_err(|e| e.to_string())
+}
+
+/// `open_store`, telling a damaged metadata database from other failures.
+pub fn open_store_checked(root: &Path) -> std::result::Result<Store, OpenError> {
+    let (lock, is_new) = lock_store_dir(root)?;
+    let mode = if is_new {
+        OpenMode::Create
+    } else {
+        OpenMode::Existing
+    };
+    open_locked(root, lock, mode).map_err(|(e, _lock)| e)
+}
+
+/// Checks the store directory at `root` (creating it if new) and takes its
+/// lock; true if the store is new (no marker yet).
+pub fn lock_store_dir(root: &Path) -> std::result::Result<(StoreLock, bool), String> {
     if root.exists() && !root.is_dir() {
         return Err(format!("store {} is not a directory", root.display()));
     }
@@ -747,53 +854,49 @@ pub fn open_store(root: &Path) -> std::result::Result<Store, String> {
             }
         }
     }
+    Ok((lock, is_new))
+}
 
-    let db = open_db(root)
-        .map_err(|e| format!("cannot open metadata of store {}: {e}", root.display()))?;
+/// Opens the database of a store whose lock is held (`lock_store_dir`);
+/// on failure the lock is handed back, so that fsck can repair the
+/// database and try again without letting a daemon in meanwhile.
+pub(crate) fn open_locked(
+    root: &Path,
+    lock: StoreLock,
+    mode: OpenMode,
+) -> std::result::Result<Store, (OpenError, StoreLock)> {
+    // RocksDB (through the crate) would create a missing directory, and
+    // cannot open one that is a file: either is damage to report as such.
+    if mode != OpenMode::Create && !meta_dir(root).is_dir() {
+        return Err((OpenError::Damaged(Box::new(DbDamage::of_files(root))), lock));
+    }
+    let db = match open_db(root, mode) {
+        Ok(db) => db,
+        Err(e) => {
+            let err = match DbDamage::of_open_error(root, &e) {
+                Some(d) => OpenError::Damaged(Box::new(d)),
+                None => OpenError::Other(format!(
+                    "cannot open metadata of store {}: {e}",
+                    root.display()
+                )),
+            };
+            return Err((err, lock));
+        }
+    };
     let store = Store {
         root: root.to_path_buf(),
         db: RwLock::new(Some(db)),
         generation: AtomicU64::new(0),
         broken: AtomicBool::new(false),
         episode: Mutex::new(Episode::default()),
-        _lock: lock,
+        lock,
         damage_logged: Mutex::new(DamageLog::default()),
         touches: Touches::default(),
     };
-
-    let recorded = store
-        .get(Cf::Meta, KEY_FORMAT, "read format version")
-        .map_err(|e| e.to_string())?;
-    match recorded {
-        None if is_new => {
-            store
-                .write("write format version", |db| {
-                    db.put_cf(
-                        Store::cf(db, Cf::Meta),
-                        KEY_FORMAT,
-                        FORMAT_VERSION.to_le_bytes(),
-                    )?;
-                    db.flush_wal(true)
-                })
-                .map_err(|e| e.to_string())?;
-            write_marker(&marker)?;
-        }
-        None => {
-            return Err(format!(
-                "store {} has no format version in its metadata: it is damaged",
-                root.display()
-            ))
-        }
-        Some(v) if v.as_slice() == FORMAT_VERSION.to_le_bytes() => {}
-        Some(v) => {
-            return Err(format!(
-                "store {} metadata has unknown format {v:?}",
-                root.display()
-            ))
-        }
+    match store.check_format(mode) {
+        Ok(()) => Ok(store),
+        Err(e) => Err((e, store.close())),
     }
-    store.convert_retired_gauges()?;
-    Ok(store)
 }
 
 fn write_marker(marker: &Path) -> std::result::Result<(), String> {
@@ -804,8 +907,31 @@ fn write_marker(marker: &Path) -> std::result::Result<(), String> {
     fs::rename(&tmp, marker).map_err(|e| format!("cannot write {}: {e}", marker.display()))
 }
 
+/// The store's exclusive lock: `flock()` on `lock`, held by the one daemon
+/// or `casfs fsck` using the store, with the time it was taken.
+#[derive(Debug)]
+pub struct StoreLock {
+    _file: File,
+    /// The lock file's ctime right after this process wrote its pid into
+    /// it: a time on the store filesystem's own clock (the clock that
+    /// stamps blob files' ctimes), taken before this process linked any
+    /// blob file (see `Store::opened_at`).
+    taken_at: FileTime,
+}
+
+/// A time as the store's filesystem keeps it (seconds, nanoseconds).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct FileTime(pub i64, pub i64);
+
+impl FileTime {
+    pub fn ctime_of(m: &fs::Metadata) -> FileTime {
+        use std::os::unix::fs::MetadataExt;
+        FileTime(m.ctime(), m.ctime_nsec())
+    }
+}
+
 /// Takes the store's exclusive lock, or says who holds it.
-fn lock_store(root: &Path) -> std::result::Result<File, String> {
+fn lock_store(root: &Path) -> std::result::Result<StoreLock, String> {
     let path = root.join("lock");
     let mut f = OpenOptions::new()
         .read(true)
@@ -826,7 +952,13 @@ fn lock_store(root: &Path) -> std::result::Result<File, String> {
     }
     f.set_len(0).map_err(|e| e.to_string())?;
     write!(f, "{}", std::process::id()).map_err(|e| e.to_string())?;
-    Ok(f)
+    let m = f
+        .metadata()
+        .map_err(|e| format!("cannot stat {}: {e}", path.display()))?;
+    Ok(StoreLock {
+        _file: f,
+        taken_at: FileTime::ctime_of(&m),
+    })
 }
 
 impl Store {
@@ -834,6 +966,119 @@ impl Store {
         let name = CFS[cf as usize].1;
         db.cf_handle(name)
             .expect("every column family is created at open")
+    }
+
+    /// Checks the format version recorded in the metadata, converts what
+    /// an older store needs converted (not when read-only). Records the
+    /// version if it is missing in a new store, or one whose database was
+    /// repaired or started afresh (the marker file says which format the
+    /// store has).
+    fn check_format(&self, mode: OpenMode) -> std::result::Result<(), OpenError> {
+        let write_missing = matches!(mode, OpenMode::Create | OpenMode::Repaired);
+        let read = {
+            let db = self.db().map_err(|e| OpenError::Other(e.to_string()))?;
+            db.get_cf(Store::cf(&db, Cf::Meta), KEY_FORMAT)
+        };
+        let recorded = read.map_err(|e| match DbDamage::of_read_error(&self.root, &e) {
+            Some(d) => OpenError::Damaged(Box::new(d)),
+            None => OpenError::Other(Error::db(e, "read format version").to_string()),
+        })?;
+        match recorded {
+            None if write_missing => {
+                self.write("write format version", |db| {
+                    db.put_cf(
+                        Store::cf(db, Cf::Meta),
+                        KEY_FORMAT,
+                        FORMAT_VERSION.to_le_bytes(),
+                    )?;
+                    db.flush_wal(true)
+                })
+                .map_err(|e| OpenError::Other(e.to_string()))?;
+                write_marker(&self.root.join(MARKER))?;
+            }
+            None => {
+                return Err(OpenError::Damaged(Box::new(
+                    DbDamage::format_record_missing(&self.root),
+                )))
+            }
+            Some(v) if v.as_slice() == FORMAT_VERSION.to_le_bytes() => {}
+            Some(v) => {
+                return Err(OpenError::Other(format!(
+                    "store {} metadata has unknown format {v:?}",
+                    self.root.display()
+                )))
+            }
+        }
+        if mode != OpenMode::ReadOnly {
+            self.convert_retired_gauges()?;
+        }
+        Ok(())
+    }
+
+    /// Closes the database and keeps the store's lock (fsck: to repair the
+    /// database with no daemon let in meanwhile).
+    pub(crate) fn close(self) -> StoreLock {
+        let Store { db, lock, .. } = self;
+        drop(db);
+        lock
+    }
+
+    /// When this process took the store's lock, on the store filesystem's
+    /// clock: every blob file this process links has a later or equal
+    /// ctime (`link()` and the `chmod` after it set the file's ctime), so
+    /// a blob file with an earlier ctime was linked before (by an earlier
+    /// daemon).
+    pub fn opened_at(&self) -> FileTime {
+        self.lock.taken_at
+    }
+
+    /// Runs `f` on the raw database (the offline checker: it reads every
+    /// column family in order and looks records up in between, which the
+    /// typed calls cannot do under one hold). `f` must not call the store.
+    pub(crate) fn with_db<T>(&self, f: impl FnOnce(&DB) -> T) -> Result<T> {
+        let db = self.db()?;
+        Ok(f(&db))
+    }
+
+    /// A column family's handle, for `with_db`.
+    pub(crate) fn handle(db: &DB, cf: Cf) -> &ColumnFamily {
+        Store::cf(db, cf)
+    }
+
+    /// RocksDB's estimate of the records in a column family (progress).
+    pub fn estimate_records(&self, cf: Cf) -> u64 {
+        self.with_db(|db| {
+            db.property_int_value_cf(Store::cf(db, cf), "rocksdb.estimate-num-keys")
+                .ok()
+                .flatten()
+                .unwrap_or(0)
+        })
+        .unwrap_or(0)
+    }
+
+    /// The blob ids on record whose first byte is `shard` (the blob files
+    /// of `blobs/<shard>/`), in order: the orphan sweep's side of its
+    /// merge with a shard's directory listing (a few thousand ids for a
+    /// million-blob store).
+    pub fn blob_ids_in_shard(&self, shard: u8) -> Result<Vec<BlobId>> {
+        let mut out = Vec::new();
+        let db = self.db()?;
+        let iter = db.iterator_cf(
+            Store::cf(&db, Cf::Blobs),
+            IteratorMode::From(&[shard], Direction::Forward),
+        );
+        for item in iter {
+            let (k, _) = item.map_err(|e| Error::db(e, "read blobs"))?;
+            if k.first() != Some(&shard) {
+                break;
+            }
+            // A key that is no blob id is fsck's to report; the sweep only
+            // needs the ids that are.
+            if let Ok(id) = blob_key_id(&k) {
+                out.push(id);
+            }
+        }
+        Ok(out)
     }
 
     /// A shared hold on the database for one call. A database left closed
@@ -930,7 +1175,7 @@ impl Store {
         // Closing stops RocksDB's own background work and recovery; the
         // log it leaves holds every write that returned Ok.
         *db = None;
-        match open_db(&self.root) {
+        match open_db(&self.root, OpenMode::Existing) {
             Ok(new) => {
                 *db = Some(new);
                 self.generation.fetch_add(1, Ordering::AcqRel);
@@ -1218,21 +1463,17 @@ impl Store {
 
     /// The inode-number lease: every number at or above it is unused.
     ///
-    /// A lease that does not decode is derived again from the inode
-    /// records (logged): every number in use has one, and their keys sort
-    /// by number (big-endian), so the last key is the highest in use.
-    /// The allocator writes a fresh lease before it hands out the first
-    /// number. (`casfs fsck` does not look at this lease, so refusing to
-    /// start would leave the store with no way back.)
+    /// It is never below the highest inode number in use plus one: every
+    /// number in use has an inode record, and their keys sort by number
+    /// (big-endian), so the last key is the highest (one iterator step). A
+    /// lease that does not decode, or that is behind that (a record lost
+    /// or rolled back by a repair of the database), is derived again from
+    /// it (logged); a missing one is derived silently (a new store). The
+    /// allocator writes a fresh lease before it hands out the first number.
+    /// Starting below a number in use would hand it out again and
+    /// overwrite a live inode, so a lease is never trusted on its own.
     pub fn ino_lease(&self) -> Result<u64> {
         let v = self.get(Cf::Meta, KEY_NEXT_INO, "read next inode")?;
-        let Some(v) = v else {
-            return Ok(Ino::FIRST_DYNAMIC.0);
-        };
-        let d = match lease_value(&v) {
-            Ok(lease) => return Ok(lease),
-            Err(d) => d,
-        };
         let last_key = {
             let db = self.db()?;
             let mut last = db.iterator_cf(Store::cf(&db, Cf::Inodes), IteratorMode::End);
@@ -1249,20 +1490,35 @@ impl Store {
                     .0
             }
         };
-        let lease = highest
+        let floor = highest
             .checked_add(1)
             .filter(|l| *l <= LEASE_MAX)
             .ok_or_else(|| {
                 let d = Damage::new(format!("inode number {highest} is over {LEASE_MAX}"));
                 self.damaged(Cf::Inodes, &Ino(highest).key(), "the last inode record", d)
-            })?;
-        let lease = lease.max(Ino::FIRST_DYNAMIC.0);
-        log::warn!(
-            "damaged record cf=meta key={}: {d}; the inode-number lease is derived again from \
-             the inode records: {lease}",
-            shown(KEY_NEXT_INO)
-        );
-        Ok(lease)
+            })?
+            .max(Ino::FIRST_DYNAMIC.0);
+        let Some(v) = v else {
+            return Ok(floor);
+        };
+        match lease_value(&v) {
+            Ok(lease) if lease >= floor => Ok(lease),
+            Ok(lease) => {
+                log::warn!(
+                    "the inode-number lease {lease} is not above inode {highest}, which is in use \
+                     (a repaired database?); the lease is derived again from the inode records: {floor}"
+                );
+                Ok(floor)
+            }
+            Err(d) => {
+                log::warn!(
+                    "damaged record cf=meta key={}: {d}; the inode-number lease is derived again from \
+                     the inode records: {floor}",
+                    shown(KEY_NEXT_INO)
+                );
+                Ok(floor)
+            }
+        }
     }
 
     /// Raises the inode-number lease. Not synced: a batch that uses a number
@@ -1425,8 +1681,16 @@ impl Store {
         Ok(())
     }
 
+    /// Makes everything written durable at unmount: the log synced, and
+    /// the memtables flushed into table files, so a cleanly unmounted store
+    /// holds all its records in tables (the files RocksDB's own repair
+    /// recovers best: see `dbrepair`).
     pub fn flush(&self) -> Result<()> {
-        self.write("flush log", |db| db.flush_wal(true))
+        self.write("flush log", |db| db.flush_wal(true))?;
+        self.write("flush memtables", |db| {
+            let cfs: Vec<&ColumnFamily> = CFS.iter().map(|(cf, _)| Store::cf(db, *cf)).collect();
+            db.flush_cfs_opt(&cfs, &rocksdb::FlushOptions::default())
+        })
     }
 }
 

@@ -82,7 +82,12 @@ enum Command {
     /// Print a mount's statistics (the text of MOUNTPOINT/.casfs/stats).
     Stats { mountpoint: PathBuf },
     /// Wait until every publication made so far through the mount is in the shared tier.
-    Sync { mountpoint: PathBuf },
+    Sync {
+        /// Give up (exit 1) after this many seconds.
+        #[arg(long, default_value_t = SYNC_TIMEOUT_S_DEFAULT)]
+        timeout_s: u64,
+        mountpoint: PathBuf,
+    },
     /// Benchmark tool: fill a store with N small results (not durable; for the scale run).
     #[command(hide = true)]
     BenchPopulate {
@@ -241,6 +246,51 @@ fn read_casfs_file(mountpoint: &Path, name: &str) -> Result<String, String> {
     })
 }
 
+/// How long `casfs sync` waits by default.
+const SYNC_TIMEOUT_S_DEFAULT: u64 = 300;
+/// How often `casfs sync` asks the daemon again.
+const SYNC_POLL_MS: u64 = 100;
+
+/// `casfs sync`: the short-poll protocol of `.casfs/sync` (see
+/// `fs/virtual_files.rs`). Every read is answered at once; this process
+/// sleeps in between, so Ctrl-C or `timeout` ends it at once.
+fn sync(mountpoint: &Path, timeout: std::time::Duration) -> Result<(), String> {
+    let started = std::time::Instant::now();
+    let mut text = read_casfs_file(mountpoint, "sync")?;
+    loop {
+        if text.starts_with("ok") {
+            print!("{text}");
+            return Ok(());
+        }
+        let Some(pending) = text.strip_prefix("pending: ") else {
+            return Err(format!(
+                "sync of {}: {}",
+                mountpoint.display(),
+                text.trim_end().trim_start_matches("FAILED: ")
+            ));
+        };
+        let polled = pending
+            .trim_end()
+            .split_once("; poll ")
+            .filter(|(_, f)| f.starts_with("sync-") && f[5..].bytes().all(|c| c.is_ascii_digit()));
+        let Some((waiting, file)) = polled else {
+            return Err(format!(
+                "sync of {}: the daemon answered {text:?}, which this casfs does not read (a daemon of another version?)",
+                mountpoint.display()
+            ));
+        };
+        if started.elapsed() >= timeout {
+            return Err(format!(
+                "sync of {}: {waiting} still pending after {} s (the uploads are kept and retried; run casfs sync again to wait longer)",
+                mountpoint.display(),
+                timeout.as_secs()
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(SYNC_POLL_MS));
+        text = read_casfs_file(mountpoint, file)?;
+    }
+}
+
 fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Command::Mount {
@@ -337,19 +387,10 @@ fn run(cli: Cli) -> Result<(), String> {
             );
             Ok(())
         }
-        Command::Sync { mountpoint } => {
-            let text = read_casfs_file(&mountpoint, "sync")?;
-            if text.starts_with("ok") {
-                print!("{text}");
-                Ok(())
-            } else {
-                Err(format!(
-                    "sync of {}: {}",
-                    mountpoint.display(),
-                    text.trim_end().trim_start_matches("FAILED: ")
-                ))
-            }
-        }
+        Command::Sync {
+            timeout_s,
+            mountpoint,
+        } => sync(&mountpoint, std::time::Duration::from_secs(timeout_s)),
         Command::Fsck { store, repair } => std::process::exit(run_fsck(&store, repair).into()),
         Command::Stats { mountpoint } => {
             print!("{}", read_casfs_file(&mountpoint, "stats")?);

@@ -34,7 +34,7 @@ use casfs::fs::{Attr, Caller, Config, Core, SetAttr};
 use casfs::shared::dir::DirEngine;
 use casfs::shared::mem::MemEngine;
 use casfs::shared::redis::RedisEngine;
-use casfs::shared::tier::{LostRace, Outbox, Tier};
+use casfs::shared::tier::{LostRace, Outbox, Tier, TierConfig};
 use casfs::shared::{Engine, EngineConfig, Record, RecordKind};
 use casfs::store::ids::{BlobId, Ino};
 use casfs::store::meta::open_store;
@@ -94,6 +94,13 @@ trait Backend {
     /// An outage (`true`) or its end: the engine's path gone, its server
     /// stopped, or every call failing.
     fn set_down(&self, down: bool);
+    /// Adds a round trip's latency to every call, where the engine can
+    /// (the in-memory one; the others are on loopback or a local disk).
+    fn set_latency(&self, _latency: Duration) {}
+    /// A hung engine (`true`: every call waits, nothing fails) or its end.
+    fn stall(&self, _stalled: bool) {
+        panic!("this engine cannot be stalled from a test");
+    }
 }
 
 struct DirBackend {
@@ -258,6 +265,15 @@ impl Backend for RedisBackend {
             r.restart();
         }
     }
+    /// SIGSTOP: the server keeps its connections and answers nothing.
+    fn stall(&self, stalled: bool) {
+        let r = self.redis.lock().unwrap();
+        r.signal(if stalled {
+            libc::SIGSTOP
+        } else {
+            libc::SIGCONT
+        });
+    }
     fn corrupt_blob(&self, id: &BlobId) {
         self.eval(
             "local v = redis.call('GET', KEYS[1]) \
@@ -294,6 +310,12 @@ impl Backend for MemBackend {
     fn set_down(&self, down: bool) {
         self.0.inject_faults(7, if down { 100 } else { 0 });
     }
+    fn set_latency(&self, latency: Duration) {
+        self.0.set_latency(latency);
+    }
+    fn stall(&self, stalled: bool) {
+        self.0.stall(stalled);
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -312,10 +334,19 @@ impl Host {
         Host::start_on(backend, TempDir::new("store"))
     }
 
+    /// A host whose tier waits `timeout` for every answer.
+    fn start_with_timeout(backend: &dyn Backend, timeout: Duration) -> Host {
+        Host::start_full(backend, TempDir::new("store"), timeout)
+    }
+
     /// Starts a host on an existing store (a restart), waiting for the
     /// previous core on it to be gone (an upload thread may still hold it
     /// for a moment).
     fn start_on(backend: &dyn Backend, store_dir: TempDir) -> Host {
+        Host::start_full(backend, store_dir, Duration::from_secs(5))
+    }
+
+    fn start_full(backend: &dyn Backend, store_dir: TempDir, timeout: Duration) -> Host {
         let deadline = Instant::now() + Duration::from_secs(WAIT_S);
         let store = loop {
             match open_store(&store_dir.0) {
@@ -343,7 +374,8 @@ impl Host {
             }
         });
         let outbox: Weak<dyn Outbox> = Arc::downgrade(&core) as Weak<dyn Outbox>;
-        let tier = Tier::start(backend.engine(), Duration::from_secs(5), lost, outbox);
+        // Sized like a daemon with `--threads 64`.
+        let tier = Tier::start(backend.engine(), TierConfig::new(timeout), lost, outbox);
         core.attach_tier(tier.clone(), CLOCK_AHEAD_MAX_NS);
         Host {
             core,
@@ -828,6 +860,98 @@ fn a_fast_hosts_mtime_moves_this_hosts_clock_at_most_the_bound(b: &dyn Backend) 
     );
 }
 
+/// Issue 15, item 1: a fresh host with 64 request callers (`--threads
+/// 64`) looks up 640 names another host published, from 64 threads at
+/// once: every one is found, and the breaker never opens (a full queue is
+/// back-pressure, not an engine failure).
+fn a_burst_of_64_concurrent_lookups_finds_all_640_names_with_the_breaker_closed(b: &dyn Backend) {
+    const THREADS: usize = 64;
+    const NAMES: usize = 640;
+    let a = Host::start(b);
+    let path = |i: usize| format!("cc/{:x}/{}", i % 16, result_name(i));
+    for i in 0..NAMES {
+        a.publish(
+            &format!("cc/{:x}", i % 16),
+            &result_name(i),
+            content("burst", i).as_bytes(),
+        );
+    }
+    a.sync();
+    b.set_latency(Duration::from_millis(5));
+    let h = Arc::new(Host::start(b));
+    let found = Arc::new(AtomicUsize::new(0));
+    let workers: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let (h, found) = (h.clone(), found.clone());
+            std::thread::spawn(move || {
+                for i in (t..NAMES).step_by(THREADS) {
+                    match h.lookup(&path(i)) {
+                        Ok(attr) if attr.size == content("burst", i).len() as u64 => {
+                            found.fetch_add(1, Ordering::Relaxed);
+                        }
+                        other => eprintln!("{}: {other:?}", path(i)),
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    b.set_latency(Duration::ZERO);
+    let s = &h.tier.stats;
+    assert_eq!(
+        found.load(Ordering::Relaxed),
+        NAMES,
+        "names found by the burst (errors {}, timeouts {}, busy {})",
+        s.errors.load(Ordering::Relaxed),
+        s.timeouts.load(Ordering::Relaxed),
+        s.busy.load(Ordering::Relaxed)
+    );
+    assert!(
+        !h.tier.breaker_is_down(),
+        "the breaker opened on a healthy engine"
+    );
+    assert_eq!(s.errors.load(Ordering::Relaxed), 0, "engine errors counted");
+    // And the contents are right.
+    for i in (0..NAMES).step_by(37) {
+        assert_eq!(h.read(&path(i)), Ok(content("burst", i)));
+    }
+}
+
+/// Issue 15, item 3: a lookup of a file only the tier has takes its size,
+/// mode and mtime from the record and downloads nothing; the blob is
+/// fetched (and verified) at open, under the same inode number; a second
+/// open is local.
+fn a_lookup_takes_attributes_from_the_record_and_the_blob_comes_at_open(b: &dyn Backend) {
+    let a = Host::start(b);
+    for i in 0..5 {
+        a.publish("cc/l", &result_name(i), content("lazy", i).as_bytes());
+    }
+    a.sync();
+    let h = Host::start(b);
+    let fetched = || h.tier.stats.blobs_fetched.load(Ordering::Relaxed);
+    let mut shown = Vec::new();
+    for i in 0..5 {
+        let path = format!("cc/l/{}", result_name(i));
+        let attr = h.lookup(&path).unwrap();
+        assert_eq!(attr.size, content("lazy", i).len() as u64, "{path}");
+        assert_eq!(h.core.getattr(attr.ino).unwrap().size, attr.size);
+        assert_eq!(attr.mtime_ns, a.lookup(&path).unwrap().mtime_ns);
+        shown.push(attr);
+    }
+    assert_eq!(fetched(), 0, "a lookup or stat downloaded a blob");
+    let path = format!("cc/l/{}", result_name(3));
+    assert_eq!(h.read(&path), Ok(content("lazy", 3)));
+    assert_eq!(fetched(), 1);
+    let again = h.lookup(&path).unwrap();
+    assert_eq!(again.ino, shown[3].ino, "the inode number changed at open");
+    assert_eq!(h.read(&path), Ok(content("lazy", 3)));
+    assert_eq!(fetched(), 1, "a second open fetched again");
+    // Nothing of the others is stored here.
+    assert_eq!(h.core.bytes_stored(), content("lazy", 3).len() as u64);
+}
+
 macro_rules! conformance {
     ($($case:ident),* $(,)?) => {
         mod directory_engine {
@@ -843,6 +967,8 @@ macro_rules! conformance {
 }
 
 conformance!(
+    a_burst_of_64_concurrent_lookups_finds_all_640_names_with_the_breaker_closed,
+    a_lookup_takes_attributes_from_the_record_and_the_blob_comes_at_open,
     damaged_records_are_misses_and_never_trip_the_breaker,
     record_size_must_be_the_verified_blobs,
     setuid_bits_from_the_tier_are_never_applied,
@@ -855,6 +981,53 @@ conformance!(
     sync_fails_naming_count_and_reason_when_an_upload_was_given_up,
     a_fast_hosts_mtime_moves_this_hosts_clock_at_most_the_bound,
 );
+
+/// Issue 15, item 4: a stale mutable entry (a ccache manifest) is served
+/// from the local store at once while the tier hangs (its deadline far
+/// away, so only a wait would show); its check runs in the background.
+fn a_local_hit_on_a_stale_mutable_entry_never_waits_on_the_tier(b: &dyn Backend) {
+    let a = Host::start(b);
+    let name = "0123456789abcdefM";
+    let path = format!("cc/n/{name}");
+    a.publish("cc/n", name, b"manifest version 1");
+    a.sync();
+    let h = Arc::new(Host::start_with_timeout(b, Duration::from_secs(600)));
+    assert_eq!(h.read(&path).as_deref(), Ok("manifest version 1"));
+    let stats = &h.tier.stats;
+    let checked = stats.revalidations.load(Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(
+        casfs::shared::tier::NEGATIVE_TTL_MS + 200,
+    ));
+    b.stall(true);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (h2, p2) = (h.clone(), path.clone());
+    std::thread::spawn(move || {
+        let _ = tx.send((h2.lookup(&p2).map(|a| a.size), h2.read(&p2)));
+    });
+    let got = rx.recv_timeout(Duration::from_secs(WAIT_S));
+    let deadline = Instant::now() + Duration::from_secs(WAIT_S);
+    while stats.revalidations.load(Ordering::Relaxed) == checked && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    b.stall(false);
+    let (size, text) = got.expect("a local hit waited on a hung tier");
+    assert_eq!(size, Ok(18));
+    assert_eq!(text.as_deref(), Ok("manifest version 1"));
+    assert!(
+        stats.revalidations.load(Ordering::Relaxed) > checked,
+        "the stale entry was never checked in the background"
+    );
+}
+
+#[test]
+fn mem_engine_a_local_hit_on_a_stale_mutable_entry_never_waits_on_the_tier() {
+    a_local_hit_on_a_stale_mutable_entry_never_waits_on_the_tier(&MemBackend(MemEngine::new()));
+}
+
+#[test]
+fn redis_engine_a_local_hit_on_a_stale_mutable_entry_never_waits_on_the_tier() {
+    a_local_hit_on_a_stale_mutable_entry_never_waits_on_the_tier(&RedisBackend::new());
+}
 
 /// Faults and damage chosen by a seed (`CASFS_SEED=N` replays the choices;
 /// thread timing may still differ): whatever fails, a host serves the right

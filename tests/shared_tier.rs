@@ -339,3 +339,60 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// Issue 15, item 3: `du -s` on a fresh host walks every shared name and
+/// downloads nothing (sizes come from the records); a read then fetches
+/// just that one entry, with its bytes.
+#[test]
+fn du_on_a_fresh_host_downloads_nothing_and_a_read_fetches_one_entry() {
+    let redis = Redis::start();
+    let url = redis.url();
+    let td = TestDir::new("shared-du");
+    let (mp_a, mp_b) = (td.mountpoint("a"), td.mountpoint("b"));
+    let _a = Mount::start(&td.dir("store-a"), &mp_a, &["--shared", &url]);
+    let mut total = 0u64;
+    for d in 0..4 {
+        let dir = mp_a.join(format!("cc/{d}/e"));
+        fs::create_dir_all(&dir).unwrap();
+        for i in 0..9 {
+            let bytes = pattern(d * 100 + i, 5000 + 700 * i as usize);
+            total += bytes.len() as u64;
+            publish(
+                &dir,
+                "t.tmp",
+                &format!("{i}0123456789abcdefghijklmnR"),
+                &bytes,
+            );
+        }
+    }
+    let (ok, text) = sync(&mp_a);
+    assert!(ok, "sync on A: {text}");
+    let b = Mount::start(&td.dir("store-b"), &mp_b, &["--shared", &url]);
+    let out = std::process::Command::new("du")
+        .args(["-s", "-B1", "--apparent-size"])
+        .arg(mp_b.join("cc"))
+        .output()
+        .expect("run du");
+    assert!(out.status.success(), "du: {out:?}");
+    let shown: u64 = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("du's number");
+    assert!(
+        shown >= total,
+        "du shows {shown} bytes, the entries hold {total}"
+    );
+    assert_eq!(
+        b.counter("shared_blobs_fetched"),
+        0,
+        "du downloaded blobs from the shared tier"
+    );
+    assert!(
+        b.counter("shared_hits") >= 36,
+        "du did not see the tier's names"
+    );
+    let name = mp_b.join("cc/2/e/40123456789abcdefghijklmnR");
+    assert_eq!(fs::read(&name).unwrap(), pattern(204, 5000 + 700 * 4));
+    assert_eq!(b.counter("shared_blobs_fetched"), 1);
+}

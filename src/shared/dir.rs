@@ -841,11 +841,19 @@ fn is_stale(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::ESTALE)
 }
 
+/// What a failed file-system call means: a timeout, a refusal (the shared
+/// directory is full, over quota, read-only or not ours to write: it
+/// answered, and waiting will not change it until an operator acts), or an
+/// outage (anything else: gone, unreachable, I/O errors).
 fn io_error(op: &str, path: &Path, e: io::Error) -> TierError {
-    if e.raw_os_error() == Some(libc::ETIMEDOUT) {
-        return TierError::Timeout;
+    let text = format!("{op} {}: {e}", path.display());
+    match e.raw_os_error() {
+        Some(libc::ETIMEDOUT) => TierError::Timeout,
+        Some(
+            libc::ENOSPC | libc::EDQUOT | libc::EROFS | libc::EACCES | libc::EPERM | libc::EFBIG,
+        ) => TierError::Refused(text),
+        _ => TierError::Unavailable(text),
     }
-    TierError::Unavailable(format!("{op} {}: {e}", path.display()))
 }
 
 /// This host's name, reduced to characters safe in a file name.

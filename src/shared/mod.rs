@@ -1,6 +1,9 @@
 //! The shared tier: how hosts share entries through an engine operators
 //! already run. One trait, one implementation per engine (`dir`: a shared
-//! POSIX directory such as NFS; `redis`: Redis or Valkey).
+//! POSIX directory such as NFS; `redis`: Redis or Valkey; `mem`: in memory,
+//! for tests, with knobs for latency, bandwidth, stalls and refusals).
+//! `tier` is how the core uses an engine (callers, deadlines, uploads);
+//! `breaker` its circuit breaker and retry pauses, pure.
 //!
 //! An engine stores two things, both within one namespace:
 //! - *records*: a path below the mount root (`cc/a/e/c8ai…R`) → a `Record`
@@ -39,6 +42,7 @@
 //!   `casfs:<namespace>:l:<dir path>` (a set of `f/<name>` and `d/<name>`)
 //!   and `casfs:b:<hex>`; directory layout in `dir.rs`.
 
+pub mod breaker;
 pub mod dir;
 pub mod mem;
 pub mod redis;
@@ -72,13 +76,30 @@ pub enum Put {
     Exists(Record),
 }
 
-/// Why a shared-tier call failed.
+/// Why a shared-tier call failed. Three kinds, each handled its own way:
+/// an *outage* (`Timeout`, `Unavailable`: the engine did not answer;
+/// uploads wait at no cost in attempts, the breaker counts it; a
+/// `Protocol` error, an answer we cannot read, counts for the breaker and
+/// costs an upload an attempt), a *refusal* (`Refused`: the engine answered no, in its own words;
+/// counted against the upload, retried with backoff, reported by `sync`
+/// and in the statistics; the breaker stays closed), and a *data error*
+/// (`Data`: about one name; a miss). `Busy` is none of these: the call
+/// never reached the engine.
 #[derive(Debug)]
 pub enum TierError {
-    /// No answer within the timeout.
+    /// No answer within the timeout (or no progress within it).
     Timeout,
-    /// The engine could not be reached or refused (connection, I/O, auth).
+    /// The engine could not be reached (connection, I/O, a server that is
+    /// loading or failing over).
     Unavailable(String),
+    /// The engine answered and refused the command for a reason that is
+    /// not an outage (Redis `OOM command not allowed` under `maxmemory`
+    /// with `noeviction`, `READONLY`, a refused password, a full or
+    /// read-only shared directory). The message is the engine's own words.
+    Refused(String),
+    /// Every caller thread was busy for the whole deadline: local
+    /// back-pressure, never counted against the engine.
+    Busy,
     /// The engine answered something we cannot read.
     Protocol(String),
     /// The engine answered, but what it holds for one name is unusable
@@ -92,9 +113,26 @@ impl fmt::Display for TierError {
         match self {
             TierError::Timeout => write!(f, "timed out"),
             TierError::Unavailable(m) => write!(f, "unavailable: {m}"),
+            TierError::Refused(m) => write!(f, "refused: {m}"),
+            TierError::Busy => write!(
+                f,
+                "no caller thread free within the deadline (local back-pressure)"
+            ),
             TierError::Protocol(m) => write!(f, "protocol error: {m}"),
             TierError::Data(m) => write!(f, "damaged record: {m}"),
         }
+    }
+}
+
+impl TierError {
+    /// An outage: the engine did not answer (waited out by uploads).
+    pub fn is_outage(&self) -> bool {
+        matches!(self, TierError::Timeout | TierError::Unavailable(_))
+    }
+
+    /// What the breaker counts as the engine failing.
+    pub fn is_engine_failure(&self) -> bool {
+        self.is_outage() || matches!(self, TierError::Protocol(_))
     }
 }
 
@@ -149,6 +187,18 @@ pub trait Engine: Send + Sync {
     fn list(&self, path: &[u8], max: usize) -> TierResult<Vec<Listed>>;
     /// Damaged records this engine replaced (for statistics).
     fn records_healed(&self) -> u64;
+    /// True if `list_many` costs one round trip whatever the number of
+    /// paths (so prefetching a walk's listings pays off).
+    fn lists_in_one_round_trip(&self) -> bool {
+        false
+    }
+    /// The names listed below each of `paths`: a first page of at most
+    /// `max_each` each (possibly fewer than are there), in one round trip
+    /// where the engine can (`lists_in_one_round_trip`). For prefetching a
+    /// walk: what it lists exists; what it does not list may exist too.
+    fn list_many(&self, paths: &[Vec<u8>], max_each: usize) -> TierResult<Vec<Vec<Listed>>> {
+        paths.iter().map(|p| self.list(p, max_each)).collect()
+    }
 }
 
 /// The parent of a record path and the name in it (`b"a/b/c"` →

@@ -77,8 +77,10 @@ pub const REDIS_BLOB_BYTES_MAX: u64 = REDIS_REPLY_BYTES_MAX - REDIS_REPLY_FRAMIN
 const REDIS_LINE_BYTES_MAX: usize = 64 * 1024;
 const REDIS_ARRAY_LEN_MAX: usize = 1024;
 const REDIS_ARRAY_DEPTH_MAX: usize = 2;
-/// Idle connections kept for reuse (more may be open while calls run).
-pub const REDIS_POOL_CONNECTIONS_MAX: usize = 8;
+/// Idle connections kept for reuse (more may be open while calls run):
+/// enough for every request caller of a 64-thread host and the background
+/// callers, so a burst of lookups does not pay a connect each.
+pub const REDIS_POOL_CONNECTIONS_MAX: usize = 128;
 pub const REDIS_PORT_DEFAULT: u16 = 6379;
 /// A record is about 130 bytes; a bigger value under a record key is not one.
 /// Bound on SET NX attempts when the existing record vanishes before our GET.
@@ -300,11 +302,7 @@ impl RedisEngine {
                 Seen::WrongType,
                 TierError::Data(format!("{what}: not a record ({m})")),
             ),
-            Reply::Error(m) => {
-                return Err(TierError::Unavailable(format!(
-                    "{what}: the server refused: {m}"
-                )))
-            }
+            Reply::Error(m) => return Err(self.error_reply(&what, m)),
             other => return Err(self.unexpected("GET", &key, other)),
         };
         Ok((raw, listed))
@@ -355,23 +353,28 @@ impl RedisEngine {
             }
             Err(e) => return Err(self.tier_error(&name, e)),
         };
-        if let Reply::Error(m) = &reply {
-            if m.starts_with("WRONGTYPE") {
-                // A key of another type: about that one name.
-                return Err(TierError::Data(format!(
-                    "{} {name}: the server refused: {m}",
-                    self.described
-                )));
-            }
-        }
-        if let Reply::Error(m) = reply {
-            return Err(TierError::Unavailable(format!(
-                "{} {name}: the server refused: {m}",
-                self.described
-            )));
-        }
+        // A whole reply was read: the connection is in a known state.
         self.give_back(conn);
+        if let Reply::Error(m) = &reply {
+            return Err(self.error_reply(&format!("{} {name}", self.described), m));
+        }
         Ok(reply)
+    }
+
+    /// What an error reply means, in the server's own words: about one
+    /// key (`WRONGTYPE`: `Data`), an outage (the server cannot serve now:
+    /// loading its data, failing over, busy with a script), or a refusal
+    /// (anything else: `OOM command not allowed` at `maxmemory` with
+    /// `noeviction`, `READONLY` on a replica, `NOPERM`, a changed password).
+    fn error_reply(&self, what: &str, m: &str) -> TierError {
+        let text = format!("{what}: the server refused: {m}");
+        match m.split(' ').next().unwrap_or("") {
+            "WRONGTYPE" => TierError::Data(text),
+            "LOADING" | "BUSY" | "MASTERDOWN" | "TRYAGAIN" | "CLUSTERDOWN" => {
+                TierError::Unavailable(text)
+            }
+            _ => TierError::Refused(text),
+        }
     }
 
     fn tier_error(&self, what: &str, e: io::Error) -> TierError {
@@ -440,11 +443,9 @@ impl Engine for RedisEngine {
             }
             Reply::Bulk(None) if create_only => {}
             Reply::Error(m) => {
-                return Err(TierError::Unavailable(format!(
-                    "{} SET {}: the server refused: {m}",
-                    self.described,
-                    key_text(&key)
-                )))
+                return Err(
+                    self.error_reply(&format!("{} SET {}", self.described, key_text(&key)), m)
+                )
             }
             other => return Err(self.unexpected("SET", &key, other)),
         }
@@ -624,6 +625,49 @@ impl Engine for RedisEngine {
 
     fn records_healed(&self) -> u64 {
         self.healed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn lists_in_one_round_trip(&self) -> bool {
+        true
+    }
+
+    /// One pipeline of `SSCAN <listing> 0 COUNT max_each`, one per path:
+    /// the first page of each listing, in one round trip.
+    fn list_many(&self, paths: &[Vec<u8>], max_each: usize) -> TierResult<Vec<Vec<Listed>>> {
+        if paths.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<Vec<u8>> = paths.iter().map(|p| self.list_key(p)).collect();
+        let count = max_each.to_string();
+        let cmds: Vec<Vec<&[u8]>> = keys
+            .iter()
+            .map(|k| vec![b"SSCAN".as_slice(), k, b"0", b"COUNT", count.as_bytes()])
+            .collect();
+        let replies = self.pipeline(&cmds, LIST_REPLY_BYTES_MAX)?;
+        let mut out = Vec::with_capacity(replies.len());
+        for (reply, key) in replies.into_iter().zip(&keys) {
+            let names = match reply {
+                Reply::Array(Some(parts)) => match parts.as_slice() {
+                    [Reply::Bulk(Some(_)), Reply::Array(Some(members))] => members
+                        .iter()
+                        .filter_map(|m| match m {
+                            Reply::Bulk(Some(m)) => parse_list_member(m),
+                            _ => None,
+                        })
+                        .take(max_each)
+                        .collect(),
+                    _ => return Err(self.unexpected("SSCAN", key, &Reply::Array(Some(parts)))),
+                },
+                // A listing key of another type: nothing listed there.
+                Reply::Error(m) if m.starts_with("WRONGTYPE") => Vec::new(),
+                Reply::Error(m) => {
+                    return Err(self.error_reply(&format!("{} SSCAN", self.described), &m))
+                }
+                other => return Err(self.unexpected("SSCAN", key, &other)),
+            };
+            out.push(names);
+        }
+        Ok(out)
     }
 }
 

@@ -4,12 +4,19 @@
 //! may slow the daemon, and it may never block a build on it.
 //!
 //! Invariants:
-//! - Every engine call made on a request path (`lookup`) returns within
-//!   `timeout`: it runs on a caller thread and is abandoned past the
-//!   deadline (the answer is a miss).
-//! - While the breaker is open no call reaches the engine: lookups miss at
-//!   once, uploads wait; it is logged once when it opens and once when it
-//!   closes.
+//! - Every engine call made on a request path (`lookup`, `readdir`, `open`)
+//!   runs on a request caller thread, of which there are as many as FUSE
+//!   workers (`TierConfig::request_callers`, the daemon's `--threads`), so
+//!   every worker can wait on the tier at once. A call waits for a free
+//!   caller at most `timeout` (back-pressure: `TierError::Busy`, a miss,
+//!   never counted against the engine), then the engine gets `timeout` to
+//!   answer; past it the call is abandoned (a miss) and counted.
+//! - Uploads, convergence and background revalidation run on their own
+//!   callers (`BACKGROUND_CALLERS`): they never take a request caller.
+//! - The breaker (`breaker.rs`) counts only what the engine did. While it
+//!   is open no call reaches the engine: lookups miss at once, uploads
+//!   wait; half-open lets exactly one probe through. It is logged once when
+//!   it opens and once when it closes.
 //! - Publications are acknowledged locally before they are uploaded, and
 //!   every upload is as durable as its publication: the core writes it to
 //!   the store (`Cf::Uploads`) in the publication's own batch, and the
@@ -18,11 +25,15 @@
 //!   store in publication order. The in-memory queue is bounded
 //!   (`UPLOAD_QUEUE_LEN_MAX`); what does not fit waits in the store only.
 //! - Waiting for an engine that is down (breaker open, timeouts,
-//!   unavailable) costs an upload no attempt. An upload is given up only
-//!   for a reason retrying cannot fix (its local blob is gone and the
-//!   engine lacks it, its local blob is unreadable, or the engine refused
-//!   it `UPLOAD_ATTEMPTS_MAX` times with a non-outage error); it is then
-//!   counted, logged, and every later `sync` of this mount fails naming it.
+//!   unavailable) costs an upload no attempt. A refusal (the engine
+//!   answered no: `TierError::Refused`, e.g. Redis out of memory) costs one,
+//!   is counted, kept in the engine's words for `sync` and the statistics,
+//!   and retried with backoff. An upload is given up only for a reason
+//!   retrying cannot fix (its local blob is gone and the engine lacks it,
+//!   its local blob is unreadable, or the engine refused it
+//!   `UPLOAD_ATTEMPTS_MAX` times); it is then counted, logged, and every
+//!   later `sync` of this mount fails naming it.
+//! - Every pause before a retry has full jitter (`breaker::full_jitter`).
 //! - A name's uploads are delivered one at a time in publication order, and
 //!   one that a later publication of the same name superseded (the local
 //!   name no longer holds its blob, or a newer one is queued) is not
@@ -42,6 +53,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, Receiver, Sender};
 use log::{info, warn};
 
+use super::breaker::{Admit, Breaker, Outcome, Rng, Transition};
 use super::{Engine, Put, Record, TierError, TierResult};
 use crate::stats::{Extra, Histogram, Snapshot};
 use crate::store::ids::BlobId;
@@ -54,20 +66,29 @@ const IN_FLIGHT_SKIP_MAX: usize = 64;
 const NEWEST_PATHS_MAX: usize = 65_536;
 /// How often an idle worker checks that the core is still there.
 const QUEUE_POLL_MS: u64 = 1_000;
-/// Longest pause between two tries of one upload.
+/// Bounds of the pause between two tries of one upload (full jitter
+/// below `BACKOFF_MS_BASE * 2^n`, at most `BACKOFF_MS_MAX`).
+const BACKOFF_MS_BASE: u64 = 200;
 const BACKOFF_MS_MAX: u64 = 5_000;
+/// Bounds of the pause after a refusal (the engine answered no: it needs
+/// an operator or time, so the pauses are longer).
+const REFUSED_BACKOFF_MS_BASE: u64 = 1_000;
+const REFUSED_BACKOFF_MS_MAX: u64 = 30_000;
 /// Threads that upload.
 const UPLOAD_WORKERS: usize = 2;
-/// Threads that run request-path calls under a deadline.
-const CALLERS: usize = 4;
-/// Consecutive failures that open the breaker, and how long it stays open.
-const BREAKER_FAILURES_MAX: u32 = 3;
-const BREAKER_OPEN_MS: u64 = 5_000;
+/// Request callers when the caller does not say (the daemon's `--threads`
+/// default on a big host), and the fewest the tier runs.
+pub const REQUEST_CALLERS_DEFAULT: usize = 64;
+const REQUEST_CALLERS_MIN: usize = 4;
+/// Most request callers (each a thread; `--threads` is bounded below it).
+const REQUEST_CALLERS_MAX: usize = 1024;
+/// Threads that run uploads', convergence's and revalidation's calls.
+const BACKGROUND_CALLERS: usize = 8;
 /// How often waiting uploads and `sync` look at the breaker.
 const BREAKER_POLL_MS: u64 = 100;
 /// Attempts per upload that the engine refuses with a non-outage error
 /// before it is given up (counted as failed). Outages cost no attempt.
-const UPLOAD_ATTEMPTS_MAX: u32 = 5;
+const UPLOAD_ATTEMPTS_MAX: u32 = 8;
 /// Why uploads are given up (the reasons `sync` reports).
 const GIVEN_UP_GONE: &str = "local copy gone before upload";
 const GIVEN_UP_UNREADABLE: &str = "local copy unreadable";
@@ -153,17 +174,79 @@ pub struct TierStats {
     /// Mutable entries revalidated against the tier, and those refreshed.
     pub revalidations: AtomicU64,
     pub refreshed: AtomicU64,
+    /// Calls that found no caller thread free within the deadline.
+    pub busy: AtomicU64,
+    /// Round trips that prefetched listings for a walk.
+    pub prefetches: AtomicU64,
+    /// Directories bound from a prefetched listing, with no round trip.
+    pub dirs_prefetched: AtomicU64,
+    /// Blobs (and their bytes) brought from the tier.
+    pub blobs_fetched: AtomicU64,
+    pub bytes_fetched: AtomicU64,
+    /// Commands the engine refused (`TierError::Refused`), and the last
+    /// refusal in the engine's words.
+    pub refusals: AtomicU64,
+    pub last_refusal: Mutex<String>,
 }
 
 /// Distinct damaged-record messages logged per mount.
 const DATA_LOGGED_MAX: usize = 1024;
 
-struct Breaker {
-    failures: u32,
-    open_until: Option<Instant>,
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Settings of the tier as the core uses it.
+#[derive(Clone, Debug)]
+pub struct TierConfig {
+    /// How long a call waits for a free caller, and how long the engine
+    /// then has to answer.
+    pub timeout: Duration,
+    /// Request-path calls that may be in flight at once: one per FUSE
+    /// worker (the daemon passes `--threads`).
+    pub request_callers: usize,
 }
 
-type Job = Box<dyn FnOnce() + Send>;
+impl TierConfig {
+    pub fn new(timeout: Duration) -> TierConfig {
+        TierConfig {
+            timeout,
+            request_callers: REQUEST_CALLERS_DEFAULT,
+        }
+    }
+}
+
+/// Which callers run a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lane {
+    /// A kernel request waits for it (lookup, readdir, open).
+    Request,
+    /// Nobody waits but a background thread (uploads, convergence,
+    /// revalidation).
+    Background,
+}
+
+/// Caller threads fed through a rendezvous channel: a job is handed over
+/// only to a thread that is free to run it at once, so a job that was
+/// handed over is running, and one that was not never reached the engine.
+struct Pool {
+    jobs: Sender<Job>,
+}
+
+impl Pool {
+    fn start(name: &str, threads: usize) -> Pool {
+        let (jobs, rx) = bounded::<Job>(0);
+        for i in 0..threads {
+            let rx: Receiver<Job> = rx.clone();
+            let _ = std::thread::Builder::new()
+                .name(format!("{name}-{i}"))
+                .spawn(move || {
+                    for job in rx {
+                        job();
+                    }
+                });
+        }
+        Pool { jobs }
+    }
+}
 
 pub struct Tier {
     engine: Arc<dyn Engine>,
@@ -171,13 +254,14 @@ pub struct Tier {
     pub stats: TierStats,
     breaker: Mutex<Breaker>,
     breaker_logged_open: AtomicBool,
+    request_callers: Pool,
+    background_callers: Pool,
     negative: Mutex<HashMap<Vec<u8>, Instant>>,
     /// Blobs the tier holds damaged copies of: the next upload of one
     /// replaces it (`Engine::repair_blob`).
     damaged: Mutex<std::collections::HashSet<BlobId>>,
     /// Directories already recorded in the tier by this daemon.
     known_dirs: Mutex<std::collections::HashSet<Vec<u8>>>,
-    callers: Sender<Job>,
     outbox: Weak<dyn Outbox>,
     queue: Mutex<Queue>,
     queue_changed: Condvar,
@@ -189,6 +273,9 @@ pub struct Tier {
     progressed: Condvar,
     /// The last outage error an upload waited on (for `sync`'s message).
     last_wait_error: Mutex<String>,
+    /// The engine's words when it last refused an upload, until an upload
+    /// is delivered again (`sync` fails while it is set).
+    refusing: Mutex<Option<String>>,
 }
 
 impl Tier {
@@ -197,25 +284,26 @@ impl Tier {
     /// The upload workers start with the uploads `outbox` holds from before.
     pub fn start(
         engine: Box<dyn Engine>,
-        timeout: Duration,
+        config: TierConfig,
         lost_race: Arc<LostRace>,
         outbox: Weak<dyn Outbox>,
     ) -> Arc<Tier> {
-        let (callers, caller_rx) = bounded::<Job>(CALLERS * 4);
+        let timeout = config.timeout;
+        let request_callers = config
+            .request_callers
+            .clamp(REQUEST_CALLERS_MIN, REQUEST_CALLERS_MAX);
         let pending = outbox.upgrade().map_or(0, |o| o.count());
         let tier = Arc::new(Tier {
             engine: Arc::from(engine),
             timeout,
             stats: TierStats::default(),
-            breaker: Mutex::new(Breaker {
-                failures: 0,
-                open_until: None,
-            }),
+            breaker: Mutex::new(Breaker::new(Rng::seed())),
             breaker_logged_open: AtomicBool::new(false),
+            request_callers: Pool::start("tier-call", request_callers),
+            background_callers: Pool::start("tier-bg-call", BACKGROUND_CALLERS),
             negative: Mutex::new(HashMap::new()),
             known_dirs: Mutex::new(Default::default()),
             damaged: Mutex::new(Default::default()),
-            callers,
             outbox,
             queue: Mutex::new(Queue {
                 // Read back what the store holds from before.
@@ -227,17 +315,8 @@ impl Tier {
             given_up: Mutex::new(BTreeMap::new()),
             progressed: Condvar::new(),
             last_wait_error: Mutex::new(String::new()),
+            refusing: Mutex::new(None),
         });
-        for i in 0..CALLERS {
-            let rx: Receiver<Job> = caller_rx.clone();
-            let _ = std::thread::Builder::new()
-                .name(format!("tier-call-{i}"))
-                .spawn(move || {
-                    for job in rx {
-                        job();
-                    }
-                });
-        }
         for i in 0..UPLOAD_WORKERS {
             let tier = tier.clone();
             let lost = lost_race.clone();
@@ -246,7 +325,7 @@ impl Tier {
                 .spawn(move || tier.work(&*lost));
         }
         info!(
-            "shared tier: {} (timeout {} ms)",
+            "shared tier: {} (timeout {} ms, {request_callers} request callers)",
             tier.engine.describe(),
             timeout.as_millis()
         );
@@ -329,9 +408,45 @@ impl Tier {
             ),
             (
                 "shared_breaker_open",
-                "1 while the shared tier is considered down",
-                self.breaker_is_open() as u64,
+                "1 while the shared tier is considered down (breaker open or probing)",
+                self.breaker_is_down() as u64,
                 true,
+            ),
+            (
+                "shared_prefetches",
+                "Round trips that prefetched the listings below a directory (a walk's next levels)",
+                v(&s.prefetches),
+                false,
+            ),
+            (
+                "shared_dirs_prefetched",
+                "Directories found in a prefetched listing (bound with no round trip of their own)",
+                v(&s.dirs_prefetched),
+                false,
+            ),
+            (
+                "shared_blobs_fetched",
+                "Blobs brought from the shared tier (at open: a lookup or stat takes only the record)",
+                v(&s.blobs_fetched),
+                false,
+            ),
+            (
+                "shared_bytes_fetched",
+                "Bytes of blobs brought from the shared tier",
+                v(&s.bytes_fetched),
+                false,
+            ),
+            (
+                "shared_busy",
+                "Shared-tier calls that found no caller thread free in time (local back-pressure: misses, never counted against the engine)",
+                v(&s.busy),
+                false,
+            ),
+            (
+                "shared_refusals",
+                "Commands the engine answered with a refusal that is not an outage (e.g. Redis OOM); the last one is in shared_last_refusal",
+                v(&s.refusals),
+                false,
             ),
             (
                 "shared_corrupt_blobs",
@@ -393,40 +508,72 @@ impl Tier {
             .push(("shared_upload", "Latency of uploads", &s.upload_ms));
     }
 
-    /// True while calls are refused (until the open period ends; then
-    /// the next call is let through to probe the engine).
+    /// True while calls are refused outright (the breaker is open and
+    /// its period has not ended; half-open lets a probe through).
     pub fn breaker_is_open(&self) -> bool {
-        self.breaker
-            .lock()
-            .unwrap()
-            .open_until
-            .is_some_and(|t| Instant::now() < t)
+        self.breaker.lock().unwrap().is_open(Instant::now())
+    }
+
+    /// True while the tier is considered down (open or half-open).
+    pub fn breaker_is_down(&self) -> bool {
+        self.breaker.lock().unwrap().is_down()
     }
 
     pub fn queue_len(&self) -> u64 {
         self.queue.lock().unwrap().items.len() as u64
     }
 
-    /// False while the breaker is open.
-    fn admit(&self) -> bool {
-        let mut b = self.breaker.lock().unwrap();
-        match b.open_until {
-            Some(t) if Instant::now() < t => false,
-            Some(_) => {
-                // Half open: let calls through; one failure re-opens it.
-                b.open_until = None;
-                b.failures = BREAKER_FAILURES_MAX - 1;
-                true
-            }
-            None => true,
+    /// A pause before retry `attempt`, with full jitter.
+    fn backoff(&self, attempt: u32) -> Duration {
+        self.breaker
+            .lock()
+            .unwrap()
+            .backoff(attempt, BACKOFF_MS_BASE, BACKOFF_MS_MAX)
+    }
+
+    /// Counts and logs (once per message) a damaged record.
+    fn count_data_error(&self, m: &str) {
+        self.stats.data_errors.fetch_add(1, Ordering::Relaxed);
+        let mut logged = self.stats.data_logged.lock().unwrap();
+        if logged.len() < DATA_LOGGED_MAX && logged.insert(m.to_string()) {
+            warn!("shared tier: {m}: treated as a miss (a newer publication replaces it)");
         }
     }
 
-    fn record_outcome<T>(&self, r: &TierResult<T>) {
-        let mut b = self.breaker.lock().unwrap();
-        match r {
-            Ok(_) => {
-                b.failures = 0;
+    /// Counts what became of a call the breaker let through as `admitted`,
+    /// and moves the breaker by what the engine did (only that).
+    fn record_outcome<T>(&self, admitted: Admit, r: &TierResult<T>) {
+        let outcome = match r {
+            Ok(_) => Outcome::Answered,
+            Err(TierError::Data(m)) => {
+                self.count_data_error(m);
+                Outcome::Answered
+            }
+            Err(TierError::Refused(m)) => {
+                self.stats.refusals.fetch_add(1, Ordering::Relaxed);
+                *self.stats.last_refusal.lock().unwrap() = m.clone();
+                Outcome::Answered
+            }
+            Err(TierError::Busy) => {
+                self.stats.busy.fetch_add(1, Ordering::Relaxed);
+                Outcome::NotTried
+            }
+            Err(e) => {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                if matches!(e, TierError::Timeout) {
+                    self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                }
+                Outcome::Failed
+            }
+        };
+        let transition = self
+            .breaker
+            .lock()
+            .unwrap()
+            .record(admitted, outcome, Instant::now());
+        match transition {
+            Transition::None => {}
+            Transition::Closed => {
                 if self.breaker_logged_open.swap(false, Ordering::Relaxed) {
                     info!(
                         "shared tier {} answers again: sharing resumes",
@@ -434,45 +581,33 @@ impl Tier {
                     );
                 }
             }
-            // Bad data about one name: the engine answered.
-            Err(TierError::Data(m)) => {
-                b.failures = 0;
-                self.stats.data_errors.fetch_add(1, Ordering::Relaxed);
-                let mut logged = self.stats.data_logged.lock().unwrap();
-                if logged.len() < DATA_LOGGED_MAX && logged.insert(m.clone()) {
-                    warn!("shared tier: {m}: treated as a miss (a newer publication replaces it)");
-                }
-            }
-            Err(e) => {
-                self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                if matches!(e, TierError::Timeout) {
-                    self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
-                }
-                b.failures += 1;
-                if b.failures >= BREAKER_FAILURES_MAX {
-                    b.open_until = Some(Instant::now() + Duration::from_millis(BREAKER_OPEN_MS));
-                    // The engine may come back empty (a restarted Redis):
-                    // record the directories again.
-                    self.known_dirs.lock().unwrap().clear();
-                    if !self.breaker_logged_open.swap(true, Ordering::Relaxed) {
-                        warn!(
-                            "shared tier {} failed {} times ({e}): serving from the local store only; retrying in {} s",
-                            self.engine.describe(),
-                            b.failures,
-                            BREAKER_OPEN_MS / 1000
-                        );
-                    }
+            Transition::Opened => {
+                // The engine may come back empty (a restarted Redis):
+                // record the directories again.
+                self.known_dirs.lock().unwrap().clear();
+                if !self.breaker_logged_open.swap(true, Ordering::Relaxed) {
+                    let e = r.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
+                    warn!(
+                        "shared tier {} failed {} times in a row ({e}): serving from the local store only; probing again within {} s",
+                        self.engine.describe(),
+                        super::breaker::BREAKER_FAILURES_MAX,
+                        super::breaker::BREAKER_OPEN_MS_MAX / 1000
+                    );
                 }
             }
         }
     }
 
-    /// Runs `f` on the engine within the deadline.
+    /// Runs `f` on the engine on a caller of `lane`: waits for a free
+    /// caller at most `timeout` (else `Busy`), then for the answer at most
+    /// `timeout` (else `Timeout`; the call is abandoned on its thread).
     fn call<T: Send + 'static>(
         &self,
+        lane: Lane,
         f: impl FnOnce(&dyn Engine) -> TierResult<T> + Send + 'static,
     ) -> TierResult<T> {
-        if !self.admit() {
+        let admitted = self.breaker.lock().unwrap().admit(Instant::now());
+        if admitted == Admit::Refuse {
             return Err(TierError::Unavailable("breaker open".into()));
         }
         let (tx, rx) = bounded(1);
@@ -480,20 +615,27 @@ impl Tier {
         let job: Job = Box::new(move || {
             let _ = tx.send(f(&*engine));
         });
-        let r = match self.callers.try_send(job) {
+        let pool = match lane {
+            Lane::Request => &self.request_callers,
+            Lane::Background => &self.background_callers,
+        };
+        let r = match pool.jobs.send_timeout(job, self.timeout) {
+            // A caller took it: it is running.
             Ok(()) => rx
                 .recv_timeout(self.timeout)
                 .unwrap_or(Err(TierError::Timeout)),
-            // Every caller is stuck on a hung engine.
-            Err(_) => Err(TierError::Timeout),
+            // Every caller stayed busy (calls abandoned on a hung engine
+            // hold them): back-pressure, not the engine's answer.
+            Err(_) => Err(TierError::Busy),
         };
-        self.record_outcome(&r);
+        self.record_outcome(admitted, &r);
         r
     }
 
-    /// Looks `path` up: its record, and for a file its verified bytes.
-    /// Any failure is a miss; a corrupt blob is counted and is a miss.
-    pub fn fetch(&self, path: &[u8]) -> Option<(Record, Option<Vec<u8>>)> {
+    /// Looks `path` up: its record only (attributes without contents;
+    /// `fetch_contents` brings a file's bytes when they are needed). Any
+    /// failure is a miss.
+    pub fn fetch_record(&self, path: &[u8]) -> Option<Record> {
         if let Some(until) = self.negative.lock().unwrap().get(path) {
             if Instant::now() < *until {
                 return None;
@@ -501,71 +643,69 @@ impl Tier {
         }
         let started = Instant::now();
         let p = path.to_vec();
-        let record = match self.call(move |e| e.get_record(&p)) {
-            Ok(Some(r)) => r,
+        match self.call(Lane::Request, move |e| e.get_record(&p)) {
+            Ok(Some(r)) => {
+                self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                self.stats.fetch_ms.observe(started.elapsed());
+                Some(r)
+            }
             Ok(None) | Err(TierError::Data(_)) => {
                 self.stats.misses.fetch_add(1, Ordering::Relaxed);
                 self.remember_missing(path);
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// The verified bytes of blob `id`, which the record of `path` says
+    /// has `size` bytes. None (counted as a miss, and logged) when the tier
+    /// lacks the blob, its bytes fail verification (it is marked for
+    /// repair), its length is not the record's (a damaged record), or the
+    /// tier could not be asked.
+    pub fn fetch_contents(
+        &self,
+        lane: Lane,
+        path: &[u8],
+        id: BlobId,
+        size: u64,
+    ) -> Option<Vec<u8>> {
+        let shown = || String::from_utf8_lossy(path).into_owned();
+        let bytes = match self.blob_checked(lane, id) {
+            Ok(Some(b)) => b,
+            Ok(None) => {
+                warn!(
+                    "shared tier: record {:?} names blob {id}, which is missing or corrupt: a miss",
+                    shown()
+                );
+                self.stats.misses.fetch_add(1, Ordering::Relaxed);
                 return None;
             }
             Err(_) => return None,
         };
-        let bytes = match &record.kind {
-            super::RecordKind::Dir => None,
-            super::RecordKind::File { blob, .. } => {
-                let id = *blob;
-                let bytes = match self.call(move |e| e.get_blob(&id, FETCH_BYTES_MAX)) {
-                    Ok(Some(b)) => b,
-                    Ok(None) => {
-                        warn!(
-                            "shared tier: record {:?} names blob {id}, which is missing",
-                            String::from_utf8_lossy(path)
-                        );
-                        self.stats.misses.fetch_add(1, Ordering::Relaxed);
-                        return None;
-                    }
-                    Err(_) => return None,
-                };
-                if *blake3::hash(&bytes).as_bytes() != id.0 {
-                    self.stats.corrupt_blobs.fetch_add(1, Ordering::Relaxed);
-                    warn!(
-                        "shared tier: blob {id} for {:?} does not match its hash: not used (treated as a miss)",
-                        String::from_utf8_lossy(path)
-                    );
-                    self.mark_damaged(id);
-                    return None;
-                }
-                if let super::RecordKind::File { size, .. } = &record.kind {
-                    if *size != bytes.len() as u64 {
-                        self.note_data_error(format!(
-                            "record {:?} claims {size} bytes, its verified blob {id} has {}",
-                            String::from_utf8_lossy(path),
-                            bytes.len()
-                        ));
-                        self.stats.misses.fetch_add(1, Ordering::Relaxed);
-                        return None;
-                    }
-                }
-                Some(bytes)
-            }
-        };
-        self.stats.hits.fetch_add(1, Ordering::Relaxed);
-        self.stats.fetch_ms.observe(started.elapsed());
-        Some((record, bytes))
-    }
-
-    /// Fetches and verifies one blob (convergence).
-    pub fn fetch_blob(&self, id: BlobId) -> Option<Vec<u8>> {
-        let bytes = self
-            .call(move |e| e.get_blob(&id, FETCH_BYTES_MAX))
-            .ok()??;
-        if *blake3::hash(&bytes).as_bytes() != id.0 {
-            self.stats.corrupt_blobs.fetch_add(1, Ordering::Relaxed);
-            warn!("shared tier: blob {id} does not match its hash: not used");
-            self.mark_damaged(id);
+        if size != bytes.len() as u64 {
+            self.note_data_error(format!(
+                "record {:?} claims {size} bytes, its verified blob {id} has {}",
+                shown(),
+                bytes.len()
+            ));
+            self.stats.misses.fetch_add(1, Ordering::Relaxed);
             return None;
         }
         Some(bytes)
+    }
+
+    /// Looks `path` up: its record, and for a file its verified bytes
+    /// (used when a name cannot be shown without its contents).
+    pub fn fetch(&self, path: &[u8]) -> Option<(Record, Option<Vec<u8>>)> {
+        let record = self.fetch_record(path)?;
+        let bytes = match &record.kind {
+            super::RecordKind::Dir => None,
+            super::RecordKind::File { blob, size, .. } => {
+                Some(self.fetch_contents(Lane::Request, path, *blob, *size)?)
+            }
+        };
+        Some((record, bytes))
     }
 
     fn mark_damaged(&self, id: BlobId) {
@@ -736,6 +876,7 @@ impl Tier {
             let error = match self.try_upload(up) {
                 Ok(put) => {
                     self.stats.uploads.fetch_add(1, Ordering::Relaxed);
+                    *self.refusing.lock().unwrap() = None;
                     self.stats.upload_ms.observe(started.elapsed());
                     self.forget_missing(&up.path);
                     // Converge (or heal a damaged record) before the upload
@@ -763,12 +904,16 @@ impl Tier {
                 }
                 Err(Failure::Engine(e)) => e,
             };
-            if matches!(error, TierError::Timeout | TierError::Unavailable(_)) {
-                // The engine is down or not answering: wait, at no cost.
+            if error.is_outage() || matches!(error, TierError::Busy) {
+                // The engine is down or not answering, or every caller is
+                // busy: wait, at no cost.
                 *self.last_wait_error.lock().unwrap() = error.to_string();
                 waits += 1;
-                std::thread::sleep(backoff(waits));
+                std::thread::sleep(self.backoff(waits));
                 continue;
+            }
+            if let TierError::Refused(m) = &error {
+                *self.refusing.lock().unwrap() = Some(m.clone());
             }
             attempts += 1;
             if attempts >= UPLOAD_ATTEMPTS_MAX {
@@ -779,7 +924,11 @@ impl Tier {
                     format!("after {attempts} attempts: {error}"),
                 );
             }
-            std::thread::sleep(backoff(attempts));
+            std::thread::sleep(self.breaker.lock().unwrap().backoff(
+                attempts,
+                REFUSED_BACKOFF_MS_BASE,
+                REFUSED_BACKOFF_MS_MAX,
+            ));
         }
     }
 
@@ -800,7 +949,7 @@ impl Tier {
                     mtime_ns: up.record.mtime_ns,
                 },
             );
-            self.call(move |e| e.put_record(&d, &rec, true))?;
+            self.call(Lane::Background, move |e| e.put_record(&d, &rec, true))?;
             let mut known = self.known_dirs.lock().unwrap();
             if known.len() >= KNOWN_DIRS_MAX {
                 known.clear();
@@ -810,14 +959,16 @@ impl Tier {
         let id = up.blob;
         if self.damaged.lock().unwrap().contains(&id) {
             let bytes = self.read_local_blob(up)?;
-            self.call(move |e| e.repair_blob(&id, &bytes))?;
+            self.call(Lane::Background, move |e| e.repair_blob(&id, &bytes))?;
             self.damaged.lock().unwrap().remove(&id);
-        } else if !self.call(move |e| e.has_blob(&id))? {
+        } else if !self.call(Lane::Background, move |e| e.has_blob(&id))? {
             let bytes = self.read_local_blob(up)?;
-            self.call(move |e| e.put_blob(&id, &bytes))?;
+            self.call(Lane::Background, move |e| e.put_blob(&id, &bytes))?;
         }
         let (path, record, create_only) = (up.path.clone(), up.record.clone(), up.create_only);
-        Ok(self.call(move |e| e.put_record(&path, &record, create_only))?)
+        Ok(self.call(Lane::Background, move |e| {
+            e.put_record(&path, &record, create_only)
+        })?)
     }
 
     /// The upload's blob from the local store, checked against its id.
@@ -881,33 +1032,77 @@ impl Tier {
         self.settle(outbox, up);
     }
 
-    /// Waits until every publication acknowledged before the call has been
-    /// delivered, up to `deadline`. Ok(n) (n: uploads delivered by this
-    /// mount) only if, in addition, no upload of this mount was ever given
-    /// up; Err(message) names what is missing and why.
-    pub fn sync(&self, deadline: Duration) -> Result<u64, String> {
+    /// The mark a `sync` starting now waits for: every publication
+    /// acknowledged before now has a smaller tick.
+    pub fn sync_mark(&self) -> Result<u64, String> {
+        match self.outbox() {
+            Some(outbox) => Ok(outbox.tick()),
+            None => Err("the filesystem is shutting down".into()),
+        }
+    }
+
+    /// Where the uploads of publications acknowledged before `mark` stand,
+    /// answered at once (never waits): delivered (and none of this mount's
+    /// uploads was ever given up), still on their way, or failed, with
+    /// what is missing and why: uploads given up, an engine that is down,
+    /// or an engine that refuses them (in its own words; they are still
+    /// retried with backoff, and given up after `UPLOAD_ATTEMPTS_MAX`
+    /// refusals each).
+    pub fn sync_state(&self, mark: u64) -> SyncState {
         let Some(outbox) = self.outbox() else {
-            return Err("the filesystem is shutting down".into());
+            return SyncState::Failed("the filesystem is shutting down".into());
         };
-        // Every publication acknowledged before now has a smaller tick.
-        let mark = outbox.tick();
-        let until = Instant::now() + deadline;
-        let mut g = self.given_up.lock().unwrap();
-        loop {
-            match outbox.oldest_seq() {
-                Err(e) => return Err(format!("cannot read the pending uploads: {e}")),
-                Ok(None) => break,
-                Ok(Some(seq)) if seq > mark => break,
-                Ok(Some(_)) => {}
-            }
+        let pending = match outbox.oldest_seq() {
+            Err(e) => return SyncState::Failed(format!("cannot read the pending uploads: {e}")),
+            Ok(oldest) => oldest.is_some_and(|seq| seq <= mark),
+        };
+        if pending {
             let waiting = self.pending();
             if self.breaker_is_open() {
-                return Err(format!(
+                return SyncState::Failed(format!(
                     "{waiting} uploads cannot be delivered now: shared tier {} is down ({}); they are kept in the store and retried in the background",
                     self.engine.describe(),
                     self.last_wait_error.lock().unwrap()
                 ));
             }
+            if let Some(m) = &*self.refusing.lock().unwrap() {
+                return SyncState::Failed(format!(
+                    "{waiting} uploads pending: shared tier {} refuses them ({m}); they are kept in the store and retried with backoff, each given up after {UPLOAD_ATTEMPTS_MAX} refusals",
+                    self.engine.describe()
+                ));
+            }
+            return SyncState::Waiting(waiting);
+        }
+        let g = self.given_up.lock().unwrap();
+        let total: u64 = g.values().map(|(n, _)| n).sum();
+        if total > 0 {
+            let reasons: Vec<String> = g
+                .iter()
+                .map(|(reason, (n, last))| format!("{n} {reason} (last: {last})"))
+                .collect();
+            return SyncState::Failed(format!(
+                "{total} uploads given up since this mount started, so those publications are not in the shared tier {}: {}",
+                self.engine.describe(),
+                reasons.join("; ")
+            ));
+        }
+        SyncState::Done(self.stats.uploads.load(Ordering::Relaxed))
+    }
+
+    /// Waits (on this thread) until every publication acknowledged before
+    /// the call has been delivered, up to `deadline`: `sync_state` polled
+    /// as uploads settle. Ok(n) (n: uploads delivered by this mount) only
+    /// if, in addition, no upload of this mount was ever given up;
+    /// Err(message) names what is missing and why.
+    pub fn sync(&self, deadline: Duration) -> Result<u64, String> {
+        let mark = self.sync_mark()?;
+        let until = Instant::now() + deadline;
+        loop {
+            let waiting = match self.sync_state(mark) {
+                SyncState::Done(n) => return Ok(n),
+                SyncState::Failed(m) => return Err(m),
+                SyncState::Waiting(n) => n,
+            };
             let now = Instant::now();
             if now >= until {
                 return Err(format!(
@@ -918,28 +1113,20 @@ impl Tier {
                 ));
             }
             let slice = (until - now).min(Duration::from_millis(BREAKER_POLL_MS));
-            g = self.progressed.wait_timeout(g, slice).unwrap().0;
+            let g = self.given_up.lock().unwrap();
+            drop(self.progressed.wait_timeout(g, slice).unwrap());
         }
-        let total: u64 = g.values().map(|(n, _)| n).sum();
-        if total > 0 {
-            let reasons: Vec<String> = g
-                .iter()
-                .map(|(reason, (n, last))| format!("{n} {reason} (last: {last})"))
-                .collect();
-            return Err(format!(
-                "{total} uploads given up since this mount started, so those publications are not in the shared tier {}: {}",
-                self.engine.describe(),
-                reasons.join("; ")
-            ));
-        }
-        Ok(self.stats.uploads.load(Ordering::Relaxed))
     }
 }
 
-/// Pause before retry `n` (1, 2, ...): doubling from 200 ms, at most
-/// `BACKOFF_MS_MAX`.
-fn backoff(n: u32) -> Duration {
-    Duration::from_millis((200u64 << n.min(10)).min(BACKOFF_MS_MAX))
+/// What `Tier::sync_state` found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SyncState {
+    /// Delivered; this mount's uploads delivered so far.
+    Done(u64),
+    /// This many uploads are still on their way.
+    Waiting(u64),
+    Failed(String),
 }
 
 /// Why one try of an upload failed.
@@ -1003,14 +1190,14 @@ impl Queue {
 impl Tier {
     /// Counts and logs (once per message) a damaged record.
     pub fn note_data_error(&self, message: String) {
-        self.record_outcome::<()>(&Err(TierError::Data(message)));
+        self.count_data_error(&message);
     }
 
     /// The record at `path` only (no blob): `Err` when the engine could
     /// not answer, `Ok(None)` when there is none or it is damaged.
-    pub fn record(&self, path: &[u8]) -> TierResult<Option<Record>> {
+    pub fn record(&self, lane: Lane, path: &[u8]) -> TierResult<Option<Record>> {
         let p = path.to_vec();
-        match self.call(move |e| e.get_record(&p)) {
+        match self.call(lane, move |e| e.get_record(&p)) {
             Err(TierError::Data(_)) => Ok(None),
             other => other,
         }
@@ -1019,10 +1206,14 @@ impl Tier {
     /// A blob's verified bytes: `Ok(None)` when the tier lacks it or its
     /// bytes fail verification (marked for repair), `Err` when it could
     /// not be asked.
-    pub fn blob_checked(&self, id: BlobId) -> TierResult<Option<Vec<u8>>> {
-        let Some(bytes) = self.call(move |e| e.get_blob(&id, FETCH_BYTES_MAX))? else {
+    pub fn blob_checked(&self, lane: Lane, id: BlobId) -> TierResult<Option<Vec<u8>>> {
+        let Some(bytes) = self.call(lane, move |e| e.get_blob(&id, FETCH_BYTES_MAX))? else {
             return Ok(None);
         };
+        self.stats.blobs_fetched.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .bytes_fetched
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         if *blake3::hash(&bytes).as_bytes() != id.0 {
             self.stats.corrupt_blobs.fetch_add(1, Ordering::Relaxed);
             warn!("shared tier: blob {id} does not match its hash: not used");
@@ -1040,7 +1231,9 @@ impl Tier {
         record: Record,
     ) -> TierResult<bool> {
         let p = path.to_vec();
-        let r = self.call(move |e| e.replace_damaged(&p, &seen, &record));
+        let r = self.call(Lane::Background, move |e| {
+            e.replace_damaged(&p, &seen, &record)
+        });
         if matches!(r, Ok(true)) {
             self.forget_missing(path);
         }
@@ -1055,7 +1248,23 @@ impl Tier {
     /// Names the tier lists below the directory `path` (bounded).
     pub fn list(&self, path: &[u8]) -> TierResult<Vec<super::Listed>> {
         let p = path.to_vec();
-        self.call(move |e| e.list(&p, super::LIST_NAMES_MAX))
+        self.call(Lane::Request, move |e| e.list(&p, super::LIST_NAMES_MAX))
+    }
+
+    /// True if the engine lists many directories in one round trip.
+    pub fn prefetches(&self) -> bool {
+        self.engine.lists_in_one_round_trip()
+    }
+
+    /// The first page (`max_each` names) of each listing below `paths`,
+    /// in one round trip (see `Engine::list_many`).
+    pub fn list_many(
+        &self,
+        paths: Vec<Vec<u8>>,
+        max_each: usize,
+    ) -> TierResult<Vec<Vec<super::Listed>>> {
+        self.stats.prefetches.fetch_add(1, Ordering::Relaxed);
+        self.call(Lane::Request, move |e| e.list_many(&paths, max_each))
     }
 }
 
@@ -1194,7 +1403,7 @@ mod tests {
         let weak: Weak<dyn Outbox> = Arc::downgrade(outbox) as Weak<dyn Outbox>;
         let tier = Tier::start(
             Box::new(engine),
-            Duration::from_secs(5),
+            TierConfig::new(Duration::from_secs(5)),
             Arc::new(|_: &[u8], _| {}),
             weak,
         );

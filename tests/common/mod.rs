@@ -1576,8 +1576,23 @@ impl Redis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// Sends `sig` to the server (SIGSTOP: a hung server that still holds
+    /// its connections; SIGCONT: it answers again).
+    pub fn signal(&self, sig: libc::c_int) {
+        let pid = self.child.as_ref().expect("redis-server is running").id();
+        // SAFETY: a plain kill(2) of our own child.
+        assert_eq!(
+            unsafe { libc::kill(pid as libc::pid_t, sig) },
+            0,
+            "kill redis-server"
+        );
+    }
+
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            // SAFETY: a plain kill(2) of our own child (a stopped one dies
+            // of SIGKILL too, but is woken so nothing waits on it).
+            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGCONT) };
             let _ = c.kill();
             let _ = c.wait();
         }

@@ -1019,6 +1019,47 @@ fn a_local_hit_on_a_stale_mutable_entry_never_waits_on_the_tier(b: &dyn Backend)
     );
 }
 
+/// Issue 15, item 4: a fresh host's walk of a `cc/X/Y` tree (ccache's
+/// `ccache -z`, a `find`) costs the record of `cc` and one round trip per
+/// level below it, not one round trip per directory (engines that
+/// pipeline listings: Redis, memory).
+fn a_fresh_hosts_walk_costs_one_round_trip_per_level(b: &dyn Backend) {
+    let a = Host::start(b);
+    for x in 0..4 {
+        for y in 0..4 {
+            a.publish(&format!("cc/{x}/{y}"), &result_name(x * 4 + y), b"walked");
+        }
+    }
+    a.sync();
+    let h = Host::start(b);
+    for x in 0..4 {
+        for y in 0..4 {
+            let attr = h.lookup(&format!("cc/{x}/{y}")).unwrap();
+            assert_eq!(attr.kind, casfs::store::meta::Kind::Dir);
+        }
+    }
+    let s = &h.tier.stats;
+    assert_eq!(s.hits.load(Ordering::Relaxed), 1, "records read: only cc's");
+    assert!(
+        s.prefetches.load(Ordering::Relaxed) <= 3,
+        "{} prefetch round trips for 3 levels",
+        s.prefetches.load(Ordering::Relaxed)
+    );
+    assert_eq!(s.dirs_prefetched.load(Ordering::Relaxed), 4 + 16);
+    // And the entries below are found as usual.
+    assert_eq!(h.read(&format!("cc/3/2/{}", result_name(14))).as_deref(), Ok("walked"));
+}
+
+#[test]
+fn mem_engine_a_fresh_hosts_walk_costs_one_round_trip_per_level() {
+    a_fresh_hosts_walk_costs_one_round_trip_per_level(&MemBackend(MemEngine::new()));
+}
+
+#[test]
+fn redis_engine_a_fresh_hosts_walk_costs_one_round_trip_per_level() {
+    a_fresh_hosts_walk_costs_one_round_trip_per_level(&RedisBackend::new());
+}
+
 #[test]
 fn mem_engine_a_local_hit_on_a_stale_mutable_entry_never_waits_on_the_tier() {
     a_local_hit_on_a_stale_mutable_entry_never_waits_on_the_tier(&MemBackend(MemEngine::new()));

@@ -1047,7 +1047,60 @@ fn a_fresh_hosts_walk_costs_one_round_trip_per_level(b: &dyn Backend) {
     );
     assert_eq!(s.dirs_prefetched.load(Ordering::Relaxed), 4 + 16);
     // And the entries below are found as usual.
-    assert_eq!(h.read(&format!("cc/3/2/{}", result_name(14))).as_deref(), Ok("walked"));
+    assert_eq!(
+        h.read(&format!("cc/3/2/{}", result_name(14))).as_deref(),
+        Ok("walked")
+    );
+}
+
+/// Issue 15, item 5: a transfer is bounded by its progress, not by one
+/// deadline: with a bandwidth that makes a 20 MB blob take ten times the
+/// 500 ms deadline each way, it is uploaded and fetched whole, and nothing
+/// times out.
+#[test]
+fn mem_engine_a_transfer_ten_times_longer_than_the_deadline_completes() {
+    const BYTES: usize = 20 << 20;
+    let engine = MemEngine::new();
+    let b = MemBackend(engine.clone());
+    let deadline = Duration::from_millis(500);
+    let a = Host::start_with_timeout(&b, deadline);
+    let data: Vec<u8> = (0..BYTES).map(|i| (i * 7 % 251) as u8).collect();
+    a.mkdirs("cc/big");
+    a.sync();
+    engine.set_bandwidth((BYTES as u64) * 1000 / (10 * deadline.as_millis() as u64));
+    let d = a.mkdirs("cc/big");
+    let (_, fh) = a.core.create(d, b"t.tmp", 0o644, libc::O_EXCL, ME).unwrap();
+    for (i, chunk) in data.chunks(1 << 20).enumerate() {
+        a.core.write(fh, (i << 20) as u64, chunk).unwrap();
+    }
+    a.core.flush(fh).unwrap();
+    a.core.release(fh).unwrap();
+    let name = result_name(1);
+    a.core.rename(d, b"t.tmp", d, name.as_bytes(), 0).unwrap();
+    a.sync();
+    let h = Host::start_with_timeout(&b, deadline);
+    let path = format!("cc/big/{name}");
+    let ino = h.lookup(&path).unwrap().ino;
+    let (fh, _) = h
+        .core
+        .open(ino, libc::O_RDONLY)
+        .expect("open the big entry");
+    let mut got = Vec::new();
+    while got.len() < BYTES {
+        let part = h.core.read(fh, got.len() as u64, 1 << 20).unwrap();
+        assert!(!part.is_empty(), "short read at {}", got.len());
+        got.extend(part);
+    }
+    h.core.release(fh).unwrap();
+    engine.set_bandwidth(0);
+    assert!(got == data, "other bytes");
+    for (host, t) in [("A", &a.tier), ("B", &h.tier)] {
+        assert_eq!(
+            t.stats.timeouts.load(Ordering::Relaxed),
+            0,
+            "host {host} timed out"
+        );
+    }
 }
 
 #[test]

@@ -54,7 +54,7 @@ use crate::fs::txn::{After, Txn};
 use crate::fs::verified::Existing;
 use crate::fs::DirEntry;
 use crate::fs::{Attr, Caller, Core, Invalidate};
-use crate::shared::tier::{Lane, Local, Outbox, Tier, Upload};
+use crate::shared::tier::{Fetch, Lane, Local, Outbox, Tier, Upload};
 use crate::shared::{Listed, Record, RecordKind, Seen};
 use crate::store::ids::{BlobId, Ino};
 use crate::store::meta::{Content, Inode, Kind, PendingUpload};
@@ -74,13 +74,20 @@ pub const LISTED_INO_BIT: u64 = 1 << 62;
 
 /// When a directory was listed, and what the tier listed.
 type CachedListing = (Instant, Arc<Vec<Listed>>);
-/// When a directory's listing was prefetched, and the directories it names.
-type PrefetchedDirs = (Instant, Arc<Vec<Vec<u8>>>);
+/// When a directory's listing was prefetched, and what it says.
+type PrefetchedDirs = (Instant, Arc<Prefetched>);
+
+/// A prefetched listing: the directories it names. What it does not name
+/// is still asked for: a listing may have lost names (an evicted set that
+/// an upload wrote again), and a lost listing must hide nothing.
+struct Prefetched {
+    dirs: Vec<Vec<u8>>,
+}
 /// Directories whose prefetched listing a host keeps, how long (a
 /// directory, once listed, stays: the tier never removes one), and the
 /// most listings one prefetch round trip asks for (a first page of
 /// `PREFETCH_NAMES_MAX` names each).
-const PREFETCHED_DIRS_MAX: usize = 65_536;
+const PREFETCHED_DIRS_MAX: usize = 4_096;
 const PREFETCHED_TTL_MS: u64 = 60_000;
 const PREFETCH_DIRS_MAX: usize = 256;
 const PREFETCH_NAMES_MAX: usize = 256;
@@ -314,19 +321,20 @@ impl Core {
         let RecordKind::File { blob, size, .. } = winner.kind else {
             return;
         };
-        let bytes = match tier.blob_checked(Lane::Background, blob) {
-            Ok(Some(bytes)) if bytes.len() as u64 == size => bytes,
-            Ok(found) => {
-                // The winner is damaged: its blob is missing, fails
-                // verification, or is not the size it claims.
-                let why = match found {
-                    None => "its blob is missing or corrupt".to_string(),
-                    Some(b) => format!("it claims {size} bytes, its blob has {}", b.len()),
-                };
-                self.replace_damaged_winner(tier, path, &winner, &why);
+        let mut fetched = match self.new_fetched() {
+            Ok(f) => f,
+            Err(e) => {
+                warn!("converge {:?}: {e}", String::from_utf8_lossy(path));
                 return;
             }
-            Err(e) => {
+        };
+        let why = match tier.blob_into(Lane::Background, blob, size, &fetched.file) {
+            Fetch::Got(_) => None,
+            // The winner is damaged: its blob is missing, fails
+            // verification, or is not the size it claims.
+            Fetch::Missing | Fetch::Corrupt => Some("its blob is missing or corrupt".to_string()),
+            Fetch::WrongSize(len) => Some(format!("it claims {size} bytes, its blob has {len}")),
+            Fetch::Failed(e) => {
                 warn!(
                     "converge {:?}: cannot fetch the winner's blob {blob} ({e}); keeping ours for now",
                     String::from_utf8_lossy(path)
@@ -334,10 +342,16 @@ impl Core {
                 return;
             }
         };
+        if let Some(why) = why {
+            self.replace_damaged_winner(tier, path, &winner, &why);
+            return;
+        }
         // Create-only keeps the first *valid* content: a winner that fails
         // its own checksum does not replace ours (which may be the valid
         // recompile that healed it here).
-        if crate::integrity::check_bytes(&bytes) == crate::integrity::Verdict::Corrupt {
+        if crate::integrity::check_file(&fetched.file)
+            .is_ok_and(|v| v == crate::integrity::Verdict::Corrupt)
+        {
             warn!(
                 "converge {:?}: the shared tier's result {blob} fails its own checksum; keeping ours",
                 String::from_utf8_lossy(path)
@@ -348,7 +362,7 @@ impl Core {
             let Some((parent, name, ino)) = self.resolve_path(path)? else {
                 return Ok(());
             };
-            let fetched = self.stage_fetched(&bytes, &blob)?;
+            fetched.existing = self.check_existing(&blob)?;
             let (_g, found) = self.lock_names(&[], &[(parent, &name)])?;
             if found[0] != Some(ino) {
                 return Ok(());
@@ -363,7 +377,7 @@ impl Core {
             let mut ids = vec![blob];
             ids.extend(Self::blob_of(&inode));
             self.lock_blobs(&mut txn, &ids);
-            self.install_fetched(&mut txn, &fetched, blob, bytes.len() as u64)?;
+            self.install_fetched(&mut txn, &fetched, blob, size)?;
             if let Content::Blob(old) = inode.content {
                 self.drop_ref(&mut txn, old, ino, inode.size)?;
             }
@@ -575,19 +589,11 @@ impl Core {
         if blob == local_blob || record.mtime_ns <= inode.mtime_ns {
             return Ok(None);
         }
-        let Ok(Some(bytes)) = tier.blob_checked(Lane::Background, blob) else {
+        let Some((fetched, _)) = self.fetch_staged(tier, Lane::Background, &path, blob, size)?
+        else {
             return Ok(None);
         };
-        if bytes.len() as u64 != size {
-            tier.note_data_error(format!(
-                "record {:?} claims {size} bytes, its verified blob {blob} has {}",
-                String::from_utf8_lossy(&path),
-                bytes.len()
-            ));
-            return Ok(None);
-        }
         self.clock.observe(record.mtime_ns);
-        let fetched = self.stage_fetched(&bytes, &blob)?;
         let _g = self.lock(&[inode.parent, inode.ino]);
         let Some(mut cur) = self.store.inode(inode.ino)? else {
             return Ok(None);
@@ -601,11 +607,11 @@ impl Core {
         }
         let mut txn = self.txn();
         self.lock_blobs(&mut txn, &[blob, local_blob]);
-        self.install_fetched(&mut txn, &fetched, blob, bytes.len() as u64)?;
+        self.install_fetched(&mut txn, &fetched, blob, size)?;
         self.drop_ref(&mut txn, local_blob, cur.ino, cur.size)?;
-        self.add_ref(&mut txn, blob, cur.ino, bytes.len() as u64);
+        self.add_ref(&mut txn, blob, cur.ino, size);
         cur.content = Content::Blob(blob);
-        cur.size = bytes.len() as u64;
+        cur.size = size;
         cur.perm = self.fetched_perm(mode);
         cur.mtime_ns = record.mtime_ns;
         cur.ctime_ns = self.now();
@@ -630,11 +636,37 @@ impl Core {
         Ok(Some(cur))
     }
 
-    /// Writes fetched bytes (verified by the tier) to a temporary file,
-    /// outside any lock; `install_fetched` links it into place. A file of
-    /// blob `id` already stored is checked now, with no lock held, as a
-    /// publication's would be (`check_existing`).
-    fn stage_fetched(&self, bytes: &[u8], id: &BlobId) -> Result<Fetched> {
+    /// Fetches blob `id` (which the record of `path` says has `size`
+    /// bytes) into a new staging file, verified as it arrives, with no lock
+    /// held; `install_fetched` links it into place. A file of blob `id`
+    /// already stored is checked now, with no lock held, as a
+    /// publication's would be (`check_existing`). Also returns the first
+    /// bytes (for header-decided classes). None if it could not be had
+    /// whole and verified (the tier counted and logged why).
+    fn fetch_staged(
+        &self,
+        tier: &Tier,
+        lane: Lane,
+        path: &[u8],
+        id: BlobId,
+        size: u64,
+    ) -> Result<Option<(Fetched, [u8; 4])>> {
+        let mut fetched = self.new_fetched()?;
+        if !tier.fetch_contents_into(lane, path, id, size, &fetched.file) {
+            return Ok(None);
+        }
+        let mut head = [0u8; 4];
+        let n = fetched
+            .file
+            .read_at(&mut head, 0)
+            .map_err(|e| Error::io(e, "read fetched blob"))?;
+        head[n..].fill(0);
+        fetched.existing = self.check_existing(&id)?;
+        Ok(Some((fetched, head)))
+    }
+
+    /// A new, empty staging file for a blob being fetched.
+    fn new_fetched(&self) -> Result<Fetched> {
         let n = self
             .open_counter
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -646,17 +678,11 @@ impl Core {
             .truncate(true)
             .open(&path)
             .map_err(|e| Error::io(e, "create fetched blob"))?;
-        let mut fetched = Fetched {
+        Ok(Fetched {
             path,
             file,
             existing: Existing::Absent,
-        };
-        fetched
-            .file
-            .write_all_at(bytes, 0)
-            .map_err(|e| Error::io(e, "write fetched blob"))?;
-        fetched.existing = self.check_existing(id)?;
-        Ok(fetched)
+        })
     }
 
     /// Records a fetched blob (its stripe held), linking its file in place
@@ -715,11 +741,11 @@ impl Core {
                 );
             }
         }
-        let bytes = match &record.kind {
+        let fetched = match &record.kind {
             RecordKind::Dir => None,
             RecordKind::File { blob, size, .. } => {
-                match tier.fetch_contents(Lane::Request, &path, *blob, *size) {
-                    Some(b) => Some(b),
+                match self.fetch_staged(tier, Lane::Request, &path, *blob, *size)? {
+                    Some(f) => Some(f),
                     None => return Ok(None),
                 }
             }
@@ -727,10 +753,6 @@ impl Core {
         // A record from a host whose clock runs fast is shown no further
         // ahead than the clock may move (see `Clock::observe`).
         record.mtime_ns = self.clock.observe(record.mtime_ns);
-        let fetched = match (&bytes, &record.kind) {
-            (Some(b), RecordKind::File { blob, .. }) => Some(self.stage_fetched(b, blob)?),
-            _ => None,
-        };
         let ino = self.alloc_ino()?;
         let _g = self.lock(&[parent]);
         if let Some(existing) = self.store.dentry(parent, name)? {
@@ -748,8 +770,8 @@ impl Core {
             uid: dir.uid,
             gid: dir.gid,
         };
-        let inode = match (&record.kind, &bytes, &fetched) {
-            (RecordKind::Dir, _, _) => {
+        let inode = match (&record.kind, &fetched) {
+            (RecordKind::Dir, _) => {
                 let perm = dir.perm & 0o7777;
                 let mut d =
                     self.new_inode(ino, Kind::Dir, Class::Local, perm, owner, &dir, name, now);
@@ -759,13 +781,13 @@ impl Core {
                 }
                 d
             }
-            (RecordKind::File { blob, mode, .. }, Some(bytes), Some(f)) => {
+            (RecordKind::File { blob, mode, size }, Some((f, head))) => {
                 // The size is the verified blob's (the tier refused a
                 // record that disagrees).
-                let size = bytes.len() as u64;
+                let size = *size;
                 self.lock_blobs(&mut txn, &[*blob]);
                 self.install_fetched(&mut txn, f, *blob, size)?;
-                let class = class.resolve(&bytes[..bytes.len().min(4)]);
+                let class = class.resolve(&head[..(size as usize).min(4)]);
                 let perm = self.fetched_perm(*mode);
                 let mut f = self.new_inode(ino, Kind::File, class, perm, owner, &dir, name, now);
                 f.content = Content::Blob(*blob);
@@ -901,18 +923,18 @@ impl Outbox for Core {
 /// and three listing round trips, instead of one round trip per directory.
 /// What a prefetched listing does not name is still asked for.
 impl Core {
-    fn prefetched(&self, path: &[u8]) -> Option<Arc<Vec<Vec<u8>>>> {
+    fn prefetched(&self, path: &[u8]) -> Option<Arc<Prefetched>> {
         let s = self.tier_local.subdirs.lock().unwrap();
         s.get(path)
             .filter(|(at, _)| at.elapsed() < Duration::from_millis(PREFETCHED_TTL_MS))
-            .map(|(_, names)| names.clone())
+            .map(|(_, p)| p.clone())
     }
 
     /// True if the prefetched listing of `parent_path` names `name` as a
     /// directory.
     fn listed_as_dir(&self, parent_path: &[u8], name: &[u8]) -> bool {
         self.prefetched(parent_path)
-            .is_some_and(|names| names.iter().any(|n| n == name))
+            .is_some_and(|p| p.dirs.iter().any(|n| n == name))
     }
 
     /// Makes sure the listings of `path` and of the two levels of
@@ -934,8 +956,9 @@ impl Core {
                 match tier.list_many(missing.clone(), PREFETCH_NAMES_MAX) {
                     Ok(listings) => {
                         let mut s = self.tier_local.subdirs.lock().unwrap();
-                        for (p, names) in missing.into_iter().zip(listings) {
-                            let dirs: Vec<Vec<u8>> = names
+                        for (p, listing) in missing.into_iter().zip(listings) {
+                            let dirs: Vec<Vec<u8>> = listing
+                                .names
                                 .into_iter()
                                 .filter(|l| l.dir && crate::fs::check_name(&l.name).is_ok())
                                 .map(|l| l.name)
@@ -944,7 +967,7 @@ impl Core {
                                 &mut s,
                                 PREFETCHED_DIRS_MAX,
                                 p,
-                                (Instant::now(), Arc::new(dirs)),
+                                (Instant::now(), Arc::new(Prefetched { dirs })),
                             );
                         }
                     }
@@ -956,7 +979,7 @@ impl Core {
             }
             let mut next = Vec::new();
             for p in &level {
-                for name in self.prefetched(p).iter().flat_map(|n| n.iter()) {
+                for name in self.prefetched(p).iter().flat_map(|n| n.dirs.iter()) {
                     if next.len() >= PREFETCH_DIRS_MAX {
                         break;
                     }
@@ -1142,10 +1165,11 @@ impl Core {
             );
             enoent()
         };
-        let Some(bytes) = tier.fetch_contents(Lane::Request, &r.path, r.blob, r.size) else {
+        let Some((fetched, head)) =
+            self.fetch_staged(tier, Lane::Request, &r.path, r.blob, r.size)?
+        else {
             return dropped("its contents could not be fetched");
         };
-        let fetched = self.stage_fetched(&bytes, &r.blob)?;
         let _g = self.lock(&[r.parent]);
         match self.store.dentry(r.parent, &r.name)? {
             Some(bound) if bound == ino => return Ok(()), // another open did it
@@ -1169,10 +1193,10 @@ impl Core {
             uid: r.uid,
             gid: r.gid,
         };
-        let size = bytes.len() as u64;
+        let size = r.size;
         self.lock_blobs(&mut txn, &[r.blob]);
         self.install_fetched(&mut txn, &fetched, r.blob, size)?;
-        let class = r.class.resolve(&bytes[..bytes.len().min(4)]);
+        let class = r.class.resolve(&head[..(size as usize).min(4)]);
         let mut f = self.new_inode(ino, Kind::File, class, r.perm, owner, &dir, &r.name, now);
         f.content = Content::Blob(r.blob);
         f.size = size;

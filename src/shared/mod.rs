@@ -163,6 +163,82 @@ pub struct Listed {
     pub dir: bool,
 }
 
+/// Bytes of blob moved so far in one transfer, watched by the caller that
+/// waits for it: a transfer is bounded by its progress (an idle deadline
+/// and a floor rate, `tier.rs`), not by one deadline for the whole call.
+/// The waiter sets `cancelled` when it gives up; a streaming engine stops
+/// at its next chunk.
+#[derive(Default, Debug)]
+pub struct Progress {
+    bytes: std::sync::atomic::AtomicU64,
+    cancelled: std::sync::atomic::AtomicBool,
+}
+
+impl Progress {
+    pub fn add(&self, n: u64) {
+        self.bytes
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn cancel(&self) {
+        self.cancelled
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// `Err(Timeout)` once the waiter gave up: the engine stops there.
+    pub fn check(&self) -> TierResult<()> {
+        if self.cancelled.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(TierError::Timeout);
+        }
+        Ok(())
+    }
+}
+
+/// Bytes one streaming transfer holds in memory at a time (its chunk).
+pub const TRANSFER_CHUNK_BYTES: usize = 256 * 1024;
+
+/// Copies `len` bytes from `src` to `sink` in chunks, counting progress
+/// and stopping when the waiter gave up. An early end of `src` is an
+/// `UnexpectedEof`.
+pub fn copy_counted(
+    src: &mut dyn std::io::Read,
+    sink: &mut dyn std::io::Write,
+    len: u64,
+    progress: &Progress,
+) -> std::io::Result<()> {
+    let mut buf = vec![0u8; TRANSFER_CHUNK_BYTES.min(len as usize).max(1)];
+    let mut left = len;
+    while left > 0 {
+        if progress.check().is_err() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the transfer was given up (no progress)",
+            ));
+        }
+        let want = buf.len().min(left as usize);
+        let n = src.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        sink.write_all(&buf[..n])?;
+        left -= n as u64;
+        progress.add(n as u64);
+    }
+    Ok(())
+}
+
+/// A first page of a directory's listing (`Engine::list_many`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Listing {
+    pub names: Vec<Listed>,
+    /// True if these are all the names listed there.
+    pub whole: bool,
+}
+
 /// One engine, bound to one namespace.
 pub trait Engine: Send + Sync {
     fn get_record(&self, path: &[u8]) -> TierResult<Option<Record>>;
@@ -187,17 +263,62 @@ pub trait Engine: Send + Sync {
     fn list(&self, path: &[u8], max: usize) -> TierResult<Vec<Listed>>;
     /// Damaged records this engine replaced (for statistics).
     fn records_healed(&self) -> u64;
+    /// Streams the stored bytes of blob `id` (unverified: the caller hashes
+    /// them as they arrive) into `sink`, at most `max_bytes`, counting them
+    /// in `progress`; Ok(None) if the blob is not there, else its length.
+    /// The default reads it whole first (engines that stream override it).
+    fn get_blob_into(
+        &self,
+        id: &BlobId,
+        max_bytes: u64,
+        sink: &mut dyn std::io::Write,
+        progress: &Progress,
+    ) -> TierResult<Option<u64>> {
+        let Some(bytes) = self.get_blob(id, max_bytes)? else {
+            return Ok(None);
+        };
+        copy_counted(&mut &bytes[..], sink, bytes.len() as u64, progress)
+            .map_err(|e| TierError::Unavailable(format!("blob {id}: {e}")))?;
+        Ok(Some(bytes.len() as u64))
+    }
+    /// Stores blob `id` from `len` bytes of `source` (which the caller
+    /// checked against `id`), counting progress; like `put_blob`. The
+    /// default reads it whole first.
+    fn put_blob_from(
+        &self,
+        id: &BlobId,
+        source: &mut dyn std::io::Read,
+        len: u64,
+        progress: &Progress,
+    ) -> TierResult<()> {
+        let mut bytes = Vec::new();
+        copy_counted(source, &mut bytes, len, progress)
+            .map_err(|e| TierError::Unavailable(format!("read local blob {id}: {e}")))?;
+        self.put_blob(id, &bytes)
+    }
     /// True if `list_many` costs one round trip whatever the number of
     /// paths (so prefetching a walk's listings pays off).
     fn lists_in_one_round_trip(&self) -> bool {
         false
     }
     /// The names listed below each of `paths`: a first page of at most
-    /// `max_each` each (possibly fewer than are there), in one round trip
-    /// where the engine can (`lists_in_one_round_trip`). For prefetching a
-    /// walk: what it lists exists; what it does not list may exist too.
-    fn list_many(&self, paths: &[Vec<u8>], max_each: usize) -> TierResult<Vec<Vec<Listed>>> {
-        paths.iter().map(|p| self.list(p, max_each)).collect()
+    /// `max_each` each, in one round trip where the engine can
+    /// (`lists_in_one_round_trip`), each saying whether it is the whole
+    /// listing. For prefetching a walk: what it lists exists; what a whole
+    /// listing does not list did not exist when it was read (unless its
+    /// listing was lost: see `Record::implied_dir`).
+    fn list_many(&self, paths: &[Vec<u8>], max_each: usize) -> TierResult<Vec<Listing>> {
+        paths
+            .iter()
+            .map(|p| {
+                let names = self.list(p, max_each + 1)?;
+                let whole = names.len() <= max_each;
+                Ok(Listing {
+                    names: names.into_iter().take(max_each).collect(),
+                    whole,
+                })
+            })
+            .collect()
     }
 }
 

@@ -512,7 +512,7 @@ impl Engine for RedisEngine {
             "put_blob with bytes that are not {id}"
         );
         if bytes.len() as u64 > REDIS_BLOB_BYTES_MAX {
-            return Err(TierError::Unavailable(format!(
+            return Err(TierError::Refused(format!(
                 "{} blob {id}: {} bytes, over the {REDIS_BLOB_BYTES_MAX} a Redis value may hold",
                 self.described,
                 bytes.len()
@@ -526,6 +526,109 @@ impl Engine for RedisEngine {
         match self.call(&[b"SET", &key, bytes, b"NX"], 0)? {
             Reply::Status(s) if s == "OK" => debug!("shared put_blob blob={id} outcome=stored"),
             Reply::Bulk(None) => debug!("shared put_blob blob={id} outcome=already-there"),
+            other => return Err(self.unexpected("SET NX", &key, &other)),
+        }
+        Ok(())
+    }
+
+    /// `GET`, its value copied to `sink` as it arrives (a chunk at a time:
+    /// never the whole blob in memory).
+    fn get_blob_into(
+        &self,
+        id: &BlobId,
+        max_bytes: u64,
+        sink: &mut dyn Write,
+        progress: &super::Progress,
+    ) -> TierResult<Option<u64>> {
+        let key = blob_key(id);
+        let max = max_bytes.min(REDIS_BLOB_BYTES_MAX);
+        let name = format!("GET {}", key_text(&key));
+        let pooled = self.pool().pop();
+        let reused = pooled.is_some();
+        let mut conn = match pooled {
+            Some(conn) => conn,
+            None => self.connect()?,
+        };
+        let mut answer = conn
+            .send(&[b"GET", &key])
+            .and_then(|()| read_bulk_into(&mut conn.reader, max, sink, progress));
+        if let Err(e) = &answer {
+            if reused && progress.bytes() == 0 && is_dead_connection(e) {
+                self.pool().clear();
+                conn = self.connect()?;
+                answer = conn
+                    .send(&[b"GET", &key])
+                    .and_then(|()| read_bulk_into(&mut conn.reader, max, sink, progress));
+            }
+        }
+        let answer = answer.map_err(|e| match e.kind() {
+            io::ErrorKind::FileTooLarge => {
+                TierError::Data(format!("{} blob {id}: {e}", self.described))
+            }
+            _ => self.tier_error(&name, e),
+        })?;
+        self.give_back(conn);
+        match answer {
+            Bulk::Missing => Ok(None),
+            Bulk::Copied(len) => Ok(Some(len)),
+            Bulk::Error(m) => Err(self.error_reply(&format!("{} {name}", self.described), &m)),
+        }
+    }
+
+    /// `SET key <value> NX` with the value streamed from `source` (a chunk
+    /// at a time); blobs of `REDIS_BLOB_PROBE_BYTES_MIN` or more are first
+    /// probed with `EXISTS`.
+    fn put_blob_from(
+        &self,
+        id: &BlobId,
+        source: &mut dyn Read,
+        len: u64,
+        progress: &super::Progress,
+    ) -> TierResult<()> {
+        if len > REDIS_BLOB_BYTES_MAX {
+            return Err(TierError::Refused(format!(
+                "{} blob {id}: {len} bytes, over the {REDIS_BLOB_BYTES_MAX} a Redis value may hold",
+                self.described
+            )));
+        }
+        if len >= REDIS_BLOB_PROBE_BYTES_MIN as u64 && self.has_blob(id)? {
+            debug!("shared put_blob blob={id} outcome=already-there");
+            return Ok(());
+        }
+        let key = blob_key(id);
+        let name = format!("SET {} NX", key_text(&key));
+        let mut head = Vec::with_capacity(128);
+        let _ = write!(head, "*4\r\n$3\r\nSET\r\n${}\r\n", key.len());
+        head.extend_from_slice(&key);
+        let _ = write!(head, "\r\n${len}\r\n");
+        let pooled = self.pool().pop();
+        let reused = pooled.is_some();
+        let mut conn = match pooled {
+            Some(conn) => conn,
+            None => self.connect()?,
+        };
+        if let Err(e) = conn.reader.get_mut().write_all(&head) {
+            if !(reused && is_dead_connection(&e)) {
+                return Err(self.tier_error(&name, e));
+            }
+            self.pool().clear();
+            conn = self.connect()?;
+            conn.reader
+                .get_mut()
+                .write_all(&head)
+                .map_err(|e| self.tier_error(&name, e))?;
+        }
+        let sent = super::copy_counted(source, conn.reader.get_mut(), len, progress)
+            .and_then(|()| conn.reader.get_mut().write_all(b"\r\n$2\r\nNX\r\n"))
+            .and_then(|()| read_reply(&mut conn.reader, 0));
+        let reply = sent.map_err(|e| self.tier_error(&name, e))?;
+        self.give_back(conn);
+        match reply {
+            Reply::Status(s) if s == "OK" => debug!("shared put_blob blob={id} outcome=stored"),
+            Reply::Bulk(None) => debug!("shared put_blob blob={id} outcome=already-there"),
+            Reply::Error(m) => {
+                return Err(self.error_reply(&format!("{} {name}", self.described), &m))
+            }
             other => return Err(self.unexpected("SET NX", &key, &other)),
         }
         Ok(())
@@ -633,7 +736,7 @@ impl Engine for RedisEngine {
 
     /// One pipeline of `SSCAN <listing> 0 COUNT max_each`, one per path:
     /// the first page of each listing, in one round trip.
-    fn list_many(&self, paths: &[Vec<u8>], max_each: usize) -> TierResult<Vec<Vec<Listed>>> {
+    fn list_many(&self, paths: &[Vec<u8>], max_each: usize) -> TierResult<Vec<super::Listing>> {
         if paths.is_empty() {
             return Ok(Vec::new());
         }
@@ -646,26 +749,30 @@ impl Engine for RedisEngine {
         let replies = self.pipeline(&cmds, LIST_REPLY_BYTES_MAX)?;
         let mut out = Vec::with_capacity(replies.len());
         for (reply, key) in replies.into_iter().zip(&keys) {
-            let names = match reply {
+            let listing = match reply {
                 Reply::Array(Some(parts)) => match parts.as_slice() {
-                    [Reply::Bulk(Some(_)), Reply::Array(Some(members))] => members
-                        .iter()
-                        .filter_map(|m| match m {
-                            Reply::Bulk(Some(m)) => parse_list_member(m),
-                            _ => None,
-                        })
-                        .take(max_each)
-                        .collect(),
+                    [Reply::Bulk(Some(cursor)), Reply::Array(Some(members))] => super::Listing {
+                        names: members
+                            .iter()
+                            .filter_map(|m| match m {
+                                Reply::Bulk(Some(m)) => parse_list_member(m),
+                                _ => None,
+                            })
+                            .take(max_each)
+                            .collect(),
+                        // Cursor 0: the scan is complete.
+                        whole: cursor.as_slice() == b"0" && members.len() <= max_each,
+                    },
                     _ => return Err(self.unexpected("SSCAN", key, &Reply::Array(Some(parts)))),
                 },
-                // A listing key of another type: nothing listed there.
-                Reply::Error(m) if m.starts_with("WRONGTYPE") => Vec::new(),
+                // A listing key of another type: nothing usable listed there.
+                Reply::Error(m) if m.starts_with("WRONGTYPE") => super::Listing::default(),
                 Reply::Error(m) => {
                     return Err(self.error_reply(&format!("{} SSCAN", self.described), &m))
                 }
                 other => return Err(self.unexpected("SSCAN", key, &other)),
             };
-            out.push(names);
+            out.push(listing);
         }
         Ok(out)
     }
@@ -1025,6 +1132,54 @@ fn read_value<R: BufRead>(r: &mut R, bounds: &mut ReplyBounds, depth: usize) -> 
         other => Err(bad_reply(format!(
             "a reply starting with {:?}",
             other as char
+        ))),
+    }
+}
+
+/// What a streamed `GET` found.
+enum Bulk {
+    Missing,
+    /// This many bytes were copied to the sink.
+    Copied(u64),
+    /// An error reply, as the server said it.
+    Error(String),
+}
+
+/// Reads the reply to a `GET`: a bulk string of at most `max` bytes is
+/// copied to `sink` as it arrives (a value over `max` is `FileTooLarge`,
+/// refused before any of it is read: the connection is then dropped).
+fn read_bulk_into<R: BufRead>(
+    r: &mut R,
+    max: u64,
+    sink: &mut dyn Write,
+    progress: &super::Progress,
+) -> io::Result<Bulk> {
+    let line = read_line(r)?;
+    match line.split_first() {
+        Some((b'-', rest)) => Ok(Bulk::Error(String::from_utf8_lossy(rest).into_owned())),
+        Some((b'$', rest)) => {
+            let len = parse_int(rest)?;
+            if len == -1 {
+                return Ok(Bulk::Missing);
+            }
+            let len = u64::try_from(len).map_err(|_| bad_reply(format!("bulk length {len}")))?;
+            if len > max {
+                return Err(io::Error::new(
+                    io::ErrorKind::FileTooLarge,
+                    format!("a value of {len} bytes, over the {max} allowed"),
+                ));
+            }
+            super::copy_counted(r, sink, len, progress)?;
+            let mut crlf = [0u8; 2];
+            r.read_exact(&mut crlf)?;
+            if &crlf != b"\r\n" {
+                return Err(bad_reply("a bulk string not ended by CRLF".into()));
+            }
+            Ok(Bulk::Copied(len))
+        }
+        _ => Err(bad_reply(format!(
+            "a GET answered {:?}",
+            String::from_utf8_lossy(&line[..line.len().min(40)])
         ))),
     }
 }

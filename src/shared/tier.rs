@@ -101,8 +101,27 @@ const NEGATIVE_ENTRIES_MAX: usize = 65_536;
 const KNOWN_DIRS_MAX: usize = 65_536;
 /// Damaged shared blobs remembered for repair.
 const DAMAGED_MAX: usize = 4096;
-/// Largest blob fetched from the tier.
-pub const FETCH_BYTES_MAX: u64 = 1 << 30;
+/// Largest blob fetched from the tier (it streams to a staging file: the
+/// bound is the disk's, not memory's).
+pub const FETCH_BYTES_MAX: u64 = 1 << 36;
+/// A transfer is given up when no byte moved for `timeout` (idle), or
+/// when, past its first `timeout`, it averages below this rate. One that
+/// keeps moving at the floor rate or faster is never cut off, whatever
+/// its size.
+pub const TRANSFER_FLOOR_BYTES_PER_S: u64 = 64 * 1024;
+/// How often a waiter looks at a transfer's progress.
+const TRANSFER_POLL_MS: u64 = 50;
+/// Blobs at least this big are fetched on the bulk callers, so big
+/// transfers never hold the callers lookups need.
+pub const BULK_BYTES_MIN: u64 = 1 << 20;
+/// Bulk transfers at once (each holds one `TRANSFER_CHUNK_BYTES` buffer),
+/// and how many deadlines a bulk fetch waits for a free one.
+const BULK_CALLERS: usize = 4;
+const BULK_SLOT_WAIT_TIMEOUTS: u32 = 20;
+/// Bound on the blob bytes the tier holds in memory at once, whatever the
+/// sizes: one chunk per caller that may be moving a blob.
+pub const TRANSFER_BYTES_IN_FLIGHT_MAX: usize =
+    super::TRANSFER_CHUNK_BYTES * (REQUEST_CALLERS_MAX + BACKGROUND_CALLERS + BULK_CALLERS);
 
 /// A publication to share: the record for `path`, and where its bytes are.
 pub struct Upload {
@@ -222,6 +241,41 @@ pub enum Lane {
     /// Nobody waits but a background thread (uploads, convergence,
     /// revalidation).
     Background,
+    /// A fetch of a blob of `BULK_BYTES_MIN` or more (its own callers).
+    Bulk,
+}
+
+/// What became of a blob fetched into a file.
+#[derive(Debug)]
+pub enum Fetch {
+    /// Its bytes are in the file, verified; this many.
+    Got(u64),
+    /// The tier does not have it.
+    Missing,
+    /// Its bytes do not hash to its id (marked for repair).
+    Corrupt,
+    /// Verified, but not the size the record claimed: this size.
+    WrongSize(u64),
+    /// The tier could not be asked, or the transfer stopped.
+    Failed(TierError),
+}
+
+/// Writes a blob to a file as it arrives, hashing it on the way.
+struct HashingWriter {
+    file: std::fs::File,
+    hasher: blake3::Hasher,
+}
+
+impl std::io::Write for HashingWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
 }
 
 /// Caller threads fed through a rendezvous channel: a job is handed over
@@ -256,6 +310,7 @@ pub struct Tier {
     breaker_logged_open: AtomicBool,
     request_callers: Pool,
     background_callers: Pool,
+    bulk_callers: Pool,
     negative: Mutex<HashMap<Vec<u8>, Instant>>,
     /// Blobs the tier holds damaged copies of: the next upload of one
     /// replaces it (`Engine::repair_blob`).
@@ -301,6 +356,7 @@ impl Tier {
             breaker_logged_open: AtomicBool::new(false),
             request_callers: Pool::start("tier-call", request_callers),
             background_callers: Pool::start("tier-bg-call", BACKGROUND_CALLERS),
+            bulk_callers: Pool::start("tier-bulk-call", BULK_CALLERS),
             negative: Mutex::new(HashMap::new()),
             known_dirs: Mutex::new(Default::default()),
             damaged: Mutex::new(Default::default()),
@@ -598,6 +654,155 @@ impl Tier {
         }
     }
 
+    fn pool(&self, lane: Lane) -> &Pool {
+        match lane {
+            Lane::Request => &self.request_callers,
+            Lane::Background => &self.background_callers,
+            Lane::Bulk => &self.bulk_callers,
+        }
+    }
+
+    /// Runs the transfer `f` on a caller of `lane`, bounded by its
+    /// progress, not by one deadline: it is given up (`Timeout`, and told
+    /// to stop through `Progress::cancel`) only when no byte moved for
+    /// `timeout`, or when, past its first `timeout`, it averages below
+    /// `TRANSFER_FLOOR_BYTES_PER_S`. A transfer that keeps moving is never
+    /// counted as a failure. Waiting for a free caller is bounded as in
+    /// `call` (longer for bulk transfers, which queue behind each other).
+    fn call_transfer<T: Send + 'static>(
+        &self,
+        lane: Lane,
+        f: impl FnOnce(&dyn Engine, &super::Progress) -> TierResult<T> + Send + 'static,
+    ) -> TierResult<T> {
+        let admitted = self.breaker.lock().unwrap().admit(Instant::now());
+        if admitted == Admit::Refuse {
+            return Err(TierError::Unavailable("breaker open".into()));
+        }
+        let progress = Arc::new(super::Progress::default());
+        let (tx, rx) = bounded(1);
+        let engine = self.engine.clone();
+        let job_progress = progress.clone();
+        let job: Job = Box::new(move || {
+            let _ = tx.send(f(&*engine, &job_progress));
+        });
+        let slot_wait = match lane {
+            Lane::Bulk => self.timeout * BULK_SLOT_WAIT_TIMEOUTS,
+            _ => self.timeout,
+        };
+        let r =
+            match self.pool(lane).jobs.send_timeout(job, slot_wait) {
+                Err(_) => Err(TierError::Busy),
+                Ok(()) => {
+                    let started = Instant::now();
+                    let (mut seen, mut moved_at) = (0, started);
+                    let poll = Duration::from_millis(TRANSFER_POLL_MS).min(self.timeout);
+                    loop {
+                        match rx.recv_timeout(poll) {
+                            Ok(r) => break r,
+                            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                                break Err(TierError::Timeout)
+                            }
+                            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                        }
+                        let now = Instant::now();
+                        let bytes = progress.bytes();
+                        if bytes != seen {
+                            (seen, moved_at) = (bytes, now);
+                        }
+                        let elapsed = now - started;
+                        let idle = now - moved_at > self.timeout;
+                        let slow = elapsed > self.timeout
+                            && (bytes as f64)
+                                < TRANSFER_FLOOR_BYTES_PER_S as f64 * elapsed.as_secs_f64();
+                        if idle || slow {
+                            progress.cancel();
+                            warn!(
+                            "shared tier: a transfer {} after {bytes} bytes in {:.1} s: given up",
+                            if idle { "stalled" } else { "fell below the floor rate" },
+                            elapsed.as_secs_f64()
+                        );
+                            break Err(TierError::Timeout);
+                        }
+                    }
+                }
+            };
+        self.record_outcome(admitted, &r);
+        r
+    }
+
+    /// Fetches blob `id` into `file` (empty, at its start), hashing it as
+    /// it arrives; `size_hint` (the record's size) picks the lane: big
+    /// ones go to the bulk callers.
+    pub fn blob_into(&self, lane: Lane, id: BlobId, size_hint: u64, file: &std::fs::File) -> Fetch {
+        let lane = if size_hint >= BULK_BYTES_MIN {
+            Lane::Bulk
+        } else {
+            lane
+        };
+        let file = match file.try_clone() {
+            Ok(f) => f,
+            Err(e) => return Fetch::Failed(TierError::Unavailable(format!("staging file: {e}"))),
+        };
+        let got = self.call_transfer(lane, move |e, progress| {
+            let mut sink = HashingWriter {
+                file,
+                hasher: blake3::Hasher::new(),
+            };
+            let len = e.get_blob_into(&id, FETCH_BYTES_MAX, &mut sink, progress)?;
+            Ok(len.map(|len| (len, *sink.hasher.finalize().as_bytes())))
+        });
+        let (len, hash) = match got {
+            Ok(Some(found)) => found,
+            Ok(None) => return Fetch::Missing,
+            Err(e) => return Fetch::Failed(e),
+        };
+        self.stats.blobs_fetched.fetch_add(1, Ordering::Relaxed);
+        self.stats.bytes_fetched.fetch_add(len, Ordering::Relaxed);
+        if hash != id.0 {
+            self.stats.corrupt_blobs.fetch_add(1, Ordering::Relaxed);
+            warn!("shared tier: blob {id} does not match its hash: not used");
+            self.mark_damaged(id);
+            return Fetch::Corrupt;
+        }
+        if len != size_hint {
+            return Fetch::WrongSize(len);
+        }
+        Fetch::Got(len)
+    }
+
+    /// Fetches the blob `id` that the record of `path` says has `size`
+    /// bytes into `file`, verified: true if it is there whole. Else
+    /// (counted as a miss, and logged) the tier lacks it, it fails
+    /// verification, its size is not the record's, or it could not be
+    /// fetched.
+    pub fn fetch_contents_into(
+        &self,
+        lane: Lane,
+        path: &[u8],
+        id: BlobId,
+        size: u64,
+        file: &std::fs::File,
+    ) -> bool {
+        let shown = || String::from_utf8_lossy(path).into_owned();
+        match self.blob_into(lane, id, size, file) {
+            Fetch::Got(_) => return true,
+            Fetch::Missing | Fetch::Corrupt => warn!(
+                "shared tier: record {:?} names blob {id}, which is missing or corrupt: a miss",
+                shown()
+            ),
+            Fetch::WrongSize(len) => self.note_data_error(format!(
+                "record {:?} claims {size} bytes, its verified blob {id} has {len}",
+                shown()
+            )),
+            Fetch::Failed(e) => {
+                log::debug!("fetch path={:?} blob={id}: {e}", shown());
+                return false;
+            }
+        }
+        self.stats.misses.fetch_add(1, Ordering::Relaxed);
+        false
+    }
+
     /// Runs `f` on the engine on a caller of `lane`: waits for a free
     /// caller at most `timeout` (else `Busy`), then for the answer at most
     /// `timeout` (else `Timeout`; the call is abandoned on its thread).
@@ -615,11 +820,7 @@ impl Tier {
         let job: Job = Box::new(move || {
             let _ = tx.send(f(&*engine));
         });
-        let pool = match lane {
-            Lane::Request => &self.request_callers,
-            Lane::Background => &self.background_callers,
-        };
-        let r = match pool.jobs.send_timeout(job, self.timeout) {
+        let r = match self.pool(lane).jobs.send_timeout(job, self.timeout) {
             // A caller took it: it is running.
             Ok(()) => rx
                 .recv_timeout(self.timeout)
@@ -656,56 +857,6 @@ impl Tier {
             }
             Err(_) => None,
         }
-    }
-
-    /// The verified bytes of blob `id`, which the record of `path` says
-    /// has `size` bytes. None (counted as a miss, and logged) when the tier
-    /// lacks the blob, its bytes fail verification (it is marked for
-    /// repair), its length is not the record's (a damaged record), or the
-    /// tier could not be asked.
-    pub fn fetch_contents(
-        &self,
-        lane: Lane,
-        path: &[u8],
-        id: BlobId,
-        size: u64,
-    ) -> Option<Vec<u8>> {
-        let shown = || String::from_utf8_lossy(path).into_owned();
-        let bytes = match self.blob_checked(lane, id) {
-            Ok(Some(b)) => b,
-            Ok(None) => {
-                warn!(
-                    "shared tier: record {:?} names blob {id}, which is missing or corrupt: a miss",
-                    shown()
-                );
-                self.stats.misses.fetch_add(1, Ordering::Relaxed);
-                return None;
-            }
-            Err(_) => return None,
-        };
-        if size != bytes.len() as u64 {
-            self.note_data_error(format!(
-                "record {:?} claims {size} bytes, its verified blob {id} has {}",
-                shown(),
-                bytes.len()
-            ));
-            self.stats.misses.fetch_add(1, Ordering::Relaxed);
-            return None;
-        }
-        Some(bytes)
-    }
-
-    /// Looks `path` up: its record, and for a file its verified bytes
-    /// (used when a name cannot be shown without its contents).
-    pub fn fetch(&self, path: &[u8]) -> Option<(Record, Option<Vec<u8>>)> {
-        let record = self.fetch_record(path)?;
-        let bytes = match &record.kind {
-            super::RecordKind::Dir => None,
-            super::RecordKind::File { blob, size, .. } => {
-                Some(self.fetch_contents(Lane::Request, path, *blob, *size)?)
-            }
-        };
-        Some((record, bytes))
     }
 
     fn mark_damaged(&self, id: BlobId) {
@@ -958,12 +1109,27 @@ impl Tier {
         }
         let id = up.blob;
         if self.damaged.lock().unwrap().contains(&id) {
-            let bytes = self.read_local_blob(up)?;
+            let (mut file, len) = self.open_local_blob(up)?;
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut file, &mut bytes).map_err(|e| {
+                Failure::Local(
+                    GIVEN_UP_UNREADABLE,
+                    format!("cannot read local blob {id}: {e}"),
+                )
+            })?;
+            if bytes.len() as u64 != len {
+                return Err(Failure::Local(
+                    GIVEN_UP_UNREADABLE,
+                    format!("local blob {id} changed while it was read"),
+                ));
+            }
             self.call(Lane::Background, move |e| e.repair_blob(&id, &bytes))?;
             self.damaged.lock().unwrap().remove(&id);
         } else if !self.call(Lane::Background, move |e| e.has_blob(&id))? {
-            let bytes = self.read_local_blob(up)?;
-            self.call(Lane::Background, move |e| e.put_blob(&id, &bytes))?;
+            let (mut file, len) = self.open_local_blob(up)?;
+            self.call_transfer(Lane::Background, move |e, progress| {
+                e.put_blob_from(&id, &mut file, len, progress)
+            })?;
         }
         let (path, record, create_only) = (up.path.clone(), up.record.clone(), up.create_only);
         Ok(self.call(Lane::Background, move |e| {
@@ -971,10 +1137,18 @@ impl Tier {
         })?)
     }
 
-    /// The upload's blob from the local store, checked against its id.
-    fn read_local_blob(&self, up: &Upload) -> Result<Vec<u8>, Failure> {
-        let bytes = match std::fs::read(&up.blob_file) {
-            Ok(b) => b,
+    /// The upload's blob file from the local store, checked against its
+    /// id (hashed a chunk at a time), at its start, and its length.
+    fn open_local_blob(&self, up: &Upload) -> Result<(std::fs::File, u64), Failure> {
+        use std::io::{Read, Seek};
+        let unreadable = |e: std::io::Error| {
+            Failure::Local(
+                GIVEN_UP_UNREADABLE,
+                format!("cannot read local blob {}: {e}", up.blob),
+            )
+        };
+        let mut file = match std::fs::File::open(&up.blob_file) {
+            Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(Failure::Local(
                     GIVEN_UP_GONE,
@@ -984,14 +1158,20 @@ impl Tier {
                     ),
                 ))
             }
-            Err(e) => {
-                return Err(Failure::Local(
-                    GIVEN_UP_UNREADABLE,
-                    format!("cannot read local blob {}: {e}", up.blob),
-                ))
-            }
+            Err(e) => return Err(unreadable(e)),
         };
-        if *blake3::hash(&bytes).as_bytes() != up.blob.0 {
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; super::TRANSFER_CHUNK_BYTES];
+        let mut len = 0u64;
+        loop {
+            let n = file.read(&mut buf).map_err(unreadable)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            len += n as u64;
+        }
+        if *hasher.finalize().as_bytes() != up.blob.0 {
             return Err(Failure::Local(
                 GIVEN_UP_UNREADABLE,
                 format!(
@@ -1000,7 +1180,8 @@ impl Tier {
                 ),
             ));
         }
-        Ok(bytes)
+        file.rewind().map_err(unreadable)?;
+        Ok((file, len))
     }
 
     /// The upload is done with (delivered, superseded or given up).
@@ -1203,26 +1384,6 @@ impl Tier {
         }
     }
 
-    /// A blob's verified bytes: `Ok(None)` when the tier lacks it or its
-    /// bytes fail verification (marked for repair), `Err` when it could
-    /// not be asked.
-    pub fn blob_checked(&self, lane: Lane, id: BlobId) -> TierResult<Option<Vec<u8>>> {
-        let Some(bytes) = self.call(lane, move |e| e.get_blob(&id, FETCH_BYTES_MAX))? else {
-            return Ok(None);
-        };
-        self.stats.blobs_fetched.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .bytes_fetched
-            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        if *blake3::hash(&bytes).as_bytes() != id.0 {
-            self.stats.corrupt_blobs.fetch_add(1, Ordering::Relaxed);
-            warn!("shared tier: blob {id} does not match its hash: not used");
-            self.mark_damaged(id);
-            return Ok(None);
-        }
-        Ok(Some(bytes))
-    }
-
     /// Replaces the damaged record `seen` at `path` with `record`.
     pub fn replace_damaged(
         &self,
@@ -1262,7 +1423,7 @@ impl Tier {
         &self,
         paths: Vec<Vec<u8>>,
         max_each: usize,
-    ) -> TierResult<Vec<Vec<super::Listed>>> {
+    ) -> TierResult<Vec<super::Listing>> {
         self.stats.prefetches.fetch_add(1, Ordering::Relaxed);
         self.call(Lane::Request, move |e| e.list_many(&paths, max_each))
     }

@@ -952,6 +952,32 @@ fn a_lookup_takes_attributes_from_the_record_and_the_blob_comes_at_open(b: &dyn 
     assert_eq!(h.core.bytes_stored(), content("lazy", 3).len() as u64);
 }
 
+/// Issue 15, item 6: a directory listing more than 4,096 names lists
+/// them all on a fresh host (no subset hidden for good).
+fn readdir_lists_more_than_4096_names(b: &dyn Backend) {
+    const NAMES: usize = 5000;
+    let a = Host::start(b);
+    a.publish("sc/w", &result_name(0), b"first");
+    a.sync();
+    let (blob, size, mode, mtime) = file_record(b, &format!("sc/w/{}", result_name(0)));
+    let engine = b.engine();
+    let record = Record {
+        kind: RecordKind::File { blob, size, mode },
+        mtime_ns: mtime,
+    };
+    for i in 1..NAMES {
+        let path = format!("sc/w/{}", result_name(i));
+        engine.put_record(path.as_bytes(), &record, true).unwrap();
+    }
+    let h = Host::start(b);
+    let mut got = h.list("sc/w");
+    got.sort();
+    let mut want: Vec<String> = (0..NAMES).map(result_name).collect();
+    want.sort();
+    assert_eq!(got.len(), NAMES, "names listed");
+    assert!(got == want, "other names listed");
+}
+
 macro_rules! conformance {
     ($($case:ident),* $(,)?) => {
         mod directory_engine {
@@ -969,6 +995,7 @@ macro_rules! conformance {
 conformance!(
     a_burst_of_64_concurrent_lookups_finds_all_640_names_with_the_breaker_closed,
     a_lookup_takes_attributes_from_the_record_and_the_blob_comes_at_open,
+    readdir_lists_more_than_4096_names,
     damaged_records_are_misses_and_never_trip_the_breaker,
     record_size_must_be_the_verified_blobs,
     setuid_bits_from_the_tier_are_never_applied,
@@ -1099,6 +1126,36 @@ fn mem_engine_a_transfer_ten_times_longer_than_the_deadline_completes() {
             t.stats.timeouts.load(Ordering::Relaxed),
             0,
             "host {host} timed out"
+        );
+    }
+}
+
+/// Issue 15, item 6: uploads are delivered many at a time, so a host's
+/// upload rate is not one chain of round trips at a time (with a 20 ms
+/// round trip, many uploads' calls overlap).
+#[test]
+fn mem_engine_uploads_overlap_their_round_trips() {
+    let engine = MemEngine::new();
+    let b = MemBackend(engine.clone());
+    let a = Host::start(&b);
+    a.mkdirs("cc/u");
+    a.sync();
+    engine.set_latency(Duration::from_millis(20));
+    for i in 0..64 {
+        a.publish("cc/u", &result_name(i), content("overlap", i).as_bytes());
+    }
+    a.sync();
+    engine.set_latency(Duration::ZERO);
+    assert!(
+        engine.calls_in_flight_max() >= 8,
+        "at most {} engine calls overlapped while 64 uploads were delivered",
+        engine.calls_in_flight_max()
+    );
+    let h = Host::start(&b);
+    for i in (0..64).step_by(9) {
+        assert_eq!(
+            h.read(&format!("cc/u/{}", result_name(i))),
+            Ok(content("overlap", i))
         );
     }
 }

@@ -67,6 +67,8 @@ pub const LIST_TTL_MS: u64 = 2_000;
 /// Bounds on what `TierLocal` remembers (cleared whole when full).
 const FRESH_ENTRIES_MAX: usize = 65_536;
 const LIST_CACHE_DIRS_MAX: usize = 4_096;
+/// Bound on the names all cached listings hold together.
+const LIST_CACHE_NAMES_MAX: usize = 1 << 20;
 const FLOORS_MAX: usize = 65_536;
 /// Set in the inode numbers readdir gives names only the tier has (never
 /// allocated to a real inode).
@@ -476,6 +478,10 @@ impl Core {
                     }
                 };
                 let mut l = self.tier_local.listings.lock().unwrap();
+                let cached: usize = l.values().map(|(_, n)| n.len()).sum();
+                if cached + names.len() > LIST_CACHE_NAMES_MAX {
+                    l.clear();
+                }
                 insert_bounded(
                     &mut l,
                     LIST_CACHE_DIRS_MAX,

@@ -54,6 +54,9 @@ struct Shape {
     stalled_calls: AtomicU64,
     /// Every write is refused with this message.
     refusal: Mutex<Option<String>>,
+    /// Calls in their latency now, and the most there ever were at once.
+    in_flight: AtomicU64,
+    in_flight_max: AtomicU64,
 }
 
 /// A handle on one in-memory store; a clone is another host's handle on
@@ -115,6 +118,12 @@ impl MemEngine {
     pub fn stall(&self, stalled: bool) {
         *self.shape.stalled.lock().unwrap() = stalled;
         self.shape.unstalled.notify_all();
+    }
+
+    /// The most calls that were ever in their latency at once (how much
+    /// the hosts overlap their round trips).
+    pub fn calls_in_flight_max(&self) -> u64 {
+        self.shape.in_flight_max.load(Ordering::Relaxed)
     }
 
     /// Calls waiting in a stall now.
@@ -229,7 +238,10 @@ impl MemEngine {
         }
         let latency_us = self.shape.latency_us.load(Ordering::Relaxed);
         if latency_us > 0 {
+            let now = self.shape.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+            self.shape.in_flight_max.fetch_max(now, Ordering::Relaxed);
             std::thread::sleep(Duration::from_micros(latency_us));
+            self.shape.in_flight.fetch_sub(1, Ordering::Relaxed);
         }
         let mut s = self.lock();
         if s.rng != 0 {

@@ -140,8 +140,9 @@ pub type TierResult<T> = Result<T, TierError>;
 
 /// Largest record an engine reads.
 pub const RECORD_BYTES_MAX: u64 = 4096;
-/// Bound on the names one `list` returns.
-pub const LIST_NAMES_MAX: usize = 4096;
+/// Bound on the names one `list` returns: every name of a directory up to
+/// this many (sccache's 256 leaves hold about 4,000 each at 1M entries).
+pub const LIST_NAMES_MAX: usize = 65_536;
 
 /// What a damaged record was when it was read, so that `replace_damaged`
 /// replaces that version and nothing else.
@@ -295,6 +296,16 @@ pub trait Engine: Send + Sync {
         copy_counted(source, &mut bytes, len, progress)
             .map_err(|e| TierError::Unavailable(format!("read local blob {id}: {e}")))?;
         self.put_blob(id, &bytes)
+    }
+    /// Like `list`, counting what arrives in `progress` (a listing of many
+    /// names takes many round trips, bounded by its progress like a blob).
+    fn list_counted(
+        &self,
+        path: &[u8],
+        max: usize,
+        _progress: &Progress,
+    ) -> TierResult<Vec<Listed>> {
+        self.list(path, max)
     }
     /// True if `list_many` costs one round trip whatever the number of
     /// paths (so prefetching a walk's listings pays off).

@@ -75,7 +75,8 @@ const REDIS_REPLY_FRAMING_BYTES: u64 = 4096;
 pub const REDIS_BLOB_BYTES_MAX: u64 = REDIS_REPLY_BYTES_MAX - REDIS_REPLY_FRAMING_BYTES;
 /// Bound on a status, error or length line.
 const REDIS_LINE_BYTES_MAX: usize = 64 * 1024;
-const REDIS_ARRAY_LEN_MAX: usize = 1024;
+/// (SSCAN brings about `LIST_SCAN_COUNT` names a pass, sometimes more.)
+const REDIS_ARRAY_LEN_MAX: usize = 8 * LIST_SCAN_COUNT;
 const REDIS_ARRAY_DEPTH_MAX: usize = 2;
 /// Idle connections kept for reuse (more may be open while calls run):
 /// enough for every request caller of a 64-thread host and the background
@@ -127,11 +128,12 @@ else
 end
 redis.call('SET', KEYS[1], ARGV[3])
 return 1";
-/// Names asked of one SSCAN pass, and bound on passes for one listing.
-const LIST_SCAN_COUNT: usize = 256;
+/// Names asked of one SSCAN pass, and bound on passes for one listing
+/// (SSCAN's COUNT is a hint: passes may bring fewer).
+const LIST_SCAN_COUNT: usize = 1024;
 /// Bound on one SSCAN reply (names are at most 255 bytes).
 const LIST_REPLY_BYTES_MAX: u64 = 1 << 20;
-const LIST_SCAN_PASSES_MAX: usize = 64;
+const LIST_SCAN_PASSES_MAX: usize = 4 * super::LIST_NAMES_MAX / LIST_SCAN_COUNT;
 
 /// Where and how to connect, parsed from the URL.
 #[derive(Clone, PartialEq, Eq)]
@@ -695,6 +697,17 @@ impl Engine for RedisEngine {
     }
 
     fn list(&self, path: &[u8], max: usize) -> TierResult<Vec<Listed>> {
+        self.list_counted(path, max, &super::Progress::default())
+    }
+
+    /// `SSCAN` passes until the cursor comes back to 0 (or `max` names),
+    /// each pass counted in `progress`.
+    fn list_counted(
+        &self,
+        path: &[u8],
+        max: usize,
+        progress: &super::Progress,
+    ) -> TierResult<Vec<Listed>> {
         let key = self.list_key(path);
         let count = LIST_SCAN_COUNT.to_string();
         let mut cursor = b"0".to_vec();
@@ -710,14 +723,17 @@ impl Engine for RedisEngine {
             let [Reply::Bulk(Some(next)), Reply::Array(Some(members))] = parts.as_slice() else {
                 return Err(self.unexpected("SSCAN", &key, &Reply::Array(Some(parts))));
             };
+            progress.check()?;
             for m in members {
                 if out.len() >= max {
                     return Ok(out);
                 }
                 if let Reply::Bulk(Some(m)) = m {
+                    progress.add(m.len() as u64 + 2);
                     out.extend(parse_list_member(m));
                 }
             }
+            progress.add(1);
             if next.as_slice() == b"0" {
                 break;
             }

@@ -74,16 +74,19 @@ const BACKOFF_MS_MAX: u64 = 5_000;
 /// an operator or time, so the pauses are longer).
 const REFUSED_BACKOFF_MS_BASE: u64 = 1_000;
 const REFUSED_BACKOFF_MS_MAX: u64 = 30_000;
-/// Threads that upload.
-const UPLOAD_WORKERS: usize = 2;
+/// Threads that upload: uploads are delivered this many at a time (one
+/// name at a time each), so a host's upload rate is not one round trip
+/// chain at a time.
+const UPLOAD_WORKERS: usize = 16;
 /// Request callers when the caller does not say (the daemon's `--threads`
 /// default on a big host), and the fewest the tier runs.
 pub const REQUEST_CALLERS_DEFAULT: usize = 64;
 const REQUEST_CALLERS_MIN: usize = 4;
 /// Most request callers (each a thread; `--threads` is bounded below it).
 const REQUEST_CALLERS_MAX: usize = 1024;
-/// Threads that run uploads', convergence's and revalidation's calls.
-const BACKGROUND_CALLERS: usize = 8;
+/// Threads that run uploads', convergence's and revalidation's calls:
+/// one per upload worker, and a few for the rest.
+const BACKGROUND_CALLERS: usize = UPLOAD_WORKERS + 4;
 /// How often waiting uploads and `sync` look at the breaker.
 const BREAKER_POLL_MS: u64 = 100;
 /// Attempts per upload that the engine refuses with a non-outage error
@@ -1409,7 +1412,9 @@ impl Tier {
     /// Names the tier lists below the directory `path` (bounded).
     pub fn list(&self, path: &[u8]) -> TierResult<Vec<super::Listed>> {
         let p = path.to_vec();
-        self.call(Lane::Request, move |e| e.list(&p, super::LIST_NAMES_MAX))
+        self.call_transfer(Lane::Request, move |e, progress| {
+            e.list_counted(&p, super::LIST_NAMES_MAX, progress)
+        })
     }
 
     /// True if the engine lists many directories in one round trip.

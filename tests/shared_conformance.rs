@@ -73,6 +73,7 @@ fn engine_config() -> EngineConfig {
         namespace: "default".into(),
         timeout: Duration::from_secs(5),
         umask: 0o022,
+        password: None,
     }
 }
 

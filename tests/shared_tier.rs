@@ -459,3 +459,139 @@ fn a_200_mb_entry_crosses_hosts_through_a_shared_directory() {
     let url = format!("file://{}", shared.dir("nfs").display());
     a_200_mb_entry_crosses_hosts("shared-big-dir", &["--shared", &url]);
 }
+
+/// Issue 15, item 7: the engine's password comes from a root-only file
+/// (`--shared-password-file`) and is never in the daemon's argv or its
+/// log; a file others may read is refused; a URL that carries the password
+/// still works, with a warning, and the log shows it redacted; the mount
+/// helper moves a password out of an fstab URL into a root-only file, so
+/// it never reaches the daemon's argv or the helper's log.
+#[test]
+fn the_shared_password_never_shows_in_argv_or_logs() {
+    use std::os::unix::fs::PermissionsExt;
+    const SECRET: &str = "s3cret-pw@x";
+    let redis = Redis::start_with_password(SECRET);
+    let url = redis.url();
+    let td = TestDir::new("shared-password");
+    let file = td.path("redis.password");
+    fs::write(&file, format!("{SECRET}\n")).unwrap();
+    fs::set_permissions(&file, fs::Permissions::from_mode(0o644)).unwrap();
+    let file_arg = file.to_str().unwrap();
+    let refused = expect_mount_refused(
+        &td.dir("store-x"),
+        &td.mountpoint("x"),
+        &["--shared", &url, "--shared-password-file", file_arg],
+        "a password file others can read",
+    );
+    assert!(refused.contains("chmod 600"), "{refused}");
+    fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).unwrap();
+
+    let mp_a = td.mountpoint("a");
+    let a = Mount::start(
+        &td.dir("store-a"),
+        &mp_a,
+        &["--shared", &url, "--shared-password-file", file_arg],
+    );
+    let dir = mp_a.join("cc/p/w");
+    fs::create_dir_all(&dir).unwrap();
+    publish(
+        &dir,
+        "t.tmp",
+        "0123456789abcdefghijklmnopqrR",
+        b"secret-free",
+    );
+    let (ok, text) = sync(&mp_a);
+    assert!(ok, "sync with the password from a file: {text}");
+    let argv = fs::read(format!("/proc/{}/cmdline", a.pid())).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&argv).contains(SECRET),
+        "the password is in argv"
+    );
+    assert!(
+        !a.log().contains(SECRET),
+        "the password is in the log:\n{}",
+        a.log()
+    );
+
+    // In the URL: works, warns, redacted.
+    let url_pw = format!(
+        "redis://:{}@127.0.0.1:{}",
+        SECRET.replace('@', "%40"),
+        redis.port
+    );
+    let mp_b = td.mountpoint("b");
+    let b = Mount::start(&td.dir("store-b"), &mp_b, &["--shared", &url_pw]);
+    assert_eq!(
+        fs::read(mp_b.join("cc/p/w/0123456789abcdefghijklmnopqrR")).unwrap(),
+        b"secret-free"
+    );
+    assert!(
+        b.log().contains("carries a password"),
+        "no warning:\n{}",
+        b.log()
+    );
+    assert!(
+        !b.log().contains("s3cret"),
+        "the password is in the log:\n{}",
+        b.log()
+    );
+
+    // The mount helper, as fstab would run it.
+    let helper = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("mount-helpers/mount.casfs");
+    let (logs, run) = (td.dir("helper-logs"), td.dir("helper-run"));
+    let mp_c = td.mountpoint("c");
+    let out = std::process::Command::new("bash")
+        .arg(&helper)
+        .arg(format!("casfs:{}", td.dir("store-c").display()))
+        .arg(&mp_c)
+        .args(["-v", "-o", &format!("shared_url={url_pw}")])
+        .env("CASFS_BIN", CASFS_BIN)
+        .env("CASFS_LOG_DIR", &logs)
+        .env("CASFS_RUN_DIR", &run)
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run mount.casfs");
+    let helper_says = output_text(&out);
+    let pid: Option<u32> = helper_says
+        .split("(pid ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .and_then(|p| p.parse().ok());
+    let cmdline = pid.map(|p| fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default());
+    let read = fs::read(mp_c.join("cc/p/w/0123456789abcdefghijklmnopqrR"));
+    let umounted = casfs(&["unmount".as_ref(), mp_c.as_os_str()]);
+    assert!(out.status.success(), "mount.casfs: {helper_says}");
+    assert_eq!(read.unwrap(), b"secret-free");
+    assert!(
+        umounted.status.success(),
+        "unmount: {}",
+        output_text(&umounted)
+    );
+    let cmdline = cmdline.expect("the helper names the daemon's pid");
+    assert!(
+        !String::from_utf8_lossy(&cmdline).contains("s3cret"),
+        "the password is in argv"
+    );
+    for entry in fs::read_dir(&logs).unwrap() {
+        let text = fs::read_to_string(entry.unwrap().path()).unwrap();
+        assert!(
+            !text.contains("s3cret"),
+            "the helper's log holds the password:\n{text}"
+        );
+        assert!(
+            text.contains("shared_password_file="),
+            "the helper did not pass the password as a file:\n{text}"
+        );
+    }
+    let pwfiles: Vec<_> = fs::read_dir(&run)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(pwfiles.len(), 1, "{pwfiles:?}");
+    assert_eq!(fs::read_to_string(&pwfiles[0]).unwrap(), SECRET);
+    assert_eq!(
+        fs::metadata(&pwfiles[0]).unwrap().permissions().mode() & 0o077,
+        0
+    );
+}

@@ -181,8 +181,8 @@ pub fn run(args: MountArgs) -> Result<(), String> {
 
     let mut tier = None;
     if let Some((url, engine_config)) = &args.shared {
-        let engine =
-            crate::shared::open(url, engine_config).map_err(|e| format!("--shared {url}: {e}"))?;
+        let engine = crate::shared::open(url, engine_config)
+            .map_err(|e| format!("--shared {}: {e}", crate::shared::redact_url(url)))?;
         let weak = Arc::downgrade(&core);
         let lost: Arc<LostRace> = Arc::new(move |path: &[u8], winner| {
             if let Some(core) = weak.upgrade() {

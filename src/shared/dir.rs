@@ -1004,6 +1004,7 @@ mod tests {
             namespace: namespace.into(),
             timeout: Duration::from_secs(2),
             umask,
+            password: None,
         }
     }
 

@@ -365,6 +365,30 @@ pub struct EngineConfig {
     pub timeout: Duration,
     /// umask for files and directories the directory engine creates.
     pub umask: u32,
+    /// The engine's password, from `--shared-password-file` (never from
+    /// argv); Redis only. A URL may carry one instead, not both.
+    pub password: Option<Vec<u8>>,
+}
+
+/// `url` with any password in it replaced by `***`, for logs and errors
+/// (`redis://user:secret@host` -> `redis://user:***@host`).
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    // The last '@' ends the credentials (a password may hold '@' and '/').
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
+    }
+}
+
+/// True if the URL carries a password.
+pub fn url_has_password(url: &str) -> bool {
+    redact_url(url) != url
 }
 
 /// Opens the engine a `--shared` URL names:
@@ -377,6 +401,11 @@ pub fn open(url: &str, config: &EngineConfig) -> Result<Box<dyn Engine>, String>
         ));
     }
     if let Some(path) = url.strip_prefix("file://") {
+        if config.password.is_some() {
+            return Err(
+                "a password file is for redis:// engines; a shared directory has none".into(),
+            );
+        }
         if !path.starts_with('/') {
             return Err(format!(
                 "shared URL {url:?}: file:// needs an absolute path (file:///srv/cache)"
@@ -391,7 +420,8 @@ pub fn open(url: &str, config: &EngineConfig) -> Result<Box<dyn Engine>, String>
         return Ok(Box::new(redis::RedisEngine::open(url, config)?));
     }
     Err(format!(
-        "shared URL {url:?}: use file:///ABSOLUTE/PATH or redis://[:PASSWORD@]HOST:PORT[/DB]"
+        "shared URL {:?}: use file:///ABSOLUTE/PATH or redis://HOST:PORT[/DB] (with --shared-password-file)",
+        redact_url(url)
     ))
 }
 
@@ -544,8 +574,18 @@ mod tests {
             namespace: "default".into(),
             timeout: Duration::from_millis(100),
             umask: 0o002,
+            password: None,
         };
         assert!(open("nfs://x", &c).is_err());
+        let err = open("nfs://:hunter2@x", &c).err().unwrap();
+        assert!(!err.contains("hunter2"), "{err}");
+        assert_eq!(
+            redact_url("redis://:hunter2@h:6379/0"),
+            "redis://:***@h:6379/0"
+        );
+        assert_eq!(redact_url("redis://u:p@ss@h"), "redis://u:***@h");
+        assert_eq!(redact_url("redis://h:6379"), "redis://h:6379");
+        assert!(url_has_password("redis://:x@h") && !url_has_password("redis://h"));
         assert!(open("file://relative", &c).is_err());
         assert!(!valid_namespace("a/b"));
         assert!(valid_namespace("debian-13_gcc.14"));

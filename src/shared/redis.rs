@@ -51,7 +51,9 @@
 //!   `TierError::Timeout` within about one timeout). Name resolution of a
 //!   host name uses the system resolver and has no timeout of its own: give
 //!   an address, or a name the resolver answers locally.
-//! - The password never appears in `describe()`, logs or errors.
+//! - The password never appears in `describe()`, logs or errors. It comes
+//!   from `EngineConfig::password` (a root-only file, never argv) or, with
+//!   a warning at mount, from the URL.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -179,7 +181,21 @@ impl RedisEngine {
     /// only logged (it may come up later; calls reconnect), but a refused
     /// password or database is a configuration error and fails here.
     pub fn open(url: &str, config: &EngineConfig) -> Result<RedisEngine, String> {
-        let target = parse_url(url)?;
+        let mut target = parse_url(url)?;
+        if let Some(password) = &config.password {
+            if target.password.is_some() {
+                return Err(
+                    "the redis URL carries a password and a password file was given too: keep only the file".into(),
+                );
+            }
+            target.password = Some(password.clone());
+        }
+        if target.user.is_some() && target.password.is_none() {
+            return Err(
+                "the redis URL names a user but no password: give it in --shared-password-file"
+                    .into(),
+            );
+        }
         if !super::valid_namespace(&config.namespace) {
             return Err(format!("redis: bad namespace {:?}", config.namespace));
         }
@@ -900,9 +916,8 @@ fn parse_url(url: &str) -> Result<Target, String> {
     let (user, password) = match userinfo {
         None => (None, None),
         Some(info) => {
-            let Some((user, password)) = info.split_once(':') else {
-                return fail("put the password after a colon: redis://:PASSWORD@HOST");
-            };
+            // `USER@` alone: the password comes from a password file.
+            let (user, password) = info.split_once(':').unwrap_or((info, ""));
             let Some(user) = percent_decode(user) else {
                 return fail("bad %-escape in the user");
             };
@@ -910,9 +925,6 @@ fn parse_url(url: &str) -> Result<Target, String> {
                 return fail("bad %-escape in the password");
             };
             let user = (!user.is_empty()).then_some(user);
-            if user.is_some() && password.is_empty() {
-                return fail("a user needs a password");
-            }
             (user, (!password.is_empty()).then_some(password))
         }
     };
@@ -1351,6 +1363,7 @@ mod tests {
             namespace: namespace.into(),
             timeout,
             umask: 0o002,
+            password: None,
         }
     }
 

@@ -1527,6 +1527,8 @@ pub fn compile_all_as_user(
 pub struct Redis {
     child: Option<Child>,
     pub port: u16,
+    /// `requirepass`, if the server wants one.
+    password: Option<String>,
 }
 
 impl Redis {
@@ -1542,7 +1544,27 @@ impl Redis {
 
     /// Starts one on `port` (empty: no persistence).
     pub fn start_on(port: u16) -> Redis {
-        let mut r = Redis { child: None, port };
+        let mut r = Redis {
+            child: None,
+            port,
+            password: None,
+        };
+        r.restart();
+        r
+    }
+
+    /// Starts one that wants `password` from its clients.
+    pub fn start_with_password(password: &str) -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut r = Redis {
+            child: None,
+            port,
+            password: Some(password.to_string()),
+        };
         r.restart();
         r
     }
@@ -1556,6 +1578,11 @@ impl Redis {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
+            .args(
+                self.password
+                    .iter()
+                    .flat_map(|p| ["--requirepass", p.as_str()]),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -1605,6 +1632,7 @@ impl Redis {
         );
         let out = Command::new("redis-cli")
             .args(["-p", &self.port.to_string(), "--no-raw"])
+            .envs(self.password.iter().map(|p| ("REDISCLI_AUTH", p.as_str())))
             .args(args)
             .output()
             .expect("run redis-cli");

@@ -1451,11 +1451,9 @@ mod tests {
             "redis://h/db",
             "redis://::1:6379",
             "redis://[::1",
-            "redis://secret@h",
             "redis://:%zz@h",
             "redis://:%+f@h",
             "redis://:%4@h",
-            "redis://user:@h",
         ] {
             let err = parse_url(bad)
                 .err()
@@ -1463,6 +1461,19 @@ mod tests {
             assert!(!err.contains("secret"), "errors never quote the URL: {err}");
         }
         assert!(!format!("{:?}", parse_url("redis://:topsecret@h").unwrap()).contains("topsecret"));
+        // A user alone wants its password from a password file.
+        for url in ["redis://secret@127.0.0.1:1", "redis://secret:@127.0.0.1:1"] {
+            let err = RedisEngine::open(url, &config("t", Duration::from_millis(50)))
+                .err()
+                .unwrap_or_else(|| panic!("{url} was accepted with no password"));
+            assert!(
+                err.contains("no password") && !err.contains("secret"),
+                "{err}"
+            );
+        }
+        let mut with_file = config("t", Duration::from_millis(50));
+        with_file.password = Some(b"pw".to_vec());
+        assert!(RedisEngine::open("redis://:pw@127.0.0.1:1", &with_file).is_err());
     }
 
     #[test]

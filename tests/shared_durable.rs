@@ -441,8 +441,25 @@ fn sync_waiting_on_a_hung_engine_ends_at_once_on_a_signal() {
                 break;
             }
             if Instant::now() >= deadline {
+                let proc_file = |f: &str| {
+                    fs::read_to_string(format!("/proc/{}/{f}", s.id())).unwrap_or_default()
+                };
+                let state = proc_file("status")
+                    .lines()
+                    .filter(|l| {
+                        l.starts_with("State")
+                            || l.starts_with("SigBlk")
+                            || l.starts_with("SigIgn")
+                            || l.starts_with("SigPnd")
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                let (wchan, stack) = (proc_file("wchan"), proc_file("stack"));
                 let _ = s.kill();
-                panic!("casfs sync still running 30 s after SIGINT");
+                panic!(
+                    "casfs sync still running 30 s after SIGINT ({state}; wchan {wchan}; stack:\n{stack})\n{}",
+                    a.log()
+                );
             }
             thread::sleep(Duration::from_millis(20));
         }
@@ -496,6 +513,7 @@ fn a_redis_that_refuses_writes_for_memory_is_reported_by_sync_in_its_own_words()
     assert!(a.counter("shared_uploads_pending") > 0);
     // The operator makes room: the retries deliver everything.
     redis.cli(&["CONFIG", "SET", "maxmemory", "0"]);
+    eprintln!("room made at {:?}", std::time::SystemTime::now());
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let (ok, text) = sync(&mp);
@@ -504,7 +522,8 @@ fn a_redis_that_refuses_writes_for_memory_is_reported_by_sync_in_its_own_words()
         }
         assert!(
             text.contains("refuses them") && Instant::now() < deadline,
-            "sync after Redis has room again: {text}"
+            "sync after Redis has room again: {text}\n{}",
+            a.log()
         );
         thread::sleep(Duration::from_millis(500));
     }

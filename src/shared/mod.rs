@@ -199,6 +199,14 @@ impl Progress {
     }
 }
 
+/// The shortest idle deadline of a blob transfer (or listing): the
+/// request deadline (`--shared-timeout-ms`, 500 ms by default) is for
+/// round trips; a transfer also waits on this host's disk (a staging file
+/// written under dirty-page throttling can stall for seconds), so it is
+/// given up only after no byte moved for this long, or the deadline if
+/// that is longer.
+pub const TRANSFER_IDLE_MS_MIN: u64 = 10_000;
+
 /// Bytes one streaming transfer holds in memory at a time (its chunk).
 pub const TRANSFER_CHUNK_BYTES: usize = 256 * 1024;
 

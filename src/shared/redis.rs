@@ -46,9 +46,10 @@
 //!   broken pipe) is replaced by a fresh one and the command sent once more;
 //!   every command we send gives the same result when repeated.
 //! - Timeouts: connecting waits at most the configured timeout, and so does
-//!   every socket read and write (an idle bound: a large blob that keeps
-//!   flowing may take longer in all; a stalled server gives
-//!   `TierError::Timeout` within about one timeout). Name resolution of a
+//!   every socket read and write (an idle bound: a stalled server gives
+//!   `TierError::Timeout` within about one timeout); while a blob streams,
+//!   reads and writes wait up to `TRANSFER_IDLE_MS_MIN` (a blob that keeps
+//!   flowing may take as long as it needs). Name resolution of a
 //!   host name uses the system resolver and has no timeout of its own: give
 //!   an address, or a name the resolver answers locally.
 //! - The password never appears in `describe()`, logs or errors. It comes
@@ -379,6 +380,12 @@ impl RedisEngine {
         Ok(reply)
     }
 
+    /// The socket timeout while a blob streams (see `TRANSFER_IDLE_MS_MIN`).
+    fn transfer_idle(&self) -> Duration {
+        self.timeout
+            .max(Duration::from_millis(super::TRANSFER_IDLE_MS_MIN))
+    }
+
     /// What an error reply means, in the server's own words: about one
     /// key (`WRONGTYPE`: `Data`), an outage (the server cannot serve now:
     /// loading its data, failing over, busy with a script), or a refusal
@@ -567,18 +574,22 @@ impl Engine for RedisEngine {
             Some(conn) => conn,
             None => self.connect()?,
         };
+        let idle = self.transfer_idle();
         let mut answer = conn
-            .send(&[b"GET", &key])
+            .set_timeouts(idle)
+            .and_then(|()| conn.send(&[b"GET", &key]))
             .and_then(|()| read_bulk_into(&mut conn.reader, max, sink, progress));
         if let Err(e) = &answer {
             if reused && progress.bytes() == 0 && is_dead_connection(e) {
                 self.pool().clear();
                 conn = self.connect()?;
                 answer = conn
-                    .send(&[b"GET", &key])
+                    .set_timeouts(idle)
+                    .and_then(|()| conn.send(&[b"GET", &key]))
                     .and_then(|()| read_bulk_into(&mut conn.reader, max, sink, progress));
             }
         }
+        let answer = answer.and_then(|a| conn.set_timeouts(self.timeout).map(|()| a));
         let answer = answer.map_err(|e| match e.kind() {
             io::ErrorKind::FileTooLarge => {
                 TierError::Data(format!("{} blob {id}: {e}", self.described))
@@ -636,9 +647,12 @@ impl Engine for RedisEngine {
                 .write_all(&head)
                 .map_err(|e| self.tier_error(&name, e))?;
         }
-        let sent = super::copy_counted(source, conn.reader.get_mut(), len, progress)
+        let sent = conn
+            .set_timeouts(self.transfer_idle())
+            .and_then(|()| super::copy_counted(source, conn.reader.get_mut(), len, progress))
             .and_then(|()| conn.reader.get_mut().write_all(b"\r\n$2\r\nNX\r\n"))
-            .and_then(|()| read_reply(&mut conn.reader, 0));
+            .and_then(|()| read_reply(&mut conn.reader, 0))
+            .and_then(|r| conn.set_timeouts(self.timeout).map(|()| r));
         let reply = sent.map_err(|e| self.tier_error(&name, e))?;
         self.give_back(conn);
         match reply {
@@ -1026,6 +1040,13 @@ impl Conn {
             }
         }
         Ok(conn)
+    }
+
+    /// Bounds every read and write on the socket by `timeout`.
+    fn set_timeouts(&mut self, timeout: Duration) -> io::Result<()> {
+        let stream = self.reader.get_ref();
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))
     }
 
     /// Sends one command and reads its reply, whose values may hold up to

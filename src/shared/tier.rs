@@ -12,7 +12,14 @@
 //!   never counted against the engine), then the engine gets `timeout` to
 //!   answer; past it the call is abandoned (a miss) and counted.
 //! - Uploads, convergence and background revalidation run on their own
-//!   callers (`BACKGROUND_CALLERS`): they never take a request caller.
+//!   callers (`BACKGROUND_CALLERS`): they never take a request caller, and
+//!   fetches of blobs of `BULK_BYTES_MIN` or more run on the bulk callers.
+//! - A blob transfer (and a listing) is bounded by its progress, not by
+//!   one deadline (`call_transfer`): given up only when no byte moved for
+//!   its idle deadline (`timeout`, at least `TRANSFER_IDLE_MS_MIN`), or
+//!   when, past it, it averages below `TRANSFER_FLOOR_BYTES_PER_S`. Blobs stream a chunk at a time; a
+//!   fetched one is hashed as it arrives into its staging file, so no
+//!   whole blob is ever in memory (`TRANSFER_BYTES_IN_FLIGHT_MAX`).
 //! - The breaker (`breaker.rs`) counts only what the engine did. While it
 //!   is open no call reaches the engine: lookups miss at once, uploads
 //!   wait; half-open lets exactly one probe through. It is logged once when
@@ -107,8 +114,8 @@ const DAMAGED_MAX: usize = 4096;
 /// Largest blob fetched from the tier (it streams to a staging file: the
 /// bound is the disk's, not memory's).
 pub const FETCH_BYTES_MAX: u64 = 1 << 36;
-/// A transfer is given up when no byte moved for `timeout` (idle), or
-/// when, past its first `timeout`, it averages below this rate. One that
+/// A transfer is given up when no byte moved for its idle deadline, or
+/// when, past it, it averages below this rate. One that
 /// keeps moving at the floor rate or faster is never cut off, whatever
 /// its size.
 pub const TRANSFER_FLOOR_BYTES_PER_S: u64 = 64 * 1024;
@@ -667,9 +674,9 @@ impl Tier {
 
     /// Runs the transfer `f` on a caller of `lane`, bounded by its
     /// progress, not by one deadline: it is given up (`Timeout`, and told
-    /// to stop through `Progress::cancel`) only when no byte moved for
-    /// `timeout`, or when, past its first `timeout`, it averages below
-    /// `TRANSFER_FLOOR_BYTES_PER_S`. A transfer that keeps moving is never
+    /// to stop through `Progress::cancel`) only when no byte moved for its
+    /// idle deadline (`timeout`, at least `TRANSFER_IDLE_MS_MIN`), or when,
+    /// past that, it averages below `TRANSFER_FLOOR_BYTES_PER_S`. A transfer that keeps moving is never
     /// counted as a failure. Waiting for a free caller is bounded as in
     /// `call` (longer for bulk transfers, which queue behind each other).
     fn call_transfer<T: Send + 'static>(
@@ -698,6 +705,9 @@ impl Tier {
                 Ok(()) => {
                     let started = Instant::now();
                     let (mut seen, mut moved_at) = (0, started);
+                    let idle_max = self
+                        .timeout
+                        .max(Duration::from_millis(super::TRANSFER_IDLE_MS_MIN));
                     let poll = Duration::from_millis(TRANSFER_POLL_MS).min(self.timeout);
                     loop {
                         match rx.recv_timeout(poll) {
@@ -713,8 +723,8 @@ impl Tier {
                             (seen, moved_at) = (bytes, now);
                         }
                         let elapsed = now - started;
-                        let idle = now - moved_at > self.timeout;
-                        let slow = elapsed > self.timeout
+                        let idle = now - moved_at > idle_max;
+                        let slow = elapsed > idle_max
                             && (bytes as f64)
                                 < TRANSFER_FLOOR_BYTES_PER_S as f64 * elapsed.as_secs_f64();
                         if idle || slow {

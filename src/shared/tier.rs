@@ -316,6 +316,8 @@ pub struct Tier {
     engine: Arc<dyn Engine>,
     pub timeout: Duration,
     pub stats: TierStats,
+    /// Leaf lock, held for one state change or one draw of a pause; never
+    /// across a call or a sleep.
     breaker: Mutex<Breaker>,
     breaker_logged_open: AtomicBool,
     request_callers: Pool,
@@ -589,7 +591,8 @@ impl Tier {
         self.queue.lock().unwrap().items.len() as u64
     }
 
-    /// A pause before retry `attempt`, with full jitter.
+    /// A pause before retry `attempt`, with full jitter (drawn under the
+    /// breaker's lock, which is released before anyone sleeps it).
     fn backoff(&self, attempt: u32) -> Duration {
         self.breaker
             .lock()
@@ -1088,11 +1091,13 @@ impl Tier {
                     format!("after {attempts} attempts: {error}"),
                 );
             }
-            std::thread::sleep(self.breaker.lock().unwrap().backoff(
+            // The pause is drawn under the breaker's lock, and slept after.
+            let pause = self.breaker.lock().unwrap().backoff(
                 attempts,
                 REFUSED_BACKOFF_MS_BASE,
                 REFUSED_BACKOFF_MS_MAX,
-            ));
+            );
+            std::thread::sleep(pause);
         }
     }
 

@@ -38,7 +38,12 @@ enum Command {
     /// Print a mount's statistics (the text of MOUNTPOINT/.casfs/stats).
     Stats { mountpoint: PathBuf },
     /// Wait until every publication made so far through the mount is in the shared tier.
-    Sync { mountpoint: PathBuf },
+    Sync {
+        /// Give up (exit 1) after this many seconds.
+        #[arg(long, default_value_t = SYNC_TIMEOUT_S_DEFAULT)]
+        timeout_s: u64,
+        mountpoint: PathBuf,
+    },
     /// Benchmark tool: fill a store with N small results (not durable; for the scale run).
     #[command(hide = true)]
     BenchPopulate {
@@ -78,6 +83,9 @@ struct MountCmd {
     /// Partition of the shared engine this cache uses (e.g. one per OS release)
     #[arg(long, value_name = "NAME")]
     namespace: Option<String>,
+    /// A root-only file (mode 600 or stricter) holding the shared engine's password (Redis), so it never shows in argv or logs
+    #[arg(long)]
+    shared_password_file: Option<PathBuf>,
     /// Bound on every shared-tier call, in milliseconds
     #[arg(long, default_value_t = 500)]
     shared_timeout_ms: u64,
@@ -139,6 +147,7 @@ struct MountOptions {
     shared: Option<String>,
     namespace: Option<String>,
     shared_clock_skew_ms: Option<u64>,
+    shared_password_file: Option<PathBuf>,
 }
 
 fn parse_mount_options(text: &str) -> Result<MountOptions, String> {
@@ -167,6 +176,7 @@ fn parse_mount_options(text: &str) -> Result<MountOptions, String> {
             // value, so fstab lines spell it `shared_url=`.
             "shared" | "shared_url" => o.shared = value.map(str::to_owned),
             "namespace" => o.namespace = value.map(str::to_owned),
+            "shared_password_file" => o.shared_password_file = value.map(PathBuf::from),
             "shared_clock_skew_ms" => {
                 o.shared_clock_skew_ms = Some(
                     value
@@ -176,7 +186,7 @@ fn parse_mount_options(text: &str) -> Result<MountOptions, String> {
             }
             _ => {
                 return Err(format!(
-                    "unknown mount option {opt:?} (known: allow_other, ro, rw, max_size=SIZE, uid=N, gid=N, mode=OCTAL, shared=URL (or shared_url=URL), namespace=NAME, shared_clock_skew_ms=MS, default_permissions)"
+                    "unknown mount option {opt:?} (known: allow_other, ro, rw, max_size=SIZE, uid=N, gid=N, mode=OCTAL, shared=URL (or shared_url=URL), namespace=NAME, shared_password_file=FILE, shared_clock_skew_ms=MS, default_permissions)"
                 ))
             }
         }
@@ -309,6 +319,100 @@ fn read_casfs_file(mountpoint: &Path, name: &str) -> Result<String, String> {
 
 /// `casfs mount`: validates the flags into ready-to-use values and runs
 /// the daemon until the filesystem is unmounted.
+/// Longest password file read.
+const PASSWORD_FILE_BYTES_MAX: u64 = 4096;
+
+/// The password in `path`: a regular file no one but its owner may read
+/// or write (mode 600 or stricter), one line (a final newline is not part
+/// of it).
+fn read_password_file(path: &Path) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let shown = path.display();
+    let file =
+        std::fs::File::open(path).map_err(|e| format!("--shared-password-file {shown}: {e}"))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("--shared-password-file {shown}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!(
+            "--shared-password-file {shown}: not a regular file"
+        ));
+    }
+    if meta.mode() & 0o077 != 0 {
+        return Err(format!(
+            "--shared-password-file {shown}: other users may read or write it (mode {:o}); `chmod 600 {shown}`",
+            meta.mode() & 0o777
+        ));
+    }
+    let mut bytes = Vec::new();
+    file.take(PASSWORD_FILE_BYTES_MAX + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("--shared-password-file {shown}: {e}"))?;
+    if bytes.len() as u64 > PASSWORD_FILE_BYTES_MAX {
+        return Err(format!(
+            "--shared-password-file {shown}: over {PASSWORD_FILE_BYTES_MAX} bytes: not a password file"
+        ));
+    }
+    for end in [&b"\r\n"[..], b"\n"] {
+        if bytes.ends_with(end) {
+            bytes.truncate(bytes.len() - end.len());
+            break;
+        }
+    }
+    if bytes.is_empty() || bytes.contains(&b'\n') {
+        return Err(format!(
+            "--shared-password-file {shown}: put the password alone on one line"
+        ));
+    }
+    Ok(bytes)
+}
+
+/// How long `casfs sync` waits by default.
+const SYNC_TIMEOUT_S_DEFAULT: u64 = 300;
+/// How often `casfs sync` asks the daemon again.
+const SYNC_POLL_MS: u64 = 100;
+
+/// `casfs sync`: the short-poll protocol of `.casfs/sync` (see
+/// `fs/virtual_files.rs`). Every read is answered at once; this process
+/// sleeps in between, so Ctrl-C or `timeout` ends it at once.
+fn sync(mountpoint: &Path, timeout: std::time::Duration) -> Result<(), String> {
+    let started = std::time::Instant::now();
+    let mut text = read_casfs_file(mountpoint, "sync")?;
+    loop {
+        if text.starts_with("ok") {
+            print!("{text}");
+            return Ok(());
+        }
+        let Some(pending) = text.strip_prefix("pending: ") else {
+            return Err(format!(
+                "sync of {}: {}",
+                mountpoint.display(),
+                text.trim_end().trim_start_matches("FAILED: ")
+            ));
+        };
+        let polled = pending
+            .trim_end()
+            .split_once("; poll ")
+            .filter(|(_, f)| f.starts_with("sync-") && f[5..].bytes().all(|c| c.is_ascii_digit()));
+        let Some((waiting, file)) = polled else {
+            return Err(format!(
+                "sync of {}: the daemon answered {text:?}, which this casfs does not read (a daemon of another version?)",
+                mountpoint.display()
+            ));
+        };
+        if started.elapsed() >= timeout {
+            return Err(format!(
+                "sync of {}: {waiting} still pending after {} s (the uploads are kept and retried; run casfs sync again to wait longer)",
+                mountpoint.display(),
+                timeout.as_secs()
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(SYNC_POLL_MS));
+        text = read_casfs_file(mountpoint, file)?;
+    }
+}
+
 fn run_mount(m: MountCmd, readiness: Arc<mount::Readiness>) -> Result<(), String> {
     let MountCmd {
         store,
@@ -317,6 +421,7 @@ fn run_mount(m: MountCmd, readiness: Arc<mount::Readiness>) -> Result<(), String
         max_size,
         shared,
         namespace,
+        shared_password_file,
         shared_timeout_ms,
         shared_clock_skew_ms,
         shared_umask,
@@ -351,11 +456,25 @@ fn run_mount(m: MountCmd, readiness: Arc<mount::Readiness>) -> Result<(), String
     if shared_timeout_ms == 0 {
         return Err("--shared-timeout-ms must be at least 1".into());
     }
+    let password_file = shared_password_file.or(o.shared_password_file.clone());
+    if password_file.is_some() && o.shared.is_none() {
+        return Err("--shared-password-file needs --shared".into());
+    }
+    let password = password_file
+        .as_deref()
+        .map(read_password_file)
+        .transpose()?;
+    if o.shared.as_deref().is_some_and(shared::url_has_password) {
+        log::warn!(
+            "the --shared URL carries a password, which any user can read in `ps` and /proc/PID/cmdline: put it in a root-only file and give --shared-password-file (or -o shared_password_file=FILE) instead"
+        );
+    }
     let shared = o.shared.clone().map(|url| {
         let config = shared::EngineConfig {
             namespace: o.namespace.clone().unwrap_or_else(|| "default".into()),
             timeout: std::time::Duration::from_millis(shared_timeout_ms),
             umask,
+            password,
         };
         (url, config)
     });
@@ -425,19 +544,10 @@ fn run(cli: Cli) -> Result<(), String> {
             );
             Ok(())
         }
-        Command::Sync { mountpoint } => {
-            let text = read_casfs_file(&mountpoint, "sync")?;
-            if text.starts_with("ok") {
-                print!("{text}");
-                Ok(())
-            } else {
-                Err(format!(
-                    "sync of {}: {}",
-                    mountpoint.display(),
-                    text.trim_end().trim_start_matches("FAILED: ")
-                ))
-            }
-        }
+        Command::Sync {
+            timeout_s,
+            mountpoint,
+        } => sync(&mountpoint, std::time::Duration::from_secs(timeout_s)),
         Command::Fsck { store, repair } => std::process::exit(run_fsck(&store, repair).into()),
         Command::Stats { mountpoint } => {
             print!("{}", read_casfs_file(&mountpoint, "stats")?);
@@ -533,6 +643,12 @@ mod tests {
         let o = parse_mount_options("shared=redis://h:6379/2,namespace=deb13").unwrap();
         assert_eq!(o.shared.as_deref(), Some("redis://h:6379/2"));
         assert_eq!(o.namespace.as_deref(), Some("deb13"));
+        let o =
+            parse_mount_options("shared_url=redis://h,shared_password_file=/etc/casfs/pw").unwrap();
+        assert_eq!(
+            o.shared_password_file.as_deref(),
+            Some(std::path::Path::new("/etc/casfs/pw"))
+        );
         let o = parse_mount_options("shared_clock_skew_ms=250").unwrap();
         assert_eq!(o.shared_clock_skew_ms, Some(250));
         assert!(parse_mount_options("shared_clock_skew_ms=soon").is_err());

@@ -248,6 +248,25 @@ pub struct Snapshot<'a> {
     pub gauges: StoreGauges,
     pub extras: Vec<Extra>,
     pub histograms: Vec<(&'static str, &'static str, &'a Histogram)>,
+    /// Text values (the shared engine's last refusal, in its own words):
+    /// shown in the text and JSON renderings, not in Prometheus's.
+    pub notes: Vec<(&'static str, String)>,
+}
+
+/// A text value as a JSON string (quotes, backslashes and control
+/// characters escaped).
+fn json_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// How a failed request failed: an operating error (the store, the disk,
@@ -353,6 +372,14 @@ impl Stats {
             g.bytes_logical as f64 / g.bytes_stored as f64
         };
         let _ = writeln!(out, "{:<24} {ratio:.2}", "dedup_ratio");
+        for (name, text) in &snap.notes {
+            // One line each, whatever the engine said.
+            let text: String = text
+                .chars()
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect();
+            let _ = writeln!(out, "{name:<24} {text}");
+        }
         for (name, _, h) in &snap.histograms {
             let _ = writeln!(
                 out,
@@ -391,6 +418,9 @@ impl Stats {
         }
         for (name, _, value, _) in self.values(snap) {
             let _ = write!(out, "\"{name}\":{value},");
+        }
+        for (name, text) in &snap.notes {
+            let _ = write!(out, "\"{name}\":{},", json_string(text));
         }
         for (name, _, h) in &snap.histograms {
             let _ = write!(
@@ -503,6 +533,7 @@ mod tests {
                 gauge: false,
             }],
             histograms: vec![("shared_fetch", "Fetch latency", h)],
+            notes: vec![("shared_last_refusal", "OOM \"quoted\"\n".into())],
         }
     }
 
@@ -538,6 +569,13 @@ mod tests {
             json.contains("\"open\":{\"operating\":1,\"posix\":1}"),
             "{json}"
         );
+        assert!(
+            json.contains("\"shared_last_refusal\":\"OOM \\\"quoted\\\"\\u000a\","),
+            "{json}"
+        );
+        assert!(s
+            .render_text(&snap)
+            .contains("shared_last_refusal      OOM \"quoted\" \n"));
         let prom = s.render_prometheus(&snap);
         assert!(prom.contains("casfs_shared_fetch_seconds_bucket{le=\"0.005\"} 1"));
         assert!(prom.contains("\ncasfs_result_opens_total 1\n"));

@@ -34,7 +34,7 @@ use casfs::fs::{Attr, Caller, Config, Core, SetAttr};
 use casfs::shared::dir::DirEngine;
 use casfs::shared::mem::MemEngine;
 use casfs::shared::redis::RedisEngine;
-use casfs::shared::tier::{LostRace, Outbox, Tier};
+use casfs::shared::tier::{LostRace, Outbox, Tier, TierConfig};
 use casfs::shared::{Engine, EngineConfig, Record, RecordKind};
 use casfs::store::ids::{BlobId, Ino};
 use casfs::store::meta::open_store;
@@ -73,6 +73,7 @@ fn engine_config() -> EngineConfig {
         namespace: "default".into(),
         timeout: Duration::from_secs(5),
         umask: 0o022,
+        password: None,
     }
 }
 
@@ -94,6 +95,13 @@ trait Backend {
     /// An outage (`true`) or its end: the engine's path gone, its server
     /// stopped, or every call failing.
     fn set_down(&self, down: bool);
+    /// Adds a round trip's latency to every call, where the engine can
+    /// (the in-memory one; the others are on loopback or a local disk).
+    fn set_latency(&self, _latency: Duration) {}
+    /// A hung engine (`true`: every call waits, nothing fails) or its end.
+    fn stall(&self, _stalled: bool) {
+        panic!("this engine cannot be stalled from a test");
+    }
 }
 
 struct DirBackend {
@@ -258,6 +266,15 @@ impl Backend for RedisBackend {
             r.restart();
         }
     }
+    /// SIGSTOP: the server keeps its connections and answers nothing.
+    fn stall(&self, stalled: bool) {
+        let r = self.redis.lock().unwrap();
+        r.signal(if stalled {
+            libc::SIGSTOP
+        } else {
+            libc::SIGCONT
+        });
+    }
     fn corrupt_blob(&self, id: &BlobId) {
         self.eval(
             "local v = redis.call('GET', KEYS[1]) \
@@ -294,6 +311,12 @@ impl Backend for MemBackend {
     fn set_down(&self, down: bool) {
         self.0.inject_faults(7, if down { 100 } else { 0 });
     }
+    fn set_latency(&self, latency: Duration) {
+        self.0.set_latency(latency);
+    }
+    fn stall(&self, stalled: bool) {
+        self.0.stall(stalled);
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -312,10 +335,19 @@ impl Host {
         Host::start_on(backend, TempDir::new("store"))
     }
 
+    /// A host whose tier waits `timeout` for every answer.
+    fn start_with_timeout(backend: &dyn Backend, timeout: Duration) -> Host {
+        Host::start_full(backend, TempDir::new("store"), timeout)
+    }
+
     /// Starts a host on an existing store (a restart), waiting for the
     /// previous core on it to be gone (an upload thread may still hold it
     /// for a moment).
     fn start_on(backend: &dyn Backend, store_dir: TempDir) -> Host {
+        Host::start_full(backend, store_dir, Duration::from_secs(5))
+    }
+
+    fn start_full(backend: &dyn Backend, store_dir: TempDir, timeout: Duration) -> Host {
         let deadline = Instant::now() + Duration::from_secs(WAIT_S);
         let store = loop {
             match open_store(&store_dir.0) {
@@ -343,7 +375,8 @@ impl Host {
             }
         });
         let outbox: Weak<dyn Outbox> = Arc::downgrade(&core) as Weak<dyn Outbox>;
-        let tier = Tier::start(backend.engine(), Duration::from_secs(5), lost, outbox);
+        // Sized like a daemon with `--threads 64`.
+        let tier = Tier::start(backend.engine(), TierConfig::new(timeout), lost, outbox);
         core.attach_tier(tier.clone(), CLOCK_AHEAD_MAX_NS);
         Host {
             core,
@@ -828,6 +861,124 @@ fn a_fast_hosts_mtime_moves_this_hosts_clock_at_most_the_bound(b: &dyn Backend) 
     );
 }
 
+/// Issue 15, item 1: a fresh host with 64 request callers (`--threads
+/// 64`) looks up 640 names another host published, from 64 threads at
+/// once: every one is found, and the breaker never opens (a full queue is
+/// back-pressure, not an engine failure).
+fn a_burst_of_64_concurrent_lookups_finds_all_640_names_with_the_breaker_closed(b: &dyn Backend) {
+    const THREADS: usize = 64;
+    const NAMES: usize = 640;
+    let a = Host::start(b);
+    let path = |i: usize| format!("cc/{:x}/{}", i % 16, result_name(i));
+    for i in 0..NAMES {
+        a.publish(
+            &format!("cc/{:x}", i % 16),
+            &result_name(i),
+            content("burst", i).as_bytes(),
+        );
+    }
+    a.sync();
+    b.set_latency(Duration::from_millis(5));
+    let h = Arc::new(Host::start(b));
+    let found = Arc::new(AtomicUsize::new(0));
+    let workers: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let (h, found) = (h.clone(), found.clone());
+            std::thread::spawn(move || {
+                for i in (t..NAMES).step_by(THREADS) {
+                    match h.lookup(&path(i)) {
+                        Ok(attr) if attr.size == content("burst", i).len() as u64 => {
+                            found.fetch_add(1, Ordering::Relaxed);
+                        }
+                        other => eprintln!("{}: {other:?}", path(i)),
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    b.set_latency(Duration::ZERO);
+    let s = &h.tier.stats;
+    assert_eq!(
+        found.load(Ordering::Relaxed),
+        NAMES,
+        "names found by the burst (errors {}, timeouts {}, busy {})",
+        s.errors.load(Ordering::Relaxed),
+        s.timeouts.load(Ordering::Relaxed),
+        s.busy.load(Ordering::Relaxed)
+    );
+    assert!(
+        !h.tier.breaker_is_down(),
+        "the breaker opened on a healthy engine"
+    );
+    assert_eq!(s.errors.load(Ordering::Relaxed), 0, "engine errors counted");
+    // And the contents are right.
+    for i in (0..NAMES).step_by(37) {
+        assert_eq!(h.read(&path(i)), Ok(content("burst", i)));
+    }
+}
+
+/// Issue 15, item 3: a lookup of a file only the tier has takes its size,
+/// mode and mtime from the record and downloads nothing; the blob is
+/// fetched (and verified) at open, under the same inode number; a second
+/// open is local.
+fn a_lookup_takes_attributes_from_the_record_and_the_blob_comes_at_open(b: &dyn Backend) {
+    let a = Host::start(b);
+    for i in 0..5 {
+        a.publish("cc/l", &result_name(i), content("lazy", i).as_bytes());
+    }
+    a.sync();
+    let h = Host::start(b);
+    let fetched = || h.tier.stats.blobs_fetched.load(Ordering::Relaxed);
+    let mut shown = Vec::new();
+    for i in 0..5 {
+        let path = format!("cc/l/{}", result_name(i));
+        let attr = h.lookup(&path).unwrap();
+        assert_eq!(attr.size, content("lazy", i).len() as u64, "{path}");
+        assert_eq!(h.core.getattr(attr.ino).unwrap().size, attr.size);
+        assert_eq!(attr.mtime_ns, a.lookup(&path).unwrap().mtime_ns);
+        shown.push(attr);
+    }
+    assert_eq!(fetched(), 0, "a lookup or stat downloaded a blob");
+    let path = format!("cc/l/{}", result_name(3));
+    assert_eq!(h.read(&path), Ok(content("lazy", 3)));
+    assert_eq!(fetched(), 1);
+    let again = h.lookup(&path).unwrap();
+    assert_eq!(again.ino, shown[3].ino, "the inode number changed at open");
+    assert_eq!(h.read(&path), Ok(content("lazy", 3)));
+    assert_eq!(fetched(), 1, "a second open fetched again");
+    // Nothing of the others is stored here.
+    assert_eq!(h.core.bytes_stored(), content("lazy", 3).len() as u64);
+}
+
+/// Issue 15, item 6: a directory listing more than 4,096 names lists
+/// them all on a fresh host (no subset hidden for good).
+fn readdir_lists_more_than_4096_names(b: &dyn Backend) {
+    const NAMES: usize = 5000;
+    let a = Host::start(b);
+    a.publish("sc/w", &result_name(0), b"first");
+    a.sync();
+    let (blob, size, mode, mtime) = file_record(b, &format!("sc/w/{}", result_name(0)));
+    let engine = b.engine();
+    let record = Record {
+        kind: RecordKind::File { blob, size, mode },
+        mtime_ns: mtime,
+    };
+    for i in 1..NAMES {
+        let path = format!("sc/w/{}", result_name(i));
+        engine.put_record(path.as_bytes(), &record, true).unwrap();
+    }
+    let h = Host::start(b);
+    let mut got = h.list("sc/w");
+    got.sort();
+    let mut want: Vec<String> = (0..NAMES).map(result_name).collect();
+    want.sort();
+    assert_eq!(got.len(), NAMES, "names listed");
+    assert!(got == want, "other names listed");
+}
+
 macro_rules! conformance {
     ($($case:ident),* $(,)?) => {
         mod directory_engine {
@@ -843,6 +994,9 @@ macro_rules! conformance {
 }
 
 conformance!(
+    a_burst_of_64_concurrent_lookups_finds_all_640_names_with_the_breaker_closed,
+    a_lookup_takes_attributes_from_the_record_and_the_blob_comes_at_open,
+    readdir_lists_more_than_4096_names,
     damaged_records_are_misses_and_never_trip_the_breaker,
     record_size_must_be_the_verified_blobs,
     setuid_bits_from_the_tier_are_never_applied,
@@ -855,6 +1009,177 @@ conformance!(
     sync_fails_naming_count_and_reason_when_an_upload_was_given_up,
     a_fast_hosts_mtime_moves_this_hosts_clock_at_most_the_bound,
 );
+
+/// Issue 15, item 4: a stale mutable entry (a ccache manifest) is served
+/// from the local store at once while the tier hangs (its deadline far
+/// away, so only a wait would show); its check runs in the background.
+fn a_local_hit_on_a_stale_mutable_entry_never_waits_on_the_tier(b: &dyn Backend) {
+    let a = Host::start(b);
+    let name = "0123456789abcdefM";
+    let path = format!("cc/n/{name}");
+    a.publish("cc/n", name, b"manifest version 1");
+    a.sync();
+    let h = Arc::new(Host::start_with_timeout(b, Duration::from_secs(600)));
+    assert_eq!(h.read(&path).as_deref(), Ok("manifest version 1"));
+    let stats = &h.tier.stats;
+    let checked = stats.revalidations.load(Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(
+        casfs::shared::tier::NEGATIVE_TTL_MS + 200,
+    ));
+    b.stall(true);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (h2, p2) = (h.clone(), path.clone());
+    std::thread::spawn(move || {
+        let _ = tx.send((h2.lookup(&p2).map(|a| a.size), h2.read(&p2)));
+    });
+    let got = rx.recv_timeout(Duration::from_secs(WAIT_S));
+    let deadline = Instant::now() + Duration::from_secs(WAIT_S);
+    while stats.revalidations.load(Ordering::Relaxed) == checked && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    b.stall(false);
+    let (size, text) = got.expect("a local hit waited on a hung tier");
+    assert_eq!(size, Ok(18));
+    assert_eq!(text.as_deref(), Ok("manifest version 1"));
+    assert!(
+        stats.revalidations.load(Ordering::Relaxed) > checked,
+        "the stale entry was never checked in the background"
+    );
+}
+
+/// Issue 15, item 4: a fresh host's walk of a `cc/X/Y` tree (ccache's
+/// `ccache -z`, a `find`) costs the record of `cc` and one round trip per
+/// level below it, not one round trip per directory (engines that
+/// pipeline listings: Redis, memory).
+fn a_fresh_hosts_walk_costs_one_round_trip_per_level(b: &dyn Backend) {
+    let a = Host::start(b);
+    for x in 0..4 {
+        for y in 0..4 {
+            a.publish(&format!("cc/{x}/{y}"), &result_name(x * 4 + y), b"walked");
+        }
+    }
+    a.sync();
+    let h = Host::start(b);
+    for x in 0..4 {
+        for y in 0..4 {
+            let attr = h.lookup(&format!("cc/{x}/{y}")).unwrap();
+            assert_eq!(attr.kind, casfs::store::meta::Kind::Dir);
+        }
+    }
+    let s = &h.tier.stats;
+    assert_eq!(s.hits.load(Ordering::Relaxed), 1, "records read: only cc's");
+    assert!(
+        s.prefetches.load(Ordering::Relaxed) <= 3,
+        "{} prefetch round trips for 3 levels",
+        s.prefetches.load(Ordering::Relaxed)
+    );
+    assert_eq!(s.dirs_prefetched.load(Ordering::Relaxed), 4 + 16);
+    // And the entries below are found as usual.
+    assert_eq!(
+        h.read(&format!("cc/3/2/{}", result_name(14))).as_deref(),
+        Ok("walked")
+    );
+}
+
+/// Issue 15, item 5: a transfer is bounded by its progress, not by one
+/// deadline: with a bandwidth that makes a 20 MB blob take ten times the
+/// 500 ms deadline each way, it is uploaded and fetched whole, and nothing
+/// times out.
+#[test]
+fn mem_engine_a_transfer_ten_times_longer_than_the_deadline_completes() {
+    const BYTES: usize = 20 << 20;
+    let engine = MemEngine::new();
+    let b = MemBackend(engine.clone());
+    let deadline = Duration::from_millis(500);
+    let a = Host::start_with_timeout(&b, deadline);
+    let data: Vec<u8> = (0..BYTES).map(|i| (i * 7 % 251) as u8).collect();
+    a.mkdirs("cc/big");
+    a.sync();
+    engine.set_bandwidth((BYTES as u64) * 1000 / (10 * deadline.as_millis() as u64));
+    let d = a.mkdirs("cc/big");
+    let (_, fh) = a.core.create(d, b"t.tmp", 0o644, libc::O_EXCL, ME).unwrap();
+    for (i, chunk) in data.chunks(1 << 20).enumerate() {
+        a.core.write(fh, (i << 20) as u64, chunk).unwrap();
+    }
+    a.core.flush(fh).unwrap();
+    a.core.release(fh).unwrap();
+    let name = result_name(1);
+    a.core.rename(d, b"t.tmp", d, name.as_bytes(), 0).unwrap();
+    a.sync();
+    let h = Host::start_with_timeout(&b, deadline);
+    let path = format!("cc/big/{name}");
+    let ino = h.lookup(&path).unwrap().ino;
+    let (fh, _) = h
+        .core
+        .open(ino, libc::O_RDONLY)
+        .expect("open the big entry");
+    let mut got = Vec::new();
+    while got.len() < BYTES {
+        let part = h.core.read(fh, got.len() as u64, 1 << 20).unwrap();
+        assert!(!part.is_empty(), "short read at {}", got.len());
+        got.extend(part);
+    }
+    h.core.release(fh).unwrap();
+    engine.set_bandwidth(0);
+    assert!(got == data, "other bytes");
+    for (host, t) in [("A", &a.tier), ("B", &h.tier)] {
+        assert_eq!(
+            t.stats.timeouts.load(Ordering::Relaxed),
+            0,
+            "host {host} timed out"
+        );
+    }
+}
+
+/// Issue 15, item 6: uploads are delivered many at a time, so a host's
+/// upload rate is not one chain of round trips at a time (with a 20 ms
+/// round trip, many uploads' calls overlap).
+#[test]
+fn mem_engine_uploads_overlap_their_round_trips() {
+    let engine = MemEngine::new();
+    let b = MemBackend(engine.clone());
+    let a = Host::start(&b);
+    a.mkdirs("cc/u");
+    a.sync();
+    engine.set_latency(Duration::from_millis(20));
+    for i in 0..64 {
+        a.publish("cc/u", &result_name(i), content("overlap", i).as_bytes());
+    }
+    a.sync();
+    engine.set_latency(Duration::ZERO);
+    assert!(
+        engine.calls_in_flight_max() >= 8,
+        "at most {} engine calls overlapped while 64 uploads were delivered",
+        engine.calls_in_flight_max()
+    );
+    let h = Host::start(&b);
+    for i in (0..64).step_by(9) {
+        assert_eq!(
+            h.read(&format!("cc/u/{}", result_name(i))),
+            Ok(content("overlap", i))
+        );
+    }
+}
+
+#[test]
+fn mem_engine_a_fresh_hosts_walk_costs_one_round_trip_per_level() {
+    a_fresh_hosts_walk_costs_one_round_trip_per_level(&MemBackend(MemEngine::new()));
+}
+
+#[test]
+fn redis_engine_a_fresh_hosts_walk_costs_one_round_trip_per_level() {
+    a_fresh_hosts_walk_costs_one_round_trip_per_level(&RedisBackend::new());
+}
+
+#[test]
+fn mem_engine_a_local_hit_on_a_stale_mutable_entry_never_waits_on_the_tier() {
+    a_local_hit_on_a_stale_mutable_entry_never_waits_on_the_tier(&MemBackend(MemEngine::new()));
+}
+
+#[test]
+fn redis_engine_a_local_hit_on_a_stale_mutable_entry_never_waits_on_the_tier() {
+    a_local_hit_on_a_stale_mutable_entry_never_waits_on_the_tier(&RedisBackend::new());
+}
 
 /// Faults and damage chosen by a seed (`CASFS_SEED=N` replays the choices;
 /// thread timing may still differ): whatever fails, a host serves the right

@@ -371,3 +371,164 @@ fn an_mtime_from_a_fast_host_moves_this_hosts_clock_at_most_the_bound() {
     );
     assert_eq!(c.counter("shared_clock_ahead"), 0);
 }
+
+/// Issue 15, item 2: `casfs sync` waiting on an engine whose writes hang
+/// (`CLIENT PAUSE ... WRITE`: reads are answered, writes wait; the
+/// deadline is far away, so nothing times out and the breaker stays
+/// closed) is never answered on a FUSE worker: more syncs than the mount
+/// has workers leave it answering, and SIGINT ends each of them at once
+/// (today's `sync` sat in state D until its 300 s were up). The uploads
+/// are then delivered as usual.
+#[test]
+fn sync_waiting_on_a_hung_engine_ends_at_once_on_a_signal() {
+    use std::process::{Command, Stdio};
+    let redis = Redis::start();
+    let url = redis.url();
+    let td = TestDir::new("durable-sync-signal");
+    let mp = td.mountpoint("a");
+    let a = Mount::start(
+        &td.dir("store-a"),
+        &mp,
+        &[
+            "--shared",
+            &url,
+            "--shared-timeout-ms",
+            "600000",
+            "--threads",
+            "2",
+        ],
+    );
+    redis.cli(&["CLIENT", "PAUSE", "600000", "WRITE"]);
+    let dir = mp.join("cc/i/s");
+    publish_results(&dir, 2, 700);
+    let mut syncs: Vec<std::process::Child> = (0..4)
+        .map(|_| {
+            Command::new(CASFS_BIN)
+                .args(["sync".as_ref(), mp.as_os_str()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start casfs sync")
+        })
+        .collect();
+    // The mount answers while the syncs wait (they never hold a worker).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while a.counter("shared_uploads_pending") < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the uploads never became pending"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        fs::read(dir.join(result_name(1))).unwrap(),
+        pattern(701, 3001)
+    );
+    for s in &mut syncs {
+        assert!(
+            s.try_wait().unwrap().is_none(),
+            "a sync ended although the engine answers nothing"
+        );
+        // SAFETY: a plain kill(2) of our own child.
+        unsafe { libc::kill(s.id() as libc::pid_t, libc::SIGINT) };
+    }
+    for s in &mut syncs {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = s.try_wait().unwrap() {
+                assert!(!status.success(), "an interrupted sync reported success");
+                break;
+            }
+            if Instant::now() >= deadline {
+                let proc_file = |f: &str| {
+                    fs::read_to_string(format!("/proc/{}/{f}", s.id())).unwrap_or_default()
+                };
+                let state = proc_file("status")
+                    .lines()
+                    .filter(|l| {
+                        l.starts_with("State")
+                            || l.starts_with("SigBlk")
+                            || l.starts_with("SigIgn")
+                            || l.starts_with("SigPnd")
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                let (wchan, stack) = (proc_file("wchan"), proc_file("stack"));
+                let _ = s.kill();
+                panic!(
+                    "casfs sync still running 30 s after SIGINT ({state}; wchan {wchan}; stack:\n{stack})\n{}",
+                    a.log()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+    redis.cli(&["CLIENT", "UNPAUSE"]);
+    let (ok, text) = sync(&mp);
+    assert!(ok, "sync once the engine answers again: {text}");
+    let mp_b = td.mountpoint("b");
+    let _b = Mount::start(&td.dir("store-b"), &mp_b, &["--shared", &url]);
+    assert_results_seen(&mp_b.join("cc/i/s"), 2, 700, "host B");
+}
+
+/// Issue 15, item 2: a Redis at `maxmemory` with `noeviction` refuses
+/// writes (`OOM command not allowed`). That is not an outage: `sync`
+/// reports it at once in the engine's own words, `.casfs/stats` shows it,
+/// and the uploads stay pending and are retried, so once the operator
+/// makes room they are delivered.
+#[test]
+fn a_redis_that_refuses_writes_for_memory_is_reported_by_sync_in_its_own_words() {
+    let redis = Redis::start();
+    let url = redis.url();
+    let td = TestDir::new("durable-oom");
+    let mp = td.mountpoint("a");
+    let a = Mount::start(&td.dir("store-a"), &mp, &["--shared", &url]);
+    redis.cli(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]);
+    redis.cli(&["CONFIG", "SET", "maxmemory", "1"]);
+    let dir = mp.join("cc/m/o");
+    publish_results(&dir, 3, 800);
+    let (ok, text) = sync(&mp);
+    assert!(
+        !ok,
+        "sync succeeded although Redis refused every write: {text}"
+    );
+    assert!(
+        text.contains("OOM command not allowed") && text.contains("refuses them"),
+        "sync does not report the refusal in Redis's words: {text}"
+    );
+    assert!(a.counter("shared_refusals") > 0);
+    let stats = a.stats_text();
+    assert!(
+        stats
+            .lines()
+            .any(|l| l.starts_with("shared_last_refusal") && l.contains("OOM")),
+        "the refusal is not in .casfs/stats:\n{stats}"
+    );
+    assert_eq!(
+        a.counter("shared_breaker_open"),
+        0,
+        "a refusal opened the breaker"
+    );
+    assert!(a.counter("shared_uploads_pending") > 0);
+    // The operator makes room: the retries deliver everything.
+    redis.cli(&["CONFIG", "SET", "maxmemory", "0"]);
+    eprintln!("room made at {:?}", std::time::SystemTime::now());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (ok, text) = sync(&mp);
+        if ok {
+            break;
+        }
+        assert!(
+            text.contains("refuses them") && Instant::now() < deadline,
+            "sync after Redis has room again: {text}\n{}",
+            a.log()
+        );
+        thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(a.counter("shared_uploads_failed"), 0);
+    let mp_b = td.mountpoint("b");
+    let _b = Mount::start(&td.dir("store-b"), &mp_b, &["--shared", &url]);
+    assert_results_seen(&mp_b.join("cc/m/o"), 3, 800, "host B");
+}

@@ -23,7 +23,7 @@ use log::{error, info, warn};
 
 use crate::fs::{Config, Core};
 use crate::fuse::{CasFs, Kernel};
-use crate::shared::tier::{LostRace, Outbox, Tier};
+use crate::shared::tier::{LostRace, Outbox, Tier, TierConfig};
 use crate::shared::EngineConfig;
 use crate::store::meta::open_store;
 
@@ -194,8 +194,8 @@ pub fn run(args: MountArgs) -> Result<(), String> {
 
     let mut tier = None;
     if let Some((url, engine_config)) = &args.shared {
-        let engine =
-            crate::shared::open(url, engine_config).map_err(|e| format!("--shared {url}: {e}"))?;
+        let engine = crate::shared::open(url, engine_config)
+            .map_err(|e| format!("--shared {}: {e}", crate::shared::redact_url(url)))?;
         let weak = Arc::downgrade(&core);
         let lost: Arc<LostRace> = Arc::new(move |path: &[u8], winner| {
             if let Some(core) = weak.upgrade() {
@@ -203,7 +203,12 @@ pub fn run(args: MountArgs) -> Result<(), String> {
             }
         });
         let outbox: Weak<dyn Outbox> = Arc::downgrade(&core) as Weak<dyn Outbox>;
-        let t = Tier::start(engine, engine_config.timeout, lost, outbox);
+        let tier_config = TierConfig {
+            timeout: engine_config.timeout,
+            // Every FUSE worker may wait on the tier at once.
+            request_callers: args.threads,
+        };
+        let t = Tier::start(engine, tier_config, lost, outbox);
         core.attach_tier(t.clone(), args.clock_skew_max_ms.saturating_mul(1_000_000));
         tier = Some(t);
     } else {

@@ -180,6 +180,9 @@ impl Core {
                 true,
             ));
         }
+        // A name shown from its shared record gets its contents now
+        // (fetched and verified, no lock held).
+        self.materialize(ino)?;
         // A shared mutable entry past its freshness bound is checked against
         // the tier first (no lock held).
         self.refresh_shared_ino(ino);

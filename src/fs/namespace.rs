@@ -103,6 +103,7 @@ impl Core {
 
     pub fn forget(&self, ino: Ino, n: u64) {
         if self.usage.forget(ino, n) {
+            self.forget_remote(ino);
             if let Err(e) = self.maybe_forget(ino) {
                 log::warn!("forget ino={ino}: {e}");
             }
@@ -113,7 +114,11 @@ impl Core {
         if ino.is_virtual() {
             return Ok(self.virtual_attr(ino));
         }
-        Ok(self.attr_of(&self.inode(ino)?))
+        match self.store.inode(ino)? {
+            Some(inode) => Ok(self.attr_of(&inode)),
+            // Shown from its shared record only.
+            None => self.remote_getattr(ino).map_or_else(enoent, Ok),
+        }
     }
 
     fn refuse_virtual(ino: Ino) -> Result<()> {
@@ -126,6 +131,7 @@ impl Core {
     pub fn setattr(&self, ino: Ino, set: SetAttr) -> Result<Attr> {
         Self::refuse_virtual(ino)?;
         self.writable()?;
+        self.materialize(ino)?;
         // A truncate writes the file: no publication may be sealing it.
         let truncates = set.size.is_some();
         if truncates {
@@ -239,8 +245,11 @@ impl Core {
     }
 
     pub fn access(&self, ino: Ino) -> Result<()> {
-        if !ino.is_virtual() {
-            self.inode(ino)?;
+        if !ino.is_virtual()
+            && self.store.inode(ino)?.is_none()
+            && self.remote_getattr(ino).is_none()
+        {
+            return enoent();
         }
         Ok(())
     }
@@ -297,6 +306,9 @@ impl Core {
         if self.inode(parent)?.kind != Kind::Dir {
             return Err(Error::errno(libc::ENOTDIR));
         }
+        // A name shown from its shared record is bound first, so the new
+        // binding meets it as it meets any existing name.
+        self.materialize_name(parent, name);
         Ok(())
     }
 
@@ -433,6 +445,10 @@ impl Core {
         if name.len() > NAME_BYTES_MAX {
             return Err(Error::errno(libc::ENAMETOOLONG));
         }
+        if !dir_wanted && self.unshow_remote_name(parent, name) {
+            // Shown from its shared record only: nothing here to remove.
+            return Ok(());
+        }
         let (_g, found) = self.lock_names(&[], &[(parent, name)])?;
         let Some(ino) = found[0] else {
             return enoent();
@@ -500,6 +516,7 @@ impl Core {
             return Err(Error::errno(libc::ENAMETOOLONG));
         }
         self.check_new_name(newparent, newname)?;
+        self.materialize_name(parent, name);
         for _ in 0..RETRIES_MAX {
             // Outside any lock: what is being moved, and the blob it will
             // publish (hashed, synced and linked into place).
@@ -729,6 +746,7 @@ impl Core {
     /// part of a result afterwards.
     pub fn link(&self, ino: Ino, newparent: Ino, newname: &[u8]) -> Result<Attr> {
         Self::refuse_virtual(ino)?;
+        self.materialize(ino)?;
         self.check_new_name(newparent, newname)?;
         let peek = self.inode(ino)?;
         if peek.kind == Kind::Dir {

@@ -3,9 +3,22 @@
 //!
 //! Invariant: `.casfs` exists only at the root, and nothing in it can be
 //! changed; its files are rendered at open, so a reader sees one snapshot.
+//! Rendering never waits on the network: it answers from counters.
+//!
+//! `casfs sync` is a short-poll protocol, so no FUSE worker ever waits for
+//! uploads and the client can be interrupted at any moment (a FUSE request
+//! that a daemon is answering cannot be: its caller sits in state D):
+//! reading `.casfs/sync` answers at once, `ok: ...` or `FAILED: ...` when
+//! that is already known, else `pending: N uploads; poll sync-MARK`, where
+//! MARK is the clock tick every publication acknowledged before the read
+//! is below. Reading `.casfs/sync-MARK` (looked up by name, never listed)
+//! answers at once the same way for that mark. The client sleeps between
+//! reads; Ctrl-C or `timeout` ends it in its sleep or in a read that does
+//! not block.
 
 use crate::error::{enoent, Result};
 use crate::fs::{Attr, Core, DirEntry};
+use crate::shared::tier::SyncState;
 use crate::stats::{Extra, Snapshot};
 use crate::store::ids::Ino;
 use crate::store::meta::Kind;
@@ -18,8 +31,8 @@ const STATS_FILES: [(&[u8], Ino); 4] = [
     (b"stats.json", Ino::STATS_JSON),
     (b"metrics", Ino::STATS_METRICS),
 ];
-/// How long reading `.casfs/sync` waits for uploads at most.
-const SYNC_WAIT_S: u64 = 300;
+/// The name prefix of the files that report on one sync (`sync-MARK`).
+pub const SYNC_MARK_PREFIX: &str = "sync-";
 
 impl Core {
     pub(super) fn is_stats_name(parent: Ino, name: &[u8]) -> bool {
@@ -32,6 +45,9 @@ impl Core {
             return Some(Ok(self.virtual_attr(Ino::STATS_DIR)));
         }
         if parent == Ino::STATS_DIR {
+            if let Some(ino) = sync_mark_file(name) {
+                return Some(Ok(self.virtual_attr(ino)));
+            }
             return Some(match STATS_FILES.iter().find(|(n, _)| *n == name) {
                 Some((_, ino)) => Ok(self.virtual_attr(*ino)),
                 None => enoent(),
@@ -61,7 +77,7 @@ impl Core {
     pub(super) fn virtual_attr(&self, ino: Ino) -> Attr {
         let (kind, perm, size) = if ino == Ino::STATS_DIR {
             (Kind::Dir, 0o555, 0)
-        } else if ino == Ino::STATS_SYNC {
+        } else if ino == Ino::STATS_SYNC || ino.sync_mark().is_some() {
             (Kind::File, 0o444, 0)
         } else {
             (Kind::File, 0o444, self.render(ino).len() as u64)
@@ -83,16 +99,32 @@ impl Core {
         }
     }
 
+    /// The state of the sync waiting for `mark` (None: a new sync, from
+    /// now), at once (see the module doc).
+    fn render_sync(&self, mark: Option<u64>) -> String {
+        let Some(t) = self.tier.get() else {
+            return "ok: no shared tier\n".to_string();
+        };
+        let mark = match mark.map_or_else(|| t.sync_mark(), Ok) {
+            Ok(m) => m,
+            Err(e) => return format!("FAILED: {e}\n"),
+        };
+        match t.sync_state(mark) {
+            SyncState::Done(n) => format!("ok: {n} uploads delivered to {}\n", t.describe()),
+            SyncState::Failed(e) => format!("FAILED: {e}\n"),
+            SyncState::Waiting(n) => match Ino::of_sync_mark(mark) {
+                Some(_) => format!("pending: {n} uploads; poll {SYNC_MARK_PREFIX}{mark}\n"),
+                None => format!("FAILED: the clock tick {mark} cannot be named\n"),
+            },
+        }
+    }
+
     pub(super) fn render(&self, ino: Ino) -> Vec<u8> {
         if ino == Ino::STATS_SYNC {
-            let text = match self.tier.get() {
-                None => "ok: no shared tier\n".to_string(),
-                Some(t) => match t.sync(std::time::Duration::from_secs(SYNC_WAIT_S)) {
-                    Ok(n) => format!("ok: {n} uploads delivered to {}\n", t.describe()),
-                    Err(e) => format!("FAILED: {e}\n"),
-                },
-            };
-            return text.into_bytes();
+            return self.render_sync(None).into_bytes();
+        }
+        if let Some(mark) = ino.sync_mark() {
+            return self.render_sync(Some(mark)).into_bytes();
         }
         let mut snap = Snapshot {
             gauges: self.gauges.get(),
@@ -111,6 +143,10 @@ impl Core {
         ));
         if let Some(t) = self.tier.get() {
             t.snapshot(&mut snap);
+            let refusal = t.stats.last_refusal.lock().unwrap().clone();
+            if !refusal.is_empty() {
+                snap.notes.push(("shared_last_refusal", refusal));
+            }
             snap.extras.push(Extra {
                 name: "shared_clock_ahead",
                 help: "Timestamps from the shared tier further ahead of this host's clock than --shared-clock-skew-ms (taken as the bound)",
@@ -125,4 +161,16 @@ impl Core {
         }
         .into_bytes()
     }
+}
+
+/// The virtual file a `.casfs/sync-MARK` name stands for (canonical
+/// decimal only, so one mark has one name).
+fn sync_mark_file(name: &[u8]) -> Option<Ino> {
+    let digits = std::str::from_utf8(name)
+        .ok()?
+        .strip_prefix(SYNC_MARK_PREFIX)?;
+    if digits.is_empty() || !digits.bytes().all(|c| c.is_ascii_digit()) || digits.starts_with('0') {
+        return None;
+    }
+    Ino::of_sync_mark(digits.parse().ok()?)
 }

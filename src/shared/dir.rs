@@ -339,6 +339,21 @@ impl DirEngine {
     /// Writes `bytes` to a new temp file with our file mode, fsyncs and
     /// closes it. The returned guard unlinks it when dropped.
     fn write_temp(&self, bytes: &[u8]) -> io::Result<TempFile> {
+        self.write_temp_from(
+            &mut &bytes[..],
+            bytes.len() as u64,
+            &super::Progress::default(),
+        )
+    }
+
+    /// Like `write_temp`, streaming `len` bytes from `source` (a chunk at a
+    /// time, counted in `progress`).
+    fn write_temp_from(
+        &self,
+        source: &mut dyn Read,
+        len: u64,
+        progress: &super::Progress,
+    ) -> io::Result<TempFile> {
         let mut attempts = 0;
         let (mut file, path) = loop {
             attempts += 1;
@@ -367,7 +382,7 @@ impl DirEngine {
             }
         };
         let temp = TempFile { path, armed: true };
-        file.write_all(bytes)?;
+        super::copy_counted(source, &mut file, len, progress)?;
         file.set_permissions(Permissions::from_mode(self.file_mode))?;
         file.sync_all()?;
         drop(file); // closed before any unlink: no NFS silly-rename files
@@ -652,6 +667,70 @@ impl Engine for DirEngine {
         Ok(())
     }
 
+    /// Copies the blob file to `sink` a chunk at a time.
+    fn get_blob_into(
+        &self,
+        id: &BlobId,
+        max_bytes: u64,
+        sink: &mut dyn Write,
+        progress: &super::Progress,
+    ) -> TierResult<Option<u64>> {
+        let path = self.blob_path(id);
+        let mut opened = None;
+        for _ in 0..2 {
+            match File::open(&path) {
+                Ok(f) => {
+                    opened = Some(f);
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(e) if is_stale(&e) => continue,
+                Err(e) => return Err(io_error("open", &path, e)),
+            }
+        }
+        let Some(mut file) = opened else {
+            return Ok(None);
+        };
+        let meta = file.metadata().map_err(|e| io_error("stat", &path, e))?;
+        if !meta.is_file() {
+            return Err(TierError::Data(format!("{}: not a file", path.display())));
+        }
+        if meta.len() > max_bytes {
+            return Err(TierError::Data(format!(
+                "{}: {} bytes, over the {max_bytes} allowed",
+                path.display(),
+                meta.len()
+            )));
+        }
+        super::copy_counted(&mut file, sink, meta.len(), progress)
+            .map_err(|e| io_error("read", &path, e))?;
+        Ok(Some(meta.len()))
+    }
+
+    fn put_blob_from(
+        &self,
+        id: &BlobId,
+        source: &mut dyn Read,
+        len: u64,
+        progress: &super::Progress,
+    ) -> TierResult<()> {
+        if self.has_blob(id)? {
+            return Ok(());
+        }
+        let dest = self.blob_path(id);
+        let temp = self
+            .write_temp_from(source, len, progress)
+            .map_err(|e| io_error("write temp in", &self.tmp_dir, e))?;
+        let linked = self
+            .link_into(&temp, &dest)
+            .map_err(|e| io_error("link to", &dest, e))?;
+        debug!(
+            "shared put_blob blob={id} outcome={}",
+            if linked { "stored" } else { "already-there" }
+        );
+        Ok(())
+    }
+
     fn repair_blob(&self, id: &BlobId, bytes: &[u8]) -> TierResult<()> {
         debug_assert_eq!(
             blake3::hash(bytes).as_bytes(),
@@ -841,11 +920,19 @@ fn is_stale(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::ESTALE)
 }
 
+/// What a failed file-system call means: a timeout, a refusal (the shared
+/// directory is full, over quota, read-only or not ours to write: it
+/// answered, and waiting will not change it until an operator acts), or an
+/// outage (anything else: gone, unreachable, I/O errors).
 fn io_error(op: &str, path: &Path, e: io::Error) -> TierError {
-    if e.raw_os_error() == Some(libc::ETIMEDOUT) {
-        return TierError::Timeout;
+    let text = format!("{op} {}: {e}", path.display());
+    match e.raw_os_error() {
+        Some(libc::ETIMEDOUT) => TierError::Timeout,
+        Some(
+            libc::ENOSPC | libc::EDQUOT | libc::EROFS | libc::EACCES | libc::EPERM | libc::EFBIG,
+        ) => TierError::Refused(text),
+        _ => TierError::Unavailable(text),
     }
-    TierError::Unavailable(format!("{op} {}: {e}", path.display()))
 }
 
 /// This host's name, reduced to characters safe in a file name.
@@ -917,6 +1004,7 @@ mod tests {
             namespace: namespace.into(),
             timeout: Duration::from_secs(2),
             umask,
+            password: None,
         }
     }
 

@@ -2,15 +2,20 @@
 //! share one `MemEngine` (it is a handle; clones share the same store).
 //! It keeps the same invariants as the real engines (see `mod.rs`) and
 //! adds what tests need: faults injected from a seed (so a failing run
-//! replays), and hooks that damage what it holds the way an operator, an
-//! eviction policy or a disk would (`damage_*`, `drop_*`).
+//! replays), hooks that damage what it holds the way an operator, an
+//! eviction policy or a disk would (`damage_*`, `drop_*`), and the
+//! network's shape: a latency per call, a bandwidth for blobs, a stall
+//! (every call waits until it is lifted) and refusals (writes answered
+//! with the engine's "no", like Redis at `maxmemory`). The knobs are
+//! shared by every handle on one store, as the network is.
 //!
 //! Not offered by the command line: a process-local engine shares nothing
 //! between hosts.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use super::{
     listing_chain, Engine, Listed, Put, Record, RecordKind, Seen, TierError, TierResult,
@@ -36,6 +41,24 @@ struct State {
     fail_percent: u64,
 }
 
+/// The network between the hosts and the store.
+#[derive(Default)]
+struct Shape {
+    latency_us: AtomicU64,
+    /// Blob bytes per second each way (0: unbounded).
+    bandwidth_bytes_per_s: AtomicU64,
+    /// While true, every call waits (`stall`).
+    stalled: Mutex<bool>,
+    unstalled: Condvar,
+    /// Calls waiting in a stall.
+    stalled_calls: AtomicU64,
+    /// Every write is refused with this message.
+    refusal: Mutex<Option<String>>,
+    /// Calls in their latency now, and the most there ever were at once.
+    in_flight: AtomicU64,
+    in_flight_max: AtomicU64,
+}
+
 /// A handle on one in-memory store; a clone is another host's handle on
 /// the same store (its own heal counter, like a real engine's).
 #[derive(Default)]
@@ -43,6 +66,7 @@ pub struct MemEngine {
     state: Arc<Mutex<State>>,
     healed: AtomicU64,
     calls: Arc<AtomicU64>,
+    shape: Arc<Shape>,
 }
 
 impl Clone for MemEngine {
@@ -51,6 +75,7 @@ impl Clone for MemEngine {
             state: self.state.clone(),
             healed: AtomicU64::new(0),
             calls: self.calls.clone(),
+            shape: self.shape.clone(),
         }
     }
 }
@@ -71,6 +96,78 @@ impl MemEngine {
     /// Engine calls made so far (to check what a path costs).
     pub fn calls(&self) -> u64 {
         self.calls.load(Ordering::Relaxed)
+    }
+
+    /// Every call takes `latency` more (a round trip), slept with no lock
+    /// held, so calls from many threads overlap as on a network.
+    pub fn set_latency(&self, latency: Duration) {
+        self.shape
+            .latency_us
+            .store(latency.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Blobs move at `bytes_per_s` each way (0: unbounded).
+    pub fn set_bandwidth(&self, bytes_per_s: u64) {
+        self.shape
+            .bandwidth_bytes_per_s
+            .store(bytes_per_s, Ordering::Relaxed);
+    }
+
+    /// From now on (`true`) every call waits until the stall is lifted
+    /// (`false`): a hung server.
+    pub fn stall(&self, stalled: bool) {
+        *self.shape.stalled.lock().unwrap() = stalled;
+        self.shape.unstalled.notify_all();
+    }
+
+    /// The most calls that were ever in their latency at once (how much
+    /// the hosts overlap their round trips).
+    pub fn calls_in_flight_max(&self) -> u64 {
+        self.shape.in_flight_max.load(Ordering::Relaxed)
+    }
+
+    /// Calls waiting in a stall now.
+    pub fn stalled_calls(&self) -> u64 {
+        self.shape.stalled_calls.load(Ordering::Relaxed)
+    }
+
+    /// From now on (`Some`) every write is refused with `message`, as a
+    /// server out of memory refuses them; `None` accepts them again.
+    pub fn refuse_writes(&self, message: Option<&str>) {
+        *self.shape.refusal.lock().unwrap() = message.map(str::to_string);
+    }
+
+    fn refused(&self) -> TierResult<()> {
+        match &*self.shape.refusal.lock().unwrap() {
+            Some(m) => Err(TierError::Refused(format!("mem://: {m}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits as the network would for `bytes` of blob.
+    fn transfer(&self, bytes: usize) {
+        let bw = self.shape.bandwidth_bytes_per_s.load(Ordering::Relaxed);
+        if bw > 0 {
+            std::thread::sleep(Duration::from_secs_f64(bytes as f64 / bw as f64));
+        }
+    }
+
+    /// Moves `bytes` to `sink` a chunk at a time, each after the time the
+    /// bandwidth gives it, counting progress.
+    fn stream(
+        &self,
+        bytes: &[u8],
+        sink: &mut dyn std::io::Write,
+        progress: &super::Progress,
+    ) -> TierResult<()> {
+        for chunk in bytes.chunks(super::TRANSFER_CHUNK_BYTES) {
+            progress.check()?;
+            self.transfer(chunk.len());
+            sink.write_all(chunk)
+                .map_err(|e| TierError::Unavailable(format!("mem://: write: {e}")))?;
+            progress.add(chunk.len() as u64);
+        }
+        Ok(())
     }
 
     /// Puts `bytes` under `path` as they are (a damaged record).
@@ -125,9 +222,27 @@ impl MemEngine {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Counts the call and decides whether it fails.
+    /// Counts the call, waits as the network would (no lock held), and
+    /// decides whether it fails.
     fn enter(&self) -> TierResult<std::sync::MutexGuard<'_, State>> {
         self.calls.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut stalled = self.shape.stalled.lock().unwrap();
+            if *stalled {
+                self.shape.stalled_calls.fetch_add(1, Ordering::Relaxed);
+                while *stalled {
+                    stalled = self.shape.unstalled.wait(stalled).unwrap();
+                }
+                self.shape.stalled_calls.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        let latency_us = self.shape.latency_us.load(Ordering::Relaxed);
+        if latency_us > 0 {
+            let now = self.shape.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+            self.shape.in_flight_max.fetch_max(now, Ordering::Relaxed);
+            std::thread::sleep(Duration::from_micros(latency_us));
+            self.shape.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
         let mut s = self.lock();
         if s.rng != 0 {
             let mut x = s.rng;
@@ -188,6 +303,7 @@ impl Engine for MemEngine {
 
     fn put_record(&self, path: &[u8], record: &Record, create_only: bool) -> TierResult<Put> {
         let mut s = self.enter()?;
+        self.refused()?;
         let is_dir = record.kind == RecordKind::Dir;
         MemEngine::list_chain(&mut s, path, is_dir);
         if create_only {
@@ -216,18 +332,69 @@ impl Engine for MemEngine {
 
     fn get_blob(&self, id: &BlobId, max_bytes: u64) -> TierResult<Option<Vec<u8>>> {
         let s = self.enter()?;
-        match s.blobs.get(id) {
+        let found = match s.blobs.get(id) {
             Some(b) if b.len() as u64 > max_bytes => Err(TierError::Data(format!(
                 "mem blob {id}: {} bytes, over the {max_bytes} allowed",
                 b.len()
             ))),
             other => Ok(other.cloned()),
+        };
+        drop(s);
+        if let Ok(Some(b)) = &found {
+            self.transfer(b.len());
         }
+        found
     }
 
     fn put_blob(&self, id: &BlobId, bytes: &[u8]) -> TierResult<()> {
-        let mut s = self.enter()?;
-        s.blobs.entry(*id).or_insert_with(|| bytes.to_vec());
+        drop(self.enter()?);
+        self.refused()?;
+        self.transfer(bytes.len());
+        self.lock()
+            .blobs
+            .entry(*id)
+            .or_insert_with(|| bytes.to_vec());
+        Ok(())
+    }
+
+    fn get_blob_into(
+        &self,
+        id: &BlobId,
+        max_bytes: u64,
+        sink: &mut dyn std::io::Write,
+        progress: &super::Progress,
+    ) -> TierResult<Option<u64>> {
+        let s = self.enter()?;
+        let bytes = match s.blobs.get(id) {
+            None => return Ok(None),
+            Some(b) if b.len() as u64 > max_bytes => {
+                return Err(TierError::Data(format!(
+                    "mem blob {id}: {} bytes, over the {max_bytes} allowed",
+                    b.len()
+                )))
+            }
+            Some(b) => b.clone(),
+        };
+        drop(s);
+        self.stream(&bytes, sink, progress)?;
+        Ok(Some(bytes.len() as u64))
+    }
+
+    fn put_blob_from(
+        &self,
+        id: &BlobId,
+        source: &mut dyn std::io::Read,
+        len: u64,
+        progress: &super::Progress,
+    ) -> TierResult<()> {
+        drop(self.enter()?);
+        self.refused()?;
+        let mut staged = Vec::new();
+        super::copy_counted(source, &mut staged, len, &super::Progress::default())
+            .map_err(|e| TierError::Unavailable(format!("mem://: read local blob {id}: {e}")))?;
+        let mut sent = Vec::with_capacity(staged.len());
+        self.stream(&staged, &mut sent, progress)?;
+        self.lock().blobs.entry(*id).or_insert(sent);
         Ok(())
     }
 
@@ -261,5 +428,26 @@ impl Engine for MemEngine {
 
     fn records_healed(&self) -> u64 {
         self.healed.load(Ordering::Relaxed)
+    }
+
+    fn lists_in_one_round_trip(&self) -> bool {
+        true
+    }
+
+    fn list_many(&self, paths: &[Vec<u8>], max_each: usize) -> TierResult<Vec<super::Listing>> {
+        let s = self.enter()?;
+        Ok(paths
+            .iter()
+            .map(|p| match s.listings.get(p) {
+                Some(l) => super::Listing {
+                    names: l.iter().take(max_each).cloned().collect(),
+                    whole: l.len() <= max_each,
+                },
+                None => super::Listing {
+                    names: Vec::new(),
+                    whole: true,
+                },
+            })
+            .collect())
     }
 }

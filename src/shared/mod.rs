@@ -1,6 +1,9 @@
 //! The shared tier: how hosts share entries through an engine operators
 //! already run. One trait, one implementation per engine (`dir`: a shared
-//! POSIX directory such as NFS; `redis`: Redis or Valkey).
+//! POSIX directory such as NFS; `redis`: Redis or Valkey; `mem`: in memory,
+//! for tests, with knobs for latency, bandwidth, stalls and refusals).
+//! `tier` is how the core uses an engine (callers, deadlines, uploads);
+//! `breaker` its circuit breaker and retry pauses, pure.
 //!
 //! An engine stores two things, both within one namespace:
 //! - *records*: a path below the mount root (`cc/a/e/c8ai…R`) → a `Record`
@@ -39,6 +42,7 @@
 //!   `casfs:<namespace>:l:<dir path>` (a set of `f/<name>` and `d/<name>`)
 //!   and `casfs:b:<hex>`; directory layout in `dir.rs`.
 
+pub mod breaker;
 pub mod dir;
 pub mod mem;
 pub mod redis;
@@ -72,13 +76,30 @@ pub enum Put {
     Exists(Record),
 }
 
-/// Why a shared-tier call failed.
+/// Why a shared-tier call failed. Three kinds, each handled its own way:
+/// an *outage* (`Timeout`, `Unavailable`: the engine did not answer;
+/// uploads wait at no cost in attempts, the breaker counts it; a
+/// `Protocol` error, an answer we cannot read, counts for the breaker and
+/// costs an upload an attempt), a *refusal* (`Refused`: the engine answered no, in its own words;
+/// counted against the upload, retried with backoff, reported by `sync`
+/// and in the statistics; the breaker stays closed), and a *data error*
+/// (`Data`: about one name; a miss). `Busy` is none of these: the call
+/// never reached the engine.
 #[derive(Debug)]
 pub enum TierError {
-    /// No answer within the timeout.
+    /// No answer within the timeout (or no progress within it).
     Timeout,
-    /// The engine could not be reached or refused (connection, I/O, auth).
+    /// The engine could not be reached (connection, I/O, a server that is
+    /// loading or failing over).
     Unavailable(String),
+    /// The engine answered and refused the command for a reason that is
+    /// not an outage (Redis `OOM command not allowed` under `maxmemory`
+    /// with `noeviction`, `READONLY`, a refused password, a full or
+    /// read-only shared directory). The message is the engine's own words.
+    Refused(String),
+    /// Every caller thread was busy for the whole deadline: local
+    /// back-pressure, never counted against the engine.
+    Busy,
     /// The engine answered something we cannot read.
     Protocol(String),
     /// The engine answered, but what it holds for one name is unusable
@@ -92,9 +113,26 @@ impl fmt::Display for TierError {
         match self {
             TierError::Timeout => write!(f, "timed out"),
             TierError::Unavailable(m) => write!(f, "unavailable: {m}"),
+            TierError::Refused(m) => write!(f, "refused: {m}"),
+            TierError::Busy => write!(
+                f,
+                "no caller thread free within the deadline (local back-pressure)"
+            ),
             TierError::Protocol(m) => write!(f, "protocol error: {m}"),
             TierError::Data(m) => write!(f, "damaged record: {m}"),
         }
+    }
+}
+
+impl TierError {
+    /// An outage: the engine did not answer (waited out by uploads).
+    pub fn is_outage(&self) -> bool {
+        matches!(self, TierError::Timeout | TierError::Unavailable(_))
+    }
+
+    /// What the breaker counts as the engine failing.
+    pub fn is_engine_failure(&self) -> bool {
+        self.is_outage() || matches!(self, TierError::Protocol(_))
     }
 }
 
@@ -102,8 +140,9 @@ pub type TierResult<T> = Result<T, TierError>;
 
 /// Largest record an engine reads.
 pub const RECORD_BYTES_MAX: u64 = 4096;
-/// Bound on the names one `list` returns.
-pub const LIST_NAMES_MAX: usize = 4096;
+/// Bound on the names one `list` returns: every name of a directory up to
+/// this many (sccache's 256 leaves hold about 4,000 each at 1M entries).
+pub const LIST_NAMES_MAX: usize = 65_536;
 
 /// What a damaged record was when it was read, so that `replace_damaged`
 /// replaces that version and nothing else.
@@ -123,6 +162,90 @@ pub enum Seen {
 pub struct Listed {
     pub name: Vec<u8>,
     pub dir: bool,
+}
+
+/// Bytes of blob moved so far in one transfer, watched by the caller that
+/// waits for it: a transfer is bounded by its progress (an idle deadline
+/// and a floor rate, `tier.rs`), not by one deadline for the whole call.
+/// The waiter sets `cancelled` when it gives up; a streaming engine stops
+/// at its next chunk.
+#[derive(Default, Debug)]
+pub struct Progress {
+    bytes: std::sync::atomic::AtomicU64,
+    cancelled: std::sync::atomic::AtomicBool,
+}
+
+impl Progress {
+    pub fn add(&self, n: u64) {
+        self.bytes
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn cancel(&self) {
+        self.cancelled
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// `Err(Timeout)` once the waiter gave up: the engine stops there.
+    pub fn check(&self) -> TierResult<()> {
+        if self.cancelled.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(TierError::Timeout);
+        }
+        Ok(())
+    }
+}
+
+/// The shortest idle deadline of a blob transfer (or listing): the
+/// request deadline (`--shared-timeout-ms`, 500 ms by default) is for
+/// round trips; a transfer also waits on this host's disk (a staging file
+/// written under dirty-page throttling can stall for seconds), so it is
+/// given up only after no byte moved for this long, or the deadline if
+/// that is longer.
+pub const TRANSFER_IDLE_MS_MIN: u64 = 10_000;
+
+/// Bytes one streaming transfer holds in memory at a time (its chunk).
+pub const TRANSFER_CHUNK_BYTES: usize = 256 * 1024;
+
+/// Copies `len` bytes from `src` to `sink` in chunks, counting progress
+/// and stopping when the waiter gave up. An early end of `src` is an
+/// `UnexpectedEof`.
+pub fn copy_counted(
+    src: &mut dyn std::io::Read,
+    sink: &mut dyn std::io::Write,
+    len: u64,
+    progress: &Progress,
+) -> std::io::Result<()> {
+    let mut buf = vec![0u8; TRANSFER_CHUNK_BYTES.min(len as usize).max(1)];
+    let mut left = len;
+    while left > 0 {
+        if progress.check().is_err() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the transfer was given up (no progress)",
+            ));
+        }
+        let want = buf.len().min(left as usize);
+        let n = src.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        sink.write_all(&buf[..n])?;
+        left -= n as u64;
+        progress.add(n as u64);
+    }
+    Ok(())
+}
+
+/// A first page of a directory's listing (`Engine::list_many`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Listing {
+    pub names: Vec<Listed>,
+    /// True if these are all the names listed there.
+    pub whole: bool,
 }
 
 /// One engine, bound to one namespace.
@@ -149,6 +272,73 @@ pub trait Engine: Send + Sync {
     fn list(&self, path: &[u8], max: usize) -> TierResult<Vec<Listed>>;
     /// Damaged records this engine replaced (for statistics).
     fn records_healed(&self) -> u64;
+    /// Streams the stored bytes of blob `id` (unverified: the caller hashes
+    /// them as they arrive) into `sink`, at most `max_bytes`, counting them
+    /// in `progress`; Ok(None) if the blob is not there, else its length.
+    /// The default reads it whole first (engines that stream override it).
+    fn get_blob_into(
+        &self,
+        id: &BlobId,
+        max_bytes: u64,
+        sink: &mut dyn std::io::Write,
+        progress: &Progress,
+    ) -> TierResult<Option<u64>> {
+        let Some(bytes) = self.get_blob(id, max_bytes)? else {
+            return Ok(None);
+        };
+        copy_counted(&mut &bytes[..], sink, bytes.len() as u64, progress)
+            .map_err(|e| TierError::Unavailable(format!("blob {id}: {e}")))?;
+        Ok(Some(bytes.len() as u64))
+    }
+    /// Stores blob `id` from `len` bytes of `source` (which the caller
+    /// checked against `id`), counting progress; like `put_blob`. The
+    /// default reads it whole first.
+    fn put_blob_from(
+        &self,
+        id: &BlobId,
+        source: &mut dyn std::io::Read,
+        len: u64,
+        progress: &Progress,
+    ) -> TierResult<()> {
+        let mut bytes = Vec::new();
+        copy_counted(source, &mut bytes, len, progress)
+            .map_err(|e| TierError::Unavailable(format!("read local blob {id}: {e}")))?;
+        self.put_blob(id, &bytes)
+    }
+    /// Like `list`, counting what arrives in `progress` (a listing of many
+    /// names takes many round trips, bounded by its progress like a blob).
+    fn list_counted(
+        &self,
+        path: &[u8],
+        max: usize,
+        _progress: &Progress,
+    ) -> TierResult<Vec<Listed>> {
+        self.list(path, max)
+    }
+    /// True if `list_many` costs one round trip whatever the number of
+    /// paths (so prefetching a walk's listings pays off).
+    fn lists_in_one_round_trip(&self) -> bool {
+        false
+    }
+    /// The names listed below each of `paths`: a first page of at most
+    /// `max_each` each, in one round trip where the engine can
+    /// (`lists_in_one_round_trip`), each saying whether it is the whole
+    /// listing. For prefetching a walk: what it lists exists; what a whole
+    /// listing does not list did not exist when it was read (unless its
+    /// listing was lost: see `Record::implied_dir`).
+    fn list_many(&self, paths: &[Vec<u8>], max_each: usize) -> TierResult<Vec<Listing>> {
+        paths
+            .iter()
+            .map(|p| {
+                let names = self.list(p, max_each + 1)?;
+                let whole = names.len() <= max_each;
+                Ok(Listing {
+                    names: names.into_iter().take(max_each).collect(),
+                    whole,
+                })
+            })
+            .collect()
+    }
 }
 
 /// The parent of a record path and the name in it (`b"a/b/c"` →
@@ -183,6 +373,30 @@ pub struct EngineConfig {
     pub timeout: Duration,
     /// umask for files and directories the directory engine creates.
     pub umask: u32,
+    /// The engine's password, from `--shared-password-file` (never from
+    /// argv); Redis only. A URL may carry one instead, not both.
+    pub password: Option<Vec<u8>>,
+}
+
+/// `url` with any password in it replaced by `***`, for logs and errors
+/// (`redis://user:secret@host` -> `redis://user:***@host`).
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    // The last '@' ends the credentials (a password may hold '@' and '/').
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
+    }
+}
+
+/// True if the URL carries a password.
+pub fn url_has_password(url: &str) -> bool {
+    redact_url(url) != url
 }
 
 /// Opens the engine a `--shared` URL names:
@@ -195,6 +409,11 @@ pub fn open(url: &str, config: &EngineConfig) -> Result<Box<dyn Engine>, String>
         ));
     }
     if let Some(path) = url.strip_prefix("file://") {
+        if config.password.is_some() {
+            return Err(
+                "a password file is for redis:// engines; a shared directory has none".into(),
+            );
+        }
         if !path.starts_with('/') {
             return Err(format!(
                 "shared URL {url:?}: file:// needs an absolute path (file:///srv/cache)"
@@ -209,7 +428,8 @@ pub fn open(url: &str, config: &EngineConfig) -> Result<Box<dyn Engine>, String>
         return Ok(Box::new(redis::RedisEngine::open(url, config)?));
     }
     Err(format!(
-        "shared URL {url:?}: use file:///ABSOLUTE/PATH or redis://[:PASSWORD@]HOST:PORT[/DB]"
+        "shared URL {:?}: use file:///ABSOLUTE/PATH or redis://HOST:PORT[/DB] (with --shared-password-file)",
+        redact_url(url)
     ))
 }
 
@@ -362,8 +582,18 @@ mod tests {
             namespace: "default".into(),
             timeout: Duration::from_millis(100),
             umask: 0o002,
+            password: None,
         };
         assert!(open("nfs://x", &c).is_err());
+        let err = open("nfs://:hunter2@x", &c).err().unwrap();
+        assert!(!err.contains("hunter2"), "{err}");
+        assert_eq!(
+            redact_url("redis://:hunter2@h:6379/0"),
+            "redis://:***@h:6379/0"
+        );
+        assert_eq!(redact_url("redis://u:p@ss@h"), "redis://u:***@h");
+        assert_eq!(redact_url("redis://h:6379"), "redis://h:6379");
+        assert!(url_has_password("redis://:x@h") && !url_has_password("redis://h"));
         assert!(open("file://relative", &c).is_err());
         assert!(!valid_namespace("a/b"));
         assert!(valid_namespace("debian-13_gcc.14"));

@@ -46,12 +46,15 @@
 //!   broken pipe) is replaced by a fresh one and the command sent once more;
 //!   every command we send gives the same result when repeated.
 //! - Timeouts: connecting waits at most the configured timeout, and so does
-//!   every socket read and write (an idle bound: a large blob that keeps
-//!   flowing may take longer in all; a stalled server gives
-//!   `TierError::Timeout` within about one timeout). Name resolution of a
+//!   every socket read and write (an idle bound: a stalled server gives
+//!   `TierError::Timeout` within about one timeout); while a blob streams,
+//!   reads and writes wait up to `TRANSFER_IDLE_MS_MIN` (a blob that keeps
+//!   flowing may take as long as it needs). Name resolution of a
 //!   host name uses the system resolver and has no timeout of its own: give
 //!   an address, or a name the resolver answers locally.
-//! - The password never appears in `describe()`, logs or errors.
+//! - The password never appears in `describe()`, logs or errors. It comes
+//!   from `EngineConfig::password` (a root-only file, never argv) or, with
+//!   a warning at mount, from the URL.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -75,10 +78,13 @@ const REDIS_REPLY_FRAMING_BYTES: u64 = 4096;
 pub const REDIS_BLOB_BYTES_MAX: u64 = REDIS_REPLY_BYTES_MAX - REDIS_REPLY_FRAMING_BYTES;
 /// Bound on a status, error or length line.
 const REDIS_LINE_BYTES_MAX: usize = 64 * 1024;
-const REDIS_ARRAY_LEN_MAX: usize = 1024;
+/// (SSCAN brings about `LIST_SCAN_COUNT` names a pass, sometimes more.)
+const REDIS_ARRAY_LEN_MAX: usize = 8 * LIST_SCAN_COUNT;
 const REDIS_ARRAY_DEPTH_MAX: usize = 2;
-/// Idle connections kept for reuse (more may be open while calls run).
-pub const REDIS_POOL_CONNECTIONS_MAX: usize = 8;
+/// Idle connections kept for reuse (more may be open while calls run):
+/// enough for every request caller of a 64-thread host and the background
+/// callers, so a burst of lookups does not pay a connect each.
+pub const REDIS_POOL_CONNECTIONS_MAX: usize = 128;
 pub const REDIS_PORT_DEFAULT: u16 = 6379;
 /// A record is about 130 bytes; a bigger value under a record key is not one.
 /// Bound on SET NX attempts when the existing record vanishes before our GET.
@@ -125,11 +131,12 @@ else
 end
 redis.call('SET', KEYS[1], ARGV[3])
 return 1";
-/// Names asked of one SSCAN pass, and bound on passes for one listing.
-const LIST_SCAN_COUNT: usize = 256;
+/// Names asked of one SSCAN pass, and bound on passes for one listing
+/// (SSCAN's COUNT is a hint: passes may bring fewer).
+const LIST_SCAN_COUNT: usize = 1024;
 /// Bound on one SSCAN reply (names are at most 255 bytes).
 const LIST_REPLY_BYTES_MAX: u64 = 1 << 20;
-const LIST_SCAN_PASSES_MAX: usize = 64;
+const LIST_SCAN_PASSES_MAX: usize = 4 * super::LIST_NAMES_MAX / LIST_SCAN_COUNT;
 
 /// Where and how to connect, parsed from the URL.
 #[derive(Clone, PartialEq, Eq)]
@@ -175,7 +182,21 @@ impl RedisEngine {
     /// only logged (it may come up later; calls reconnect), but a refused
     /// password or database is a configuration error and fails here.
     pub fn open(url: &str, config: &EngineConfig) -> Result<RedisEngine, String> {
-        let target = parse_url(url)?;
+        let mut target = parse_url(url)?;
+        if let Some(password) = &config.password {
+            if target.password.is_some() {
+                return Err(
+                    "the redis URL carries a password and a password file was given too: keep only the file".into(),
+                );
+            }
+            target.password = Some(password.clone());
+        }
+        if target.user.is_some() && target.password.is_none() {
+            return Err(
+                "the redis URL names a user but no password: give it in --shared-password-file"
+                    .into(),
+            );
+        }
         if !super::valid_namespace(&config.namespace) {
             return Err(format!("redis: bad namespace {:?}", config.namespace));
         }
@@ -300,11 +321,7 @@ impl RedisEngine {
                 Seen::WrongType,
                 TierError::Data(format!("{what}: not a record ({m})")),
             ),
-            Reply::Error(m) => {
-                return Err(TierError::Unavailable(format!(
-                    "{what}: the server refused: {m}"
-                )))
-            }
+            Reply::Error(m) => return Err(self.error_reply(&what, m)),
             other => return Err(self.unexpected("GET", &key, other)),
         };
         Ok((raw, listed))
@@ -355,23 +372,34 @@ impl RedisEngine {
             }
             Err(e) => return Err(self.tier_error(&name, e)),
         };
-        if let Reply::Error(m) = &reply {
-            if m.starts_with("WRONGTYPE") {
-                // A key of another type: about that one name.
-                return Err(TierError::Data(format!(
-                    "{} {name}: the server refused: {m}",
-                    self.described
-                )));
-            }
-        }
-        if let Reply::Error(m) = reply {
-            return Err(TierError::Unavailable(format!(
-                "{} {name}: the server refused: {m}",
-                self.described
-            )));
-        }
+        // A whole reply was read: the connection is in a known state.
         self.give_back(conn);
+        if let Reply::Error(m) = &reply {
+            return Err(self.error_reply(&format!("{} {name}", self.described), m));
+        }
         Ok(reply)
+    }
+
+    /// The socket timeout while a blob streams (see `TRANSFER_IDLE_MS_MIN`).
+    fn transfer_idle(&self) -> Duration {
+        self.timeout
+            .max(Duration::from_millis(super::TRANSFER_IDLE_MS_MIN))
+    }
+
+    /// What an error reply means, in the server's own words: about one
+    /// key (`WRONGTYPE`: `Data`), an outage (the server cannot serve now:
+    /// loading its data, failing over, busy with a script), or a refusal
+    /// (anything else: `OOM command not allowed` at `maxmemory` with
+    /// `noeviction`, `READONLY` on a replica, `NOPERM`, a changed password).
+    fn error_reply(&self, what: &str, m: &str) -> TierError {
+        let text = format!("{what}: the server refused: {m}");
+        match m.split(' ').next().unwrap_or("") {
+            "WRONGTYPE" => TierError::Data(text),
+            "LOADING" | "BUSY" | "MASTERDOWN" | "TRYAGAIN" | "CLUSTERDOWN" => {
+                TierError::Unavailable(text)
+            }
+            _ => TierError::Refused(text),
+        }
     }
 
     fn tier_error(&self, what: &str, e: io::Error) -> TierError {
@@ -440,11 +468,9 @@ impl Engine for RedisEngine {
             }
             Reply::Bulk(None) if create_only => {}
             Reply::Error(m) => {
-                return Err(TierError::Unavailable(format!(
-                    "{} SET {}: the server refused: {m}",
-                    self.described,
-                    key_text(&key)
-                )))
+                return Err(
+                    self.error_reply(&format!("{} SET {}", self.described, key_text(&key)), m)
+                )
             }
             other => return Err(self.unexpected("SET", &key, other)),
         }
@@ -511,7 +537,7 @@ impl Engine for RedisEngine {
             "put_blob with bytes that are not {id}"
         );
         if bytes.len() as u64 > REDIS_BLOB_BYTES_MAX {
-            return Err(TierError::Unavailable(format!(
+            return Err(TierError::Refused(format!(
                 "{} blob {id}: {} bytes, over the {REDIS_BLOB_BYTES_MAX} a Redis value may hold",
                 self.described,
                 bytes.len()
@@ -525,6 +551,116 @@ impl Engine for RedisEngine {
         match self.call(&[b"SET", &key, bytes, b"NX"], 0)? {
             Reply::Status(s) if s == "OK" => debug!("shared put_blob blob={id} outcome=stored"),
             Reply::Bulk(None) => debug!("shared put_blob blob={id} outcome=already-there"),
+            other => return Err(self.unexpected("SET NX", &key, &other)),
+        }
+        Ok(())
+    }
+
+    /// `GET`, its value copied to `sink` as it arrives (a chunk at a time:
+    /// never the whole blob in memory).
+    fn get_blob_into(
+        &self,
+        id: &BlobId,
+        max_bytes: u64,
+        sink: &mut dyn Write,
+        progress: &super::Progress,
+    ) -> TierResult<Option<u64>> {
+        let key = blob_key(id);
+        let max = max_bytes.min(REDIS_BLOB_BYTES_MAX);
+        let name = format!("GET {}", key_text(&key));
+        let pooled = self.pool().pop();
+        let reused = pooled.is_some();
+        let mut conn = match pooled {
+            Some(conn) => conn,
+            None => self.connect()?,
+        };
+        let idle = self.transfer_idle();
+        let mut answer = conn
+            .set_timeouts(idle)
+            .and_then(|()| conn.send(&[b"GET", &key]))
+            .and_then(|()| read_bulk_into(&mut conn.reader, max, sink, progress));
+        if let Err(e) = &answer {
+            if reused && progress.bytes() == 0 && is_dead_connection(e) {
+                self.pool().clear();
+                conn = self.connect()?;
+                answer = conn
+                    .set_timeouts(idle)
+                    .and_then(|()| conn.send(&[b"GET", &key]))
+                    .and_then(|()| read_bulk_into(&mut conn.reader, max, sink, progress));
+            }
+        }
+        let answer = answer.and_then(|a| conn.set_timeouts(self.timeout).map(|()| a));
+        let answer = answer.map_err(|e| match e.kind() {
+            io::ErrorKind::FileTooLarge => {
+                TierError::Data(format!("{} blob {id}: {e}", self.described))
+            }
+            _ => self.tier_error(&name, e),
+        })?;
+        self.give_back(conn);
+        match answer {
+            Bulk::Missing => Ok(None),
+            Bulk::Copied(len) => Ok(Some(len)),
+            Bulk::Error(m) => Err(self.error_reply(&format!("{} {name}", self.described), &m)),
+        }
+    }
+
+    /// `SET key <value> NX` with the value streamed from `source` (a chunk
+    /// at a time); blobs of `REDIS_BLOB_PROBE_BYTES_MIN` or more are first
+    /// probed with `EXISTS`.
+    fn put_blob_from(
+        &self,
+        id: &BlobId,
+        source: &mut dyn Read,
+        len: u64,
+        progress: &super::Progress,
+    ) -> TierResult<()> {
+        if len > REDIS_BLOB_BYTES_MAX {
+            return Err(TierError::Refused(format!(
+                "{} blob {id}: {len} bytes, over the {REDIS_BLOB_BYTES_MAX} a Redis value may hold",
+                self.described
+            )));
+        }
+        if len >= REDIS_BLOB_PROBE_BYTES_MIN as u64 && self.has_blob(id)? {
+            debug!("shared put_blob blob={id} outcome=already-there");
+            return Ok(());
+        }
+        let key = blob_key(id);
+        let name = format!("SET {} NX", key_text(&key));
+        let mut head = Vec::with_capacity(128);
+        let _ = write!(head, "*4\r\n$3\r\nSET\r\n${}\r\n", key.len());
+        head.extend_from_slice(&key);
+        let _ = write!(head, "\r\n${len}\r\n");
+        let pooled = self.pool().pop();
+        let reused = pooled.is_some();
+        let mut conn = match pooled {
+            Some(conn) => conn,
+            None => self.connect()?,
+        };
+        if let Err(e) = conn.reader.get_mut().write_all(&head) {
+            if !(reused && is_dead_connection(&e)) {
+                return Err(self.tier_error(&name, e));
+            }
+            self.pool().clear();
+            conn = self.connect()?;
+            conn.reader
+                .get_mut()
+                .write_all(&head)
+                .map_err(|e| self.tier_error(&name, e))?;
+        }
+        let sent = conn
+            .set_timeouts(self.transfer_idle())
+            .and_then(|()| super::copy_counted(source, conn.reader.get_mut(), len, progress))
+            .and_then(|()| conn.reader.get_mut().write_all(b"\r\n$2\r\nNX\r\n"))
+            .and_then(|()| read_reply(&mut conn.reader, 0))
+            .and_then(|r| conn.set_timeouts(self.timeout).map(|()| r));
+        let reply = sent.map_err(|e| self.tier_error(&name, e))?;
+        self.give_back(conn);
+        match reply {
+            Reply::Status(s) if s == "OK" => debug!("shared put_blob blob={id} outcome=stored"),
+            Reply::Bulk(None) => debug!("shared put_blob blob={id} outcome=already-there"),
+            Reply::Error(m) => {
+                return Err(self.error_reply(&format!("{} {name}", self.described), &m))
+            }
             other => return Err(self.unexpected("SET NX", &key, &other)),
         }
         Ok(())
@@ -591,6 +727,17 @@ impl Engine for RedisEngine {
     }
 
     fn list(&self, path: &[u8], max: usize) -> TierResult<Vec<Listed>> {
+        self.list_counted(path, max, &super::Progress::default())
+    }
+
+    /// `SSCAN` passes until the cursor comes back to 0 (or `max` names),
+    /// each pass counted in `progress`.
+    fn list_counted(
+        &self,
+        path: &[u8],
+        max: usize,
+        progress: &super::Progress,
+    ) -> TierResult<Vec<Listed>> {
         let key = self.list_key(path);
         let count = LIST_SCAN_COUNT.to_string();
         let mut cursor = b"0".to_vec();
@@ -606,14 +753,17 @@ impl Engine for RedisEngine {
             let [Reply::Bulk(Some(next)), Reply::Array(Some(members))] = parts.as_slice() else {
                 return Err(self.unexpected("SSCAN", &key, &Reply::Array(Some(parts))));
             };
+            progress.check()?;
             for m in members {
                 if out.len() >= max {
                     return Ok(out);
                 }
                 if let Reply::Bulk(Some(m)) = m {
+                    progress.add(m.len() as u64 + 2);
                     out.extend(parse_list_member(m));
                 }
             }
+            progress.add(1);
             if next.as_slice() == b"0" {
                 break;
             }
@@ -624,6 +774,53 @@ impl Engine for RedisEngine {
 
     fn records_healed(&self) -> u64 {
         self.healed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn lists_in_one_round_trip(&self) -> bool {
+        true
+    }
+
+    /// One pipeline of `SSCAN <listing> 0 COUNT max_each`, one per path:
+    /// the first page of each listing, in one round trip.
+    fn list_many(&self, paths: &[Vec<u8>], max_each: usize) -> TierResult<Vec<super::Listing>> {
+        if paths.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<Vec<u8>> = paths.iter().map(|p| self.list_key(p)).collect();
+        let count = max_each.to_string();
+        let cmds: Vec<Vec<&[u8]>> = keys
+            .iter()
+            .map(|k| vec![b"SSCAN".as_slice(), k, b"0", b"COUNT", count.as_bytes()])
+            .collect();
+        let replies = self.pipeline(&cmds, LIST_REPLY_BYTES_MAX)?;
+        let mut out = Vec::with_capacity(replies.len());
+        for (reply, key) in replies.into_iter().zip(&keys) {
+            let listing = match reply {
+                Reply::Array(Some(parts)) => match parts.as_slice() {
+                    [Reply::Bulk(Some(cursor)), Reply::Array(Some(members))] => super::Listing {
+                        names: members
+                            .iter()
+                            .filter_map(|m| match m {
+                                Reply::Bulk(Some(m)) => parse_list_member(m),
+                                _ => None,
+                            })
+                            .take(max_each)
+                            .collect(),
+                        // Cursor 0: the scan is complete.
+                        whole: cursor.as_slice() == b"0" && members.len() <= max_each,
+                    },
+                    _ => return Err(self.unexpected("SSCAN", key, &Reply::Array(Some(parts)))),
+                },
+                // A listing key of another type: nothing usable listed there.
+                Reply::Error(m) if m.starts_with("WRONGTYPE") => super::Listing::default(),
+                Reply::Error(m) => {
+                    return Err(self.error_reply(&format!("{} SSCAN", self.described), &m))
+                }
+                other => return Err(self.unexpected("SSCAN", key, &other)),
+            };
+            out.push(listing);
+        }
+        Ok(out)
     }
 }
 
@@ -733,9 +930,8 @@ fn parse_url(url: &str) -> Result<Target, String> {
     let (user, password) = match userinfo {
         None => (None, None),
         Some(info) => {
-            let Some((user, password)) = info.split_once(':') else {
-                return fail("put the password after a colon: redis://:PASSWORD@HOST");
-            };
+            // `USER@` alone: the password comes from a password file.
+            let (user, password) = info.split_once(':').unwrap_or((info, ""));
             let Some(user) = percent_decode(user) else {
                 return fail("bad %-escape in the user");
             };
@@ -743,9 +939,6 @@ fn parse_url(url: &str) -> Result<Target, String> {
                 return fail("bad %-escape in the password");
             };
             let user = (!user.is_empty()).then_some(user);
-            if user.is_some() && password.is_empty() {
-                return fail("a user needs a password");
-            }
             (user, (!password.is_empty()).then_some(password))
         }
     };
@@ -847,6 +1040,13 @@ impl Conn {
             }
         }
         Ok(conn)
+    }
+
+    /// Bounds every read and write on the socket by `timeout`.
+    fn set_timeouts(&mut self, timeout: Duration) -> io::Result<()> {
+        let stream = self.reader.get_ref();
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))
     }
 
     /// Sends one command and reads its reply, whose values may hold up to
@@ -981,6 +1181,54 @@ fn read_value<R: BufRead>(r: &mut R, bounds: &mut ReplyBounds, depth: usize) -> 
         other => Err(bad_reply(format!(
             "a reply starting with {:?}",
             other as char
+        ))),
+    }
+}
+
+/// What a streamed `GET` found.
+enum Bulk {
+    Missing,
+    /// This many bytes were copied to the sink.
+    Copied(u64),
+    /// An error reply, as the server said it.
+    Error(String),
+}
+
+/// Reads the reply to a `GET`: a bulk string of at most `max` bytes is
+/// copied to `sink` as it arrives (a value over `max` is `FileTooLarge`,
+/// refused before any of it is read: the connection is then dropped).
+fn read_bulk_into<R: BufRead>(
+    r: &mut R,
+    max: u64,
+    sink: &mut dyn Write,
+    progress: &super::Progress,
+) -> io::Result<Bulk> {
+    let line = read_line(r)?;
+    match line.split_first() {
+        Some((b'-', rest)) => Ok(Bulk::Error(String::from_utf8_lossy(rest).into_owned())),
+        Some((b'$', rest)) => {
+            let len = parse_int(rest)?;
+            if len == -1 {
+                return Ok(Bulk::Missing);
+            }
+            let len = u64::try_from(len).map_err(|_| bad_reply(format!("bulk length {len}")))?;
+            if len > max {
+                return Err(io::Error::new(
+                    io::ErrorKind::FileTooLarge,
+                    format!("a value of {len} bytes, over the {max} allowed"),
+                ));
+            }
+            super::copy_counted(r, sink, len, progress)?;
+            let mut crlf = [0u8; 2];
+            r.read_exact(&mut crlf)?;
+            if &crlf != b"\r\n" {
+                return Err(bad_reply("a bulk string not ended by CRLF".into()));
+            }
+            Ok(Bulk::Copied(len))
+        }
+        _ => Err(bad_reply(format!(
+            "a GET answered {:?}",
+            String::from_utf8_lossy(&line[..line.len().min(40)])
         ))),
     }
 }
@@ -1136,6 +1384,7 @@ mod tests {
             namespace: namespace.into(),
             timeout,
             umask: 0o002,
+            password: None,
         }
     }
 
@@ -1223,11 +1472,9 @@ mod tests {
             "redis://h/db",
             "redis://::1:6379",
             "redis://[::1",
-            "redis://secret@h",
             "redis://:%zz@h",
             "redis://:%+f@h",
             "redis://:%4@h",
-            "redis://user:@h",
         ] {
             let err = parse_url(bad)
                 .err()
@@ -1235,6 +1482,19 @@ mod tests {
             assert!(!err.contains("secret"), "errors never quote the URL: {err}");
         }
         assert!(!format!("{:?}", parse_url("redis://:topsecret@h").unwrap()).contains("topsecret"));
+        // A user alone wants its password from a password file.
+        for url in ["redis://secret@127.0.0.1:1", "redis://secret:@127.0.0.1:1"] {
+            let err = RedisEngine::open(url, &config("t", Duration::from_millis(50)))
+                .err()
+                .unwrap_or_else(|| panic!("{url} was accepted with no password"));
+            assert!(
+                err.contains("no password") && !err.contains("secret"),
+                "{err}"
+            );
+        }
+        let mut with_file = config("t", Duration::from_millis(50));
+        with_file.password = Some(b"pw".to_vec());
+        assert!(RedisEngine::open("redis://:pw@127.0.0.1:1", &with_file).is_err());
     }
 
     #[test]

@@ -4,12 +4,26 @@
 //! may slow the daemon, and it may never block a build on it.
 //!
 //! Invariants:
-//! - Every engine call made on a request path (`lookup`) returns within
-//!   `timeout`: it runs on a caller thread and is abandoned past the
-//!   deadline (the answer is a miss).
-//! - While the breaker is open no call reaches the engine: lookups miss at
-//!   once, uploads wait; it is logged once when it opens and once when it
-//!   closes.
+//! - Every engine call made on a request path (`lookup`, `readdir`, `open`)
+//!   runs on a request caller thread, of which there are as many as FUSE
+//!   workers (`TierConfig::request_callers`, the daemon's `--threads`), so
+//!   every worker can wait on the tier at once. A call waits for a free
+//!   caller at most `timeout` (back-pressure: `TierError::Busy`, a miss,
+//!   never counted against the engine), then the engine gets `timeout` to
+//!   answer; past it the call is abandoned (a miss) and counted.
+//! - Uploads, convergence and background revalidation run on their own
+//!   callers (`BACKGROUND_CALLERS`): they never take a request caller, and
+//!   fetches of blobs of `BULK_BYTES_MIN` or more run on the bulk callers.
+//! - A blob transfer (and a listing) is bounded by its progress, not by
+//!   one deadline (`call_transfer`): given up only when no byte moved for
+//!   its idle deadline (`timeout`, at least `TRANSFER_IDLE_MS_MIN`), or
+//!   when, past it, it averages below `TRANSFER_FLOOR_BYTES_PER_S`. Blobs stream a chunk at a time; a
+//!   fetched one is hashed as it arrives into its staging file, so no
+//!   whole blob is ever in memory (`TRANSFER_BYTES_IN_FLIGHT_MAX`).
+//! - The breaker (`breaker.rs`) counts only what the engine did. While it
+//!   is open no call reaches the engine: lookups miss at once, uploads
+//!   wait; half-open lets exactly one probe through. It is logged once when
+//!   it opens and once when it closes.
 //! - Publications are acknowledged locally before they are uploaded, and
 //!   every upload is as durable as its publication: the core writes it to
 //!   the store (`Cf::Uploads`) in the publication's own batch, and the
@@ -18,11 +32,15 @@
 //!   store in publication order. The in-memory queue is bounded
 //!   (`UPLOAD_QUEUE_LEN_MAX`); what does not fit waits in the store only.
 //! - Waiting for an engine that is down (breaker open, timeouts,
-//!   unavailable) costs an upload no attempt. An upload is given up only
-//!   for a reason retrying cannot fix (its local blob is gone and the
-//!   engine lacks it, its local blob is unreadable, or the engine refused
-//!   it `UPLOAD_ATTEMPTS_MAX` times with a non-outage error); it is then
-//!   counted, logged, and every later `sync` of this mount fails naming it.
+//!   unavailable) costs an upload no attempt. A refusal (the engine
+//!   answered no: `TierError::Refused`, e.g. Redis out of memory) costs one,
+//!   is counted, kept in the engine's words for `sync` and the statistics,
+//!   and retried with backoff. An upload is given up only for a reason
+//!   retrying cannot fix (its local blob is gone and the engine lacks it,
+//!   its local blob is unreadable, or the engine refused it
+//!   `UPLOAD_ATTEMPTS_MAX` times); it is then counted, logged, and every
+//!   later `sync` of this mount fails naming it.
+//! - Every pause before a retry has full jitter (`breaker::full_jitter`).
 //! - A name's uploads are delivered one at a time in publication order, and
 //!   one that a later publication of the same name superseded (the local
 //!   name no longer holds its blob, or a newer one is queued) is not
@@ -42,6 +60,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, Receiver, Sender};
 use log::{info, warn};
 
+use super::breaker::{Admit, Breaker, Outcome, Rng, Transition};
 use super::{Engine, Put, Record, TierError, TierResult};
 use crate::stats::{Extra, Histogram, Snapshot};
 use crate::store::ids::BlobId;
@@ -54,20 +73,32 @@ const IN_FLIGHT_SKIP_MAX: usize = 64;
 const NEWEST_PATHS_MAX: usize = 65_536;
 /// How often an idle worker checks that the core is still there.
 const QUEUE_POLL_MS: u64 = 1_000;
-/// Longest pause between two tries of one upload.
+/// Bounds of the pause between two tries of one upload (full jitter
+/// below `BACKOFF_MS_BASE * 2^n`, at most `BACKOFF_MS_MAX`).
+const BACKOFF_MS_BASE: u64 = 200;
 const BACKOFF_MS_MAX: u64 = 5_000;
-/// Threads that upload.
-const UPLOAD_WORKERS: usize = 2;
-/// Threads that run request-path calls under a deadline.
-const CALLERS: usize = 4;
-/// Consecutive failures that open the breaker, and how long it stays open.
-const BREAKER_FAILURES_MAX: u32 = 3;
-const BREAKER_OPEN_MS: u64 = 5_000;
+/// Bounds of the pause after a refusal (the engine answered no: it needs
+/// an operator or time, so the pauses are longer).
+const REFUSED_BACKOFF_MS_BASE: u64 = 1_000;
+const REFUSED_BACKOFF_MS_MAX: u64 = 30_000;
+/// Threads that upload: uploads are delivered this many at a time (one
+/// name at a time each), so a host's upload rate is not one round trip
+/// chain at a time.
+const UPLOAD_WORKERS: usize = 16;
+/// Request callers when the caller does not say (the daemon's `--threads`
+/// default on a big host), and the fewest the tier runs.
+pub const REQUEST_CALLERS_DEFAULT: usize = 64;
+const REQUEST_CALLERS_MIN: usize = 4;
+/// Most request callers (each a thread; `--threads` is bounded below it).
+const REQUEST_CALLERS_MAX: usize = 1024;
+/// Threads that run uploads', convergence's and revalidation's calls:
+/// one per upload worker, and a few for the rest.
+const BACKGROUND_CALLERS: usize = UPLOAD_WORKERS + 4;
 /// How often waiting uploads and `sync` look at the breaker.
 const BREAKER_POLL_MS: u64 = 100;
 /// Attempts per upload that the engine refuses with a non-outage error
 /// before it is given up (counted as failed). Outages cost no attempt.
-const UPLOAD_ATTEMPTS_MAX: u32 = 5;
+const UPLOAD_ATTEMPTS_MAX: u32 = 8;
 /// Why uploads are given up (the reasons `sync` reports).
 const GIVEN_UP_GONE: &str = "local copy gone before upload";
 const GIVEN_UP_UNREADABLE: &str = "local copy unreadable";
@@ -80,8 +111,27 @@ const NEGATIVE_ENTRIES_MAX: usize = 65_536;
 const KNOWN_DIRS_MAX: usize = 65_536;
 /// Damaged shared blobs remembered for repair.
 const DAMAGED_MAX: usize = 4096;
-/// Largest blob fetched from the tier.
-pub const FETCH_BYTES_MAX: u64 = 1 << 30;
+/// Largest blob fetched from the tier (it streams to a staging file: the
+/// bound is the disk's, not memory's).
+pub const FETCH_BYTES_MAX: u64 = 1 << 36;
+/// A transfer is given up when no byte moved for its idle deadline, or
+/// when, past it, it averages below this rate. One that
+/// keeps moving at the floor rate or faster is never cut off, whatever
+/// its size.
+pub const TRANSFER_FLOOR_BYTES_PER_S: u64 = 64 * 1024;
+/// How often a waiter looks at a transfer's progress.
+const TRANSFER_POLL_MS: u64 = 50;
+/// Blobs at least this big are fetched on the bulk callers, so big
+/// transfers never hold the callers lookups need.
+pub const BULK_BYTES_MIN: u64 = 1 << 20;
+/// Bulk transfers at once (each holds one `TRANSFER_CHUNK_BYTES` buffer),
+/// and how many deadlines a bulk fetch waits for a free one.
+const BULK_CALLERS: usize = 4;
+const BULK_SLOT_WAIT_TIMEOUTS: u32 = 20;
+/// Bound on the blob bytes the tier holds in memory at once, whatever the
+/// sizes: one chunk per caller that may be moving a blob.
+pub const TRANSFER_BYTES_IN_FLIGHT_MAX: usize =
+    super::TRANSFER_CHUNK_BYTES * (REQUEST_CALLERS_MAX + BACKGROUND_CALLERS + BULK_CALLERS);
 
 /// A publication to share: the record for `path`, and where its bytes are.
 pub struct Upload {
@@ -153,31 +203,132 @@ pub struct TierStats {
     /// Mutable entries revalidated against the tier, and those refreshed.
     pub revalidations: AtomicU64,
     pub refreshed: AtomicU64,
+    /// Calls that found no caller thread free within the deadline.
+    pub busy: AtomicU64,
+    /// Round trips that prefetched listings for a walk.
+    pub prefetches: AtomicU64,
+    /// Directories bound from a prefetched listing, with no round trip.
+    pub dirs_prefetched: AtomicU64,
+    /// Blobs (and their bytes) brought from the tier.
+    pub blobs_fetched: AtomicU64,
+    pub bytes_fetched: AtomicU64,
+    /// Commands the engine refused (`TierError::Refused`), and the last
+    /// refusal in the engine's words.
+    pub refusals: AtomicU64,
+    pub last_refusal: Mutex<String>,
 }
 
 /// Distinct damaged-record messages logged per mount.
 const DATA_LOGGED_MAX: usize = 1024;
 
-struct Breaker {
-    failures: u32,
-    open_until: Option<Instant>,
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Settings of the tier as the core uses it.
+#[derive(Clone, Debug)]
+pub struct TierConfig {
+    /// How long a call waits for a free caller, and how long the engine
+    /// then has to answer.
+    pub timeout: Duration,
+    /// Request-path calls that may be in flight at once: one per FUSE
+    /// worker (the daemon passes `--threads`).
+    pub request_callers: usize,
 }
 
-type Job = Box<dyn FnOnce() + Send>;
+impl TierConfig {
+    pub fn new(timeout: Duration) -> TierConfig {
+        TierConfig {
+            timeout,
+            request_callers: REQUEST_CALLERS_DEFAULT,
+        }
+    }
+}
+
+/// Which callers run a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lane {
+    /// A kernel request waits for it (lookup, readdir, open).
+    Request,
+    /// Nobody waits but a background thread (uploads, convergence,
+    /// revalidation).
+    Background,
+    /// A fetch of a blob of `BULK_BYTES_MIN` or more (its own callers).
+    Bulk,
+}
+
+/// What became of a blob fetched into a file.
+#[derive(Debug)]
+pub enum Fetch {
+    /// Its bytes are in the file, verified; this many.
+    Got(u64),
+    /// The tier does not have it.
+    Missing,
+    /// Its bytes do not hash to its id (marked for repair).
+    Corrupt,
+    /// Verified, but not the size the record claimed: this size.
+    WrongSize(u64),
+    /// The tier could not be asked, or the transfer stopped.
+    Failed(TierError),
+}
+
+/// Writes a blob to a file as it arrives, hashing it on the way.
+struct HashingWriter {
+    file: std::fs::File,
+    hasher: blake3::Hasher,
+}
+
+impl std::io::Write for HashingWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// Caller threads fed through a rendezvous channel: a job is handed over
+/// only to a thread that is free to run it at once, so a job that was
+/// handed over is running, and one that was not never reached the engine.
+struct Pool {
+    jobs: Sender<Job>,
+}
+
+impl Pool {
+    fn start(name: &str, threads: usize) -> Pool {
+        let (jobs, rx) = bounded::<Job>(0);
+        for i in 0..threads {
+            let rx: Receiver<Job> = rx.clone();
+            let _ = std::thread::Builder::new()
+                .name(format!("{name}-{i}"))
+                .spawn(move || {
+                    for job in rx {
+                        job();
+                    }
+                });
+        }
+        Pool { jobs }
+    }
+}
 
 pub struct Tier {
     engine: Arc<dyn Engine>,
     pub timeout: Duration,
     pub stats: TierStats,
+    /// Leaf lock, held for one state change or one draw of a pause; never
+    /// across a call or a sleep.
     breaker: Mutex<Breaker>,
     breaker_logged_open: AtomicBool,
+    request_callers: Pool,
+    background_callers: Pool,
+    bulk_callers: Pool,
     negative: Mutex<HashMap<Vec<u8>, Instant>>,
     /// Blobs the tier holds damaged copies of: the next upload of one
     /// replaces it (`Engine::repair_blob`).
     damaged: Mutex<std::collections::HashSet<BlobId>>,
     /// Directories already recorded in the tier by this daemon.
     known_dirs: Mutex<std::collections::HashSet<Vec<u8>>>,
-    callers: Sender<Job>,
     outbox: Weak<dyn Outbox>,
     queue: Mutex<Queue>,
     queue_changed: Condvar,
@@ -189,6 +340,9 @@ pub struct Tier {
     progressed: Condvar,
     /// The last outage error an upload waited on (for `sync`'s message).
     last_wait_error: Mutex<String>,
+    /// The engine's words when it last refused an upload, until an upload
+    /// is delivered again (`sync` fails while it is set).
+    refusing: Mutex<Option<String>>,
 }
 
 impl Tier {
@@ -197,25 +351,27 @@ impl Tier {
     /// The upload workers start with the uploads `outbox` holds from before.
     pub fn start(
         engine: Box<dyn Engine>,
-        timeout: Duration,
+        config: TierConfig,
         lost_race: Arc<LostRace>,
         outbox: Weak<dyn Outbox>,
     ) -> Arc<Tier> {
-        let (callers, caller_rx) = bounded::<Job>(CALLERS * 4);
+        let timeout = config.timeout;
+        let request_callers = config
+            .request_callers
+            .clamp(REQUEST_CALLERS_MIN, REQUEST_CALLERS_MAX);
         let pending = outbox.upgrade().map_or(0, |o| o.count());
         let tier = Arc::new(Tier {
             engine: Arc::from(engine),
             timeout,
             stats: TierStats::default(),
-            breaker: Mutex::new(Breaker {
-                failures: 0,
-                open_until: None,
-            }),
+            breaker: Mutex::new(Breaker::new(Rng::seed())),
             breaker_logged_open: AtomicBool::new(false),
+            request_callers: Pool::start("tier-call", request_callers),
+            background_callers: Pool::start("tier-bg-call", BACKGROUND_CALLERS),
+            bulk_callers: Pool::start("tier-bulk-call", BULK_CALLERS),
             negative: Mutex::new(HashMap::new()),
             known_dirs: Mutex::new(Default::default()),
             damaged: Mutex::new(Default::default()),
-            callers,
             outbox,
             queue: Mutex::new(Queue {
                 // Read back what the store holds from before.
@@ -227,17 +383,8 @@ impl Tier {
             given_up: Mutex::new(BTreeMap::new()),
             progressed: Condvar::new(),
             last_wait_error: Mutex::new(String::new()),
+            refusing: Mutex::new(None),
         });
-        for i in 0..CALLERS {
-            let rx: Receiver<Job> = caller_rx.clone();
-            let _ = std::thread::Builder::new()
-                .name(format!("tier-call-{i}"))
-                .spawn(move || {
-                    for job in rx {
-                        job();
-                    }
-                });
-        }
         for i in 0..UPLOAD_WORKERS {
             let tier = tier.clone();
             let lost = lost_race.clone();
@@ -246,7 +393,7 @@ impl Tier {
                 .spawn(move || tier.work(&*lost));
         }
         info!(
-            "shared tier: {} (timeout {} ms)",
+            "shared tier: {} (timeout {} ms, {request_callers} request callers)",
             tier.engine.describe(),
             timeout.as_millis()
         );
@@ -329,9 +476,45 @@ impl Tier {
             ),
             (
                 "shared_breaker_open",
-                "1 while the shared tier is considered down",
-                self.breaker_is_open() as u64,
+                "1 while the shared tier is considered down (breaker open or probing)",
+                self.breaker_is_down() as u64,
                 true,
+            ),
+            (
+                "shared_prefetches",
+                "Round trips that prefetched the listings below a directory (a walk's next levels)",
+                v(&s.prefetches),
+                false,
+            ),
+            (
+                "shared_dirs_prefetched",
+                "Directories found in a prefetched listing (bound with no round trip of their own)",
+                v(&s.dirs_prefetched),
+                false,
+            ),
+            (
+                "shared_blobs_fetched",
+                "Blobs brought from the shared tier (at open: a lookup or stat takes only the record)",
+                v(&s.blobs_fetched),
+                false,
+            ),
+            (
+                "shared_bytes_fetched",
+                "Bytes of blobs brought from the shared tier",
+                v(&s.bytes_fetched),
+                false,
+            ),
+            (
+                "shared_busy",
+                "Shared-tier calls that found no caller thread free in time (local back-pressure: misses, never counted against the engine)",
+                v(&s.busy),
+                false,
+            ),
+            (
+                "shared_refusals",
+                "Commands the engine answered with a refusal that is not an outage (e.g. Redis OOM); the last one is in shared_last_refusal",
+                v(&s.refusals),
+                false,
             ),
             (
                 "shared_corrupt_blobs",
@@ -393,40 +576,73 @@ impl Tier {
             .push(("shared_upload", "Latency of uploads", &s.upload_ms));
     }
 
-    /// True while calls are refused (until the open period ends; then
-    /// the next call is let through to probe the engine).
+    /// True while calls are refused outright (the breaker is open and
+    /// its period has not ended; half-open lets a probe through).
     pub fn breaker_is_open(&self) -> bool {
-        self.breaker
-            .lock()
-            .unwrap()
-            .open_until
-            .is_some_and(|t| Instant::now() < t)
+        self.breaker.lock().unwrap().is_open(Instant::now())
+    }
+
+    /// True while the tier is considered down (open or half-open).
+    pub fn breaker_is_down(&self) -> bool {
+        self.breaker.lock().unwrap().is_down()
     }
 
     pub fn queue_len(&self) -> u64 {
         self.queue.lock().unwrap().items.len() as u64
     }
 
-    /// False while the breaker is open.
-    fn admit(&self) -> bool {
-        let mut b = self.breaker.lock().unwrap();
-        match b.open_until {
-            Some(t) if Instant::now() < t => false,
-            Some(_) => {
-                // Half open: let calls through; one failure re-opens it.
-                b.open_until = None;
-                b.failures = BREAKER_FAILURES_MAX - 1;
-                true
-            }
-            None => true,
+    /// A pause before retry `attempt`, with full jitter (drawn under the
+    /// breaker's lock, which is released before anyone sleeps it).
+    fn backoff(&self, attempt: u32) -> Duration {
+        self.breaker
+            .lock()
+            .unwrap()
+            .backoff(attempt, BACKOFF_MS_BASE, BACKOFF_MS_MAX)
+    }
+
+    /// Counts and logs (once per message) a damaged record.
+    fn count_data_error(&self, m: &str) {
+        self.stats.data_errors.fetch_add(1, Ordering::Relaxed);
+        let mut logged = self.stats.data_logged.lock().unwrap();
+        if logged.len() < DATA_LOGGED_MAX && logged.insert(m.to_string()) {
+            warn!("shared tier: {m}: treated as a miss (a newer publication replaces it)");
         }
     }
 
-    fn record_outcome<T>(&self, r: &TierResult<T>) {
-        let mut b = self.breaker.lock().unwrap();
-        match r {
-            Ok(_) => {
-                b.failures = 0;
+    /// Counts what became of a call the breaker let through as `admitted`,
+    /// and moves the breaker by what the engine did (only that).
+    fn record_outcome<T>(&self, admitted: Admit, r: &TierResult<T>) {
+        let outcome = match r {
+            Ok(_) => Outcome::Answered,
+            Err(TierError::Data(m)) => {
+                self.count_data_error(m);
+                Outcome::Answered
+            }
+            Err(TierError::Refused(m)) => {
+                self.stats.refusals.fetch_add(1, Ordering::Relaxed);
+                *self.stats.last_refusal.lock().unwrap() = m.clone();
+                Outcome::Answered
+            }
+            Err(TierError::Busy) => {
+                self.stats.busy.fetch_add(1, Ordering::Relaxed);
+                Outcome::NotTried
+            }
+            Err(e) => {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                if matches!(e, TierError::Timeout) {
+                    self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                }
+                Outcome::Failed
+            }
+        };
+        let transition = self
+            .breaker
+            .lock()
+            .unwrap()
+            .record(admitted, outcome, Instant::now());
+        match transition {
+            Transition::None => {}
+            Transition::Closed => {
                 if self.breaker_logged_open.swap(false, Ordering::Relaxed) {
                     info!(
                         "shared tier {} answers again: sharing resumes",
@@ -434,45 +650,185 @@ impl Tier {
                     );
                 }
             }
-            // Bad data about one name: the engine answered.
-            Err(TierError::Data(m)) => {
-                b.failures = 0;
-                self.stats.data_errors.fetch_add(1, Ordering::Relaxed);
-                let mut logged = self.stats.data_logged.lock().unwrap();
-                if logged.len() < DATA_LOGGED_MAX && logged.insert(m.clone()) {
-                    warn!("shared tier: {m}: treated as a miss (a newer publication replaces it)");
-                }
-            }
-            Err(e) => {
-                self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                if matches!(e, TierError::Timeout) {
-                    self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
-                }
-                b.failures += 1;
-                if b.failures >= BREAKER_FAILURES_MAX {
-                    b.open_until = Some(Instant::now() + Duration::from_millis(BREAKER_OPEN_MS));
-                    // The engine may come back empty (a restarted Redis):
-                    // record the directories again.
-                    self.known_dirs.lock().unwrap().clear();
-                    if !self.breaker_logged_open.swap(true, Ordering::Relaxed) {
-                        warn!(
-                            "shared tier {} failed {} times ({e}): serving from the local store only; retrying in {} s",
-                            self.engine.describe(),
-                            b.failures,
-                            BREAKER_OPEN_MS / 1000
-                        );
-                    }
+            Transition::Opened => {
+                // The engine may come back empty (a restarted Redis):
+                // record the directories again.
+                self.known_dirs.lock().unwrap().clear();
+                if !self.breaker_logged_open.swap(true, Ordering::Relaxed) {
+                    let e = r.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
+                    warn!(
+                        "shared tier {} failed {} times in a row ({e}): serving from the local store only; probing again within {} s",
+                        self.engine.describe(),
+                        super::breaker::BREAKER_FAILURES_MAX,
+                        super::breaker::BREAKER_OPEN_MS_MAX / 1000
+                    );
                 }
             }
         }
     }
 
-    /// Runs `f` on the engine within the deadline.
+    fn pool(&self, lane: Lane) -> &Pool {
+        match lane {
+            Lane::Request => &self.request_callers,
+            Lane::Background => &self.background_callers,
+            Lane::Bulk => &self.bulk_callers,
+        }
+    }
+
+    /// Runs the transfer `f` on a caller of `lane`, bounded by its
+    /// progress, not by one deadline: it is given up (`Timeout`, and told
+    /// to stop through `Progress::cancel`) only when no byte moved for its
+    /// idle deadline (`timeout`, at least `TRANSFER_IDLE_MS_MIN`), or when,
+    /// past that, it averages below `TRANSFER_FLOOR_BYTES_PER_S`. A transfer that keeps moving is never
+    /// counted as a failure. Waiting for a free caller is bounded as in
+    /// `call` (longer for bulk transfers, which queue behind each other).
+    fn call_transfer<T: Send + 'static>(
+        &self,
+        lane: Lane,
+        f: impl FnOnce(&dyn Engine, &super::Progress) -> TierResult<T> + Send + 'static,
+    ) -> TierResult<T> {
+        let admitted = self.breaker.lock().unwrap().admit(Instant::now());
+        if admitted == Admit::Refuse {
+            return Err(TierError::Unavailable("breaker open".into()));
+        }
+        let progress = Arc::new(super::Progress::default());
+        let (tx, rx) = bounded(1);
+        let engine = self.engine.clone();
+        let job_progress = progress.clone();
+        let job: Job = Box::new(move || {
+            let _ = tx.send(f(&*engine, &job_progress));
+        });
+        let slot_wait = match lane {
+            Lane::Bulk => self.timeout * BULK_SLOT_WAIT_TIMEOUTS,
+            _ => self.timeout,
+        };
+        let r =
+            match self.pool(lane).jobs.send_timeout(job, slot_wait) {
+                Err(_) => Err(TierError::Busy),
+                Ok(()) => {
+                    let started = Instant::now();
+                    let (mut seen, mut moved_at) = (0, started);
+                    let idle_max = self
+                        .timeout
+                        .max(Duration::from_millis(super::TRANSFER_IDLE_MS_MIN));
+                    let poll = Duration::from_millis(TRANSFER_POLL_MS).min(self.timeout);
+                    loop {
+                        match rx.recv_timeout(poll) {
+                            Ok(r) => break r,
+                            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                                break Err(TierError::Timeout)
+                            }
+                            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                        }
+                        let now = Instant::now();
+                        let bytes = progress.bytes();
+                        if bytes != seen {
+                            (seen, moved_at) = (bytes, now);
+                        }
+                        let elapsed = now - started;
+                        let idle = now - moved_at > idle_max;
+                        let slow = elapsed > idle_max
+                            && (bytes as f64)
+                                < TRANSFER_FLOOR_BYTES_PER_S as f64 * elapsed.as_secs_f64();
+                        if idle || slow {
+                            progress.cancel();
+                            warn!(
+                            "shared tier: a transfer {} after {bytes} bytes in {:.1} s: given up",
+                            if idle { "stalled" } else { "fell below the floor rate" },
+                            elapsed.as_secs_f64()
+                        );
+                            break Err(TierError::Timeout);
+                        }
+                    }
+                }
+            };
+        self.record_outcome(admitted, &r);
+        r
+    }
+
+    /// Fetches blob `id` into `file` (empty, at its start), hashing it as
+    /// it arrives; `size_hint` (the record's size) picks the lane: big
+    /// ones go to the bulk callers.
+    pub fn blob_into(&self, lane: Lane, id: BlobId, size_hint: u64, file: &std::fs::File) -> Fetch {
+        let lane = if size_hint >= BULK_BYTES_MIN {
+            Lane::Bulk
+        } else {
+            lane
+        };
+        let file = match file.try_clone() {
+            Ok(f) => f,
+            Err(e) => return Fetch::Failed(TierError::Unavailable(format!("staging file: {e}"))),
+        };
+        let got = self.call_transfer(lane, move |e, progress| {
+            let mut sink = HashingWriter {
+                file,
+                hasher: blake3::Hasher::new(),
+            };
+            let len = e.get_blob_into(&id, FETCH_BYTES_MAX, &mut sink, progress)?;
+            Ok(len.map(|len| (len, *sink.hasher.finalize().as_bytes())))
+        });
+        let (len, hash) = match got {
+            Ok(Some(found)) => found,
+            Ok(None) => return Fetch::Missing,
+            Err(e) => return Fetch::Failed(e),
+        };
+        self.stats.blobs_fetched.fetch_add(1, Ordering::Relaxed);
+        self.stats.bytes_fetched.fetch_add(len, Ordering::Relaxed);
+        if hash != id.0 {
+            self.stats.corrupt_blobs.fetch_add(1, Ordering::Relaxed);
+            warn!("shared tier: blob {id} does not match its hash: not used");
+            self.mark_damaged(id);
+            return Fetch::Corrupt;
+        }
+        if len != size_hint {
+            return Fetch::WrongSize(len);
+        }
+        Fetch::Got(len)
+    }
+
+    /// Fetches the blob `id` that the record of `path` says has `size`
+    /// bytes into `file`, verified: true if it is there whole. Else
+    /// (counted as a miss, and logged) the tier lacks it, it fails
+    /// verification, its size is not the record's, or it could not be
+    /// fetched.
+    pub fn fetch_contents_into(
+        &self,
+        lane: Lane,
+        path: &[u8],
+        id: BlobId,
+        size: u64,
+        file: &std::fs::File,
+    ) -> bool {
+        let shown = || String::from_utf8_lossy(path).into_owned();
+        match self.blob_into(lane, id, size, file) {
+            Fetch::Got(_) => return true,
+            Fetch::Missing | Fetch::Corrupt => warn!(
+                "shared tier: record {:?} names blob {id}, which is missing or corrupt: a miss",
+                shown()
+            ),
+            Fetch::WrongSize(len) => self.note_data_error(format!(
+                "record {:?} claims {size} bytes, its verified blob {id} has {len}",
+                shown()
+            )),
+            Fetch::Failed(e) => {
+                log::debug!("fetch path={:?} blob={id}: {e}", shown());
+                return false;
+            }
+        }
+        self.stats.misses.fetch_add(1, Ordering::Relaxed);
+        false
+    }
+
+    /// Runs `f` on the engine on a caller of `lane`: waits for a free
+    /// caller at most `timeout` (else `Busy`), then for the answer at most
+    /// `timeout` (else `Timeout`; the call is abandoned on its thread).
     fn call<T: Send + 'static>(
         &self,
+        lane: Lane,
         f: impl FnOnce(&dyn Engine) -> TierResult<T> + Send + 'static,
     ) -> TierResult<T> {
-        if !self.admit() {
+        let admitted = self.breaker.lock().unwrap().admit(Instant::now());
+        if admitted == Admit::Refuse {
             return Err(TierError::Unavailable("breaker open".into()));
         }
         let (tx, rx) = bounded(1);
@@ -480,20 +836,23 @@ impl Tier {
         let job: Job = Box::new(move || {
             let _ = tx.send(f(&*engine));
         });
-        let r = match self.callers.try_send(job) {
+        let r = match self.pool(lane).jobs.send_timeout(job, self.timeout) {
+            // A caller took it: it is running.
             Ok(()) => rx
                 .recv_timeout(self.timeout)
                 .unwrap_or(Err(TierError::Timeout)),
-            // Every caller is stuck on a hung engine.
-            Err(_) => Err(TierError::Timeout),
+            // Every caller stayed busy (calls abandoned on a hung engine
+            // hold them): back-pressure, not the engine's answer.
+            Err(_) => Err(TierError::Busy),
         };
-        self.record_outcome(&r);
+        self.record_outcome(admitted, &r);
         r
     }
 
-    /// Looks `path` up: its record, and for a file its verified bytes.
-    /// Any failure is a miss; a corrupt blob is counted and is a miss.
-    pub fn fetch(&self, path: &[u8]) -> Option<(Record, Option<Vec<u8>>)> {
+    /// Looks `path` up: its record only (attributes without contents;
+    /// `fetch_contents` brings a file's bytes when they are needed). Any
+    /// failure is a miss.
+    pub fn fetch_record(&self, path: &[u8]) -> Option<Record> {
         if let Some(until) = self.negative.lock().unwrap().get(path) {
             if Instant::now() < *until {
                 return None;
@@ -501,71 +860,19 @@ impl Tier {
         }
         let started = Instant::now();
         let p = path.to_vec();
-        let record = match self.call(move |e| e.get_record(&p)) {
-            Ok(Some(r)) => r,
+        match self.call(Lane::Request, move |e| e.get_record(&p)) {
+            Ok(Some(r)) => {
+                self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                self.stats.fetch_ms.observe(started.elapsed());
+                Some(r)
+            }
             Ok(None) | Err(TierError::Data(_)) => {
                 self.stats.misses.fetch_add(1, Ordering::Relaxed);
                 self.remember_missing(path);
-                return None;
+                None
             }
-            Err(_) => return None,
-        };
-        let bytes = match &record.kind {
-            super::RecordKind::Dir => None,
-            super::RecordKind::File { blob, .. } => {
-                let id = *blob;
-                let bytes = match self.call(move |e| e.get_blob(&id, FETCH_BYTES_MAX)) {
-                    Ok(Some(b)) => b,
-                    Ok(None) => {
-                        warn!(
-                            "shared tier: record {:?} names blob {id}, which is missing",
-                            String::from_utf8_lossy(path)
-                        );
-                        self.stats.misses.fetch_add(1, Ordering::Relaxed);
-                        return None;
-                    }
-                    Err(_) => return None,
-                };
-                if *blake3::hash(&bytes).as_bytes() != id.0 {
-                    self.stats.corrupt_blobs.fetch_add(1, Ordering::Relaxed);
-                    warn!(
-                        "shared tier: blob {id} for {:?} does not match its hash: not used (treated as a miss)",
-                        String::from_utf8_lossy(path)
-                    );
-                    self.mark_damaged(id);
-                    return None;
-                }
-                if let super::RecordKind::File { size, .. } = &record.kind {
-                    if *size != bytes.len() as u64 {
-                        self.note_data_error(format!(
-                            "record {:?} claims {size} bytes, its verified blob {id} has {}",
-                            String::from_utf8_lossy(path),
-                            bytes.len()
-                        ));
-                        self.stats.misses.fetch_add(1, Ordering::Relaxed);
-                        return None;
-                    }
-                }
-                Some(bytes)
-            }
-        };
-        self.stats.hits.fetch_add(1, Ordering::Relaxed);
-        self.stats.fetch_ms.observe(started.elapsed());
-        Some((record, bytes))
-    }
-
-    /// Fetches and verifies one blob (convergence).
-    pub fn fetch_blob(&self, id: BlobId) -> Option<Vec<u8>> {
-        let bytes = self
-            .call(move |e| e.get_blob(&id, FETCH_BYTES_MAX))
-            .ok()??;
-        if *blake3::hash(&bytes).as_bytes() != id.0 {
-            self.stats.corrupt_blobs.fetch_add(1, Ordering::Relaxed);
-            warn!("shared tier: blob {id} does not match its hash: not used");
-            self.mark_damaged(id);
-            return None;
+            Err(_) => None,
         }
-        Some(bytes)
     }
 
     fn mark_damaged(&self, id: BlobId) {
@@ -736,6 +1043,7 @@ impl Tier {
             let error = match self.try_upload(up) {
                 Ok(put) => {
                     self.stats.uploads.fetch_add(1, Ordering::Relaxed);
+                    *self.refusing.lock().unwrap() = None;
                     self.stats.upload_ms.observe(started.elapsed());
                     self.forget_missing(&up.path);
                     // Converge (or heal a damaged record) before the upload
@@ -763,12 +1071,16 @@ impl Tier {
                 }
                 Err(Failure::Engine(e)) => e,
             };
-            if matches!(error, TierError::Timeout | TierError::Unavailable(_)) {
-                // The engine is down or not answering: wait, at no cost.
+            if error.is_outage() || matches!(error, TierError::Busy) {
+                // The engine is down or not answering, or every caller is
+                // busy: wait, at no cost.
                 *self.last_wait_error.lock().unwrap() = error.to_string();
                 waits += 1;
-                std::thread::sleep(backoff(waits));
+                std::thread::sleep(self.backoff(waits));
                 continue;
+            }
+            if let TierError::Refused(m) = &error {
+                *self.refusing.lock().unwrap() = Some(m.clone());
             }
             attempts += 1;
             if attempts >= UPLOAD_ATTEMPTS_MAX {
@@ -779,7 +1091,13 @@ impl Tier {
                     format!("after {attempts} attempts: {error}"),
                 );
             }
-            std::thread::sleep(backoff(attempts));
+            // The pause is drawn under the breaker's lock, and slept after.
+            let pause = self.breaker.lock().unwrap().backoff(
+                attempts,
+                REFUSED_BACKOFF_MS_BASE,
+                REFUSED_BACKOFF_MS_MAX,
+            );
+            std::thread::sleep(pause);
         }
     }
 
@@ -800,7 +1118,7 @@ impl Tier {
                     mtime_ns: up.record.mtime_ns,
                 },
             );
-            self.call(move |e| e.put_record(&d, &rec, true))?;
+            self.call(Lane::Background, move |e| e.put_record(&d, &rec, true))?;
             let mut known = self.known_dirs.lock().unwrap();
             if known.len() >= KNOWN_DIRS_MAX {
                 known.clear();
@@ -809,21 +1127,46 @@ impl Tier {
         }
         let id = up.blob;
         if self.damaged.lock().unwrap().contains(&id) {
-            let bytes = self.read_local_blob(up)?;
-            self.call(move |e| e.repair_blob(&id, &bytes))?;
+            let (mut file, len) = self.open_local_blob(up)?;
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut file, &mut bytes).map_err(|e| {
+                Failure::Local(
+                    GIVEN_UP_UNREADABLE,
+                    format!("cannot read local blob {id}: {e}"),
+                )
+            })?;
+            if bytes.len() as u64 != len {
+                return Err(Failure::Local(
+                    GIVEN_UP_UNREADABLE,
+                    format!("local blob {id} changed while it was read"),
+                ));
+            }
+            self.call(Lane::Background, move |e| e.repair_blob(&id, &bytes))?;
             self.damaged.lock().unwrap().remove(&id);
-        } else if !self.call(move |e| e.has_blob(&id))? {
-            let bytes = self.read_local_blob(up)?;
-            self.call(move |e| e.put_blob(&id, &bytes))?;
+        } else if !self.call(Lane::Background, move |e| e.has_blob(&id))? {
+            let (mut file, len) = self.open_local_blob(up)?;
+            self.call_transfer(Lane::Background, move |e, progress| {
+                e.put_blob_from(&id, &mut file, len, progress)
+            })?;
         }
         let (path, record, create_only) = (up.path.clone(), up.record.clone(), up.create_only);
-        Ok(self.call(move |e| e.put_record(&path, &record, create_only))?)
+        Ok(self.call(Lane::Background, move |e| {
+            e.put_record(&path, &record, create_only)
+        })?)
     }
 
-    /// The upload's blob from the local store, checked against its id.
-    fn read_local_blob(&self, up: &Upload) -> Result<Vec<u8>, Failure> {
-        let bytes = match std::fs::read(&up.blob_file) {
-            Ok(b) => b,
+    /// The upload's blob file from the local store, checked against its
+    /// id (hashed a chunk at a time), at its start, and its length.
+    fn open_local_blob(&self, up: &Upload) -> Result<(std::fs::File, u64), Failure> {
+        use std::io::{Read, Seek};
+        let unreadable = |e: std::io::Error| {
+            Failure::Local(
+                GIVEN_UP_UNREADABLE,
+                format!("cannot read local blob {}: {e}", up.blob),
+            )
+        };
+        let mut file = match std::fs::File::open(&up.blob_file) {
+            Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(Failure::Local(
                     GIVEN_UP_GONE,
@@ -833,14 +1176,20 @@ impl Tier {
                     ),
                 ))
             }
-            Err(e) => {
-                return Err(Failure::Local(
-                    GIVEN_UP_UNREADABLE,
-                    format!("cannot read local blob {}: {e}", up.blob),
-                ))
-            }
+            Err(e) => return Err(unreadable(e)),
         };
-        if *blake3::hash(&bytes).as_bytes() != up.blob.0 {
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; super::TRANSFER_CHUNK_BYTES];
+        let mut len = 0u64;
+        loop {
+            let n = file.read(&mut buf).map_err(unreadable)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            len += n as u64;
+        }
+        if *hasher.finalize().as_bytes() != up.blob.0 {
             return Err(Failure::Local(
                 GIVEN_UP_UNREADABLE,
                 format!(
@@ -849,7 +1198,8 @@ impl Tier {
                 ),
             ));
         }
-        Ok(bytes)
+        file.rewind().map_err(unreadable)?;
+        Ok((file, len))
     }
 
     /// The upload is done with (delivered, superseded or given up).
@@ -881,33 +1231,77 @@ impl Tier {
         self.settle(outbox, up);
     }
 
-    /// Waits until every publication acknowledged before the call has been
-    /// delivered, up to `deadline`. Ok(n) (n: uploads delivered by this
-    /// mount) only if, in addition, no upload of this mount was ever given
-    /// up; Err(message) names what is missing and why.
-    pub fn sync(&self, deadline: Duration) -> Result<u64, String> {
+    /// The mark a `sync` starting now waits for: every publication
+    /// acknowledged before now has a smaller tick.
+    pub fn sync_mark(&self) -> Result<u64, String> {
+        match self.outbox() {
+            Some(outbox) => Ok(outbox.tick()),
+            None => Err("the filesystem is shutting down".into()),
+        }
+    }
+
+    /// Where the uploads of publications acknowledged before `mark` stand,
+    /// answered at once (never waits): delivered (and none of this mount's
+    /// uploads was ever given up), still on their way, or failed, with
+    /// what is missing and why: uploads given up, an engine that is down,
+    /// or an engine that refuses them (in its own words; they are still
+    /// retried with backoff, and given up after `UPLOAD_ATTEMPTS_MAX`
+    /// refusals each).
+    pub fn sync_state(&self, mark: u64) -> SyncState {
         let Some(outbox) = self.outbox() else {
-            return Err("the filesystem is shutting down".into());
+            return SyncState::Failed("the filesystem is shutting down".into());
         };
-        // Every publication acknowledged before now has a smaller tick.
-        let mark = outbox.tick();
-        let until = Instant::now() + deadline;
-        let mut g = self.given_up.lock().unwrap();
-        loop {
-            match outbox.oldest_seq() {
-                Err(e) => return Err(format!("cannot read the pending uploads: {e}")),
-                Ok(None) => break,
-                Ok(Some(seq)) if seq > mark => break,
-                Ok(Some(_)) => {}
-            }
+        let pending = match outbox.oldest_seq() {
+            Err(e) => return SyncState::Failed(format!("cannot read the pending uploads: {e}")),
+            Ok(oldest) => oldest.is_some_and(|seq| seq <= mark),
+        };
+        if pending {
             let waiting = self.pending();
             if self.breaker_is_open() {
-                return Err(format!(
+                return SyncState::Failed(format!(
                     "{waiting} uploads cannot be delivered now: shared tier {} is down ({}); they are kept in the store and retried in the background",
                     self.engine.describe(),
                     self.last_wait_error.lock().unwrap()
                 ));
             }
+            if let Some(m) = &*self.refusing.lock().unwrap() {
+                return SyncState::Failed(format!(
+                    "{waiting} uploads pending: shared tier {} refuses them ({m}); they are kept in the store and retried with backoff, each given up after {UPLOAD_ATTEMPTS_MAX} refusals",
+                    self.engine.describe()
+                ));
+            }
+            return SyncState::Waiting(waiting);
+        }
+        let g = self.given_up.lock().unwrap();
+        let total: u64 = g.values().map(|(n, _)| n).sum();
+        if total > 0 {
+            let reasons: Vec<String> = g
+                .iter()
+                .map(|(reason, (n, last))| format!("{n} {reason} (last: {last})"))
+                .collect();
+            return SyncState::Failed(format!(
+                "{total} uploads given up since this mount started, so those publications are not in the shared tier {}: {}",
+                self.engine.describe(),
+                reasons.join("; ")
+            ));
+        }
+        SyncState::Done(self.stats.uploads.load(Ordering::Relaxed))
+    }
+
+    /// Waits (on this thread) until every publication acknowledged before
+    /// the call has been delivered, up to `deadline`: `sync_state` polled
+    /// as uploads settle. Ok(n) (n: uploads delivered by this mount) only
+    /// if, in addition, no upload of this mount was ever given up;
+    /// Err(message) names what is missing and why.
+    pub fn sync(&self, deadline: Duration) -> Result<u64, String> {
+        let mark = self.sync_mark()?;
+        let until = Instant::now() + deadline;
+        loop {
+            let waiting = match self.sync_state(mark) {
+                SyncState::Done(n) => return Ok(n),
+                SyncState::Failed(m) => return Err(m),
+                SyncState::Waiting(n) => n,
+            };
             let now = Instant::now();
             if now >= until {
                 return Err(format!(
@@ -918,28 +1312,20 @@ impl Tier {
                 ));
             }
             let slice = (until - now).min(Duration::from_millis(BREAKER_POLL_MS));
-            g = self.progressed.wait_timeout(g, slice).unwrap().0;
+            let g = self.given_up.lock().unwrap();
+            drop(self.progressed.wait_timeout(g, slice).unwrap());
         }
-        let total: u64 = g.values().map(|(n, _)| n).sum();
-        if total > 0 {
-            let reasons: Vec<String> = g
-                .iter()
-                .map(|(reason, (n, last))| format!("{n} {reason} (last: {last})"))
-                .collect();
-            return Err(format!(
-                "{total} uploads given up since this mount started, so those publications are not in the shared tier {}: {}",
-                self.engine.describe(),
-                reasons.join("; ")
-            ));
-        }
-        Ok(self.stats.uploads.load(Ordering::Relaxed))
     }
 }
 
-/// Pause before retry `n` (1, 2, ...): doubling from 200 ms, at most
-/// `BACKOFF_MS_MAX`.
-fn backoff(n: u32) -> Duration {
-    Duration::from_millis((200u64 << n.min(10)).min(BACKOFF_MS_MAX))
+/// What `Tier::sync_state` found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SyncState {
+    /// Delivered; this mount's uploads delivered so far.
+    Done(u64),
+    /// This many uploads are still on their way.
+    Waiting(u64),
+    Failed(String),
 }
 
 /// Why one try of an upload failed.
@@ -1003,33 +1389,17 @@ impl Queue {
 impl Tier {
     /// Counts and logs (once per message) a damaged record.
     pub fn note_data_error(&self, message: String) {
-        self.record_outcome::<()>(&Err(TierError::Data(message)));
+        self.count_data_error(&message);
     }
 
     /// The record at `path` only (no blob): `Err` when the engine could
     /// not answer, `Ok(None)` when there is none or it is damaged.
-    pub fn record(&self, path: &[u8]) -> TierResult<Option<Record>> {
+    pub fn record(&self, lane: Lane, path: &[u8]) -> TierResult<Option<Record>> {
         let p = path.to_vec();
-        match self.call(move |e| e.get_record(&p)) {
+        match self.call(lane, move |e| e.get_record(&p)) {
             Err(TierError::Data(_)) => Ok(None),
             other => other,
         }
-    }
-
-    /// A blob's verified bytes: `Ok(None)` when the tier lacks it or its
-    /// bytes fail verification (marked for repair), `Err` when it could
-    /// not be asked.
-    pub fn blob_checked(&self, id: BlobId) -> TierResult<Option<Vec<u8>>> {
-        let Some(bytes) = self.call(move |e| e.get_blob(&id, FETCH_BYTES_MAX))? else {
-            return Ok(None);
-        };
-        if *blake3::hash(&bytes).as_bytes() != id.0 {
-            self.stats.corrupt_blobs.fetch_add(1, Ordering::Relaxed);
-            warn!("shared tier: blob {id} does not match its hash: not used");
-            self.mark_damaged(id);
-            return Ok(None);
-        }
-        Ok(Some(bytes))
     }
 
     /// Replaces the damaged record `seen` at `path` with `record`.
@@ -1040,7 +1410,9 @@ impl Tier {
         record: Record,
     ) -> TierResult<bool> {
         let p = path.to_vec();
-        let r = self.call(move |e| e.replace_damaged(&p, &seen, &record));
+        let r = self.call(Lane::Background, move |e| {
+            e.replace_damaged(&p, &seen, &record)
+        });
         if matches!(r, Ok(true)) {
             self.forget_missing(path);
         }
@@ -1055,7 +1427,25 @@ impl Tier {
     /// Names the tier lists below the directory `path` (bounded).
     pub fn list(&self, path: &[u8]) -> TierResult<Vec<super::Listed>> {
         let p = path.to_vec();
-        self.call(move |e| e.list(&p, super::LIST_NAMES_MAX))
+        self.call_transfer(Lane::Request, move |e, progress| {
+            e.list_counted(&p, super::LIST_NAMES_MAX, progress)
+        })
+    }
+
+    /// True if the engine lists many directories in one round trip.
+    pub fn prefetches(&self) -> bool {
+        self.engine.lists_in_one_round_trip()
+    }
+
+    /// The first page (`max_each` names) of each listing below `paths`,
+    /// in one round trip (see `Engine::list_many`).
+    pub fn list_many(
+        &self,
+        paths: Vec<Vec<u8>>,
+        max_each: usize,
+    ) -> TierResult<Vec<super::Listing>> {
+        self.stats.prefetches.fetch_add(1, Ordering::Relaxed);
+        self.call(Lane::Request, move |e| e.list_many(&paths, max_each))
     }
 }
 
@@ -1194,7 +1584,7 @@ mod tests {
         let weak: Weak<dyn Outbox> = Arc::downgrade(outbox) as Weak<dyn Outbox>;
         let tier = Tier::start(
             Box::new(engine),
-            Duration::from_secs(5),
+            TierConfig::new(Duration::from_secs(5)),
             Arc::new(|_: &[u8], _| {}),
             weak,
         );

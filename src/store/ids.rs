@@ -20,9 +20,23 @@ impl Ino {
     pub const STATS_SYNC: Ino = Ino(6);
     /// First number handed out to real files and directories.
     pub const FIRST_DYNAMIC: Ino = Ino(16);
+    /// Set in the numbers of the virtual `.casfs/sync-<MARK>` files (a
+    /// `casfs sync` in progress: MARK is the clock tick it waits for,
+    /// below 2^63 until the year 2262). Never allocated to a real inode.
+    const SYNC_MARK_BIT: u64 = 1 << 63;
 
     pub fn is_virtual(self) -> bool {
-        self.0 >= Ino::STATS_DIR.0 && self.0 < Ino::FIRST_DYNAMIC.0
+        (self.0 >= Ino::STATS_DIR.0 && self.0 < Ino::FIRST_DYNAMIC.0) || self.sync_mark().is_some()
+    }
+
+    /// The virtual file that reports on the sync waiting for `mark`.
+    pub fn of_sync_mark(mark: u64) -> Option<Ino> {
+        (mark & Ino::SYNC_MARK_BIT == 0).then_some(Ino(mark | Ino::SYNC_MARK_BIT))
+    }
+
+    /// The mark a `.casfs/sync-<MARK>` file reports on.
+    pub fn sync_mark(self) -> Option<u64> {
+        (self.0 & Ino::SYNC_MARK_BIT != 0).then_some(self.0 & !Ino::SYNC_MARK_BIT)
     }
 
     pub fn key(self) -> [u8; 8] {

@@ -1543,6 +1543,8 @@ pub fn compile_all_as_user(
 pub struct Redis {
     child: Option<Child>,
     pub port: u16,
+    /// `requirepass`, if the server wants one.
+    password: Option<String>,
 }
 
 impl Redis {
@@ -1558,7 +1560,27 @@ impl Redis {
 
     /// Starts one on `port` (empty: no persistence).
     pub fn start_on(port: u16) -> Redis {
-        let mut r = Redis { child: None, port };
+        let mut r = Redis {
+            child: None,
+            port,
+            password: None,
+        };
+        r.restart();
+        r
+    }
+
+    /// Starts one that wants `password` from its clients.
+    pub fn start_with_password(password: &str) -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut r = Redis {
+            child: None,
+            port,
+            password: Some(password.to_string()),
+        };
         r.restart();
         r
     }
@@ -1572,6 +1594,11 @@ impl Redis {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
+            .args(
+                self.password
+                    .iter()
+                    .flat_map(|p| ["--requirepass", p.as_str()]),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -1592,8 +1619,23 @@ impl Redis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// Sends `sig` to the server (SIGSTOP: a hung server that still holds
+    /// its connections; SIGCONT: it answers again).
+    pub fn signal(&self, sig: libc::c_int) {
+        let pid = self.child.as_ref().expect("redis-server is running").id();
+        // SAFETY: a plain kill(2) of our own child.
+        assert_eq!(
+            unsafe { libc::kill(pid as libc::pid_t, sig) },
+            0,
+            "kill redis-server"
+        );
+    }
+
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            // SAFETY: a plain kill(2) of our own child (a stopped one dies
+            // of SIGKILL too, but is woken so nothing waits on it).
+            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGCONT) };
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -1606,6 +1648,7 @@ impl Redis {
         );
         let out = Command::new("redis-cli")
             .args(["-p", &self.port.to_string(), "--no-raw"])
+            .envs(self.password.iter().map(|p| ("REDISCLI_AUTH", p.as_str())))
             .args(args)
             .output()
             .expect("run redis-cli");

@@ -403,8 +403,17 @@ fn sync_waiting_on_a_hung_engine_ends_at_once_on_a_signal() {
     publish_results(&dir, 2, 700);
     let mut syncs: Vec<std::process::Child> = (0..4)
         .map(|_| {
-            Command::new(CASFS_BIN)
-                .args(["sync".as_ref(), mp.as_os_str()])
+            let mut c = Command::new(CASFS_BIN);
+            // As typed at a terminal: SIGINT at its default (a test run in
+            // the background of a shell inherits it ignored).
+            // SAFETY: only async-signal-safe signal(2) between fork and exec.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut c, || {
+                    libc::signal(libc::SIGINT, libc::SIG_DFL);
+                    Ok(())
+                });
+            }
+            c.args(["sync".as_ref(), mp.as_os_str()])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()

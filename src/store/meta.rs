@@ -1650,18 +1650,7 @@ impl Store {
             .unwrap();
     }
 
-    /// Calls `f` on every raw record of a column family (fsck). `f` must
-    /// not call the store (the database is held meanwhile).
-    pub fn scan(&self, cf: Cf, mut f: impl FnMut(&[u8], &[u8])) -> Result<()> {
-        let db = self.db()?;
-        for item in db.iterator_cf(Store::cf(&db, cf), IteratorMode::Start) {
-            let (k, v) = item.map_err(|e| Error::db(e, "scan"))?;
-            f(&k, &v);
-        }
-        Ok(())
-    }
-
-    /// Calls `f` on every inode record (a full scan: eviction and fsck).
+    /// Calls `f` on every inode record (a full scan: eviction).
     /// `f` must not call the store (the database is held meanwhile).
     pub fn for_each_inode(&self, mut f: impl FnMut(Result<Inode>)) -> Result<()> {
         let db = self.db()?;

@@ -3,7 +3,8 @@
 //!
 //! Store directory layout (names are forever):
 //!   casfs-store   marker file naming the format ("casfs store format 1")
-//!   lock          held with flock() by the one daemon using the store
+//!   lock          held with flock() by the one daemon (or fsck) using the
+//!                 store; holds its pid
 //!   meta/         RocksDB
 //!   blobs/xx/<64 hex>   blob files (see blobs.rs)
 //!   staging/<ino>       bytes not yet (or never) published: writes in
@@ -18,6 +19,12 @@
 //! - Column family names and key layouts are added, never renamed.
 //! - A store with an unknown format version is refused, never "upgraded"
 //!   by guessing.
+//! - Only a new store (no marker file) gets a new database: an existing
+//!   store whose database does not open is refused as damaged
+//!   (`OpenError::Damaged`, with the `casfs fsck --repair` that mends it),
+//!   never started afresh over its old files (RocksDB would delete them).
+//! - `lock` also holds `casfs fsck`, and is held across a repair of the
+//!   database (`open_locked` hands it back when an open fails).
 
 use std::collections::HashSet;
 use std::fmt;
@@ -1651,18 +1658,7 @@ impl Store {
             .unwrap();
     }
 
-    /// Calls `f` on every raw record of a column family (fsck). `f` must
-    /// not call the store (the database is held meanwhile).
-    pub fn scan(&self, cf: Cf, mut f: impl FnMut(&[u8], &[u8])) -> Result<()> {
-        let db = self.db()?;
-        for item in db.iterator_cf(Store::cf(&db, cf), IteratorMode::Start) {
-            let (k, v) = item.map_err(|e| Error::db(e, "scan"))?;
-            f(&k, &v);
-        }
-        Ok(())
-    }
-
-    /// Calls `f` on every inode record (a full scan: eviction and fsck).
+    /// Calls `f` on every inode record (a full scan: eviction).
     /// `f` must not call the store (the database is held meanwhile).
     pub fn for_each_inode(&self, mut f: impl FnMut(Result<Inode>)) -> Result<()> {
         let db = self.db()?;
@@ -1682,13 +1678,32 @@ impl Store {
     }
 
     /// Makes everything written durable at unmount: the log synced, and
-    /// the memtables flushed into table files, so a cleanly unmounted store
-    /// holds all its records in tables (the files RocksDB's own repair
-    /// recovers best: see `dbrepair`).
+    /// the memtable of every column family that has records but no table
+    /// file yet flushed into one. RocksDB's own repair (`dbrepair`) rebuilds
+    /// the column families it finds in table files and drops, whole, every
+    /// log batch that touches one it did not find; so a column family that
+    /// lives only in the log (a new store's first session) would take every
+    /// publication's batch down with it. Column families with tables lose
+    /// nothing to the repair (their log records are turned into tables),
+    /// so they are not flushed here: the next open does that, and the
+    /// unmount pays no extra syncs.
     pub fn flush(&self) -> Result<()> {
         self.write("flush log", |db| db.flush_wal(true))?;
         self.write("flush memtables", |db| {
-            let cfs: Vec<&ColumnFamily> = CFS.iter().map(|(cf, _)| Store::cf(db, *cf)).collect();
+            let int = |cf: &ColumnFamily, p: &str| db.property_int_value_cf(cf, p).ok().flatten();
+            let cfs: Vec<&ColumnFamily> = CFS
+                .iter()
+                .map(|(cf, _)| Store::cf(db, *cf))
+                .filter(|cf| {
+                    int(cf, "rocksdb.live-sst-files-size") == Some(0)
+                        && int(cf, "rocksdb.num-entries-active-mem-table").unwrap_or(0)
+                            + int(cf, "rocksdb.num-entries-imm-mem-tables").unwrap_or(0)
+                            > 0
+                })
+                .collect();
+            if cfs.is_empty() {
+                return Ok(());
+            }
             db.flush_cfs_opt(&cfs, &rocksdb::FlushOptions::default())
         })
     }

@@ -425,7 +425,21 @@ fn special_files_stay_on_their_host() {
 #[test]
 fn rewriting_a_published_file_in_place_publishes_once_at_close() {
     use std::io::Write;
-    let (_td, m) = mounted("inplace");
+    let td = TestDir::new("inplace");
+    // The daemon logs every seal and publication with its caller: a count
+    // that is off says which request published.
+    let mut m = Mount::spawn_with(&td.store(), &td.mountpoint("mnt"), &[], |cmd, _| {
+        cmd.env("RUST_LOG", "info,casfs::fs::publish=debug");
+    });
+    m.wait_ready();
+    let trail = |m: &Mount| -> String {
+        let log = m.log();
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains(" seal ") || l.contains(" publish "))
+            .collect();
+        lines.join("\n")
+    };
     let path = m.mountpoint.join("notes.txt");
     fs::write(&path, b"first version, long enough to notice\n").unwrap();
     let published = m.counter("publications");
@@ -445,7 +459,12 @@ fn rewriting_a_published_file_in_place_publishes_once_at_close() {
     assert_eq!(m.counter("publications"), published + 1, "after O_TRUNC");
     f.write_all(b"third\n").unwrap();
     drop(f);
-    assert_eq!(m.counter("publications"), published + 2, "after close");
+    assert_eq!(
+        m.counter("publications"),
+        published + 2,
+        "after close; publications:\n{}",
+        trail(&m)
+    );
     assert_eq!(fs::read(&path).unwrap(), b"third\n");
 }
 

@@ -342,10 +342,15 @@ impl Core {
 
     /// Publishes a staged inode in a shared class that no writer holds open:
     /// called when the last writer closes, and after a truncate.
+    #[track_caller]
     pub fn publish_if_idle(&self, ino: Ino, share: Share) -> Result<()> {
         if !self.usage.begin_seal(ino) {
             return Ok(()); // a writer still holds it; its close publishes
         }
+        debug!(
+            "seal ino={ino} share={share:?} from={}",
+            std::panic::Location::caller()
+        );
         let result = self.publish_sealed(ino, share);
         self.end_seal(ino);
         result

@@ -1,7 +1,8 @@
 //! Real-mount tests of blob integrity after a blob was verified once: a
 //! blob file changed under the store (a byte flipped by a stray tool) is
 //! never served again, whether the kernel reads it through the daemon or
-//! directly (FUSE passthrough), and a new publication of the same bytes
+//! directly (FUSE passthrough), a writer never copies it into a new
+//! version, and a new publication of the same bytes
 //! never binds a name to the damaged file: it heals it.
 //!
 //! The scrub is off (`--scrub-interval-ms 0`) so that only the open and
@@ -246,5 +247,72 @@ fn reopen_while_a_descriptor_holds_a_replaced_blob_file_never_reads_the_old_file
         RESULT,
         &result,
         "the result once the old descriptor is closed",
+    );
+}
+
+/// What a name damaged under the store reads after a writer touched it:
+/// it must miss or fail, never return bytes.
+fn assert_gone_or_failing(mp: &Path, name: &str, what: &str) {
+    match read_all(&mp.join(name)) {
+        Ok(v) => panic!("{what}: {name} still reads {} bytes", v.len()),
+        Err(e) => assert!(
+            matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::ENOENT)),
+            "{what}: reading {name} must fail with EIO (or miss), got {e}"
+        ),
+    }
+}
+
+#[test]
+fn a_writer_never_copies_a_damaged_blob_into_its_new_version() {
+    let td = TestDir::new("flip-copyup");
+    let store = td.store();
+    let mp = td.mountpoint("mnt");
+    // No sampled verification at open and no scrub: only the copy made for
+    // a writer can notice the damage.
+    let m = Mount::start(
+        &store,
+        &mp,
+        &["--scrub-interval-ms", "0", "--verify-percent", "0"],
+    );
+    let generic = pattern(3, BYTES_LEN);
+    let other = pattern(4, BYTES_LEN);
+    publish(&mp, "g.tmp", GENERIC, &generic);
+    publish(&mp, "o.tmp", OTHER_GENERIC, &other);
+    flip_blob_byte(&store, &generic, BYTES_LEN - 3);
+    flip_blob_byte(&store, &other, 3);
+    drop_page_cache();
+
+    // A write in place copies the rest from the published (damaged) bytes.
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(mp.join(GENERIC))
+        .unwrap();
+    let e = f
+        .write_all_at(b"X", 0)
+        .expect_err("a write that copies a damaged blob must fail");
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    drop(f);
+    assert_gone_or_failing(&mp, GENERIC, "after a write in place");
+    let mut damaged = generic.clone();
+    damaged[BYTES_LEN - 3] ^= 0x55;
+    damaged[0] = b'X';
+    assert!(
+        !blob_path(&store, &damaged).exists(),
+        "a blob of the damaged bytes was stored"
+    );
+
+    // A truncate by path keeps a prefix of them.
+    let e = fs::OpenOptions::new()
+        .write(true)
+        .open(mp.join(OTHER_GENERIC))
+        .and_then(|f| f.set_len(BYTES_LEN as u64 / 2))
+        .expect_err("a truncate that keeps damaged bytes must fail");
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    assert_gone_or_failing(&mp, OTHER_GENERIC, "after a truncate");
+    assert_eq!(
+        m.counter("corrupt_blobs"),
+        2,
+        "both damaged blobs must be found and counted: {}",
+        m.stats_text()
     );
 }

@@ -41,7 +41,7 @@ use crate::fs::publish::Share;
 use crate::fs::txn::After;
 use crate::fs::{Attr, Caller, Core, Invalidate, RETRIES_MAX};
 use crate::stats::Stats;
-use crate::store::blobs::FileIdentity;
+use crate::store::blobs::{Blobs, FileIdentity};
 use crate::store::ids::{BlobId, Ino};
 use crate::store::meta::{Content, Inode, Kind, PendingReason};
 
@@ -188,6 +188,14 @@ impl Core {
         self.refresh_shared_ino(ino);
         if write {
             self.writable()?;
+            // Until its first change a writer reads the published blob: it
+            // is checked as a reader's open would check it.
+            if flags & libc::O_TRUNC == 0 {
+                let inode = self.inode(ino)?;
+                if let Content::Blob(id) = inode.content {
+                    self.open_verified(&inode, id)?;
+                }
+            }
             return self
                 .open_write(ino, flags & libc::O_TRUNC != 0)
                 .map(|fh| (fh, false));
@@ -545,6 +553,9 @@ impl Core {
     /// `restage`, with the copy truncated to `len` if given (nothing past it
     /// is copied; a size the store's filesystem refuses fails first).
     fn restage_to(&self, h: &Handle, len: Option<u64>) -> Result<bool> {
+        if h.published.load(Ordering::Acquire) && len != Some(0) {
+            self.check_before_copy(h.ino)?;
+        }
         // Counted as a writer (after any seal of it ends) before the lock.
         self.usage.writer_again(h.ino);
         let result = self.restage_locked(h, len);
@@ -552,6 +563,37 @@ impl Core {
             self.usage.writer_done(h.ino);
         }
         result.map(|r| r == Restage::Discarded)
+    }
+
+    /// Before a published file is copied up for a writer (no lock held):
+    /// its blob is hashed whole, and a damaged one is dropped like at any
+    /// open that finds damage (the writer gets EIO, the name goes). The
+    /// copy itself checks again (`copy_up`), for a blob that changes in
+    /// between.
+    pub(super) fn check_before_copy(&self, ino: Ino) -> Result<()> {
+        let inode = self.inode(ino)?;
+        let Content::Blob(id) = inode.content else {
+            return Ok(());
+        };
+        if inode.class == Class::Result {
+            return Ok(()); // never copied: its writers discard
+        }
+        let intact = match self.blobs.open_blob(&id) {
+            Ok(f) => Blobs::verify(&f, &id)?,
+            Err(_) => return Ok(()), // gone meanwhile; the copy says so
+        };
+        if intact {
+            return Ok(());
+        }
+        warn!(
+            "corrupt blob={id} ino={ino} name={:?}: bytes do not match the hash; not copied for writing, quarantined",
+            String::from_utf8_lossy(&inode.name)
+        );
+        self.drop_corrupt(id)?;
+        Err(Error::with_context(
+            libc::EIO,
+            format!("blob {id} is damaged (its bytes do not match its hash)"),
+        ))
     }
 
     fn restage_locked(&self, h: &Handle, len: Option<u64>) -> Result<Restage> {

@@ -134,6 +134,9 @@ impl Core {
         self.materialize(ino)?;
         // A truncate writes the file: no publication may be sealing it.
         let truncates = set.size.is_some();
+        if set.size.is_some_and(|size| size > 0) {
+            self.check_before_copy(ino)?;
+        }
         if truncates {
             self.usage.open(ino, true);
         }

@@ -30,7 +30,7 @@
 use std::fs::File;
 use std::path::PathBuf;
 
-use log::debug;
+use log::{debug, warn};
 
 use crate::classes::Class;
 use crate::error::{Error, Result};
@@ -275,9 +275,23 @@ impl Core {
                     _ => Error::io(e, "truncate"),
                 })?;
             }
+            // A copy of damaged bytes would be published as the writer's
+            // own: the blob is checked as it is copied (its whole file is
+            // read even for a shorter copy). The damage itself is handled
+            // by the next open of it, which hashes it again.
             if len != Some(0) {
                 let src = self.blobs.open_blob(&id)?;
-                Blobs::copy_file(&src, &staged, len)?;
+                if !Blobs::copy_blob_checked(&src, &staged, len, &id)? {
+                    self.forget_verified(&id);
+                    warn!(
+                        "corrupt blob={id} ino={}: its bytes do not match the hash; not copied for writing",
+                        inode.ino
+                    );
+                    return Err(Error::with_context(
+                        libc::EIO,
+                        format!("blob {id} is damaged (its bytes do not match its hash)"),
+                    ));
+                }
             }
             Ok(())
         })();

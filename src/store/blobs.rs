@@ -376,13 +376,42 @@ impl Blobs {
     /// Copies `src` into a fresh file at `dest` (for publishing bytes that a
     /// writer still holds open, and for copy-up of a blob about to change).
     pub fn copy_file(src: &File, dest: &File, limit: Option<u64>) -> Result<()> {
+        Blobs::copy_hashing(src, dest, limit, None)
+    }
+
+    /// `copy_file` from the blob `id`'s file, checking its bytes on the way:
+    /// all of `src` is read and hashed (past `limit` too), so a copy is only
+    /// ever made from bytes that still hash to `id`. False: they do not.
+    pub fn copy_blob_checked(
+        src: &File,
+        dest: &File,
+        limit: Option<u64>,
+        id: &BlobId,
+    ) -> Result<bool> {
+        let mut hasher = blake3::Hasher::new();
+        Blobs::copy_hashing(src, dest, limit, Some(&mut hasher))?;
+        Ok(BlobId(*hasher.finalize().as_bytes()) == *id)
+    }
+
+    /// Copies `src` to `dest` up to `limit`; with a hasher, reads on to
+    /// the end of `src` and hashes every byte read.
+    fn copy_hashing(
+        src: &File,
+        dest: &File,
+        limit: Option<u64>,
+        mut hasher: Option<&mut blake3::Hasher>,
+    ) -> Result<()> {
         let mut buf = vec![0u8; CHUNK_BYTES];
         let mut offset = 0u64;
         loop {
-            let want = match limit {
-                Some(l) if offset >= l => break,
-                Some(l) => ((l - offset) as usize).min(CHUNK_BYTES),
-                None => CHUNK_BYTES,
+            let copy_left = limit.map_or(u64::MAX, |l| l.saturating_sub(offset));
+            if copy_left == 0 && hasher.is_none() {
+                break;
+            }
+            let want = if hasher.is_some() {
+                CHUNK_BYTES
+            } else {
+                (copy_left as usize).min(CHUNK_BYTES)
             };
             let n = src
                 .read_at(&mut buf[..want], offset)
@@ -390,8 +419,14 @@ impl Blobs {
             if n == 0 {
                 break;
             }
-            dest.write_all_at(&buf[..n], offset)
-                .map_err(|e| Error::io(e, "copy: write"))?;
+            if let Some(h) = hasher.as_deref_mut() {
+                h.update(&buf[..n]);
+            }
+            let copy = (n as u64).min(copy_left) as usize;
+            if copy > 0 {
+                dest.write_all_at(&buf[..copy], offset)
+                    .map_err(|e| Error::io(e, "copy: write"))?;
+            }
             offset += n as u64;
         }
         Ok(())

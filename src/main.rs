@@ -606,6 +606,16 @@ fn init_logging() {
 fn main() -> ExitCode {
     init_logging();
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Mount(_)) {
+        // A report piped into `head` ends quietly, as any Unix tool's does
+        // (Rust ignores SIGPIPE, and a print to a closed pipe would be a
+        // panic, hence an abort). The daemon keeps it ignored: its sockets
+        // report EPIPE as an error instead.
+        // SAFETY: no other thread runs yet; SIG_DFL is always valid.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -458,3 +458,36 @@ fn orphan_blob_files_are_swept_after_mount_and_racing_publications_keep_their_by
     assert_eq!(m.counter("corrupt_blobs"), 0);
     m.unmount();
 }
+
+#[test]
+fn an_fsck_report_piped_into_head_ends_quietly() {
+    let td = TestDir::new("fsck-head");
+    let store = td.store();
+    let out = casfs(&[
+        "bench-populate".as_ref(),
+        "--store".as_ref(),
+        store.as_os_str(),
+        "--entries".as_ref(),
+        "1500".as_ref(),
+    ]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    // Many problems: far more than a pipe holds (64 KiB) once `head` is gone.
+    for f in blob_names(&store).iter().take(1000) {
+        fs::remove_file(store.join("blobs").join(&f[..2]).join(f)).unwrap();
+    }
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "{} fsck --store '{}' | head -1; echo \"status=${{PIPESTATUS[0]}}\"",
+            CASFS_BIN,
+            store.display()
+        ))
+        .output()
+        .unwrap();
+    let text = output_text(&out);
+    assert!(
+        text.contains("status=141"),
+        "casfs fsck must end by SIGPIPE when its reader goes: {text}"
+    );
+    assert!(!text.contains("panicked"), "{text}");
+}

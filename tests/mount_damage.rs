@@ -204,6 +204,15 @@ fn rebuild(b: &Built, cc: &Ccache, jobs: &[Job], tag: &str) -> (u64, u64) {
     (stats.hits(), stats.misses())
 }
 
+/// Mounts the repaired store again and builds `round` once: the mount, its
+/// ccache and that build's (hits, misses).
+fn remount_and_rebuild(b: &Built, round: usize, tag: &str) -> (Mount, Ccache, (u64, u64)) {
+    let m = Mount::start(&b.store, &b.mp, &[]);
+    let cc = Ccache::new(&b.mp.join("cc"), &b.td.root);
+    let counts = rebuild(b, &cc, &b.rounds[round], tag);
+    (m, cc, counts)
+}
+
 #[test]
 fn truncated_current_is_repaired_by_pointing_it_at_the_newest_manifest_and_loses_nothing() {
     let b = build("dmg-current", 1);
@@ -217,9 +226,7 @@ fn truncated_current_is_repaired_by_pointing_it_at_the_newest_manifest_and_loses
         repaired.contains("pointed CURRENT at MANIFEST-") && repaired.contains("no record is lost"),
         "a truncated CURRENT is mended by pointing it at the manifest:\n{repaired}"
     );
-    let mut m = Mount::start(&b.store, &b.mp, &[]);
-    let cc = Ccache::new(&b.mp.join("cc"), &b.td.root);
-    let (hits, misses) = rebuild(&b, &cc, &b.rounds[0], "warm");
+    let (mut m, _cc, (hits, misses)) = remount_and_rebuild(&b, 0, "warm");
     assert_eq!(
         (hits, misses),
         (b.rounds[0].len() as u64, 0),
@@ -259,9 +266,7 @@ fn garbled_manifest_is_repaired_by_rocksdb_repair_from_the_table_files() {
         repaired.contains("rebuilt the database with RocksDB's repair"),
         "a garbled manifest is rebuilt from the table files:\n{repaired}"
     );
-    let mut m = Mount::start(&b.store, &b.mp, &[]);
-    let cc = Ccache::new(&b.mp.join("cc"), &b.td.root);
-    let (hits, misses) = rebuild(&b, &cc, &b.rounds[0], "warm");
+    let (mut m, _cc, (hits, misses)) = remount_and_rebuild(&b, 0, "warm");
     assert_eq!(
         (hits, misses),
         (b.rounds[0].len() as u64, 0),
@@ -293,9 +298,7 @@ fn truncated_table_file_loses_only_its_records_and_the_cache_refills_them() {
             && repaired.contains("lost:"),
         "the repair names the table file it could not read and what is lost:\n{repaired}"
     );
-    let mut m = Mount::start(&b.store, &b.mp, &[]);
-    let cc = Ccache::new(&b.mp.join("cc"), &b.td.root);
-    let (hits, misses) = rebuild(&b, &cc, &b.rounds[0], "warm1");
+    let (mut m, cc, (hits, misses)) = remount_and_rebuild(&b, 0, "warm1");
     assert_eq!(
         (hits, misses),
         (b.rounds[0].len() as u64, 0),
@@ -337,9 +340,7 @@ fn table_block_failing_its_checksum_is_found_by_the_check_and_repaired() {
         repaired.contains("checksum") && repaired.contains(&victim),
         "the report names the table file and what RocksDB found:\n{repaired}"
     );
-    let mut m = Mount::start(&b.store, &b.mp, &[]);
-    let cc = Ccache::new(&b.mp.join("cc"), &b.td.root);
-    let (hits, misses) = rebuild(&b, &cc, &b.rounds[0], "warm");
+    let (mut m, _cc, (hits, misses)) = remount_and_rebuild(&b, 0, "warm");
     assert_eq!(hits + misses, b.rounds[0].len() as u64);
     m.unmount();
 }

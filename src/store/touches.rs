@@ -135,3 +135,57 @@ impl Touches {
         self.len() == 0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::classes::Class;
+    use crate::store::ids::BlobId;
+    use crate::store::meta::{Content, Kind};
+
+    fn touched(ino: u64, mtime_ns: u64) -> Inode {
+        Inode {
+            ino: Ino(ino),
+            kind: Kind::File,
+            class: Class::Result,
+            perm: 0o644,
+            uid: 0,
+            gid: 0,
+            nlink: 1,
+            size: 1,
+            mtime_ns,
+            atime_ns: None,
+            mtime_set: true,
+            ctime_ns: mtime_ns,
+            parent: Ino(1),
+            name: b"r".to_vec(),
+            links: Vec::new(),
+            content: Content::Blob(BlobId::of(b"x")),
+        }
+    }
+
+    #[test]
+    fn a_full_map_refuses_new_inodes_but_keeps_taking_touches_of_its_own() {
+        let t = Touches::default();
+        for ino in 0..TOUCHES_MAX as u64 {
+            assert!(t.remember(&touched(ino + 100, 1)));
+        }
+        assert_eq!(t.len(), TOUCHES_MAX);
+        // Full: a new inode's touch is the caller's to write at once.
+        assert!(!t.remember(&touched(7, 2)));
+        let mut record = touched(7, 0);
+        t.apply(&mut record);
+        assert_eq!(record.mtime_ns, 0, "a refused touch is not applied");
+        // An inode already pending still takes its newer times.
+        assert!(t.remember(&touched(100, 3)));
+        let mut record = touched(100, 0);
+        t.apply(&mut record);
+        assert_eq!(record.mtime_ns, 3);
+        assert_eq!(t.len(), TOUCHES_MAX);
+        // A landed record frees its place.
+        t.landed(Ino(100));
+        assert_eq!(t.len(), TOUCHES_MAX - 1);
+        assert!(t.remember(&touched(7, 4)));
+        assert_eq!(t.pending().len(), TOUCHES_MAX);
+    }
+}

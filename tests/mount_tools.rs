@@ -483,3 +483,32 @@ fn new_bytes_equal_to_a_quarantined_blob_are_stored_again() {
     drop(reader);
     drop(m);
 }
+
+#[test]
+fn chown_r_of_the_mount_root_succeeds_and_owns_casfs_too() {
+    require_tools();
+    let td = TestDir::new("tools-chown");
+    let mp = td.mountpoint("mnt");
+    let _m = Mount::start(&td.store(), &mp, &[]);
+    fs::create_dir_all(mp.join("a/b")).unwrap();
+    fs::write(mp.join("a/b/f"), b"x").unwrap();
+    // As an operator hands a cache to its build user. chown -R changes a
+    // directory after its contents, so .casfs is asked before the root.
+    bash(&mp, "chown -R nobody:nogroup .");
+    let owner = |p: &Path| {
+        let m = fs::metadata(p).unwrap_or_else(|e| panic!("stat {p:?}: {e}"));
+        (m.uid(), m.gid())
+    };
+    let nobody = owner(&mp);
+    assert_ne!(nobody, (0, 0), "the root was not chowned");
+    for p in ["a/b/f", ".casfs", ".casfs/stats", ".casfs/metrics"] {
+        assert_eq!(owner(&mp.join(p)), nobody, "{p} after chown -R");
+    }
+    // Nothing else of .casfs can be changed.
+    let e = fs::set_permissions(
+        mp.join(".casfs/stats"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o666),
+    )
+    .expect_err("chmod of .casfs/stats");
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+}

@@ -335,6 +335,8 @@ pub struct Core {
     tier_local: tier_link::TierLocal,
     /// Bounds how many operating errors reach the log (`count_error`).
     error_log: crate::error::ErrorLog,
+    /// The owner of `.casfs` and its files (virtual_files.rs).
+    virtual_owner: virtual_files::VirtualOwner,
 }
 
 thread_local! {
@@ -388,6 +390,7 @@ impl Core {
             lease_failing: AtomicBool::new(false),
             tier_local: Default::default(),
             error_log: Default::default(),
+            virtual_owner: Default::default(),
         };
         core.ensure_root()?;
         if !core.config.read_only {

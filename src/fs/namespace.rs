@@ -129,7 +129,9 @@ impl Core {
     }
 
     pub fn setattr(&self, ino: Ino, set: SetAttr) -> Result<Attr> {
-        Self::refuse_virtual(ino)?;
+        if ino.is_virtual() {
+            return self.setattr_virtual(ino, &set);
+        }
         self.writable()?;
         self.materialize(ino)?;
         // A truncate writes the file: no publication may be sealing it.

@@ -2,7 +2,14 @@
 //! names, attributes and rendered contents.
 //!
 //! Invariant: `.casfs` exists only at the root, and nothing in it can be
-//! changed; its files are rendered at open, so a reader sees one snapshot.
+//! changed but its owner; its files are rendered at open, so a reader sees
+//! one snapshot.
+//!
+//! Owner: `.casfs` and its files have one owner, the mount root's until a
+//! chown of any of them sets it (kept in memory: a remount starts from the
+//! root's again). So `chown -R builder /var/cache/ccache` of a mount
+//! succeeds and leaves every entry owned as asked; modes, sizes and times
+//! of `.casfs` entries cannot be set (EROFS).
 //! Rendering never waits on the network: it answers from counters.
 //!
 //! `casfs sync` is a short-poll protocol, so no FUSE worker ever waits for
@@ -16,12 +23,27 @@
 //! reads; Ctrl-C or `timeout` ends it in its sleep or in a read that does
 //! not block.
 
-use crate::error::{enoent, Result};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::error::{enoent, Error, Result};
+use crate::fs::SetAttr;
 use crate::fs::{Attr, Core, DirEntry};
 use crate::shared::tier::SyncState;
 use crate::stats::{Extra, Snapshot};
 use crate::store::ids::Ino;
 use crate::store::meta::Kind;
+
+/// The owner of `.casfs` once a chown set it: `uid << 32 | gid`, or
+/// `UNSET` (the mount root's owner).
+pub struct VirtualOwner(AtomicU64);
+
+const UNSET: u64 = u64::MAX;
+
+impl Default for VirtualOwner {
+    fn default() -> Self {
+        VirtualOwner(AtomicU64::new(UNSET))
+    }
+}
 
 /// The statistics directory's name at the mount root.
 pub const STATS_DIR_NAME: &[u8] = b".casfs";
@@ -74,6 +96,36 @@ impl Core {
         });
     }
 
+    /// The owner of `.casfs` and its files (see the module doc).
+    fn virtual_owner(&self) -> (u32, u32) {
+        match self.virtual_owner.0.load(Ordering::Relaxed) {
+            UNSET => self
+                .store
+                .inode(Ino::ROOT)
+                .ok()
+                .flatten()
+                .map_or((0, 0), |r| (r.uid, r.gid)),
+            both => ((both >> 32) as u32, both as u32),
+        }
+    }
+
+    /// A setattr of a `.casfs` entry: a chown sets the owner of them all
+    /// (the caller's permission was checked as for any file); anything
+    /// else is refused.
+    pub(super) fn setattr_virtual(&self, ino: Ino, set: &SetAttr) -> Result<Attr> {
+        let only_owner =
+            set.mode.is_none() && set.size.is_none() && set.atime.is_none() && set.mtime.is_none();
+        if !only_owner {
+            return Err(Error::errno(libc::EROFS));
+        }
+        let (uid, gid) = self.virtual_owner();
+        let (uid, gid) = (set.uid.unwrap_or(uid), set.gid.unwrap_or(gid));
+        self.virtual_owner
+            .0
+            .store(u64::from(uid) << 32 | u64::from(gid), Ordering::Relaxed);
+        Ok(self.virtual_attr(ino))
+    }
+
     pub(super) fn virtual_attr(&self, ino: Ino) -> Attr {
         let (kind, perm, size) = if ino == Ino::STATS_DIR {
             (Kind::Dir, 0o555, 0)
@@ -83,12 +135,13 @@ impl Core {
             (Kind::File, 0o444, self.render(ino).len() as u64)
         };
         let t = self.clock.last_ns();
+        let (uid, gid) = self.virtual_owner();
         Attr {
             ino,
             kind,
             perm,
-            uid: 0,
-            gid: 0,
+            uid,
+            gid,
             nlink: if kind == Kind::Dir { 2 } else { 1 },
             size,
             mtime_ns: t,

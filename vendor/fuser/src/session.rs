@@ -48,6 +48,7 @@ use crate::reply::Reply;
 use crate::reply::ReplyRaw;
 use crate::reply::ReplySender;
 use crate::request::RequestWithSender;
+use crate::transport::Dispatcher;
 
 /// The max size of write requests from the kernel. The absolute minimum is 4k,
 /// FUSE recommends at least 128k, max 16M. The FUSE default is 16M on macOS
@@ -100,7 +101,7 @@ impl<FS: Filesystem> Drop for FilesystemHolder<FS> {
 }
 
 #[derive(Debug)]
-struct UmountOnDrop {
+pub(crate) struct UmountOnDrop {
     mount: Arc<Mutex<Option<Mount>>>,
 }
 
@@ -332,6 +333,31 @@ impl<FS: Filesystem> Session<FS> {
         reply
     }
 
+    /// Ends the session's own request loop before it starts: the caller
+    /// brings the requests (e.g. from FUSE over io_uring) and dispatches
+    /// them (`Dispatcher::dispatch`); see `crate::transport`.
+    pub fn into_dispatcher(self) -> Dispatcher<FS> {
+        let Session {
+            filesystem,
+            ch,
+            mount,
+            allowed,
+            session_owner,
+            proto_version: _,
+            config: _,
+        } = self;
+        Dispatcher {
+            event_loop: SessionEventLoop {
+                thread_name: "fuser-transport".to_string(),
+                filesystem: Arc::new(filesystem),
+                ch,
+                allowed,
+                session_owner,
+            },
+            _mount: mount,
+        }
+    }
+
     fn handshake(&mut self) -> io::Result<()> {
         let mut buf = FuseReadBuf::new();
         let buf = buf.as_mut();
@@ -521,7 +547,7 @@ pub(crate) struct SessionEventLoop<FS: Filesystem> {
 }
 
 impl<FS: Filesystem> SessionEventLoop<FS> {
-    fn event_loop(&self) -> io::Result<()> {
+    pub(crate) fn event_loop(&self) -> io::Result<()> {
         // Buffer for receiving requests from the kernel. Only one is allocated and
         // it is reused immediately after dispatching to conserve memory and allocations.
         let mut buf = FuseReadBuf::new();

@@ -42,6 +42,11 @@
 //!   thread if the reply came before the handler returned (casfs's handlers
 //!   all reply before returning), else by the replying thread (`Slot`
 //!   states `DISPATCHING` → `REPLIED` or `LATE`).
+//! - A request's bytes are read only until its reply: the reply is written
+//!   into the same payload buffer the request came in (a write's data is
+//!   overwritten by its 8-byte answer). fuser's handlers take their
+//!   arguments before replying, and casfs's do. A reply's payload is copied
+//!   once into the buffer (on `/dev/fuse`, `writev` copies it instead).
 //! - A ring thread that fails unexpectedly ends the whole mount (a queue
 //!   without entries would leave its CPU's callers waiting forever): the
 //!   mount is detached, which aborts the connection and ends every thread.

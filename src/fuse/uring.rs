@@ -86,6 +86,13 @@ const PAYLOAD_OFFSET: usize = 4096;
 /// or reply reaches (writes are at most `max_pages`, 1 MiB by default).
 pub const PAYLOAD_BYTES_MAX: usize = 16 * 1024 * 1024;
 const ENTRY_BYTES: usize = PAYLOAD_OFFSET + PAYLOAD_BYTES_MAX;
+// The layout above: the out-header ends before the payload size field; the
+// header buffer and the SQE's iovec pair (at HEADER_BYTES) end below where
+// the largest in-header + fixed argument is copied before the payload.
+const _: () = assert!(HEADER_IN_OUT_BYTES <= HEADER_PAYLOAD_SZ_OFFSET);
+const _: () = assert!(
+    HEADER_BYTES.next_multiple_of(16) + 32 <= PAYLOAD_OFFSET - IN_HEADER_BYTES - HEADER_OP_IN_BYTES
+);
 /// Ring entries registered per thread (each thread serves one at a time;
 /// more threads per queue, not more entries, let a queue serve requests in
 /// parallel while a handler waits).
@@ -739,7 +746,7 @@ impl Slot {
             ));
         };
         let start = PAYLOAD_OFFSET - IN_HEADER_BYTES - op_in;
-        if start % 8 != 0 {
+        if !start.is_multiple_of(8) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("ring request with a {op_in}-byte argument (not a multiple of 8)"),
@@ -760,14 +767,14 @@ impl Slot {
         self.state.store(DISPATCHING, Ordering::Relaxed);
         let sink: Arc<dyn ReplySink> = self.clone();
         let outcome = d.dispatch(request, sink)?;
-        match self
+        let replied = self
             .state
             .compare_exchange(DISPATCHING, LATE, Ordering::AcqRel, Ordering::Acquire)
-        {
-            // Replied before the handler returned: commit with the wait.
-            Err(_) => self.ring.0.push(&self.commit())?,
-            // The reply comes later, from another thread, which commits.
-            Ok(_) => {}
+            .is_err();
+        // Replied before the handler returned: commit with the next wait.
+        // Else the reply comes later, from another thread, which commits.
+        if replied {
+            self.ring.0.push(&self.commit())?;
         }
         Ok(outcome)
     }
@@ -821,7 +828,6 @@ impl Slot {
         // SAFETY: the header buffer, in our hands; the in/out area (the
         // out-header) ends at 128, this field lies at 272.
         unsafe {
-            debug_assert!(HEADER_IN_OUT_BYTES <= HEADER_PAYLOAD_SZ_OFFSET);
             std::ptr::copy_nonoverlapping(
                 n.to_ne_bytes().as_ptr(),
                 self.base.add(HEADER_PAYLOAD_SZ_OFFSET),

@@ -2,6 +2,7 @@
 //! ready-to-use values here, and errors become exit codes here and nowhere
 //! else (0 ok, 1 failed, 2 usage).
 
+use casfs::fuse::uring::Transport;
 use casfs::store::{fsck, meta};
 use casfs::{classes, daemon as mount, fs as core, shared, size};
 
@@ -111,6 +112,9 @@ struct MountCmd {
     /// Threads serving kernel requests, each with its own /dev/fuse descriptor [default: the host's parallelism, at most 64]
     #[arg(long)]
     threads: Option<usize>,
+    /// How requests reach the daemon: uring (FUSE over io_uring, per-CPU queues; fails if the kernel does not offer it), dev (/dev/fuse), auto (uring where the kernel offers it, else dev) [default: auto]
+    #[arg(long, value_parser = Transport::parse)]
+    transport: Option<Transport>,
     /// Write one line to descriptor N once the mount serves ("ready") or the daemon fails to start (its error message), then close it
     #[arg(long, value_name = "N")]
     ready_fd: Option<i32>,
@@ -148,6 +152,7 @@ struct MountOptions {
     namespace: Option<String>,
     shared_clock_skew_ms: Option<u64>,
     shared_password_file: Option<PathBuf>,
+    transport: Option<Transport>,
 }
 
 fn parse_mount_options(text: &str) -> Result<MountOptions, String> {
@@ -184,9 +189,15 @@ fn parse_mount_options(text: &str) -> Result<MountOptions, String> {
                         .ok_or_else(|| format!("mount option {opt:?} needs a number of milliseconds"))?,
                 )
             }
+            "transport" => {
+                o.transport = Some(
+                    Transport::parse(value.unwrap_or(""))
+                        .map_err(|e| format!("mount option {opt:?}: {e}"))?,
+                )
+            }
             _ => {
                 return Err(format!(
-                    "unknown mount option {opt:?} (known: allow_other, ro, rw, max_size=SIZE, uid=N, gid=N, mode=OCTAL, shared=URL (or shared_url=URL), namespace=NAME, shared_password_file=FILE, shared_clock_skew_ms=MS, default_permissions)"
+                    "unknown mount option {opt:?} (known: allow_other, ro, rw, max_size=SIZE, uid=N, gid=N, mode=OCTAL, shared=URL (or shared_url=URL), namespace=NAME, shared_password_file=FILE, shared_clock_skew_ms=MS, transport=auto|uring|dev, default_permissions)"
                 ))
             }
         }
@@ -430,6 +441,7 @@ fn run_mount(m: MountCmd, readiness: Arc<mount::Readiness>) -> Result<(), String
         options,
         force,
         threads,
+        transport,
         ready_fd: _,
         mountpoint,
     } = m;
@@ -500,6 +512,7 @@ fn run_mount(m: MountCmd, readiness: Arc<mount::Readiness>) -> Result<(), String
         allow_other: o.allow_other,
         force,
         threads: threads.unwrap_or_else(mount::default_threads),
+        transport: transport.or(o.transport).unwrap_or(Transport::Auto),
         readiness,
     })
 }

@@ -286,6 +286,9 @@ pub struct Stats {
     pub lock_wait: Histogram,
     /// The `mount` label of every Prometheus series (the mountpoint).
     mount_label: OnceLock<String>,
+    /// The FUSE transport serving the mount (`fuse_transport`), e.g.
+    /// "uring" or "dev".
+    transport: OnceLock<String>,
 }
 
 impl Stats {
@@ -296,6 +299,11 @@ impl Stats {
     /// Sets the `mount` label (once, at mount).
     pub fn set_mount_label(&self, mountpoint: &str) {
         let _ = self.mount_label.set(mountpoint.to_owned());
+    }
+
+    /// Sets the FUSE transport shown in the statistics (once, at mount).
+    pub fn set_transport(&self, transport: &str) {
+        let _ = self.transport.set(transport.to_owned());
     }
 
     /// A request of `op` was answered after `took`; `failed` is `None` for
@@ -372,6 +380,9 @@ impl Stats {
             g.bytes_logical as f64 / g.bytes_stored as f64
         };
         let _ = writeln!(out, "{:<24} {ratio:.2}", "dedup_ratio");
+        if let Some(t) = self.transport.get() {
+            let _ = writeln!(out, "{:<24} {t}", "fuse_transport");
+        }
         for (name, text) in &snap.notes {
             // One line each, whatever the engine said.
             let text: String = text
@@ -421,6 +432,9 @@ impl Stats {
         }
         for (name, text) in &snap.notes {
             let _ = write!(out, "\"{name}\":{},", json_string(text));
+        }
+        if let Some(t) = self.transport.get() {
+            let _ = write!(out, "\"fuse_transport\":{},", json_string(t));
         }
         for (name, _, h) in &snap.histograms {
             let _ = write!(
@@ -510,6 +524,13 @@ impl Stats {
                     "casfs_fuse_request_errors_total{{{labels}op=\"{name}\",kind=\"{kind}\"}} {n}"
                 );
             }
+        }
+        if let Some(t) = self.transport.get() {
+            let _ = writeln!(
+                out,
+                "# HELP casfs_fuse_transport_info The FUSE transport serving the mount (uring: FUSE over io_uring; dev: /dev/fuse)\n# TYPE casfs_fuse_transport_info gauge\ncasfs_fuse_transport_info{{{labels}transport=\"{}\"}} 1",
+                label_value(t)
+            );
         }
         out
     }

@@ -26,7 +26,8 @@ fn manifest_name(i: usize) -> String {
     format!("{i:030}M")
 }
 
-/// After `kill -9`: the dead mount answers ENOTCONN and `casfs unmount`
+/// After `kill -9`: the dead mount answers ENOTCONN (over the ring, after
+/// the kernel's teardown: see below) and `casfs unmount`
 /// clears it. (If the daemon mounted with auto-unmount, the kernel has
 /// already removed it and there is nothing to clear.)
 fn clear_dead_mount(mp: &Path) {
@@ -34,7 +35,18 @@ fn clear_dead_mount(mp: &Path) {
         eprintln!("note: {mp:?} was already unmounted when the daemon died (auto-unmount)");
         return;
     }
-    let e = errno_of(fs::metadata(mp.join("x")), "stat on the dead mount");
+    // Over FUSE over io_uring the kernel tears the dead daemon's ring down
+    // asynchronously (io_uring's exit work): a request caught in between is
+    // ended with ECANCELED or ECONNABORTED. Then every one is ENOTCONN.
+    let deadline = Instant::now() + Duration::from_secs(EXIT_TIMEOUT_S);
+    let e = loop {
+        let e = errno_of(fs::metadata(mp.join("x")), "stat on the dead mount");
+        if (e == libc::ECANCELED || e == libc::ECONNABORTED) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+            continue;
+        }
+        break e;
+    };
     assert_eq!(e, libc::ENOTCONN, "stat on a dead mount: {}", errno_name(e));
     let out = casfs(&["unmount".as_ref(), mp.as_os_str()]);
     assert!(

@@ -22,6 +22,7 @@ use fuser::{Config as FuseConfig, MountOption, Session, SessionACL};
 use log::{error, info, warn};
 
 use crate::fs::{Config, Core};
+use crate::fuse::uring::{self, RingConfig, Transport};
 use crate::fuse::{CasFs, Kernel};
 use crate::shared::tier::{LostRace, Outbox, Tier, TierConfig};
 use crate::shared::EngineConfig;
@@ -43,6 +44,9 @@ pub struct MountArgs {
     pub allow_other: bool,
     pub force: bool,
     pub threads: usize,
+    /// `--transport`: FUSE over io_uring, /dev/fuse, or the first of them
+    /// the kernel offers.
+    pub transport: Transport,
     /// Told when the mount serves, what it does, and when it stops.
     pub readiness: Arc<Readiness>,
 }
@@ -192,6 +196,22 @@ pub fn run(args: MountArgs) -> Result<(), String> {
     // file's wait queue, and the kernel hands each request to one of them.
     fuse_config.clone_fd = true;
 
+    // The transport is chosen before the mount (`--transport uring` on a
+    // kernel without the ring refuses here) and settled by INIT.
+    let (ask_ring, mut dev_because) = args.transport.ask_for_ring()?;
+    let queues = if ask_ring {
+        uring::queue_count().map_err(|e| format!("FUSE over io_uring: {e}"))?
+    } else {
+        0
+    };
+    let ring_threads = uring::threads_per_queue(args.threads, queues);
+    // Every worker of either transport may wait on the shared tier at once.
+    let workers = if ask_ring {
+        args.threads.max(queues * ring_threads)
+    } else {
+        args.threads
+    };
+
     let mut tier = None;
     if let Some((url, engine_config)) = &args.shared {
         let engine = crate::shared::open(url, engine_config)
@@ -206,7 +226,7 @@ pub fn run(args: MountArgs) -> Result<(), String> {
         let tier_config = TierConfig {
             timeout: engine_config.timeout,
             // Every FUSE worker may wait on the tier at once.
-            request_callers: args.threads,
+            request_callers: workers,
         };
         let t = Tier::start(engine, tier_config, lost, outbox);
         core.attach_tier(t.clone(), args.clock_skew_max_ms.saturating_mul(1_000_000));
@@ -220,8 +240,39 @@ pub fn run(args: MountArgs) -> Result<(), String> {
             );
         }
     }
-    let session = Session::new(CasFs::new(core.clone()), &mountpoint, &fuse_config)
+    let agreed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let fs = CasFs::new(core.clone());
+    let fs = if ask_ring {
+        fs.ask_for_ring(agreed.clone())
+    } else {
+        fs
+    };
+    let session = Session::new(fs, &mountpoint, &fuse_config)
         .map_err(|e| format!("cannot mount {}: {e}", mountpoint.display()))?;
+    let ring = ask_ring && agreed.load(std::sync::atomic::Ordering::Relaxed);
+    if ask_ring && !ring {
+        let why = "the kernel did not agree to FUSE over io_uring at INIT";
+        if args.transport == Transport::Uring {
+            drop(session);
+            return Err(format!("--transport uring: {why}"));
+        }
+        dev_because = Some(why.into());
+    }
+    if ring {
+        info!(
+            "FUSE transport: io_uring, {queues} queues (one per CPU), {ring_threads} threads each"
+        );
+        core.stats.set_transport("uring");
+    } else {
+        match &dev_because {
+            Some(why) => info!(
+                "FUSE transport: /dev/fuse, {} threads ({why})",
+                args.threads
+            ),
+            None => info!("FUSE transport: /dev/fuse, {} threads", args.threads),
+        }
+        core.stats.set_transport("dev");
+    }
     core.set_kernel_cache(Box::new(
         Kernel::start(session.notifier()).map_err(|e| e.to_string())?,
     ));
@@ -283,7 +334,16 @@ pub fn run(args: MountArgs) -> Result<(), String> {
         status.clone(),
         serving.clone(),
     )?;
-    let result = session.run();
+    let result = if ring {
+        let config = RingConfig {
+            threads_per_queue: ring_threads,
+            pin: true,
+            mountpoint: mountpoint.clone(),
+        };
+        uring::run(session.into_dispatcher(), &config)
+    } else {
+        session.run()
+    };
     serving.store(false, std::sync::atomic::Ordering::SeqCst);
     readiness.stopping(&format!("unmounting {}", mountpoint.display()));
     core.shutdown();

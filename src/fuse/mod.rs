@@ -21,6 +21,8 @@
 //!   changed during rename, create and the like, whose directory the kernel
 //!   holds locked until we reply).
 
+pub mod uring;
+
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -64,6 +66,9 @@ pub struct CasFs {
     /// Set at init when the kernel supports FUSE passthrough.
     passthrough: std::sync::atomic::AtomicBool,
     backing: Mutex<Backing>,
+    /// Asks for FUSE over io_uring at INIT (`uring`); set when the kernel
+    /// agreed.
+    ring: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// Most backing files kept registered for passthrough reads (each holds the
@@ -100,7 +105,15 @@ impl CasFs {
             core,
             passthrough: false.into(),
             backing: Mutex::default(),
+            ring: None,
         }
+    }
+
+    /// Asks the kernel for FUSE over io_uring at INIT; `agreed` tells
+    /// whether it did (then `uring::run` serves the session).
+    pub fn ask_for_ring(mut self, agreed: Arc<std::sync::atomic::AtomicBool>) -> CasFs {
+        self.ring = Some(agreed);
+        self
     }
 
     /// Replies to an open of a published result with passthrough: the
@@ -404,6 +417,12 @@ impl Filesystem for CasFs {
             | InitFlags::FUSE_ATOMIC_O_TRUNC;
         if let Err(missing) = config.add_capabilities(wanted) {
             log::info!("kernel lacks FUSE capabilities {missing:?}; running without them");
+        }
+        if let Some(agreed) = &self.ring {
+            let ok = config
+                .add_capabilities(InitFlags::FUSE_OVER_IO_URING)
+                .is_ok();
+            agreed.store(ok, std::sync::atomic::Ordering::Relaxed);
         }
         // Reads of published results go straight to the blob file (kernel
         // >= 6.9, and the daemon needs CAP_SYS_ADMIN); otherwise through us.

@@ -10,6 +10,10 @@
 //!   guard drops; a temp dir is removed only when nothing below it is mounted.
 //! - A daemon that stops answering cannot hang the suite: a watchdog kills it
 //!   after `WATCHDOG_S`, which turns every blocked request into an error.
+//! - Every `Mount` serves on the transport `CASFS_TEST_TRANSPORT` names
+//!   (`dev`, the default, or `uring`: FUSE over io_uring, which then must be
+//!   available, else the test fails saying how to enable it), unless the
+//!   test passes its own `--transport`.
 //! - ccache runs with no user configuration, no `CCACHE_*` variables from the
 //!   caller, and a fixed working directory (`/`) and source directory, so its
 //!   hashes are the same in every run and on every machine.
@@ -91,6 +95,38 @@ pub fn require_tools() {
     });
     if let Err(msg) = result {
         panic!("casfs mount tests cannot run (they never skip):\n  {msg}");
+    }
+}
+
+/// The FUSE transport the mount tests use: `CASFS_TEST_TRANSPORT` (`dev`
+/// when unset). `uring` fails the test at once (never skips) when the
+/// kernel does not offer FUSE over io_uring.
+pub fn test_transport() -> &'static str {
+    static CHOSEN: OnceLock<Result<&'static str, String>> = OnceLock::new();
+    let chosen = CHOSEN.get_or_init(|| match std::env::var("CASFS_TEST_TRANSPORT").as_deref() {
+        Err(_) | Ok("") | Ok("dev") => Ok("dev"),
+        Ok("auto") => Ok("auto"),
+        Ok("uring") => {
+            let param = "/sys/module/fuse/parameters/enable_uring";
+            match fs::read_to_string(param) {
+                Ok(v) if v.trim() == "Y" => Ok("uring"),
+                Ok(_) => Err(format!(
+                    "CASFS_TEST_TRANSPORT=uring but {param} is N: enable FUSE over io_uring \
+                         with `echo 1 > {param}` (as root)"
+                )),
+                Err(e) => Err(format!(
+                    "CASFS_TEST_TRANSPORT=uring but {param}: {e} (the kernel needs \
+                         Linux 6.14+ with CONFIG_FUSE_IO_URING)"
+                )),
+            }
+        }
+        Ok(other) => Err(format!(
+            "CASFS_TEST_TRANSPORT={other:?} is not a transport (dev, uring or auto)"
+        )),
+    });
+    match chosen {
+        Ok(t) => t,
+        Err(msg) => panic!("casfs mount tests cannot run (they never skip):\n  {msg}"),
     }
 }
 
@@ -355,10 +391,11 @@ impl Mount {
             fs::File::create(&log_path).unwrap_or_else(|e| panic!("create {log_path:?}: {e}"));
         let log2 = log.try_clone().unwrap();
         let mut cmd = Command::new(CASFS_BIN);
-        cmd.arg("mount")
-            .arg("--store")
-            .arg(store)
-            .args(extra)
+        cmd.arg("mount").arg("--store").arg(store);
+        if !extra.contains(&"--transport") {
+            cmd.arg("--transport").arg(test_transport());
+        }
+        cmd.args(extra)
             .arg(mountpoint)
             .env("RUST_LOG", "info")
             .env_remove("NOTIFY_SOCKET")

@@ -11,7 +11,11 @@
 //!                                           file, d directory)
 //! ROOT/blobs/<B:2>/<B>                      a blob: its bytes (all namespaces)
 //! ROOT/tmp/<hostname>.<pid>.<counter>.tmp   files being written
+//! ROOT/leases/<name>                        a lease: encode_lease() bytes
 //! ```
+//! A record file's mtime is its last use (set by its put and by
+//! `note_used`, with `UTIME_NOW`: the file server's idea of now, which
+//! needs only write permission); a blob file's mtime is its last put.
 //! H is the BLAKE3 hex of the record's path bytes (paths can be long, deep
 //! and binary; hashing flattens them into one fixed-size name), B is the
 //! blob id in hex, `<X:2>` the first two hex digits of X. In a listing, H
@@ -44,6 +48,15 @@
 //!   host wins that rename), check the moved file is the damaged version,
 //!   then link the newcomer create-only; if what was moved was not the
 //!   damaged version, link it back (create-only) and report false.
+//! - compare-and-delete a record (collection) and take over or renew a
+//!   lease: the same rename-away-and-check (`take_away`); a record is then
+//!   unlinked, a lease replaced by a create-only link (two hosts that both
+//!   saw an expired lease: one wins the rename, the other finds nothing
+//!   to move, or the winner's new lease, and loses).
+//! - delete a blob: stat, and unlink if its mtime is before the bound. A
+//!   put of the same blob between the two loses its bytes (a miss for the
+//!   record that follows, which is dropped); the window is one round trip
+//!   and the bound is the grace period before it.
 //!
 //! Invariants:
 //! - A final name only ever appears with complete, fsynced content: nothing
@@ -84,7 +97,12 @@ pub const MARKER_FORMAT: u32 = 1;
 /// The only names that may sit in ROOT; a ROOT holding just these (and no
 /// marker) is an initialisation that was interrupted or is under way on
 /// another host, and is adopted.
-const LAYOUT_NAMES: [&str; 4] = [MARKER_NAME, "ns", "blobs", "tmp"];
+const LAYOUT_NAMES: [&str; 5] = [MARKER_NAME, "ns", "blobs", "tmp", "leases"];
+/// Bound on the names of one shard directory a scan page reads (a shard
+/// holds 1/256 of the records: about 4,000 at 1M).
+const SHARD_NAMES_MAX: usize = 1 << 20;
+/// Bound on attempts to take a lease whose file keeps changing.
+const LEASE_ATTEMPTS_MAX: usize = 4;
 
 /// A record is about 130 bytes; anything much bigger is not one.
 const MARKER_BYTES_MAX: u64 = 256;
@@ -114,6 +132,7 @@ pub struct DirEngine {
     lists_dir: PathBuf,
     blobs_dir: PathBuf,
     tmp_dir: PathBuf,
+    leases_dir: PathBuf,
     file_mode: u32,
     dir_mode: u32,
     /// `<hostname>.<pid>.`: the start of our temp file names.
@@ -153,6 +172,7 @@ impl DirEngine {
             lists_dir: ns_dir.join("lists"),
             blobs_dir: root.join("blobs"),
             tmp_dir: root.join("tmp"),
+            leases_dir: root.join("leases"),
             file_mode: 0o666 & !umask,
             dir_mode: 0o777 & !umask,
             temp_prefix: format!("{}.{}.", hostname(), std::process::id()),
@@ -205,7 +225,12 @@ impl DirEngine {
     }
 
     fn create_layout(&self) -> Result<(), String> {
-        for dir in [&self.tmp_dir, &self.blobs_dir, &self.root.join("ns")] {
+        for dir in [
+            &self.tmp_dir,
+            &self.blobs_dir,
+            &self.root.join("ns"),
+            &self.leases_dir,
+        ] {
             self.make_dir(dir)
                 .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         }
@@ -519,6 +544,7 @@ impl DirEngine {
             match self.read_raw(&dest)? {
                 Raw::Good(existing) => {
                     debug!("shared put_record path={:?} outcome=kept-existing", shown());
+                    self.touch(&dest); // a publication is a use
                     return Ok(Put::Exists(existing));
                 }
                 Raw::Damaged(seen, _) => damaged = Some(seen),
@@ -567,9 +593,11 @@ impl DirEngine {
         )))
     }
 
-    /// Takes `dest` away if it is the damaged version `seen`, then binds
-    /// `temp` in its place create-only. Ok(true) if we bound it.
-    fn swap_damaged(&self, temp: &TempFile, dest: &Path, seen: &Seen) -> TierResult<bool> {
+    /// Takes `dest` away if it is the version `seen` (one host wins the
+    /// rename; what it moved is checked): the moved file, unlinked when
+    /// dropped. What was not `seen` is put back (create-only: a newer one
+    /// bound meanwhile wins) and None returned.
+    fn take_away(&self, dest: &Path, seen: &Seen) -> TierResult<Option<TempFile>> {
         let n = TEMP_SEQ.fetch_add(1, Ordering::Relaxed);
         let moved = TempFile {
             path: self
@@ -579,7 +607,7 @@ impl DirEngine {
         };
         match fs::rename(dest, &moved.path) {
             Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_error("rename away", dest, e)),
         }
         let is_it = match self.read_raw(&moved.path)? {
@@ -587,22 +615,110 @@ impl DirEngine {
             Raw::Good(r) => *seen == Seen::Bytes(r.encode()),
             Raw::Missing => false,
         };
+        let is_dir = fs::symlink_metadata(&moved.path).is_ok_and(|m| m.is_dir());
         if !is_it {
-            // Not ours to replace (healed or replaced meanwhile): put it back.
-            if fs::symlink_metadata(&moved.path).is_ok_and(|m| m.is_dir()) {
+            // Not ours to take (healed or replaced meanwhile): put it back.
+            if is_dir {
                 let _ = fs::rename(&moved.path, dest);
             } else {
                 let _ = self.link_into(&moved, dest);
             }
-            return Ok(false);
+            return Ok(None);
         }
-        if fs::symlink_metadata(&moved.path).is_ok_and(|m| m.is_dir()) {
+        if is_dir {
             let _ = fs::remove_dir_all(&moved.path);
+        }
+        Ok(Some(moved))
+    }
+
+    /// Takes `dest` away if it is the damaged version `seen`, then binds
+    /// `temp` in its place create-only. Ok(true) if we bound it.
+    fn swap_damaged(&self, temp: &TempFile, dest: &Path, seen: &Seen) -> TierResult<bool> {
+        if self.take_away(dest, seen)?.is_none() {
+            return Ok(false);
         }
         let bound = self
             .link_into(temp, dest)
             .map_err(|e| io_error("link to", dest, e))?;
         Ok(bound)
+    }
+
+    /// Sets a file's mtime to the file server's now (`UTIME_NOW` needs only
+    /// write permission, not ownership); best effort.
+    fn touch(&self, file: &Path) {
+        let Ok(c) = std::ffi::CString::new(file.as_os_str().as_encoded_bytes()) else {
+            return;
+        };
+        let now = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        };
+        let times = [now, now];
+        // SAFETY: a valid NUL-terminated path and two timespecs.
+        let r = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), 0) };
+        if r != 0 {
+            debug!(
+                "shared touch file={} error={} outcome=not-touched",
+                file.display(),
+                io::Error::last_os_error()
+            );
+        }
+    }
+
+    /// Up to `max` names of the sharded directory `top` (`<XX>/<name>`)
+    /// after `cursor` (a name; empty: from the start), in order, with the
+    /// cursor of the next page.
+    fn scan_sharded(
+        &self,
+        top: &Path,
+        cursor: &[u8],
+        max: usize,
+    ) -> TierResult<(Vec<(String, PathBuf)>, Option<Vec<u8>>)> {
+        let cursor = std::str::from_utf8(cursor).unwrap_or("");
+        let first_shard = cursor.get(..2).unwrap_or("");
+        let mut shards: Vec<String> = match fs::read_dir(top) {
+            Ok(e) => e
+                .flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| n.len() == 2 && n.as_str() >= first_shard)
+                .collect(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((vec![], None)),
+            Err(e) => return Err(io_error("list", top, e)),
+        };
+        shards.sort();
+        let mut out = Vec::new();
+        for shard in shards {
+            let dir = top.join(&shard);
+            let mut names: Vec<String> = match fs::read_dir(&dir) {
+                Ok(e) => e
+                    .take(SHARD_NAMES_MAX)
+                    .flatten()
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .filter(|n| n.len() == 64 && n.as_str() > cursor)
+                    .collect(),
+                Err(e) if e.kind() == io::ErrorKind::NotFound || is_stale(&e) => continue,
+                Err(e) => return Err(io_error("list", &dir, e)),
+            };
+            names.sort();
+            for name in names {
+                if out.len() >= max.max(1) {
+                    let next = out
+                        .last()
+                        .map(|(n, _): &(String, PathBuf)| n.clone().into_bytes());
+                    return Ok((out, next));
+                }
+                let path = dir.join(&name);
+                out.push((name, path));
+            }
+        }
+        Ok((out, None))
+    }
+
+    fn lease_file(&self, name: &str) -> TierResult<PathBuf> {
+        if !super::valid_namespace(name) {
+            return Err(TierError::Data(format!("lease name {name:?}")));
+        }
+        Ok(self.leases_dir.join(name))
     }
 }
 
@@ -651,6 +767,7 @@ impl Engine for DirEngine {
             "put_blob with bytes that are not {id}"
         );
         if self.has_blob(id)? {
+            self.touch(&self.blob_path(id)); // renews its grace
             return Ok(());
         }
         let dest = self.blob_path(id);
@@ -715,6 +832,7 @@ impl Engine for DirEngine {
         progress: &super::Progress,
     ) -> TierResult<()> {
         if self.has_blob(id)? {
+            self.touch(&self.blob_path(id)); // renews its grace
             return Ok(());
         }
         let dest = self.blob_path(id);
@@ -792,6 +910,175 @@ impl Engine for DirEngine {
 
     fn records_healed(&self) -> u64 {
         self.healed.load(Ordering::Relaxed)
+    }
+
+    fn record_key(&self, path: &[u8]) -> Vec<u8> {
+        blake3::hash(path).to_hex().as_bytes().to_vec()
+    }
+
+    fn scan_records(
+        &self,
+        namespace: &str,
+        cursor: &[u8],
+        max: usize,
+    ) -> TierResult<super::Page<super::Scanned>> {
+        if !super::valid_namespace(namespace) {
+            return Err(TierError::Data(format!("namespace {namespace:?}")));
+        }
+        let top = self.root.join("ns").join(namespace).join("records");
+        let (names, next) = self.scan_sharded(&top, cursor, max)?;
+        let mut items = Vec::with_capacity(names.len());
+        for (name, file) in names {
+            let used_s = match fs::symlink_metadata(&file) {
+                Ok(m) => m.mtime().max(0) as u64,
+                Err(_) => continue, // gone since the listing: nothing to see
+            };
+            let (seen, record) = match self.read_raw(&file)? {
+                Raw::Missing => continue,
+                Raw::Good(r) => (Seen::Bytes(r.encode()), Some(r)),
+                Raw::Damaged(seen, _) => (seen, None),
+            };
+            items.push(super::Scanned {
+                key: name.into_bytes(),
+                seen,
+                record,
+                used_s,
+            });
+        }
+        Ok(super::Page { items, next })
+    }
+
+    fn delete_record(&self, key: &[u8], seen: &Seen) -> TierResult<bool> {
+        let Some(hex) = std::str::from_utf8(key)
+            .ok()
+            .filter(|k| k.len() == 64 && k.bytes().all(|c| c.is_ascii_hexdigit()))
+        else {
+            return Err(TierError::Data(format!("record key {key:?}")));
+        };
+        let file = self.records_dir.join(&hex[..2]).join(hex);
+        // The listing entry stays until `sweep_listings`: a listed name
+        // whose record is gone is a miss.
+        Ok(self.take_away(&file, seen)?.is_some())
+    }
+
+    fn scan_blobs(&self, cursor: &[u8], max: usize) -> TierResult<super::Page<super::StoredBlob>> {
+        let (names, next) = self.scan_sharded(&self.blobs_dir, cursor, max)?;
+        let items = names
+            .into_iter()
+            .filter_map(|(name, file)| {
+                let id = BlobId::from_hex(&name)?;
+                let m = fs::symlink_metadata(&file).ok()?;
+                Some(super::StoredBlob {
+                    id,
+                    bytes: m.len(),
+                    stored_s: m.mtime().max(0) as u64,
+                })
+            })
+            .collect();
+        Ok(super::Page { items, next })
+    }
+
+    fn delete_blob(&self, id: &BlobId, stored_before_s: u64) -> TierResult<bool> {
+        let file = self.blob_path(id);
+        match fs::symlink_metadata(&file) {
+            Ok(m) if (m.mtime().max(0) as u64) < stored_before_s => {}
+            Ok(_) => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(io_error("stat", &file, e)),
+        }
+        match fs::remove_file(&file) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_error("unlink", &file, e)),
+        }
+    }
+
+    fn note_used(&self, paths: &[Vec<u8>], _now_s: u64) -> TierResult<()> {
+        for p in paths {
+            self.touch(&self.record_path(p));
+        }
+        Ok(())
+    }
+
+    fn lease(&self, name: &str, holder: &str, ttl_s: u64, now_s: u64) -> TierResult<super::Lease> {
+        let file = self.lease_file(name)?;
+        let mine = super::encode_lease(holder, now_s + ttl_s);
+        for _ in 0..LEASE_ATTEMPTS_MAX {
+            let current = self.read_tolerant(&file, RECORD_BYTES_MAX);
+            let current = match current {
+                Err(TierError::Protocol(_)) => Some(Vec::new()), // oversize: damaged
+                other => other?,
+            };
+            let temp = self
+                .write_temp(&mine)
+                .map_err(|e| io_error("write temp in", &self.tmp_dir, e))?;
+            match current {
+                None => {
+                    if !fs::symlink_metadata(&self.leases_dir).is_ok_and(|m| m.is_dir()) {
+                        self.make_dir(&self.leases_dir)
+                            .map_err(|e| io_error("create", &self.leases_dir, e))?;
+                    }
+                    if self
+                        .link_into(&temp, &file)
+                        .map_err(|e| io_error("link to", &file, e))?
+                    {
+                        return Ok(super::Lease::Held {
+                            until_s: now_s + ttl_s,
+                        });
+                    }
+                }
+                Some(bytes) => {
+                    if let Some((h, until_s)) = super::decode_lease(&bytes) {
+                        if h != holder && until_s > now_s {
+                            return Ok(super::Lease::Other { holder: h, until_s });
+                        }
+                    }
+                    // Ours to renew, expired, or damaged: take it over.
+                    if self.take_away(&file, &Seen::Bytes(bytes))?.is_some()
+                        && self
+                            .link_into(&temp, &file)
+                            .map_err(|e| io_error("link to", &file, e))?
+                    {
+                        return Ok(super::Lease::Held {
+                            until_s: now_s + ttl_s,
+                        });
+                    }
+                }
+            }
+        }
+        // It kept changing: someone else is taking it.
+        match self
+            .read_tolerant(&file, RECORD_BYTES_MAX)
+            .ok()
+            .flatten()
+            .and_then(|b| super::decode_lease(&b))
+        {
+            Some((holder, until_s)) => Ok(super::Lease::Other { holder, until_s }),
+            None => Err(TierError::Unavailable(format!(
+                "{}: the lease kept changing",
+                file.display()
+            ))),
+        }
+    }
+
+    fn release_lease(&self, name: &str, holder: &str) -> TierResult<()> {
+        let file = self.lease_file(name)?;
+        if let Some(bytes) = self.read_tolerant(&file, RECORD_BYTES_MAX)? {
+            if super::decode_lease(&bytes).is_some_and(|(h, _)| h == holder) {
+                drop(self.take_away(&file, &Seen::Bytes(bytes))?);
+            }
+        }
+        Ok(())
+    }
+
+    fn namespaces(&self) -> TierResult<Vec<String>> {
+        let top = self.root.join("ns");
+        let entries = fs::read_dir(&top).map_err(|e| io_error("list", &top, e))?;
+        Ok(entries
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| super::valid_namespace(n))
+            .collect())
     }
 }
 

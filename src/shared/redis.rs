@@ -8,7 +8,15 @@
 //! casfs:<namespace>:r:<path bytes>   a record: Record::encode() bytes
 //! casfs:<namespace>:l:<dir path>     a set: `f/<name>`, `d/<name>` listed in it
 //! casfs:b:<64 hex>                   a blob: its bytes (all namespaces)
+//! casfs:<namespace>:u                a sorted set: path -> last use (Unix s)
+//! casfs:bt                           a sorted set: blob hex -> last put (Unix s)
+//! casfs:lease:<name>                 a lease: its holder, expiring (EX)
+//! casfs:namespaces                   a set: every namespace opened
+//! casfs:format                       "1": the layout above (SET NX at open)
 //! ```
+//! Times are the client's Unix seconds, moved forward only (`ZADD GT`,
+//! Redis 6.2 or later); lease expiry is the server's own (`SET EX`), so
+//! hosts' clocks do not matter to it.
 //! Keys are binary-safe, so the path goes in as is. A namespace has no ':'
 //! (`valid_namespace`), so the two families cannot collide.
 //!
@@ -28,6 +36,12 @@
 //!   the damaged version and sets the newcomer only if it is the same.
 //!   A create-only put that finds a damaged record replaces it this way.
 //! - list: `SSCAN` (bounded passes and names).
+//! - collection: `SCAN MATCH` pages of records and blobs (with their
+//!   times, pipelined); compare-and-delete of a record, and of a blob
+//!   older than a bound, in Lua (`DELETE_RECORD_LUA`, `DELETE_BLOB_LUA`),
+//!   a record taking its name out of its listing in the same script (and
+//!   each listing left empty out of its parent's while that directory has
+//!   no record of its own).
 //! - put_blob: `SET key bytes NX` (nil = already there = fine); blobs of
 //!   `REDIS_BLOB_PROBE_BYTES_MIN` or more are first probed with `EXISTS`, so
 //!   a blob other hosts already shared is not sent again.
@@ -106,6 +120,9 @@ pub struct RedisEngine {
     record_prefix: Vec<u8>,
     /// `casfs:<namespace>:l:`
     list_prefix: Vec<u8>,
+    /// `casfs:<namespace>:u`
+    used_key: Vec<u8>,
+    namespace: String,
     pool: Mutex<Vec<Conn>>,
     healed: std::sync::atomic::AtomicU64,
 }
@@ -131,6 +148,60 @@ else
 end
 redis.call('SET', KEYS[1], ARGV[3])
 return 1";
+/// The one key layout this code knows (`casfs:format`).
+pub const REDIS_FORMAT: &str = "1";
+
+/// Compare-and-delete of a record. KEYS[1] the record, KEYS[2] the
+/// last-use set, then pairs (listing key, record key of the directory it
+/// lists) deepest first; ARGV[1..3] the version seen as in
+/// `REPLACE_DAMAGED_LUA` (ARGV[3] the size bound), ARGV[4] the path, then
+/// one listing member per pair.
+const DELETE_RECORD_LUA: &[u8] = b"local t = redis.call('TYPE', KEYS[1]).ok
+if ARGV[1] == 'bytes' then
+  if t ~= 'string' or redis.call('GET', KEYS[1]) ~= ARGV[2] then return 0 end
+elseif ARGV[1] == 'big' then
+  if t ~= 'string' or redis.call('STRLEN', KEYS[1]) <= tonumber(ARGV[3]) then return 0 end
+else
+  if t == 'string' or t == 'none' then return 0 end
+end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[4])
+local i = 0
+while 4 + 2 * i <= #KEYS do
+  local l = KEYS[3 + 2 * i]
+  redis.call('SREM', l, ARGV[5 + i])
+  if redis.call('SCARD', l) > 0 then break end
+  if redis.call('EXISTS', KEYS[4 + 2 * i]) == 1 then break end
+  i = i + 1
+end
+return 1";
+/// Deletes a blob last put before ARGV[2]. KEYS[1] the blob, KEYS[2] the
+/// blob-time set; ARGV[1] its hex.
+const DELETE_BLOB_LUA: &[u8] = b"local t = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if not t or tonumber(t) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZREM', KEYS[2], ARGV[1])
+return redis.call('DEL', KEYS[1])";
+/// Takes or renews a lease. KEYS[1] the lease; ARGV[1] the holder,
+/// ARGV[2] its time to live (s). Returns {1, ttl} or {0, holder, ttl}.
+const LEASE_LUA: &[u8] = b"local v = redis.call('GET', KEYS[1])
+if not v or v == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  return {1, tonumber(ARGV[2])}
+end
+return {0, v, redis.call('TTL', KEYS[1])}";
+const RELEASE_LUA: &[u8] = b"if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 0";
+/// Moves the last use of existing records forward. KEYS[1] the last-use
+/// set, then one record key per path; ARGV[1] the time, then the paths.
+const NOTE_USED_LUA: &[u8] = b"for i = 2, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    redis.call('ZADD', KEYS[1], 'GT', ARGV[1], ARGV[i])
+  end
+end
+return 0";
+/// Keys a scan page asks SCAN to look at.
+const SCAN_COUNT_MAX: usize = 1000;
+
 /// Names asked of one SSCAN pass, and bound on passes for one listing
 /// (SSCAN's COUNT is a hint: passes may bring fewer).
 const LIST_SCAN_COUNT: usize = 1024;
@@ -206,13 +277,18 @@ impl RedisEngine {
             timeout: config.timeout.max(Duration::from_millis(1)),
             record_prefix: format!("casfs:{}:r:", config.namespace).into_bytes(),
             list_prefix: format!("casfs:{}:l:", config.namespace).into_bytes(),
+            used_key: format!("casfs:{}:u", config.namespace).into_bytes(),
+            namespace: config.namespace.clone(),
             pool: Mutex::new(Vec::new()),
             healed: std::sync::atomic::AtomicU64::new(0),
         };
         let probe = Conn::connect(&engine.target, engine.timeout)
             .and_then(|mut conn| conn.command(&[b"PING"], 0).map(|reply| (conn, reply)));
         match probe {
-            Ok((conn, Reply::Status(_))) => engine.give_back(conn),
+            Ok((conn, Reply::Status(_))) => {
+                engine.give_back(conn);
+                engine.check_format()?;
+            }
             Ok((_, Reply::Error(m))) if m.starts_with("NOAUTH") => {
                 return Err(format!(
                     "{}: the server wants a password (redis://:PASSWORD@HOST:PORT)",
@@ -232,6 +308,85 @@ impl RedisEngine {
             ),
         }
         Ok(engine)
+    }
+
+    /// Writes the format key if there is none (`SET NX`), refuses a
+    /// format this code does not know, and registers the namespace.
+    fn check_format(&self) -> Result<(), String> {
+        let fail = |e: TierError| format!("{}: format key: {e}", self.described);
+        let replies = self
+            .pipeline(
+                &[
+                    vec![
+                        b"SET".as_slice(),
+                        b"casfs:format",
+                        REDIS_FORMAT.as_bytes(),
+                        b"NX",
+                    ],
+                    vec![b"GET".as_slice(), b"casfs:format"],
+                    vec![
+                        b"SADD".as_slice(),
+                        b"casfs:namespaces",
+                        self.namespace.as_bytes(),
+                    ],
+                ],
+                RECORD_BYTES_MAX,
+            )
+            .map_err(fail)?;
+        match &replies[1] {
+            Reply::Bulk(Some(v)) if v == REDIS_FORMAT.as_bytes() => Ok(()),
+            Reply::Bulk(Some(v)) => Err(format!(
+                "{}: the database holds casfs key layout {:?} (casfs:format); this casfs knows only {REDIS_FORMAT:?}: use a newer casfs or another database",
+                self.described,
+                String::from_utf8_lossy(v)
+            )),
+            other => Err(format!("{}: format key: unexpected reply {other:?}", self.described)),
+        }
+    }
+
+    /// Moves blob `id`'s last put to now (its grace starts again).
+    fn stamp_blob(&self, id: &BlobId) -> TierResult<()> {
+        let now = super::now_s().to_string();
+        self.call(
+            &[b"ZADD", b"casfs:bt", b"GT", now.as_bytes(), id.hex().as_bytes()],
+            0,
+        )?;
+        Ok(())
+    }
+
+    /// The SCAN of one page: the keys matching `pattern` and the next cursor.
+    fn scan_keys(
+        &self,
+        pattern: &[u8],
+        cursor: &[u8],
+        max: usize,
+    ) -> TierResult<(Vec<Vec<u8>>, Option<Vec<u8>>)> {
+        let cursor: &[u8] = if cursor.is_empty() { b"0" } else { cursor };
+        let count = max.clamp(1, SCAN_COUNT_MAX).to_string();
+        let reply = self.call(
+            &[b"SCAN", cursor, b"MATCH", pattern, b"COUNT", count.as_bytes()],
+            LIST_REPLY_BYTES_MAX,
+        )?;
+        let Reply::Array(Some(parts)) = reply else {
+            return Err(self.unexpected("SCAN", pattern, &reply));
+        };
+        match parts.as_slice() {
+            [Reply::Bulk(Some(next)), Reply::Array(Some(keys))] => {
+                let keys = keys
+                    .iter()
+                    .filter_map(|k| match k {
+                        Reply::Bulk(Some(k)) => Some(k.clone()),
+                        _ => None,
+                    })
+                    .collect();
+                let next = (next.as_slice() != b"0").then(|| next.clone());
+                Ok((keys, next))
+            }
+            _ => Err(TierError::Protocol(format!(
+                "{} SCAN: unexpected reply shape",
+                self.described
+            ))),
+        }
     }
 
     fn record_key(&self, path: &[u8]) -> Vec<u8> {
@@ -447,7 +602,16 @@ impl Engine for RedisEngine {
         if create_only {
             set.push(b"NX");
         }
+        let now = super::now_s().to_string();
         let mut cmds = vec![set];
+        // A publication is a use (also when it finds the record there).
+        cmds.push(vec![
+            b"ZADD".as_slice(),
+            &self.used_key,
+            b"GT",
+            now.as_bytes(),
+            path,
+        ]);
         for (lkey, member) in &lists {
             cmds.push(vec![b"SADD".as_slice(), lkey, member]);
         }
@@ -545,7 +709,7 @@ impl Engine for RedisEngine {
         }
         if bytes.len() >= REDIS_BLOB_PROBE_BYTES_MIN && self.has_blob(id)? {
             debug!("shared put_blob blob={id} outcome=already-there");
-            return Ok(());
+            return self.stamp_blob(id);
         }
         let key = blob_key(id);
         match self.call(&[b"SET", &key, bytes, b"NX"], 0)? {
@@ -553,7 +717,7 @@ impl Engine for RedisEngine {
             Reply::Bulk(None) => debug!("shared put_blob blob={id} outcome=already-there"),
             other => return Err(self.unexpected("SET NX", &key, &other)),
         }
-        Ok(())
+        self.stamp_blob(id)
     }
 
     /// `GET`, its value copied to `sink` as it arrives (a chunk at a time:
@@ -622,7 +786,7 @@ impl Engine for RedisEngine {
         }
         if len >= REDIS_BLOB_PROBE_BYTES_MIN as u64 && self.has_blob(id)? {
             debug!("shared put_blob blob={id} outcome=already-there");
-            return Ok(());
+            return self.stamp_blob(id);
         }
         let key = blob_key(id);
         let name = format!("SET {} NX", key_text(&key));
@@ -663,7 +827,7 @@ impl Engine for RedisEngine {
             }
             other => return Err(self.unexpected("SET NX", &key, &other)),
         }
-        Ok(())
+        self.stamp_blob(id)
     }
 
     fn repair_blob(&self, id: &BlobId, bytes: &[u8]) -> TierResult<()> {
@@ -774,6 +938,224 @@ impl Engine for RedisEngine {
 
     fn records_healed(&self) -> u64 {
         self.healed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn scan_records(
+        &self,
+        namespace: &str,
+        cursor: &[u8],
+        max: usize,
+    ) -> TierResult<super::Page<super::Scanned>> {
+        if !super::valid_namespace(namespace) {
+            return Err(TierError::Data(format!("namespace {namespace:?}")));
+        }
+        let prefix = format!("casfs:{namespace}:r:").into_bytes();
+        let mut pattern = prefix.clone();
+        pattern.push(b'*');
+        let used_key = format!("casfs:{namespace}:u").into_bytes();
+        let (keys, next) = self.scan_keys(&pattern, cursor, max)?;
+        let mut items = Vec::with_capacity(keys.len());
+        for key in keys {
+            let path = key[prefix.len()..].to_vec();
+            let replies = match self.pipeline(
+                &[
+                    vec![b"GET".as_slice(), &key],
+                    vec![b"ZSCORE".as_slice(), &used_key, &path],
+                ],
+                RECORD_BYTES_MAX,
+            ) {
+                Ok(r) => r,
+                Err(TierError::Data(_)) => {
+                    items.push(super::Scanned {
+                        key: path,
+                        seen: Seen::Oversize,
+                        record: None,
+                        used_s: 0,
+                    });
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let (seen, record) = match &replies[0] {
+                Reply::Bulk(None) => continue, // deleted since the SCAN
+                Reply::Bulk(Some(b)) => (Seen::Bytes(b.clone()), Record::decode(b).ok()),
+                Reply::Error(m) if m.starts_with("WRONGTYPE") => (Seen::WrongType, None),
+                Reply::Error(m) => return Err(self.error_reply("GET", m)),
+                other => return Err(self.unexpected("GET", &key, other)),
+            };
+            let used_s = match &replies[1] {
+                Reply::Bulk(Some(t)) => std::str::from_utf8(t)
+                    .ok()
+                    .and_then(|t| t.parse::<f64>().ok())
+                    .map_or(0, |t| t.max(0.0) as u64),
+                _ => 0,
+            };
+            items.push(super::Scanned {
+                key: path,
+                seen,
+                record,
+                used_s,
+            });
+        }
+        Ok(super::Page { items, next })
+    }
+
+    fn delete_record(&self, key: &[u8], seen: &Seen) -> TierResult<bool> {
+        let path = key;
+        let rkey = self.record_key(path);
+        let (kind, bytes): (&[u8], &[u8]) = match seen {
+            Seen::Bytes(b) => (b"bytes", b),
+            Seen::Oversize => (b"big", b""),
+            Seen::WrongType => (b"type", b""),
+        };
+        let is_dir = matches!(
+            seen,
+            Seen::Bytes(b) if matches!(Record::decode(b), Ok(Record { kind: RecordKind::Dir, .. }))
+        );
+        let bound = RECORD_BYTES_MAX.to_string();
+        let chain = listing_chain(path, is_dir);
+        let mut keys: Vec<Vec<u8>> = vec![rkey.clone(), self.used_key.clone()];
+        let mut members: Vec<Vec<u8>> = Vec::new();
+        for (parent, name, dir) in &chain {
+            keys.push(self.list_key(parent));
+            keys.push(self.record_key(parent));
+            let mut m = if *dir { b"d/".to_vec() } else { b"f/".to_vec() };
+            m.extend_from_slice(name);
+            members.push(m);
+        }
+        let nkeys = keys.len().to_string();
+        let mut args: Vec<&[u8]> = vec![b"EVAL", DELETE_RECORD_LUA, nkeys.as_bytes()];
+        args.extend(keys.iter().map(Vec::as_slice));
+        args.extend([kind, bytes, bound.as_bytes(), path]);
+        args.extend(members.iter().map(Vec::as_slice));
+        match self.call(&args, 0)? {
+            Reply::Int(n) => Ok(n == 1),
+            other => Err(self.unexpected("EVAL delete_record", &rkey, &other)),
+        }
+    }
+
+    fn scan_blobs(&self, cursor: &[u8], max: usize) -> TierResult<super::Page<super::StoredBlob>> {
+        let (keys, next) = self.scan_keys(b"casfs:b:*", cursor, max)?;
+        let mut items = Vec::with_capacity(keys.len());
+        let now = super::now_s().to_string();
+        for key in keys {
+            let Some(id) = std::str::from_utf8(&key[b"casfs:b:".len()..])
+                .ok()
+                .and_then(BlobId::from_hex)
+            else {
+                continue;
+            };
+            let hex = id.hex();
+            let replies = self.pipeline(
+                &[
+                    vec![b"STRLEN".as_slice(), &key],
+                    vec![b"ZSCORE".as_slice(), b"casfs:bt", hex.as_bytes()],
+                ],
+                64,
+            )?;
+            let bytes = match &replies[0] {
+                Reply::Int(n) => (*n).max(0) as u64,
+                _ => continue,
+            };
+            let stored_s = match &replies[1] {
+                Reply::Bulk(Some(t)) => std::str::from_utf8(t)
+                    .ok()
+                    .and_then(|t| t.parse::<f64>().ok())
+                    .map_or(0, |t| t.max(0.0) as u64),
+                // A blob from before collection (or an old casfs): its
+                // grace starts now.
+                _ => {
+                    self.call(
+                        &[b"ZADD", b"casfs:bt", b"NX", now.as_bytes(), hex.as_bytes()],
+                        0,
+                    )?;
+                    super::now_s()
+                }
+            };
+            items.push(super::StoredBlob {
+                id,
+                bytes,
+                stored_s,
+            });
+        }
+        Ok(super::Page { items, next })
+    }
+
+    fn delete_blob(&self, id: &BlobId, stored_before_s: u64) -> TierResult<bool> {
+        let key = blob_key(id);
+        let before = stored_before_s.to_string();
+        match self.call(
+            &[
+                b"EVAL",
+                DELETE_BLOB_LUA,
+                b"2",
+                &key,
+                b"casfs:bt",
+                id.hex().as_bytes(),
+                before.as_bytes(),
+            ],
+            0,
+        )? {
+            Reply::Int(n) => Ok(n == 1),
+            other => Err(self.unexpected("EVAL delete_blob", &key, &other)),
+        }
+    }
+
+    fn note_used(&self, paths: &[Vec<u8>], now_s: u64) -> TierResult<()> {
+        if paths.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<Vec<u8>> = paths.iter().map(|p| self.record_key(p)).collect();
+        let nkeys = (keys.len() + 1).to_string();
+        let now = now_s.to_string();
+        let mut args: Vec<&[u8]> = vec![b"EVAL", NOTE_USED_LUA, nkeys.as_bytes(), &self.used_key];
+        args.extend(keys.iter().map(Vec::as_slice));
+        args.push(now.as_bytes());
+        args.extend(paths.iter().map(Vec::as_slice));
+        self.call(&args, 0)?;
+        Ok(())
+    }
+
+    fn lease(&self, name: &str, holder: &str, ttl_s: u64, now_s: u64) -> TierResult<super::Lease> {
+        let key = format!("casfs:lease:{name}").into_bytes();
+        let ttl = ttl_s.max(1).to_string();
+        let reply = self.call(
+            &[b"EVAL", LEASE_LUA, b"1", &key, holder.as_bytes(), ttl.as_bytes()],
+            RECORD_BYTES_MAX,
+        )?;
+        let Reply::Array(Some(parts)) = &reply else {
+            return Err(self.unexpected("EVAL lease", &key, &reply));
+        };
+        match parts.as_slice() {
+            [Reply::Int(1), Reply::Int(ttl)] => Ok(super::Lease::Held {
+                until_s: now_s + (*ttl).max(0) as u64,
+            }),
+            [Reply::Int(0), Reply::Bulk(Some(h)), Reply::Int(ttl)] => Ok(super::Lease::Other {
+                holder: String::from_utf8_lossy(h).into_owned(),
+                until_s: now_s + (*ttl).max(0) as u64,
+            }),
+            _ => Err(self.unexpected("EVAL lease", &key, &reply)),
+        }
+    }
+
+    fn release_lease(&self, name: &str, holder: &str) -> TierResult<()> {
+        let key = format!("casfs:lease:{name}").into_bytes();
+        self.call(&[b"EVAL", RELEASE_LUA, b"1", &key, holder.as_bytes()], 0)?;
+        Ok(())
+    }
+
+    fn namespaces(&self) -> TierResult<Vec<String>> {
+        match self.call(&[b"SMEMBERS", b"casfs:namespaces"], LIST_REPLY_BYTES_MAX)? {
+            Reply::Array(Some(items)) => Ok(items
+                .iter()
+                .filter_map(|r| match r {
+                    Reply::Bulk(Some(n)) => String::from_utf8(n.clone()).ok(),
+                    _ => None,
+                })
+                .filter(|n| super::valid_namespace(n))
+                .collect()),
+            other => Err(self.unexpected("SMEMBERS", b"casfs:namespaces", &other)),
+        }
     }
 
     fn lists_in_one_round_trip(&self) -> bool {

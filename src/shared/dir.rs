@@ -9,6 +9,10 @@
 //! ROOT/ns/<namespace>/lists/<H:2>/<H>/<k>.<E>   an empty file: the name E
 //!                                           is listed in directory H (k: f
 //!                                           file, d directory)
+//! ROOT/ns/<namespace>/lists/<H:2>/<H>/path  the directory's path bytes
+//!                                           (written with the listing, so
+//!                                           the sweep can find its names'
+//!                                           records)
 //! ROOT/blobs/<B:2>/<B>                      a blob: its bytes (all namespaces)
 //! ROOT/tmp/<hostname>.<pid>.<counter>.tmp   files being written
 //! ROOT/leases/<name>                        a lease: encode_lease() bytes
@@ -101,6 +105,9 @@ const LAYOUT_NAMES: [&str; 5] = [MARKER_NAME, "ns", "blobs", "tmp", "leases"];
 /// Bound on the names of one shard directory a scan page reads (a shard
 /// holds 1/256 of the records: about 4,000 at 1M).
 const SHARD_NAMES_MAX: usize = 1 << 20;
+/// The file in a listing directory that holds the directory's path (no
+/// `f.`/`d.` prefix: never read as a name).
+const LISTING_PATH_NAME: &str = "path";
 /// Bound on attempts to take a lease whose file keeps changing.
 const LEASE_ATTEMPTS_MAX: usize = 4;
 
@@ -322,6 +329,7 @@ impl DirEngine {
                 }
                 self.make_dir(&ldir)
                     .map_err(|e| io_error("create", &ldir, e))?;
+                self.write_listing_path(&ldir, parent);
                 r = create();
             }
             match r {
@@ -714,6 +722,58 @@ impl DirEngine {
         Ok((out, None))
     }
 
+    /// Writes the `path` file of a listing directory (create-only, best
+    /// effort: a listing without one is only skipped by the sweep).
+    fn write_listing_path(&self, ldir: &Path, path: &[u8]) {
+        if let Ok(temp) = self.write_temp(path) {
+            let _ = self.link_into(&temp, &ldir.join(LISTING_PATH_NAME));
+        }
+    }
+
+    /// Sweeps one listing directory: names whose record (a file) or whose
+    /// record and listing (a directory) are gone, and the directory itself
+    /// once empty. The count removed.
+    fn sweep_listing(&self, ldir: &Path) -> u64 {
+        let Ok(Some(path)) = self.read_tolerant(&ldir.join(LISTING_PATH_NAME), RECORD_BYTES_MAX)
+        else {
+            return 0; // from before listings knew their path
+        };
+        let Ok(entries) = fs::read_dir(ldir) else {
+            return 0;
+        };
+        let mut removed = 0;
+        let mut left = 0;
+        for entry in entries.take(SHARD_NAMES_MAX).flatten() {
+            let fname = entry.file_name();
+            let Some(listed) = parse_list_entry(fname.as_encoded_bytes()) else {
+                continue;
+            };
+            let mut child = path.clone();
+            if !child.is_empty() {
+                child.push(b'/');
+            }
+            child.extend_from_slice(&listed.name);
+            let has_record = fs::symlink_metadata(self.record_path(&child)).is_ok();
+            let has_listing = listed.dir && fs::symlink_metadata(self.list_dir_path(&child)).is_ok();
+            if !has_record && !has_listing && fs::remove_file(entry.path()).is_ok() {
+                removed += 1;
+            } else {
+                left += 1;
+            }
+        }
+        if left == 0 && !path.is_empty() {
+            let pfile = ldir.join(LISTING_PATH_NAME);
+            let _ = fs::remove_file(&pfile);
+            if fs::remove_dir(ldir).is_ok() {
+                removed += 1;
+            } else {
+                // A publisher listed a name meanwhile: it keeps its path.
+                self.write_listing_path(ldir, &path);
+            }
+        }
+        removed
+    }
+
     fn lease_file(&self, name: &str) -> TierResult<PathBuf> {
         if !super::valid_namespace(name) {
             return Err(TierError::Data(format!("lease name {name:?}")));
@@ -1069,6 +1129,12 @@ impl Engine for DirEngine {
             }
         }
         Ok(())
+    }
+
+    fn sweep_listings(&self, cursor: &[u8], max: usize) -> TierResult<(u64, Option<Vec<u8>>)> {
+        let (dirs, next) = self.scan_sharded(&self.lists_dir, cursor, max)?;
+        let removed = dirs.iter().map(|(_, d)| self.sweep_listing(d)).sum();
+        Ok((removed, next))
     }
 
     fn namespaces(&self) -> TierResult<Vec<String>> {

@@ -1508,6 +1508,45 @@ mod tests {
         fn records_healed(&self) -> u64 {
             0
         }
+        fn scan_records(
+            &self,
+            _: &str,
+            _: &[u8],
+            _: usize,
+        ) -> TierResult<crate::shared::Page<crate::shared::Scanned>> {
+            Ok(crate::shared::Page {
+                items: vec![],
+                next: None,
+            })
+        }
+        fn delete_record(&self, _: &[u8], _: &crate::shared::Seen) -> TierResult<bool> {
+            Ok(false)
+        }
+        fn scan_blobs(
+            &self,
+            _: &[u8],
+            _: usize,
+        ) -> TierResult<crate::shared::Page<crate::shared::StoredBlob>> {
+            Ok(crate::shared::Page {
+                items: vec![],
+                next: None,
+            })
+        }
+        fn delete_blob(&self, _: &BlobId, _: u64) -> TierResult<bool> {
+            Ok(false)
+        }
+        fn note_used(&self, _: &[Vec<u8>], _: u64) -> TierResult<()> {
+            Ok(())
+        }
+        fn lease(&self, _: &str, _: &str, _: u64, _: u64) -> TierResult<crate::shared::Lease> {
+            Ok(crate::shared::Lease::Held { until_s: 0 })
+        }
+        fn release_lease(&self, _: &str, _: &str) -> TierResult<()> {
+            Ok(())
+        }
+        fn namespaces(&self) -> TierResult<Vec<String>> {
+            Ok(vec![])
+        }
     }
 
     /// A durable queue in memory; `current` is the blob each local name holds.

@@ -407,3 +407,36 @@ fn redis_of_an_unknown_key_layout_is_refused_at_open() {
     let err = RedisEngine::open(&url, &config()).err().unwrap();
     assert!(err.contains("key layout"), "{err}");
 }
+
+#[test]
+fn casfs_shared_gc_brings_a_shared_directory_within_its_budget() {
+    let b = Backend::dir();
+    let e = b.engine();
+    for i in 0..20 {
+        publish(&*e, &format!("cc/x/{i}"), &blob_of("cli", i, 10_000));
+    }
+    let Backend::Dir(root) = &b else { unreachable!() };
+    let url = format!("file://{}", root.display());
+    // 20 entries of about 10 KB: a budget of 100 KB keeps 9 of them.
+    let out = common::casfs(&[
+        "shared".as_ref(),
+        "gc".as_ref(),
+        "--shared".as_ref(),
+        url.as_ref(),
+        "--max-size".as_ref(),
+        "100K".as_ref(),
+        "--blob-grace-s".as_ref(),
+        "0".as_ref(),
+    ]);
+    let text = common::output_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("least recently used records"), "{text}");
+    let kept = (0..20)
+        .filter(|i| has(&*e, &format!("cc/x/{i}")))
+        .count() as u64;
+    assert!(
+        kept * (10_000 + RECORD_OVERHEAD_BYTES) <= 100_000,
+        "{kept} kept: {text}"
+    );
+    assert!(kept >= 8, "{kept} kept: {text}");
+}

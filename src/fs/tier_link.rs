@@ -562,13 +562,32 @@ impl Core {
         }
     }
 
-    /// Like `refresh_shared`, by inode number (open).
+    /// Like `refresh_shared`, by inode number (open); also reports the
+    /// use of a shared entry (`report_use`).
     pub(super) fn refresh_shared_ino(&self, ino: Ino) {
-        if self.tier.get().is_none() {
+        let Some(tier) = self.tier.get() else {
+            return;
+        };
+        if let Ok(Some(inode)) = self.store.inode(ino) {
+            self.report_use(tier, &inode);
+            let _ = self.refresh_shared(inode);
+        }
+    }
+
+    /// Tells the tier's collector that a shared entry is in use here
+    /// (hits are local: the engine never sees them otherwise): at most once
+    /// per report interval per inode, batched by the tier; the engine
+    /// ignores names it holds no record of.
+    fn report_use(&self, tier: &Tier, inode: &Inode) {
+        if inode.kind != Kind::File
+            || inode.class == Class::Local
+            || !matches!(inode.content, Content::Blob(_))
+            || !tier.use_due(inode.ino.0)
+        {
             return;
         }
-        if let Ok(Some(inode)) = self.store.inode(ino) {
-            let _ = self.refresh_shared(inode);
+        if let Ok(parts) = self.path_of(inode.parent, &inode.name) {
+            tier.note_use(parts.join(&b'/'));
         }
     }
 

@@ -51,6 +51,20 @@
 //! - A `TierError::Data` (a damaged record about one name) is a miss for
 //!   that name, counted and logged once; it never counts against the
 //!   breaker, since the engine answered.
+//! - A record whose blob the engine does not have (evicted, collected) is
+//!   a miss, logged at debug only, and dropped from the engine in the
+//!   background (`Uses::drops`, bounded): compare-and-delete of the very
+//!   record that named the missing blob, after checking once more that
+//!   the blob is still missing.
+//! - Uses are reported (`note_use`, from opens of shared entries and from
+//!   fetches) at most once per `TierConfig::use_report_interval` per inode,
+//!   batched (`USE_BATCH_LEN_MAX`) and sent every `USE_FLUSH_MS` on a
+//!   background caller: the collector's recency, at no cost to a hit.
+//!
+//! Locks: `breaker`, `negative`, `damaged`, `known_dirs`, `uses`,
+//! `given_up`, `last_wait_error`, `refusing` and `queue` are each a leaf
+//! (held for one change, never across a call or a sleep, never two at
+//! once); `collector` is taken only at start and drop.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -111,6 +125,16 @@ const NEGATIVE_ENTRIES_MAX: usize = 65_536;
 const KNOWN_DIRS_MAX: usize = 65_536;
 /// Damaged shared blobs remembered for repair.
 const DAMAGED_MAX: usize = 4096;
+/// Uses waiting to be reported, records waiting to be dropped, inodes
+/// whose last report is remembered (past it the memory starts afresh:
+/// some uses are reported twice).
+const USE_BATCH_LEN_MAX: usize = 4096;
+const DROPS_LEN_MAX: usize = 1024;
+const USE_REMEMBERED_MAX: usize = 262_144;
+/// How often the batch of uses is sent.
+const USE_FLUSH_MS: u64 = 5_000;
+/// How often a host reports using one entry (`--shared-use-report-s`).
+pub const USE_REPORT_S_DEFAULT: u64 = 3600;
 /// Largest blob fetched from the tier (it streams to a staging file: the
 /// bound is the disk's, not memory's).
 pub const FETCH_BYTES_MAX: u64 = 1 << 36;
@@ -216,6 +240,20 @@ pub struct TierStats {
     /// refusal in the engine's words.
     pub refusals: AtomicU64,
     pub last_refusal: Mutex<String>,
+    /// Records dropped because their blob was gone.
+    pub records_dropped: AtomicU64,
+    /// Uses reported to the engine.
+    pub uses_reported: AtomicU64,
+}
+
+/// Recency reports and drops waiting for the flusher (`note_use`).
+#[derive(Default)]
+struct Uses {
+    /// When each inode's use was last reported.
+    reported: HashMap<u64, Instant>,
+    batch: Vec<Vec<u8>>,
+    /// Records found naming a missing blob: (path, blob).
+    drops: Vec<(Vec<u8>, BlobId)>,
 }
 
 /// Distinct damaged-record messages logged per mount.
@@ -232,6 +270,8 @@ pub struct TierConfig {
     /// Request-path calls that may be in flight at once: one per FUSE
     /// worker (the daemon passes `--threads`).
     pub request_callers: usize,
+    /// How often one entry's use is reported (`--shared-use-report-s`).
+    pub use_report_interval: Duration,
 }
 
 impl TierConfig {
@@ -239,6 +279,7 @@ impl TierConfig {
         TierConfig {
             timeout,
             request_callers: REQUEST_CALLERS_DEFAULT,
+            use_report_interval: Duration::from_secs(USE_REPORT_S_DEFAULT),
         }
     }
 }
@@ -343,6 +384,13 @@ pub struct Tier {
     /// The engine's words when it last refused an upload, until an upload
     /// is delivered again (`sync` fails while it is set).
     refusing: Mutex<Option<String>>,
+    uses: Mutex<Uses>,
+    use_report_interval: Duration,
+    /// This daemon's collector (`--shared-gc-max-size`), its budget, and
+    /// what its passes did.
+    collector: Mutex<Option<super::gc::Collector>>,
+    gc_budget_bytes: AtomicU64,
+    pub gc_stats: Arc<super::gc::CollectorStats>,
 }
 
 impl Tier {
@@ -384,7 +432,16 @@ impl Tier {
             progressed: Condvar::new(),
             last_wait_error: Mutex::new(String::new()),
             refusing: Mutex::new(None),
+            uses: Mutex::new(Uses::default()),
+            use_report_interval: config.use_report_interval,
+            collector: Mutex::new(None),
+            gc_budget_bytes: AtomicU64::new(0),
+            gc_stats: Arc::default(),
         });
+        let weak = Arc::downgrade(&tier);
+        let _ = std::thread::Builder::new()
+            .name("tier-uses".into())
+            .spawn(move || Tier::flush_uses(weak));
         for i in 0..UPLOAD_WORKERS {
             let tier = tier.clone();
             let lost = lost_race.clone();
@@ -409,9 +466,92 @@ impl Tier {
         self.engine.describe()
     }
 
+    /// Starts collecting this namespace in the background (at most one
+    /// host per namespace collects at once: see `gc.rs`).
+    pub fn start_collector(&self, config: super::gc::GcConfig, interval: Duration) {
+        self.gc_budget_bytes
+            .store(config.max_bytes, Ordering::Relaxed);
+        let c = super::gc::Collector::start(
+            self.engine.clone(),
+            config,
+            interval,
+            self.gc_stats.clone(),
+        );
+        *self.collector.lock().unwrap() = Some(c);
+    }
+
+    /// True if a use of inode `ino` is due to be reported (and remembers
+    /// that it is being reported now).
+    pub fn use_due(&self, ino: u64) -> bool {
+        let mut u = self.uses.lock().unwrap();
+        if u.reported
+            .get(&ino)
+            .is_some_and(|t| t.elapsed() < self.use_report_interval)
+        {
+            return false;
+        }
+        if u.reported.len() >= USE_REMEMBERED_MAX {
+            u.reported.clear();
+        }
+        u.reported.insert(ino, Instant::now());
+        true
+    }
+
+    /// Reports a use of the entry at `path` (in the next batch).
+    pub fn note_use(&self, path: Vec<u8>) {
+        let mut u = self.uses.lock().unwrap();
+        if u.batch.len() < USE_BATCH_LEN_MAX {
+            u.batch.push(path);
+        }
+    }
+
+    /// The flusher: sends the batch of uses and drops records without
+    /// blobs, every `USE_FLUSH_MS`, while the tier lives.
+    fn flush_uses(tier: Weak<Tier>) {
+        loop {
+            std::thread::sleep(Duration::from_millis(USE_FLUSH_MS));
+            let Some(tier) = tier.upgrade() else { return };
+            let (batch, drops) = {
+                let mut u = tier.uses.lock().unwrap();
+                (std::mem::take(&mut u.batch), std::mem::take(&mut u.drops))
+            };
+            if !batch.is_empty() {
+                let n = batch.len() as u64;
+                let now = super::now_s();
+                if tier
+                    .call(Lane::Background, move |e| e.note_used(&batch, now))
+                    .is_ok()
+                {
+                    tier.stats.uses_reported.fetch_add(n, Ordering::Relaxed);
+                }
+            }
+            for (path, id) in drops {
+                let p = path.clone();
+                let dropped = tier.call(Lane::Background, move |e| {
+                    let Some(r) = e.get_record(&p)? else {
+                        return Ok(false);
+                    };
+                    let names_it = matches!(r.kind, super::RecordKind::File { blob, .. } if blob == id);
+                    if !names_it || e.has_blob(&id)? {
+                        return Ok(false);
+                    }
+                    e.delete_record(&e.record_key(&p), &super::Seen::Bytes(r.encode()))
+                });
+                if let Ok(true) = dropped {
+                    tier.stats.records_dropped.fetch_add(1, Ordering::Relaxed);
+                    log::debug!(
+                        "shared drop path={:?} blob={id} outcome=dropped-record-without-blob",
+                        String::from_utf8_lossy(&path)
+                    );
+                }
+            }
+        }
+    }
+
     /// Adds the tier's figures to a statistics snapshot.
     pub fn snapshot<'a>(&'a self, snap: &mut Snapshot<'a>) {
         let s = &self.stats;
+        let gc_last = self.gc_stats.last.lock().unwrap().clone();
         let v = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let rows = [
             (
@@ -557,6 +697,74 @@ impl Tier {
                 "Mutable entries replaced by a newer version from the shared tier",
                 v(&s.refreshed),
                 false,
+            ),
+            (
+                "shared_records_dropped",
+                "Shared records dropped because the engine no longer had their blob",
+                v(&s.records_dropped),
+                false,
+            ),
+            (
+                "shared_uses_reported",
+                "Uses of shared entries reported to the engine (the collector's recency)",
+                v(&s.uses_reported),
+                false,
+            ),
+            (
+                "shared_gc_budget_bytes",
+                "This daemon's collection budget for its namespace (0: it does not collect)",
+                v(&self.gc_budget_bytes),
+                true,
+            ),
+            (
+                "shared_gc_passes",
+                "Collection passes this daemon ran (it held the namespace's lease)",
+                v(&self.gc_stats.passes),
+                false,
+            ),
+            (
+                "shared_gc_failures",
+                "Collection passes that failed (logged)",
+                v(&self.gc_stats.failures),
+                false,
+            ),
+            (
+                "shared_tier_bytes",
+                "The namespace's bytes in the shared tier after this daemon's last pass",
+                gc_last.as_ref().map_or(0, |r| r.bytes_after),
+                true,
+            ),
+            (
+                "shared_gc_last_finished_s",
+                "When this daemon's last collection pass ended (Unix seconds; 0: none)",
+                gc_last.as_ref().map_or(0, |r| r.finished_s),
+                true,
+            ),
+            (
+                "shared_gc_last_records_removed",
+                "Least recently used records the last pass removed",
+                gc_last.as_ref().map_or(0, |r| r.records_removed),
+                true,
+            ),
+            (
+                "shared_gc_last_damaged_removed",
+                "Damaged records the last pass removed",
+                gc_last.as_ref().map_or(0, |r| r.damaged_removed),
+                true,
+            ),
+            (
+                "shared_gc_last_blobs_removed",
+                "Unreferenced blobs the last pass removed",
+                gc_last.as_ref().map_or(0, |r| r.blobs_removed),
+                true,
+            ),
+            (
+                "shared_gc_last_bytes_removed",
+                "Bytes the last pass removed (records' and unreferenced blobs')",
+                gc_last
+                    .as_ref()
+                    .map_or(0, |r| r.record_bytes_removed.max(r.blob_bytes_removed)),
+                true,
             ),
         ];
         for (name, help, value, gauge) in rows {
@@ -801,9 +1009,24 @@ impl Tier {
     ) -> bool {
         let shown = || String::from_utf8_lossy(path).into_owned();
         match self.blob_into(lane, id, size, file) {
-            Fetch::Got(_) => return true,
-            Fetch::Missing | Fetch::Corrupt => warn!(
-                "shared tier: record {:?} names blob {id}, which is missing or corrupt: a miss",
+            Fetch::Got(_) => {
+                self.note_use(path.to_vec());
+                return true;
+            }
+            Fetch::Missing => {
+                // Evicted or collected: dropped in the background, not
+                // warned about at every lookup.
+                log::debug!(
+                    "shared fetch path={:?} blob={id} outcome=miss-blob-gone",
+                    shown()
+                );
+                let mut u = self.uses.lock().unwrap();
+                if u.drops.len() < DROPS_LEN_MAX {
+                    u.drops.push((path.to_vec(), id));
+                }
+            }
+            Fetch::Corrupt => warn!(
+                "shared tier: record {:?} names blob {id}, which is corrupt: a miss",
                 shown()
             ),
             Fetch::WrongSize(len) => self.note_data_error(format!(

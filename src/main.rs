@@ -137,8 +137,8 @@ struct MountCmd {
     /// Blobs put less than this many seconds ago are never collected
     #[arg(long, default_value_t = shared::gc::BLOB_GRACE_S_DEFAULT, hide = true)]
     shared_gc_grace_s: u64,
-    /// The collection lease's length in seconds
-    #[arg(long, default_value_t = shared::gc::LEASE_TTL_S_DEFAULT, hide = true)]
+    /// The collection lease's length in seconds (longer than the interval: the collector keeps it between passes)
+    #[arg(long, default_value_t = 3 * GC_INTERVAL_S_DEFAULT, hide = true)]
     shared_gc_lease_s: u64,
     /// Seconds between two reports of one entry's use to the shared tier
     #[arg(long, default_value_t = shared::tier::USE_REPORT_S_DEFAULT, hide = true)]
@@ -544,6 +544,7 @@ fn run_mount(m: MountCmd, readiness: Arc<mount::Readiness>) -> Result<(), String
             let mut gc = shared::gc::GcConfig::new(&config.namespace, max);
             gc.blob_grace_s = shared_gc_grace_s;
             gc.lease_ttl_s = shared_gc_lease_s.max(1);
+            gc.keep_lease = true;
             Some((
                 gc,
                 std::time::Duration::from_secs(shared_gc_interval_s.max(1)),

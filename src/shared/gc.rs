@@ -4,7 +4,9 @@
 //! a daemon mounted with `--shared-gc-max-size` (`Collector`).
 //!
 //! One pass, under the namespace's lease (`lease_name`), renewed before
-//! every page and given up at the end:
+//! every page and given up at the end (a daemon keeps it between passes,
+//! `GcConfig::keep_lease`, so one host stays the collector while it lives
+//! and another takes over within the lease once it dies):
 //! 1. *Measure*: scan the namespace's records; damaged ones are deleted
 //!    (healing), the others' bytes (blob size + `RECORD_OVERHEAD_BYTES`)
 //!    are added to a histogram by age of last use (`AgeHistogram`: fixed
@@ -83,6 +85,11 @@ pub struct GcConfig {
     pub holder: String,
     /// Records and blobs per page.
     pub page_len: usize,
+    /// Keep the leases after a pass (a daemon that collects every
+    /// interval stays the collector while it lives, renewing them each
+    /// pass; give it a lease longer than its interval). A one-off pass
+    /// (`casfs shared gc`) gives them up.
+    pub keep_lease: bool,
 }
 
 impl GcConfig {
@@ -94,6 +101,7 @@ impl GcConfig {
             lease_ttl_s: LEASE_TTL_S_DEFAULT,
             holder: holder_id(),
             page_len: GC_PAGE_LEN,
+            keep_lease: false,
         }
     }
 }
@@ -295,7 +303,9 @@ impl Held<'_> {
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
-        let _ = self.engine.release_lease(&self.name, &self.config.holder);
+        if !self.config.keep_lease {
+            let _ = self.engine.release_lease(&self.name, &self.config.holder);
+        }
     }
 }
 

@@ -540,7 +540,9 @@ fn run_mount(m: MountCmd, readiness: Arc<mount::Readiness>) -> Result<(), String
         (Some(text), Some((_, config))) => {
             let max = size::parse_size_limit(text)
                 .map_err(|e| format!("--shared-gc-max-size {e}"))?
-                .ok_or("--shared-gc-max-size 0: give a budget (collection with no limit does nothing)")?;
+                .ok_or(
+                    "--shared-gc-max-size 0: give a budget (collection with no limit does nothing)",
+                )?;
             let mut gc = shared::gc::GcConfig::new(&config.namespace, max);
             gc.blob_grace_s = shared_gc_grace_s;
             gc.lease_ttl_s = shared_gc_lease_s.max(1);
@@ -691,8 +693,13 @@ fn run_gc(
                 r.listings_removed
             );
             match r.blob_bytes_after {
-                Some(b) => println!("blobs in the engine (all namespaces): {}", size::describe_bytes(b)),
-                None => println!("blobs: another collector holds the blob lease; not collected this pass"),
+                Some(b) => println!(
+                    "blobs in the engine (all namespaces): {}",
+                    size::describe_bytes(b)
+                ),
+                None => println!(
+                    "blobs: another collector holds the blob lease; not collected this pass"
+                ),
             }
             Ok(())
         }

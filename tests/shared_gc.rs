@@ -24,7 +24,9 @@ use casfs::shared::dir::DirEngine;
 use casfs::shared::gc::{collect, GcConfig, GcError};
 use casfs::shared::mem::MemEngine;
 use casfs::shared::redis::RedisEngine;
-use casfs::shared::{now_s, Engine, EngineConfig, Lease, Record, RecordKind, RECORD_OVERHEAD_BYTES};
+use casfs::shared::{
+    now_s, Engine, EngineConfig, Lease, Record, RecordKind, RECORD_OVERHEAD_BYTES,
+};
 use casfs::store::ids::BlobId;
 
 static SEQ: AtomicUsize = AtomicUsize::new(0);
@@ -171,7 +173,9 @@ fn collection_brings_a_namespace_within_its_budget_least_recently_used_first(b: 
     }
     next_second();
     // Hosts report using ten of the old ones (hits served locally).
-    let used: Vec<Vec<u8>> = (0..10).map(|i| format!("cc/old/{i}").into_bytes()).collect();
+    let used: Vec<Vec<u8>> = (0..10)
+        .map(|i| format!("cc/old/{i}").into_bytes())
+        .collect();
     e.note_used(&used, now_s()).unwrap();
     let entry = ENTRY_BYTES as u64 + RECORD_OVERHEAD_BYTES;
     // 98 % of the budget (the low-water mark) is just over 40 entries.
@@ -278,12 +282,10 @@ fn a_record_republished_during_a_pass_is_kept(b: &Backend) {
         .expect("the scan sees the record");
     let v2 = blob_of("v2", 0, 50);
     e.put_blob(&BlobId::of(&v2), &v2).unwrap();
-    e.put_record(b"cc/m/name", &file_record(&v2), false).unwrap();
+    e.put_record(b"cc/m/name", &file_record(&v2), false)
+        .unwrap();
     assert!(!e.delete_record(&scanned.key, &scanned.seen).unwrap());
-    assert_eq!(
-        e.get_record(b"cc/m/name").unwrap(),
-        Some(file_record(&v2))
-    );
+    assert_eq!(e.get_record(b"cc/m/name").unwrap(), Some(file_record(&v2)));
 }
 
 /// Publishers put entries (blob, then record) and fetchers read them back
@@ -415,7 +417,9 @@ fn casfs_shared_gc_brings_a_shared_directory_within_its_budget() {
     for i in 0..20 {
         publish(&*e, &format!("cc/x/{i}"), &blob_of("cli", i, 10_000));
     }
-    let Backend::Dir(root) = &b else { unreachable!() };
+    let Backend::Dir(root) = &b else {
+        unreachable!()
+    };
     let url = format!("file://{}", root.display());
     // 20 entries of about 10 KB: a budget of 100 KB keeps 9 of them.
     let out = common::casfs(&[
@@ -431,9 +435,7 @@ fn casfs_shared_gc_brings_a_shared_directory_within_its_budget() {
     let text = common::output_text(&out);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("least recently used records"), "{text}");
-    let kept = (0..20)
-        .filter(|i| has(&*e, &format!("cc/x/{i}")))
-        .count() as u64;
+    let kept = (0..20).filter(|i| has(&*e, &format!("cc/x/{i}"))).count() as u64;
     assert!(
         kept * (10_000 + RECORD_OVERHEAD_BYTES) <= 100_000,
         "{kept} kept: {text}"

@@ -350,14 +350,26 @@ impl Core {
         }
         // Create-only keeps the first *valid* content: a winner that fails
         // its own checksum does not replace ours (which may be the valid
-        // recompile that healed it here).
+        // recompile that healed it here), and once ours passes that
+        // checksum it replaces the winner in the tier (compare-and-set, as
+        // for damaged records; counted in shared_records_healed), so every
+        // later host gets the valid one instead of recompiling.
         if crate::integrity::check_file(&fetched.file)
             .is_ok_and(|v| v == crate::integrity::Verdict::Corrupt)
         {
-            warn!(
-                "converge {:?}: the shared tier's result {blob} fails its own checksum; keeping ours",
-                String::from_utf8_lossy(path)
-            );
+            if self.local_result_is_valid(path) {
+                self.replace_damaged_winner(
+                    tier,
+                    path,
+                    &winner,
+                    "its result fails its own format's checksum",
+                );
+            } else {
+                warn!(
+                    "converge {:?}: the shared tier's result {blob} fails its own checksum; keeping ours",
+                    String::from_utf8_lossy(path)
+                );
+            }
             return;
         }
         let result = (|| -> Result<()> {
@@ -404,6 +416,27 @@ impl Core {
         if let Err(e) = result {
             warn!("converge {:?}: {e}", String::from_utf8_lossy(path));
         }
+    }
+
+    /// True if this host's result at `path` passes its own format's
+    /// checksum (a definite `Valid`: a format that cannot be judged does
+    /// not replace anything).
+    fn local_result_is_valid(&self, path: &[u8]) -> bool {
+        let valid = || -> Result<bool> {
+            let Some((_, _, ino)) = self.resolve_path(path)? else {
+                return Ok(false);
+            };
+            let Some(inode) = self.store.inode(ino)? else {
+                return Ok(false);
+            };
+            let Content::Blob(id) = inode.content else {
+                return Ok(false);
+            };
+            let file = self.open_blob(&id)?;
+            Ok(crate::integrity::check_file(&file)
+                .is_ok_and(|v| v == crate::integrity::Verdict::Valid))
+        };
+        valid().unwrap_or(false)
     }
 
     /// Replaces a damaged winner of a create-only race with this host's

@@ -754,7 +754,8 @@ impl DirEngine {
             }
             child.extend_from_slice(&listed.name);
             let has_record = fs::symlink_metadata(self.record_path(&child)).is_ok();
-            let has_listing = listed.dir && fs::symlink_metadata(self.list_dir_path(&child)).is_ok();
+            let has_listing =
+                listed.dir && fs::symlink_metadata(self.list_dir_path(&child)).is_ok();
             if !has_record && !has_listing && fs::remove_file(entry.path()).is_ok() {
                 removed += 1;
             } else {

@@ -149,7 +149,10 @@ pub struct GcReport {
 #[derive(Debug)]
 pub enum GcError {
     /// Another collector holds the lease.
-    Leased { holder: String, until_s: u64 },
+    Leased {
+        holder: String,
+        until_s: u64,
+    },
     /// The lease was taken over mid-pass (this collector was too slow to
     /// renew it): the pass stopped.
     LeaseLost,
@@ -253,7 +256,8 @@ impl Bloom {
     }
 
     fn contains(&self, id: &BlobId) -> bool {
-        self.probes(id).all(|p| self.bits[p / 64] & (1 << (p % 64)) != 0)
+        self.probes(id)
+            .all(|p| self.bits[p / 64] & (1 << (p % 64)) != 0)
     }
 }
 
@@ -311,11 +315,7 @@ impl Drop for Held<'_> {
 
 /// One pass over `engine`'s namespace `config.namespace` (the engine is
 /// bound to it), as of `now_s` (ages and the blob grace count from it).
-pub fn collect(
-    engine: &dyn Engine,
-    config: &GcConfig,
-    now_s: u64,
-) -> Result<GcReport, GcError> {
+pub fn collect(engine: &dyn Engine, config: &GcConfig, now_s: u64) -> Result<GcReport, GcError> {
     let ns = &config.namespace;
     let lease = Held::take(engine, lease_name(ns), config)?;
     let mut report = GcReport::default();
@@ -526,7 +526,10 @@ impl Collector {
                         stats
                             .failures
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        warn!("shared gc namespace={} outcome=failed: {e}", config.namespace);
+                        warn!(
+                            "shared gc namespace={} outcome=failed: {e}",
+                            config.namespace
+                        );
                     }
                 }
             })

@@ -18,8 +18,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use super::{
-    listing_chain, split_path, Engine, Lease, Listed, Page, Put, Record, RecordKind, Scanned,
-    Seen, StoredBlob, TierError, TierResult, RECORD_BYTES_MAX,
+    listing_chain, split_path, Engine, Lease, Listed, Page, Put, Record, RecordKind, Scanned, Seen,
+    StoredBlob, TierError, TierResult, RECORD_BYTES_MAX,
 };
 use crate::store::ids::BlobId;
 

@@ -189,7 +189,8 @@ if not v or v == ARGV[1] then
   return {1, tonumber(ARGV[2])}
 end
 return {0, v, redis.call('TTL', KEYS[1])}";
-const RELEASE_LUA: &[u8] = b"if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+const RELEASE_LUA: &[u8] =
+    b"if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 0";
 /// Moves the last use of existing records forward. KEYS[1] the last-use
 /// set, then one record key per path; ARGV[1] the time, then the paths.
@@ -348,7 +349,13 @@ impl RedisEngine {
     fn stamp_blob(&self, id: &BlobId) -> TierResult<()> {
         let now = super::now_s().to_string();
         self.call(
-            &[b"ZADD", b"casfs:bt", b"GT", now.as_bytes(), id.hex().as_bytes()],
+            &[
+                b"ZADD",
+                b"casfs:bt",
+                b"GT",
+                now.as_bytes(),
+                id.hex().as_bytes(),
+            ],
             0,
         )?;
         Ok(())
@@ -364,7 +371,14 @@ impl RedisEngine {
         let cursor: &[u8] = if cursor.is_empty() { b"0" } else { cursor };
         let count = max.clamp(1, SCAN_COUNT_MAX).to_string();
         let reply = self.call(
-            &[b"SCAN", cursor, b"MATCH", pattern, b"COUNT", count.as_bytes()],
+            &[
+                b"SCAN",
+                cursor,
+                b"MATCH",
+                pattern,
+                b"COUNT",
+                count.as_bytes(),
+            ],
             LIST_REPLY_BYTES_MAX,
         )?;
         let Reply::Array(Some(parts)) = reply else {
@@ -1120,7 +1134,14 @@ impl Engine for RedisEngine {
         let key = format!("casfs:lease:{name}").into_bytes();
         let ttl = ttl_s.max(1).to_string();
         let reply = self.call(
-            &[b"EVAL", LEASE_LUA, b"1", &key, holder.as_bytes(), ttl.as_bytes()],
+            &[
+                b"EVAL",
+                LEASE_LUA,
+                b"1",
+                &key,
+                holder.as_bytes(),
+                ttl.as_bytes(),
+            ],
             RECORD_BYTES_MAX,
         )?;
         let Reply::Array(Some(parts)) = &reply else {

@@ -531,7 +531,8 @@ impl Tier {
                     let Some(r) = e.get_record(&p)? else {
                         return Ok(false);
                     };
-                    let names_it = matches!(r.kind, super::RecordKind::File { blob, .. } if blob == id);
+                    let names_it =
+                        matches!(r.kind, super::RecordKind::File { blob, .. } if blob == id);
                     if !names_it || e.has_blob(&id)? {
                         return Ok(false);
                     }

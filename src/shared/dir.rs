@@ -681,7 +681,7 @@ impl DirEngine {
         top: &Path,
         cursor: &[u8],
         max: usize,
-    ) -> TierResult<(Vec<(String, PathBuf)>, Option<Vec<u8>>)> {
+    ) -> TierResult<super::Page<(String, PathBuf)>> {
         let cursor = std::str::from_utf8(cursor).unwrap_or("");
         let first_shard = cursor.get(..2).unwrap_or("");
         let mut shards: Vec<String> = match fs::read_dir(top) {
@@ -690,7 +690,7 @@ impl DirEngine {
                 .filter_map(|e| e.file_name().into_string().ok())
                 .filter(|n| n.len() == 2 && n.as_str() >= first_shard)
                 .collect(),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((vec![], None)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(super::Page::default()),
             Err(e) => return Err(io_error("list", top, e)),
         };
         shards.sort();
@@ -713,13 +713,16 @@ impl DirEngine {
                     let next = out
                         .last()
                         .map(|(n, _): &(String, PathBuf)| n.clone().into_bytes());
-                    return Ok((out, next));
+                    return Ok(super::Page { items: out, next });
                 }
                 let path = dir.join(&name);
                 out.push((name, path));
             }
         }
-        Ok((out, None))
+        Ok(super::Page {
+            items: out,
+            next: None,
+        })
     }
 
     /// Writes the `path` file of a listing directory (create-only, best
@@ -987,7 +990,7 @@ impl Engine for DirEngine {
             return Err(TierError::Data(format!("namespace {namespace:?}")));
         }
         let top = self.root.join("ns").join(namespace).join("records");
-        let (names, next) = self.scan_sharded(&top, cursor, max)?;
+        let super::Page { items: names, next } = self.scan_sharded(&top, cursor, max)?;
         let mut items = Vec::with_capacity(names.len());
         for (name, file) in names {
             let used_s = match fs::symlink_metadata(&file) {
@@ -1023,7 +1026,7 @@ impl Engine for DirEngine {
     }
 
     fn scan_blobs(&self, cursor: &[u8], max: usize) -> TierResult<super::Page<super::StoredBlob>> {
-        let (names, next) = self.scan_sharded(&self.blobs_dir, cursor, max)?;
+        let super::Page { items: names, next } = self.scan_sharded(&self.blobs_dir, cursor, max)?;
         let items = names
             .into_iter()
             .filter_map(|(name, file)| {
@@ -1133,7 +1136,7 @@ impl Engine for DirEngine {
     }
 
     fn sweep_listings(&self, cursor: &[u8], max: usize) -> TierResult<(u64, Option<Vec<u8>>)> {
-        let (dirs, next) = self.scan_sharded(&self.lists_dir, cursor, max)?;
+        let super::Page { items: dirs, next } = self.scan_sharded(&self.lists_dir, cursor, max)?;
         let removed = dirs.iter().map(|(_, d)| self.sweep_listing(d)).sum();
         Ok((removed, next))
     }

@@ -561,7 +561,7 @@ impl Engine for MemEngine {
             .keys()
             .filter(|id| cursor.is_empty() || id.0.as_slice() > cursor)
             .collect();
-        ids.sort_by(|a, b| a.0.cmp(&b.0));
+        ids.sort_by_key(|id| id.0);
         let items: Vec<StoredBlob> = ids
             .iter()
             .take(max.max(1))

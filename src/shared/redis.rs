@@ -367,7 +367,7 @@ impl RedisEngine {
         pattern: &[u8],
         cursor: &[u8],
         max: usize,
-    ) -> TierResult<(Vec<Vec<u8>>, Option<Vec<u8>>)> {
+    ) -> TierResult<super::Page<Vec<u8>>> {
         let cursor: &[u8] = if cursor.is_empty() { b"0" } else { cursor };
         let count = max.clamp(1, SCAN_COUNT_MAX).to_string();
         let reply = self.call(
@@ -394,7 +394,7 @@ impl RedisEngine {
                     })
                     .collect();
                 let next = (next.as_slice() != b"0").then(|| next.clone());
-                Ok((keys, next))
+                Ok(super::Page { items: keys, next })
             }
             _ => Err(TierError::Protocol(format!(
                 "{} SCAN: unexpected reply shape",
@@ -967,7 +967,7 @@ impl Engine for RedisEngine {
         let mut pattern = prefix.clone();
         pattern.push(b'*');
         let used_key = format!("casfs:{namespace}:u").into_bytes();
-        let (keys, next) = self.scan_keys(&pattern, cursor, max)?;
+        let super::Page { items: keys, next } = self.scan_keys(&pattern, cursor, max)?;
         let mut items = Vec::with_capacity(keys.len());
         for key in keys {
             let path = key[prefix.len()..].to_vec();
@@ -1049,7 +1049,7 @@ impl Engine for RedisEngine {
     }
 
     fn scan_blobs(&self, cursor: &[u8], max: usize) -> TierResult<super::Page<super::StoredBlob>> {
-        let (keys, next) = self.scan_keys(b"casfs:b:*", cursor, max)?;
+        let super::Page { items: keys, next } = self.scan_keys(b"casfs:b:*", cursor, max)?;
         let mut items = Vec::with_capacity(keys.len());
         let now = super::now_s().to_string();
         for key in keys {

@@ -29,6 +29,10 @@
 //!    (`Engine::sweep_listings`; Redis and the in-memory engine do this as
 //!    each record goes).
 //!
+//! Locks: none held across an engine call. `Collector::stop` (the stop
+//! flag) is held only to read or set it; `CollectorStats::last` only to
+//! store or copy one report.
+//!
 //! Races (hosts publish and fetch throughout): a record deleted under a
 //! fetcher is a miss (its lookup finds nothing, or its blob fetch finds
 //! nothing: both misses); a record put while its blob is being deleted is

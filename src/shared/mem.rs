@@ -11,6 +11,12 @@
 //!
 //! Not offered by the command line: a process-local engine shares nothing
 //! between hosts.
+//!
+//! Locks: `state` (every record, listing, blob, time and lease) is held
+//! for one call's change, never across a sleep (latency and bandwidth are
+//! slept with no lock held); `shape.refusal` may be taken while `state` is
+//! held (order: `state`, then `refusal`); `shape.stalled` is taken alone,
+//! before `state`.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};

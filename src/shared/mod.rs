@@ -374,7 +374,8 @@ pub trait Engine: Send + Sync {
     /// Ok(true): deleted.
     fn delete_blob(&self, id: &BlobId, stored_before_s: u64) -> TierResult<bool>;
     /// Hosts used these records (of this namespace) at `now_s`: their last
-    /// use moves there (never back). Names with no record are skipped.
+    /// use moves there (never back; the directory engine takes its file
+    /// server's now instead). Names with no record are skipped.
     fn note_used(&self, paths: &[Vec<u8>], now_s: u64) -> TierResult<()>;
     /// Takes the lease `name` for `holder` until `now_s + ttl_s` if it is
     /// free, expired, or already `holder`'s (a renewal); else reports who

@@ -207,13 +207,17 @@ fn damaged_records_and_unreferenced_blobs_go_blobs_within_their_grace_stay(b: &B
     let e = b.engine();
     publish(&*e, "cc/a/kept", &blob_of("kept", 0, 100));
     b.put_raw_record("cc/a/damaged", b"casfs-record 1\nfile zz\n");
+    // Over the bound a record may hold (Redis then reads that page a key
+    // at a time).
+    b.put_raw_record("cc/a/huge", &[b'x'; 5000]);
     let orphan = blob_of("orphan", 0, 300);
     e.put_blob(&BlobId::of(&orphan), &orphan).unwrap();
     let mut gc = GcConfig::new("default", 1 << 30);
     // Within the default grace (an hour) the orphan stays: it may be a
     // blob whose record is about to be put.
     let first = collect(&*e, &gc, now_s()).unwrap();
-    assert_eq!(first.damaged_removed, 1, "{first:?}");
+    assert_eq!(first.damaged_removed, 2, "{first:?}");
+    assert_eq!(first.records_before, 1, "{first:?}");
     assert_eq!(first.blobs_removed, 0, "{first:?}");
     assert!(e.has_blob(&BlobId::of(&orphan)).unwrap());
     // A re-put renews its grace too; past it, the orphan goes.

@@ -969,47 +969,68 @@ impl Engine for RedisEngine {
         let used_key = format!("casfs:{namespace}:u").into_bytes();
         let super::Page { items: keys, next } = self.scan_keys(&pattern, cursor, max)?;
         let mut items = Vec::with_capacity(keys.len());
-        for key in keys {
-            let path = key[prefix.len()..].to_vec();
-            let replies = match self.pipeline(
-                &[
-                    vec![b"GET".as_slice(), &key],
-                    vec![b"ZSCORE".as_slice(), &used_key, &path],
-                ],
-                RECORD_BYTES_MAX,
-            ) {
-                Ok(r) => r,
-                Err(TierError::Data(_)) => {
-                    items.push(super::Scanned {
-                        key: path,
-                        seen: Seen::Oversize,
-                        record: None,
-                        used_s: 0,
-                    });
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            let (seen, record) = match &replies[0] {
-                Reply::Bulk(None) => continue, // deleted since the SCAN
+        let parse_score = |r: &Reply| match r {
+            Reply::Bulk(Some(t)) => std::str::from_utf8(t)
+                .ok()
+                .and_then(|t| t.parse::<f64>().ok())
+                .map_or(0, |t| t.max(0.0) as u64),
+            _ => 0,
+        };
+        let parse = |key: &[u8], path: Vec<u8>, get: &Reply, score: &Reply| {
+            let (seen, record) = match get {
+                Reply::Bulk(None) => return Ok(None), // deleted since the SCAN
                 Reply::Bulk(Some(b)) => (Seen::Bytes(b.clone()), Record::decode(b).ok()),
                 Reply::Error(m) if m.starts_with("WRONGTYPE") => (Seen::WrongType, None),
                 Reply::Error(m) => return Err(self.error_reply("GET", m)),
-                other => return Err(self.unexpected("GET", &key, other)),
+                other => return Err(self.unexpected("GET", key, other)),
             };
-            let used_s = match &replies[1] {
-                Reply::Bulk(Some(t)) => std::str::from_utf8(t)
-                    .ok()
-                    .and_then(|t| t.parse::<f64>().ok())
-                    .map_or(0, |t| t.max(0.0) as u64),
-                _ => 0,
-            };
-            items.push(super::Scanned {
+            Ok(Some(super::Scanned {
                 key: path,
                 seen,
                 record,
-                used_s,
-            });
+                used_s: parse_score(score),
+            }))
+        };
+        let paths: Vec<Vec<u8>> = keys.iter().map(|k| k[prefix.len()..].to_vec()).collect();
+        // The whole page in one round trip; a value over the record bound
+        // fails the pipeline, and the page is then read a key at a time.
+        let mut cmds: Vec<Vec<&[u8]>> = Vec::with_capacity(2 * keys.len());
+        for (key, path) in keys.iter().zip(&paths) {
+            cmds.push(vec![b"GET".as_slice(), key]);
+            cmds.push(vec![b"ZSCORE".as_slice(), &used_key, path]);
+        }
+        let whole = if cmds.is_empty() {
+            Ok(Vec::new())
+        } else {
+            self.pipeline(&cmds, RECORD_BYTES_MAX)
+        };
+        match whole {
+            Ok(replies) => {
+                for ((key, path), r) in keys.iter().zip(paths).zip(replies.chunks(2)) {
+                    items.extend(parse(key, path, &r[0], &r[1])?);
+                }
+            }
+            Err(TierError::Data(_)) => {
+                for (key, path) in keys.iter().zip(paths) {
+                    match self.pipeline(
+                        &[
+                            vec![b"GET".as_slice(), key],
+                            vec![b"ZSCORE".as_slice(), &used_key, &path],
+                        ],
+                        RECORD_BYTES_MAX,
+                    ) {
+                        Ok(r) => items.extend(parse(key, path, &r[0], &r[1])?),
+                        Err(TierError::Data(_)) => items.push(super::Scanned {
+                            key: path,
+                            seen: Seen::Oversize,
+                            record: None,
+                            used_s: 0,
+                        }),
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            Err(e) => return Err(e),
         }
         Ok(super::Page { items, next })
     }
@@ -1052,26 +1073,29 @@ impl Engine for RedisEngine {
         let super::Page { items: keys, next } = self.scan_keys(b"casfs:b:*", cursor, max)?;
         let mut items = Vec::with_capacity(keys.len());
         let now = super::now_s().to_string();
-        for key in keys {
-            let Some(id) = std::str::from_utf8(&key[b"casfs:b:".len()..])
-                .ok()
-                .and_then(BlobId::from_hex)
-            else {
-                continue;
-            };
-            let hex = id.hex();
-            let replies = self.pipeline(
-                &[
-                    vec![b"STRLEN".as_slice(), &key],
-                    vec![b"ZSCORE".as_slice(), b"casfs:bt", hex.as_bytes()],
-                ],
-                64,
-            )?;
-            let bytes = match &replies[0] {
-                Reply::Int(n) => (*n).max(0) as u64,
-                _ => continue,
-            };
-            let stored_s = match &replies[1] {
+        let ids: Vec<(BlobId, String, &Vec<u8>)> = keys
+            .iter()
+            .filter_map(|key| {
+                let id = std::str::from_utf8(&key[b"casfs:b:".len()..])
+                    .ok()
+                    .and_then(BlobId::from_hex)?;
+                Some((id, id.hex(), key))
+            })
+            .collect();
+        let mut cmds: Vec<Vec<&[u8]>> = Vec::with_capacity(2 * ids.len());
+        for (_, hex, key) in &ids {
+            cmds.push(vec![b"STRLEN".as_slice(), key]);
+            cmds.push(vec![b"ZSCORE".as_slice(), b"casfs:bt", hex.as_bytes()]);
+        }
+        let replies = if cmds.is_empty() {
+            Vec::new()
+        } else {
+            self.pipeline(&cmds, 64)?
+        };
+        let mut unstamped: Vec<&str> = Vec::new();
+        for ((id, hex, _), r) in ids.iter().zip(replies.chunks(2)) {
+            let Reply::Int(bytes) = r[0] else { continue };
+            let stored_s = match &r[1] {
                 Reply::Bulk(Some(t)) => std::str::from_utf8(t)
                     .ok()
                     .and_then(|t| t.parse::<f64>().ok())
@@ -1079,18 +1103,23 @@ impl Engine for RedisEngine {
                 // A blob from before collection (or an old casfs): its
                 // grace starts now.
                 _ => {
-                    self.call(
-                        &[b"ZADD", b"casfs:bt", b"NX", now.as_bytes(), hex.as_bytes()],
-                        0,
-                    )?;
+                    unstamped.push(hex);
                     super::now_s()
                 }
             };
             items.push(super::StoredBlob {
-                id,
-                bytes,
+                id: *id,
+                bytes: bytes.max(0) as u64,
                 stored_s,
             });
+        }
+        if !unstamped.is_empty() {
+            let mut args: Vec<&[u8]> = vec![b"ZADD", b"casfs:bt", b"NX"];
+            for hex in &unstamped {
+                args.push(now.as_bytes());
+                args.push(hex.as_bytes());
+            }
+            self.call(&args, 0)?;
         }
         Ok(super::Page { items, next })
     }

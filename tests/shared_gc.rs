@@ -446,3 +446,63 @@ fn casfs_shared_gc_brings_a_shared_directory_within_its_budget() {
     );
     assert!(kept >= 8, "{kept} kept: {text}");
 }
+
+/// Real daemons: two hosts mounted with `--shared-gc-max-size` on one
+/// shared directory; one collects (the namespace is brought under its
+/// budget), and when it is killed with SIGKILL the other takes over
+/// within the lease.
+#[test]
+fn mounted_daemons_collect_one_at_a_time_and_take_over_from_a_killed_collector() {
+    let t = common::TestDir::new("gc-mounts");
+    let shared = t.dir("shared");
+    let url = format!("file://{}", shared.display());
+    let args = [
+        "--shared",
+        url.as_str(),
+        "--shared-gc-max-size",
+        "100Ki",
+        "--shared-gc-interval-s",
+        "1",
+        "--shared-gc-grace-s",
+        "0",
+        "--shared-gc-lease-s",
+        "3",
+    ];
+    let mp_a = t.mountpoint("a");
+    let mut a = common::Mount::start(&t.dir("store-a"), &mp_a, &args);
+    let dir = mp_a.join("0/1");
+    fs::create_dir_all(&dir).unwrap();
+    for i in 0..30 {
+        let name = format!("{i:02}c8aiq5frsd7ctaaepqbvl8shkbR");
+        common::publish(&dir, "t.tmp", &name, &common::pattern(i, 10_000));
+    }
+    let out = common::casfs(&["sync".as_ref(), mp_a.as_os_str()]);
+    assert!(out.status.success(), "{}", common::output_text(&out));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let budget = 100 * 1024;
+    loop {
+        let c = a.counters(&["shared_gc_passes", "shared_tier_bytes"]);
+        if c["shared_gc_passes"] >= 1 && c["shared_tier_bytes"] <= budget {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no pass: {c:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mp_b = t.mountpoint("b");
+    let b = common::Mount::start(&t.dir("store-b"), &mp_b, &args);
+    // A holds the lease: B does not collect while A lives.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(b.counter("shared_gc_passes"), 0, "two collectors at once");
+    a.kill9();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while b.counter("shared_gc_passes") == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no takeover after the collector was killed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let e = DirEngine::open(&shared, &config()).unwrap();
+    let bytes = blob_bytes(&e);
+    assert!(bytes <= budget, "{bytes} blob bytes over the budget");
+}

@@ -11,7 +11,7 @@
 //! casfs:<namespace>:u                a sorted set: path -> last use (Unix s)
 //! casfs:bt                           a sorted set: blob hex -> last put (Unix s)
 //! casfs:lease:<name>                 a lease: its holder, expiring (EX)
-//! casfs:namespaces                   a set: every namespace opened
+//! casfs:namespaces                   a set: every namespace opened or put to
 //! casfs:format                       "1": the layout above (SET NX at open)
 //! ```
 //! Times are the client's Unix seconds, moved forward only (`ZADD GT`,
@@ -625,6 +625,13 @@ impl Engine for RedisEngine {
             b"GT",
             now.as_bytes(),
             path,
+        ]);
+        // Every namespace that holds records is known to blob collection,
+        // also when the server was down at open.
+        cmds.push(vec![
+            b"SADD".as_slice(),
+            b"casfs:namespaces",
+            self.namespace.as_bytes(),
         ]);
         for (lkey, member) in &lists {
             cmds.push(vec![b"SADD".as_slice(), lkey, member]);

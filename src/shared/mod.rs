@@ -3,7 +3,7 @@
 //! POSIX directory such as NFS; `redis`: Redis or Valkey; `mem`: in memory,
 //! for tests, with knobs for latency, bandwidth, stalls and refusals).
 //! `tier` is how the core uses an engine (callers, deadlines, uploads);
-//! `breaker` its circuit breaker and retry pauses, pure.
+//! `breaker` its circuit breaker and retry pauses, pure; `gc` collection.
 //!
 //! An engine stores two things, both within one namespace:
 //! - *records*: a path below the mount root (`cc/a/e/c8ai…R`) → a `Record`
@@ -21,7 +21,7 @@
 //!   them against the id before using them (they crossed a network).
 //! - No engine call stalls longer than the timeout without progress (Redis:
 //!   per read and write; the directory engine relies on the caller's
-//!   deadline, see `tier.rs`, which bounds every call as a whole).
+//!   deadline, see `tier/`, which bounds every call as a whole).
 //! - A record that is unreadable (does not parse, is of a newer format, is
 //!   over `RECORD_BYTES_MAX`, or is not a string/file at all) is a
 //!   `TierError::Data` about that one name, never an engine failure: the
@@ -51,7 +51,7 @@
 //!   that died), and renewed only by its holder.
 //! - Key layouts are forever: Redis `casfs:<namespace>:r:<path>`,
 //!   `casfs:<namespace>:l:<dir path>` (a set of `f/<name>` and `d/<name>`)
-//!   and `casfs:b:<hex>`; directory layout in `dir.rs`.
+//!   and `casfs:b:<hex>`; directory layout in `dir/mod.rs`.
 
 pub mod breaker;
 pub mod dir;
@@ -178,7 +178,7 @@ pub struct Listed {
 
 /// Bytes of blob moved so far in one transfer, watched by the caller that
 /// waits for it: a transfer is bounded by its progress (an idle deadline
-/// and a floor rate, `tier.rs`), not by one deadline for the whole call.
+/// and a floor rate, `tier/`), not by one deadline for the whole call.
 /// The waiter sets `cancelled` when it gives up; a streaming engine stops
 /// at its next chunk.
 #[derive(Default, Debug)]

@@ -53,6 +53,9 @@ enum Command {
         #[arg(long)]
         entries: u64,
     },
+    /// The shared tier itself (not a mount).
+    #[command(subcommand)]
+    Shared(SharedCmd),
     /// Check an unmounted store; exit 0 if clean, 1 if problems were found (or a damaged metadata database), 2 if it could not be checked.
     Fsck {
         #[arg(long)]
@@ -62,6 +65,36 @@ enum Command {
         repair: bool,
     },
 }
+
+#[derive(Subcommand)]
+enum SharedCmd {
+    /// One collection pass over a namespace of the shared tier: least recently used entries until it is under SIZE, then blobs no record names, then empty listings. Safe to run from cron on every host: one collector per namespace holds a lease, the others say so and exit 0.
+    Gc {
+        /// The engine: file:///ABSOLUTE/PATH or redis://HOST:PORT[/DB]
+        #[arg(long, value_name = "URL")]
+        shared: String,
+        #[arg(long, value_name = "NAME", default_value = "default")]
+        namespace: String,
+        /// The namespace's budget (sizes as for mount --max-size: 20G, 500Mi)
+        #[arg(long, value_name = "SIZE")]
+        max_size: String,
+        /// A root-only file holding the engine's password (Redis)
+        #[arg(long)]
+        shared_password_file: Option<PathBuf>,
+        /// Bound on every engine call, in milliseconds
+        #[arg(long, default_value_t = 5000)]
+        shared_timeout_ms: u64,
+        /// Blobs put less than this many seconds ago are never collected
+        #[arg(long, default_value_t = shared::gc::BLOB_GRACE_S_DEFAULT)]
+        blob_grace_s: u64,
+        /// The lease's length: a collector killed mid-pass is replaced within it
+        #[arg(long, default_value_t = shared::gc::LEASE_TTL_S_DEFAULT)]
+        lease_s: u64,
+    },
+}
+
+/// `--shared-gc-interval-s` when not given.
+const GC_INTERVAL_S_DEFAULT: u64 = 60;
 
 /// `casfs mount`'s flags, raw (validated by `run_mount`).
 #[derive(Args)]
@@ -96,6 +129,21 @@ struct MountCmd {
     /// umask for files the shared-directory engine creates (octal)
     #[arg(long, default_value = "002")]
     shared_umask: String,
+    /// Collect the namespace of the shared tier down to SIZE (sizes as for --max-size): every host may say so; one at a time collects (a lease per namespace)
+    #[arg(long, value_name = "SIZE")]
+    shared_gc_max_size: Option<String>,
+    /// Seconds between two collection attempts
+    #[arg(long, default_value_t = GC_INTERVAL_S_DEFAULT, hide = true)]
+    shared_gc_interval_s: u64,
+    /// Blobs put less than this many seconds ago are never collected
+    #[arg(long, default_value_t = shared::gc::BLOB_GRACE_S_DEFAULT, hide = true)]
+    shared_gc_grace_s: u64,
+    /// The collection lease's length in seconds (longer than the interval: the collector keeps it between passes)
+    #[arg(long, default_value_t = 3 * GC_INTERVAL_S_DEFAULT, hide = true)]
+    shared_gc_lease_s: u64,
+    /// Seconds between two reports of one entry's use to the shared tier
+    #[arg(long, default_value_t = shared::tier::USE_REPORT_S_DEFAULT, hide = true)]
+    shared_use_report_s: u64,
     /// Milliseconds between two blobs checked by the background scrub (0 turns it off)
     #[arg(long, default_value_t = 1000)]
     scrub_interval_ms: u64,
@@ -153,6 +201,7 @@ struct MountOptions {
     shared_clock_skew_ms: Option<u64>,
     shared_password_file: Option<PathBuf>,
     transport: Option<Transport>,
+    shared_gc_max_size: Option<String>,
 }
 
 fn parse_mount_options(text: &str) -> Result<MountOptions, String> {
@@ -182,6 +231,7 @@ fn parse_mount_options(text: &str) -> Result<MountOptions, String> {
             "shared" | "shared_url" => o.shared = value.map(str::to_owned),
             "namespace" => o.namespace = value.map(str::to_owned),
             "shared_password_file" => o.shared_password_file = value.map(PathBuf::from),
+            "shared_gc_max_size" => o.shared_gc_max_size = value.map(str::to_owned),
             "shared_clock_skew_ms" => {
                 o.shared_clock_skew_ms = Some(
                     value
@@ -197,7 +247,7 @@ fn parse_mount_options(text: &str) -> Result<MountOptions, String> {
             }
             _ => {
                 return Err(format!(
-                    "unknown mount option {opt:?} (known: allow_other, ro, rw, max_size=SIZE, uid=N, gid=N, mode=OCTAL, shared=URL (or shared_url=URL), namespace=NAME, shared_password_file=FILE, shared_clock_skew_ms=MS, transport=auto|uring|dev, default_permissions)"
+                    "unknown mount option {opt:?} (known: allow_other, ro, rw, max_size=SIZE, uid=N, gid=N, mode=OCTAL, shared=URL (or shared_url=URL), namespace=NAME, shared_password_file=FILE, shared_clock_skew_ms=MS, shared_gc_max_size=SIZE, transport=auto|uring|dev, default_permissions)"
                 ))
             }
         }
@@ -436,6 +486,11 @@ fn run_mount(m: MountCmd, readiness: Arc<mount::Readiness>) -> Result<(), String
         shared_timeout_ms,
         shared_clock_skew_ms,
         shared_umask,
+        shared_gc_max_size,
+        shared_gc_interval_s,
+        shared_gc_grace_s,
+        shared_gc_lease_s,
+        shared_use_report_s,
         scrub_interval_ms,
         read_only,
         options,
@@ -490,8 +545,30 @@ fn run_mount(m: MountCmd, readiness: Arc<mount::Readiness>) -> Result<(), String
         };
         (url, config)
     });
+    let gc_text = shared_gc_max_size.or(o.shared_gc_max_size.clone());
+    let shared_gc = match (&gc_text, &shared) {
+        (None, _) => None,
+        (Some(_), None) => return Err("--shared-gc-max-size needs --shared".into()),
+        (Some(text), Some((_, config))) => {
+            let max = size::parse_size_limit(text)
+                .map_err(|e| format!("--shared-gc-max-size {e}"))?
+                .ok_or(
+                    "--shared-gc-max-size 0: give a budget (collection with no limit does nothing)",
+                )?;
+            let mut gc = shared::gc::GcConfig::new(&config.namespace, max);
+            gc.blob_grace_s = shared_gc_grace_s;
+            gc.lease_ttl_s = shared_gc_lease_s.max(1);
+            gc.keep_lease = true;
+            Some((
+                gc,
+                std::time::Duration::from_secs(shared_gc_interval_s.max(1)),
+            ))
+        }
+    };
     let store = store.unwrap_or_else(default_store);
     mount::run(mount::MountArgs {
+        shared_gc,
+        shared_use_report: std::time::Duration::from_secs(shared_use_report_s),
         store,
         mountpoint,
         config: core::Config {
@@ -562,10 +639,88 @@ fn run(cli: Cli) -> Result<(), String> {
             mountpoint,
         } => sync(&mountpoint, std::time::Duration::from_secs(timeout_s)),
         Command::Fsck { store, repair } => std::process::exit(run_fsck(&store, repair).into()),
+        Command::Shared(SharedCmd::Gc {
+            shared: url,
+            namespace,
+            max_size,
+            shared_password_file,
+            shared_timeout_ms,
+            blob_grace_s,
+            lease_s,
+        }) => run_gc(
+            &url,
+            &namespace,
+            &max_size,
+            shared_password_file.as_deref(),
+            shared_timeout_ms,
+            blob_grace_s,
+            lease_s,
+        ),
         Command::Stats { mountpoint } => {
             print!("{}", read_casfs_file(&mountpoint, "stats")?);
             Ok(())
         }
+    }
+}
+
+/// `casfs shared gc`: one pass, its report on stdout.
+fn run_gc(
+    url: &str,
+    namespace: &str,
+    max_size: &str,
+    password_file: Option<&Path>,
+    timeout_ms: u64,
+    blob_grace_s: u64,
+    lease_s: u64,
+) -> Result<(), String> {
+    let max = size::parse_size_limit(max_size)
+        .map_err(|e| format!("--max-size {e}"))?
+        .ok_or("--max-size 0: give a budget")?;
+    let config = shared::EngineConfig {
+        namespace: namespace.to_string(),
+        timeout: std::time::Duration::from_millis(timeout_ms.max(1)),
+        umask: 0o002,
+        password: password_file.map(read_password_file).transpose()?,
+    };
+    let engine = shared::open(url, &config)
+        .map_err(|e| format!("--shared {}: {e}", shared::redact_url(url)))?;
+    let mut gc = shared::gc::GcConfig::new(namespace, max);
+    gc.blob_grace_s = blob_grace_s;
+    gc.lease_ttl_s = lease_s.max(1);
+    match shared::gc::collect(&*engine, &gc, shared::now_s()) {
+        Ok(r) => {
+            println!(
+                "namespace {namespace}: {} records, {} before; {} after (budget {})",
+                r.records_before,
+                size::describe_bytes(r.bytes_before),
+                size::describe_bytes(r.bytes_after),
+                size::describe_bytes(max)
+            );
+            println!(
+                "removed: {} least recently used records ({}), {} damaged records, {} unreferenced blobs ({}), {} listing names",
+                r.records_removed,
+                size::describe_bytes(r.record_bytes_removed),
+                r.damaged_removed,
+                r.blobs_removed,
+                size::describe_bytes(r.blob_bytes_removed),
+                r.listings_removed
+            );
+            match r.blob_bytes_after {
+                Some(b) => println!(
+                    "blobs in the engine (all namespaces): {}",
+                    size::describe_bytes(b)
+                ),
+                None => println!(
+                    "blobs: another collector holds the blob lease; not collected this pass"
+                ),
+            }
+            Ok(())
+        }
+        Err(e @ shared::gc::GcError::Leased { .. }) => {
+            println!("namespace {namespace}: {e}; nothing to do here");
+            Ok(())
+        }
+        Err(e) => Err(format!("shared gc of namespace {namespace}: {e}")),
     }
 }
 

@@ -667,6 +667,63 @@ fn damaged_create_only_records_are_replaced_by_a_verified_newcomer(b: &dyn Backe
     assert_eq!(fresh.read(&path(0)), Ok(content("second", 0)));
 }
 
+/// A format-1 ccache entry (ccache >= 4.7) around `payload`: header,
+/// payload, XXH3-128 of everything before it.
+fn ccache_entry(payload: &[u8]) -> Vec<u8> {
+    let mut v = vec![0xcc, 0xac, 1, 0, 0, 1, 1];
+    v.extend_from_slice(&1_700_000_000u64.to_be_bytes());
+    v.push(5);
+    v.extend_from_slice(b"4.7.5");
+    v.push(0);
+    let size = (v.len() + 8 + payload.len() + 16) as u64;
+    v.extend_from_slice(&size.to_be_bytes());
+    v.extend_from_slice(payload);
+    let sum = xxhash_rust::xxh3::xxh3_128(&v).to_be_bytes();
+    v.extend_from_slice(&sum);
+    v
+}
+
+/// Issue 16 item 3: a result whose bytes hash fine but fail ccache's own
+/// checksum (a host with bad RAM published it) is replaced in the tier by
+/// the first host that publishes a valid one, counted; later hosts get the
+/// valid one.
+fn a_result_failing_its_own_checksum_is_replaced_by_the_first_valid_republication(b: &dyn Backend) {
+    let valid = ccache_entry(&b"object code ".repeat(40));
+    let mut poisoned = valid.clone();
+    poisoned[40] ^= 0x10; // a flipped bit in the payload: the XXH3 fails
+    let path = format!("cc/p/{}", result_name(0));
+    let a = Host::start(b);
+    a.publish("cc/p", &result_name(0), &poisoned);
+    a.sync();
+    assert_eq!(file_record(b, &path).0, BlobId::of(&poisoned));
+    // B recompiles (its ccache found the entry corrupt) and publishes the
+    // valid result: it loses the create-only race, checks the winner, and
+    // replaces it.
+    let h = Host::start(b);
+    h.publish("cc/p", &result_name(0), &valid);
+    h.sync();
+    let deadline = Instant::now() + Duration::from_secs(WAIT_S);
+    while file_record(b, &path).0 != BlobId::of(&valid) {
+        assert!(
+            Instant::now() < deadline,
+            "the poisoned result was not replaced in the tier"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(h.tier.records_healed(), 1, "the replacement is counted");
+    let fresh = Host::start(b);
+    assert_eq!(
+        fresh.read(&path),
+        Ok(String::from_utf8_lossy(&valid).into_owned())
+    );
+    // A valid result in the tier is never replaced.
+    let late = Host::start(b);
+    late.publish("cc/p", &result_name(0), &ccache_entry(b"other object"));
+    late.sync();
+    assert_eq!(late.tier.records_healed(), 0);
+    assert_eq!(file_record(b, &path).0, BlobId::of(&valid));
+}
+
 /// Item 8: names are found when their directories' records were lost,
 /// and an upload re-asserts what is above it.
 fn names_are_found_when_directory_records_are_lost(b: &dyn Backend) {
@@ -994,6 +1051,7 @@ macro_rules! conformance {
 }
 
 conformance!(
+    a_result_failing_its_own_checksum_is_replaced_by_the_first_valid_republication,
     a_burst_of_64_concurrent_lookups_finds_all_640_names_with_the_breaker_closed,
     a_lookup_takes_attributes_from_the_record_and_the_blob_comes_at_open,
     readdir_lists_more_than_4096_names,

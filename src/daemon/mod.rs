@@ -36,6 +36,11 @@ pub struct MountArgs {
     pub max_size_bytes: Option<u64>,
     /// `--shared URL` and the engine's settings.
     pub shared: Option<(String, EngineConfig)>,
+    /// `--shared-gc-max-size`: collect the namespace (when this host holds
+    /// its lease), every interval.
+    pub shared_gc: Option<(crate::shared::gc::GcConfig, std::time::Duration)>,
+    /// `--shared-use-report-s`.
+    pub shared_use_report: std::time::Duration,
     /// How far past this host's wall time an mtime from the shared tier
     /// may move the clock (`--shared-clock-skew-ms`).
     pub clock_skew_max_ms: u64,
@@ -227,8 +232,16 @@ pub fn run(args: MountArgs) -> Result<(), String> {
             timeout: engine_config.timeout,
             // Every FUSE worker may wait on the tier at once.
             request_callers: workers,
+            use_report_interval: args.shared_use_report,
         };
         let t = Tier::start(engine, tier_config, lost, outbox);
+        if let Some((gc, interval)) = &args.shared_gc {
+            if read_only {
+                warn!("--shared-gc-max-size is ignored on a read-only mount");
+            } else {
+                t.start_collector(gc.clone(), *interval);
+            }
+        }
         core.attach_tier(t.clone(), args.clock_skew_max_ms.saturating_mul(1_000_000));
         tier = Some(t);
     } else {

@@ -350,14 +350,26 @@ impl Core {
         }
         // Create-only keeps the first *valid* content: a winner that fails
         // its own checksum does not replace ours (which may be the valid
-        // recompile that healed it here).
+        // recompile that healed it here), and once ours passes that
+        // checksum it replaces the winner in the tier (compare-and-set, as
+        // for damaged records; counted in shared_records_healed), so every
+        // later host gets the valid one instead of recompiling.
         if crate::integrity::check_file(&fetched.file)
             .is_ok_and(|v| v == crate::integrity::Verdict::Corrupt)
         {
-            warn!(
-                "converge {:?}: the shared tier's result {blob} fails its own checksum; keeping ours",
-                String::from_utf8_lossy(path)
-            );
+            if self.local_result_is_valid(path) {
+                self.replace_damaged_winner(
+                    tier,
+                    path,
+                    &winner,
+                    "its result fails its own format's checksum",
+                );
+            } else {
+                warn!(
+                    "converge {:?}: the shared tier's result {blob} fails its own checksum; keeping ours",
+                    String::from_utf8_lossy(path)
+                );
+            }
             return;
         }
         let result = (|| -> Result<()> {
@@ -404,6 +416,27 @@ impl Core {
         if let Err(e) = result {
             warn!("converge {:?}: {e}", String::from_utf8_lossy(path));
         }
+    }
+
+    /// True if this host's result at `path` passes its own format's
+    /// checksum (a definite `Valid`: a format that cannot be judged does
+    /// not replace anything).
+    fn local_result_is_valid(&self, path: &[u8]) -> bool {
+        let valid = || -> Result<bool> {
+            let Some((_, _, ino)) = self.resolve_path(path)? else {
+                return Ok(false);
+            };
+            let Some(inode) = self.store.inode(ino)? else {
+                return Ok(false);
+            };
+            let Content::Blob(id) = inode.content else {
+                return Ok(false);
+            };
+            let file = self.open_blob(&id)?;
+            Ok(crate::integrity::check_file(&file)
+                .is_ok_and(|v| v == crate::integrity::Verdict::Valid))
+        };
+        valid().unwrap_or(false)
     }
 
     /// Replaces a damaged winner of a create-only race with this host's
@@ -562,13 +595,32 @@ impl Core {
         }
     }
 
-    /// Like `refresh_shared`, by inode number (open).
+    /// Like `refresh_shared`, by inode number (open); also reports the
+    /// use of a shared entry (`report_use`).
     pub(super) fn refresh_shared_ino(&self, ino: Ino) {
-        if self.tier.get().is_none() {
+        let Some(tier) = self.tier.get() else {
+            return;
+        };
+        if let Ok(Some(inode)) = self.store.inode(ino) {
+            self.report_use(tier, &inode);
+            let _ = self.refresh_shared(inode);
+        }
+    }
+
+    /// Tells the tier's collector that a shared entry is in use here
+    /// (hits are local: the engine never sees them otherwise): at most once
+    /// per report interval per inode, batched by the tier; the engine
+    /// ignores names it holds no record of.
+    fn report_use(&self, tier: &Tier, inode: &Inode) {
+        if inode.kind != Kind::File
+            || inode.class == Class::Local
+            || !matches!(inode.content, Content::Blob(_))
+            || !tier.use_due(inode.ino.0)
+        {
             return;
         }
-        if let Ok(Some(inode)) = self.store.inode(ino) {
-            let _ = self.refresh_shared(inode);
+        if let Ok(parts) = self.path_of(inode.parent, &inode.name) {
+            tier.note_use(parts.join(&b'/'));
         }
     }
 

@@ -11,6 +11,12 @@
 //!
 //! Not offered by the command line: a process-local engine shares nothing
 //! between hosts.
+//!
+//! Locks: `state` (every record, listing, blob, time and lease) is held
+//! for one call's change, never across a sleep (latency and bandwidth are
+//! slept with no lock held); `shape.refusal` may be taken while `state` is
+//! held (order: `state`, then `refusal`); `shape.stalled` is taken alone,
+//! before `state`.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,8 +24,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use super::{
-    listing_chain, Engine, Listed, Put, Record, RecordKind, Seen, TierError, TierResult,
-    RECORD_BYTES_MAX,
+    listing_chain, split_path, Engine, Lease, Listed, Page, Put, Record, RecordKind, Scanned, Seen,
+    StoredBlob, TierError, TierResult, RECORD_BYTES_MAX,
 };
 use crate::store::ids::BlobId;
 
@@ -36,6 +42,11 @@ struct State {
     records: HashMap<Vec<u8>, Value>,
     listings: HashMap<Vec<u8>, BTreeSet<Listed>>,
     blobs: HashMap<BlobId, Vec<u8>>,
+    /// Last use of each record (Unix seconds), and when each blob was put.
+    used_s: HashMap<Vec<u8>, u64>,
+    blob_stored_s: HashMap<BlobId, u64>,
+    /// Lease name -> (holder, until Unix seconds).
+    leases: HashMap<String, (String, u64)>,
     /// xorshift64 state; 0 = no faults.
     rng: u64,
     fail_percent: u64,
@@ -285,6 +296,50 @@ impl MemEngine {
         }
     }
 
+    fn mark_used(s: &mut State, path: &[u8], now_s: u64) {
+        let t = s.used_s.entry(path.to_vec()).or_insert(0);
+        *t = (*t).max(now_s);
+    }
+
+    fn mark_stored(s: &mut State, id: &BlobId) {
+        let t = s.blob_stored_s.entry(*id).or_insert(0);
+        *t = (*t).max(super::now_s());
+    }
+
+    /// Bytes the store holds in blobs (what a budget bounds).
+    pub fn blob_bytes(&self) -> u64 {
+        self.lock().blobs.values().map(|b| b.len() as u64).sum()
+    }
+
+    /// Records the store holds.
+    pub fn record_count(&self) -> usize {
+        self.lock().records.len()
+    }
+
+    /// Takes `name` out of its parent's listing, and each listing left
+    /// empty out of its own parent's while that directory has no record.
+    fn unlist(s: &mut State, path: &[u8], dir: bool) {
+        let mut cur = path.to_vec();
+        let mut is_dir = dir;
+        while !cur.is_empty() {
+            let (parent, name) = split_path(&cur);
+            let (parent, name) = (parent.to_vec(), name.to_vec());
+            let Some(l) = s.listings.get_mut(&parent) else {
+                return;
+            };
+            l.remove(&Listed { name, dir: is_dir });
+            if !l.is_empty() {
+                return;
+            }
+            s.listings.remove(&parent);
+            if parent.is_empty() || s.records.contains_key(&parent) {
+                return;
+            }
+            cur = parent;
+            is_dir = true;
+        }
+    }
+
     fn matches(v: Option<&Value>, seen: &Seen) -> bool {
         match (v, seen) {
             (Some(Value::Bytes(b)), Seen::Bytes(s)) => b == s,
@@ -310,6 +365,7 @@ impl Engine for MemEngine {
             match s.records.get(path) {
                 Some(Value::Bytes(b)) => {
                     if let Ok(existing) = Record::decode(b) {
+                        MemEngine::mark_used(&mut s, path, super::now_s());
                         return Ok(Put::Exists(existing));
                     }
                     // Unreadable: replaced below, and counted.
@@ -323,6 +379,7 @@ impl Engine for MemEngine {
         }
         s.records
             .insert(path.to_vec(), Value::Bytes(record.encode()));
+        MemEngine::mark_used(&mut s, path, super::now_s());
         Ok(Put::Stored)
     }
 
@@ -350,10 +407,9 @@ impl Engine for MemEngine {
         drop(self.enter()?);
         self.refused()?;
         self.transfer(bytes.len());
-        self.lock()
-            .blobs
-            .entry(*id)
-            .or_insert_with(|| bytes.to_vec());
+        let mut s = self.lock();
+        s.blobs.entry(*id).or_insert_with(|| bytes.to_vec());
+        MemEngine::mark_stored(&mut s, id);
         Ok(())
     }
 
@@ -394,7 +450,9 @@ impl Engine for MemEngine {
             .map_err(|e| TierError::Unavailable(format!("mem://: read local blob {id}: {e}")))?;
         let mut sent = Vec::with_capacity(staged.len());
         self.stream(&staged, &mut sent, progress)?;
-        self.lock().blobs.entry(*id).or_insert(sent);
+        let mut s = self.lock();
+        s.blobs.entry(*id).or_insert(sent);
+        MemEngine::mark_stored(&mut s, id);
         Ok(())
     }
 
@@ -449,5 +507,130 @@ impl Engine for MemEngine {
                 },
             })
             .collect())
+    }
+
+    fn scan_records(
+        &self,
+        _namespace: &str,
+        cursor: &[u8],
+        max: usize,
+    ) -> TierResult<Page<Scanned>> {
+        // Ordered by path; the cursor is the last path of the page before.
+        let s = self.enter()?;
+        let mut keys: Vec<&Vec<u8>> = s
+            .records
+            .keys()
+            .filter(|k| cursor.is_empty() || k.as_slice() > cursor)
+            .collect();
+        keys.sort();
+        let page: Vec<Scanned> = keys
+            .iter()
+            .take(max.max(1))
+            .map(|k| {
+                let v = &s.records[*k];
+                let (seen, record) = match v {
+                    Value::Bytes(b) if b.len() as u64 > RECORD_BYTES_MAX => (Seen::Oversize, None),
+                    Value::Bytes(b) => (Seen::Bytes(b.clone()), Record::decode(b).ok()),
+                    Value::Other => (Seen::WrongType, None),
+                };
+                Scanned {
+                    key: (*k).clone(),
+                    seen,
+                    record,
+                    used_s: s.used_s.get(*k).copied().unwrap_or(0),
+                }
+            })
+            .collect();
+        let next = (keys.len() > page.len()).then(|| page.last().unwrap().key.clone());
+        Ok(Page { items: page, next })
+    }
+
+    fn delete_record(&self, key: &[u8], seen: &Seen) -> TierResult<bool> {
+        let mut s = self.enter()?;
+        if !MemEngine::matches(s.records.get(key), seen) {
+            return Ok(false);
+        }
+        let dir = matches!(
+            s.records.get(key),
+            Some(Value::Bytes(b)) if matches!(Record::decode(b), Ok(Record { kind: RecordKind::Dir, .. }))
+        );
+        s.records.remove(key);
+        s.used_s.remove(key);
+        MemEngine::unlist(&mut s, key, dir);
+        Ok(true)
+    }
+
+    fn scan_blobs(&self, cursor: &[u8], max: usize) -> TierResult<Page<StoredBlob>> {
+        let s = self.enter()?;
+        let mut ids: Vec<&BlobId> = s
+            .blobs
+            .keys()
+            .filter(|id| cursor.is_empty() || id.0.as_slice() > cursor)
+            .collect();
+        ids.sort_by_key(|id| id.0);
+        let items: Vec<StoredBlob> = ids
+            .iter()
+            .take(max.max(1))
+            .map(|id| StoredBlob {
+                id: **id,
+                bytes: s.blobs[*id].len() as u64,
+                stored_s: s.blob_stored_s.get(*id).copied().unwrap_or(0),
+            })
+            .collect();
+        let next = (ids.len() > items.len()).then(|| items.last().unwrap().id.0.to_vec());
+        Ok(Page { items, next })
+    }
+
+    fn delete_blob(&self, id: &BlobId, stored_before_s: u64) -> TierResult<bool> {
+        let mut s = self.enter()?;
+        if s.blob_stored_s.get(id).copied().unwrap_or(0) >= stored_before_s
+            || !s.blobs.contains_key(id)
+        {
+            return Ok(false);
+        }
+        s.blobs.remove(id);
+        s.blob_stored_s.remove(id);
+        Ok(true)
+    }
+
+    fn note_used(&self, paths: &[Vec<u8>], now_s: u64) -> TierResult<()> {
+        let mut s = self.enter()?;
+        for p in paths {
+            if s.records.contains_key(p) {
+                MemEngine::mark_used(&mut s, p, now_s);
+            }
+        }
+        Ok(())
+    }
+
+    fn lease(&self, name: &str, holder: &str, ttl_s: u64, now_s: u64) -> TierResult<Lease> {
+        let mut s = self.enter()?;
+        self.refused()?;
+        match s.leases.get(name) {
+            Some((h, until)) if h != holder && *until > now_s => Ok(Lease::Other {
+                holder: h.clone(),
+                until_s: *until,
+            }),
+            _ => {
+                s.leases
+                    .insert(name.to_string(), (holder.to_string(), now_s + ttl_s));
+                Ok(Lease::Held {
+                    until_s: now_s + ttl_s,
+                })
+            }
+        }
+    }
+
+    fn release_lease(&self, name: &str, holder: &str) -> TierResult<()> {
+        let mut s = self.enter()?;
+        if s.leases.get(name).is_some_and(|(h, _)| h == holder) {
+            s.leases.remove(name);
+        }
+        Ok(())
+    }
+
+    fn namespaces(&self) -> TierResult<Vec<String>> {
+        // One store, one namespace.
+        Ok(vec!["default".into()])
     }
 }

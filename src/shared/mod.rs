@@ -3,7 +3,7 @@
 //! POSIX directory such as NFS; `redis`: Redis or Valkey; `mem`: in memory,
 //! for tests, with knobs for latency, bandwidth, stalls and refusals).
 //! `tier` is how the core uses an engine (callers, deadlines, uploads);
-//! `breaker` its circuit breaker and retry pauses, pure.
+//! `breaker` its circuit breaker and retry pauses, pure; `gc` collection.
 //!
 //! An engine stores two things, both within one namespace:
 //! - *records*: a path below the mount root (`cc/a/e/c8ai…R`) → a `Record`
@@ -21,7 +21,7 @@
 //!   them against the id before using them (they crossed a network).
 //! - No engine call stalls longer than the timeout without progress (Redis:
 //!   per read and write; the directory engine relies on the caller's
-//!   deadline, see `tier.rs`, which bounds every call as a whole).
+//!   deadline, see `tier/`, which bounds every call as a whole).
 //! - A record that is unreadable (does not parse, is of a newer format, is
 //!   over `RECORD_BYTES_MAX`, or is not a string/file at all) is a
 //!   `TierError::Data` about that one name, never an engine failure: the
@@ -38,12 +38,24 @@
 //!   Lua compare-and-set; directory engine: rename the name away, check
 //!   what was moved, bind the newcomer create-only or put back what was
 //!   not ours to replace), and counts what it replaced.
+//! - Collection (`gc.rs`) sees records and blobs a bounded page at a
+//!   time (`scan_records`, `scan_blobs`, each with an opaque cursor) and
+//!   deletes only what it saw: `delete_record` is a compare-and-delete of
+//!   the version it scanned (a record republished meanwhile stays), and
+//!   `delete_blob` deletes only a blob stored (or re-put) before the time
+//!   it is given. Every put of a record and every `note_used` moves the
+//!   record's last use forward (never back); every `put_blob`, also of a
+//!   blob already there, moves its stored time forward.
+//! - A lease (`lease`) is held by at most one holder at a time while it
+//!   is unexpired; it is taken over only once it has expired (a holder
+//!   that died), and renewed only by its holder.
 //! - Key layouts are forever: Redis `casfs:<namespace>:r:<path>`,
 //!   `casfs:<namespace>:l:<dir path>` (a set of `f/<name>` and `d/<name>`)
-//!   and `casfs:b:<hex>`; directory layout in `dir.rs`.
+//!   and `casfs:b:<hex>`; directory layout in `dir/mod.rs`.
 
 pub mod breaker;
 pub mod dir;
+pub mod gc;
 pub mod mem;
 pub mod redis;
 pub mod tier;
@@ -166,7 +178,7 @@ pub struct Listed {
 
 /// Bytes of blob moved so far in one transfer, watched by the caller that
 /// waits for it: a transfer is bounded by its progress (an idle deadline
-/// and a floor rate, `tier.rs`), not by one deadline for the whole call.
+/// and a floor rate, `tier/`), not by one deadline for the whole call.
 /// The waiter sets `cancelled` when it gives up; a streaming engine stops
 /// at its next chunk.
 #[derive(Default, Debug)]
@@ -248,6 +260,76 @@ pub struct Listing {
     pub whole: bool,
 }
 
+/// A page of what a scan enumerates, and where the next page starts
+/// (`None`: that was the last one). Cursors are the engine's own.
+#[derive(Clone, Debug, Default)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next: Option<Vec<u8>>,
+}
+
+/// One record as collection sees it.
+#[derive(Clone, Debug)]
+pub struct Scanned {
+    /// The engine's own name for it (`delete_record` takes it back; for
+    /// Redis and the in-memory engine its path, for the directory engine
+    /// the hash of its path).
+    pub key: Vec<u8>,
+    /// The version read, for the compare-and-delete.
+    pub seen: Seen,
+    /// What it says; `None` if it is damaged (collected first).
+    pub record: Option<Record>,
+    /// Its last use reported by any host (or its last put), Unix seconds;
+    /// 0 if unknown (a record from before collection existed).
+    pub used_s: u64,
+}
+
+/// One blob as collection sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredBlob {
+    pub id: BlobId,
+    pub bytes: u64,
+    /// When it was last put (by any host), Unix seconds.
+    pub stored_s: u64,
+}
+
+/// What `lease` found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Lease {
+    /// The caller holds it until then (Unix seconds).
+    Held { until_s: u64 },
+    /// Another holder does, until then.
+    Other { holder: String, until_s: u64 },
+}
+
+/// Bytes an engine spends on one record beside its blob (the record, its
+/// listing entry and its last-use entry), for size accounting: measured
+/// on Redis (doc/operations.md), rounded up.
+pub const RECORD_OVERHEAD_BYTES: u64 = 256;
+
+/// A lease value: `casfs-lease 1 <holder> <until s>` (holder: no spaces).
+pub fn encode_lease(holder: &str, until_s: u64) -> Vec<u8> {
+    format!("casfs-lease 1 {holder} {until_s}\n").into_bytes()
+}
+
+/// Decodes `encode_lease` (total: None for anything else).
+pub fn decode_lease(bytes: &[u8]) -> Option<(String, u64)> {
+    let text = std::str::from_utf8(bytes).ok()?.strip_suffix('\n')?;
+    let rest = text.strip_prefix("casfs-lease 1 ")?;
+    let (holder, until) = rest.rsplit_once(' ')?;
+    if holder.is_empty() || holder.contains(' ') {
+        return None;
+    }
+    Some((holder.to_string(), until.parse().ok()?))
+}
+
+/// Unix seconds now.
+pub fn now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// One engine, bound to one namespace.
 pub trait Engine: Send + Sync {
     fn get_record(&self, path: &[u8]) -> TierResult<Option<Record>>;
@@ -272,6 +354,44 @@ pub trait Engine: Send + Sync {
     fn list(&self, path: &[u8], max: usize) -> TierResult<Vec<Listed>>;
     /// Damaged records this engine replaced (for statistics).
     fn records_healed(&self) -> u64;
+    /// The key `scan_records` gives the record of `path` (for
+    /// `delete_record` from a lookup).
+    fn record_key(&self, path: &[u8]) -> Vec<u8> {
+        path.to_vec()
+    }
+    /// A page of at most about `max` records of `namespace` from `cursor`
+    /// (empty: the start). Every record there for the whole scan is seen
+    /// once at least; one put meanwhile may or may not be.
+    fn scan_records(&self, namespace: &str, cursor: &[u8], max: usize)
+        -> TierResult<Page<Scanned>>;
+    /// Deletes the record `key` of this namespace (and its name from its
+    /// parent's listing) if it is still the version `seen`, atomically
+    /// (Redis: Lua; directory: rename away and check). Ok(true): deleted.
+    fn delete_record(&self, key: &[u8], seen: &Seen) -> TierResult<bool>;
+    /// A page of at most about `max` blobs from `cursor`.
+    fn scan_blobs(&self, cursor: &[u8], max: usize) -> TierResult<Page<StoredBlob>>;
+    /// Deletes blob `id` if it was last put before `stored_before_s`.
+    /// Ok(true): deleted.
+    fn delete_blob(&self, id: &BlobId, stored_before_s: u64) -> TierResult<bool>;
+    /// Hosts used these records (of this namespace) at `now_s`: their last
+    /// use moves there (never back; the directory engine takes its file
+    /// server's now instead). Names with no record are skipped.
+    fn note_used(&self, paths: &[Vec<u8>], now_s: u64) -> TierResult<()>;
+    /// Takes the lease `name` for `holder` until `now_s + ttl_s` if it is
+    /// free, expired, or already `holder`'s (a renewal); else reports who
+    /// holds it. Leases are engine-wide (name them by namespace).
+    fn lease(&self, name: &str, holder: &str, ttl_s: u64, now_s: u64) -> TierResult<Lease>;
+    /// Gives the lease up if `holder` holds it.
+    fn release_lease(&self, name: &str, holder: &str) -> TierResult<()>;
+    /// The namespaces that hold records (blobs are shared by all of them,
+    /// so a blob is unreferenced only if no namespace refers to it).
+    fn namespaces(&self) -> TierResult<Vec<String>>;
+    /// Removes, a page from `cursor`, listing names whose record is gone
+    /// and listings left empty; the count removed and the next cursor.
+    /// Engines that do it as records are deleted need not.
+    fn sweep_listings(&self, _cursor: &[u8], _max: usize) -> TierResult<(u64, Option<Vec<u8>>)> {
+        Ok((0, None))
+    }
     /// Streams the stored bytes of blob `id` (unverified: the caller hashes
     /// them as they arrive) into `sink`, at most `max_bytes`, counting them
     /// in `progress`; Ok(None) if the blob is not there, else its length.

@@ -2,6 +2,9 @@
 //! POSIX directory they all mount (NFS, CephFS, or a local disk for tests
 //! and single hosts). URL: `file:///ABSOLUTE/PATH`.
 //!
+//! Files: `listing.rs` (listing file names), `nfs.rs` (NFS-safe file
+//! primitives), this file (the engine), `tests.rs`.
+//!
 //! Layout under ROOT (these names are forever: add new ones, never rename):
 //! ```text
 //! ROOT/casfs-shared                         marker, "casfs shared format 1\n"
@@ -9,9 +12,17 @@
 //! ROOT/ns/<namespace>/lists/<H:2>/<H>/<k>.<E>   an empty file: the name E
 //!                                           is listed in directory H (k: f
 //!                                           file, d directory)
+//! ROOT/ns/<namespace>/lists/<H:2>/<H>/path  the directory's path bytes
+//!                                           (written with the listing, so
+//!                                           the sweep can find its names'
+//!                                           records)
 //! ROOT/blobs/<B:2>/<B>                      a blob: its bytes (all namespaces)
 //! ROOT/tmp/<hostname>.<pid>.<counter>.tmp   files being written
+//! ROOT/leases/<name>                        a lease: encode_lease() bytes
 //! ```
+//! A record file's mtime is its last use (set by its put and by
+//! `note_used`, with `UTIME_NOW`: the file server's idea of now, which
+//! needs only write permission); a blob file's mtime is its last put.
 //! H is the BLAKE3 hex of the record's path bytes (paths can be long, deep
 //! and binary; hashing flattens them into one fixed-size name), B is the
 //! blob id in hex, `<X:2>` the first two hex digits of X. In a listing, H
@@ -44,6 +55,15 @@
 //!   host wins that rename), check the moved file is the damaged version,
 //!   then link the newcomer create-only; if what was moved was not the
 //!   damaged version, link it back (create-only) and report false.
+//! - compare-and-delete a record (collection) and take over or renew a
+//!   lease: the same rename-away-and-check (`take_away`); a record is then
+//!   unlinked, a lease replaced by a create-only link (two hosts that both
+//!   saw an expired lease: one wins the rename, the other finds nothing
+//!   to move, or the winner's new lease, and loses).
+//! - delete a blob: stat, and unlink if its mtime is before the bound. A
+//!   put of the same blob between the two loses its bytes (a miss for the
+//!   record that follows, which is dropped); the window is one round trip
+//!   and the bound is the grace period before it.
 //!
 //! Invariants:
 //! - A final name only ever appears with complete, fsynced content: nothing
@@ -77,6 +97,16 @@ use super::{
 };
 use crate::store::ids::BlobId;
 
+mod listing;
+mod nfs;
+#[cfg(test)]
+mod tests;
+
+use listing::list_entry_name;
+pub(crate) use listing::parse_list_entry;
+pub(crate) use nfs::check_marker;
+use nfs::{first_foreign_entry, hostname, io_error, is_stale, read_once, ReadFail, TempFile};
+
 /// The marker file's name under ROOT, and the one format this code knows.
 pub const MARKER_NAME: &str = "casfs-shared";
 const MARKER_PREFIX: &str = "casfs shared format ";
@@ -84,7 +114,15 @@ pub const MARKER_FORMAT: u32 = 1;
 /// The only names that may sit in ROOT; a ROOT holding just these (and no
 /// marker) is an initialisation that was interrupted or is under way on
 /// another host, and is adopted.
-const LAYOUT_NAMES: [&str; 4] = [MARKER_NAME, "ns", "blobs", "tmp"];
+const LAYOUT_NAMES: [&str; 5] = [MARKER_NAME, "ns", "blobs", "tmp", "leases"];
+/// Bound on the names of one shard directory a scan page reads (a shard
+/// holds 1/256 of the records: about 4,000 at 1M).
+const SHARD_NAMES_MAX: usize = 1 << 20;
+/// The file in a listing directory that holds the directory's path (no
+/// `f.`/`d.` prefix: never read as a name).
+const LISTING_PATH_NAME: &str = "path";
+/// Bound on attempts to take a lease whose file keeps changing.
+const LEASE_ATTEMPTS_MAX: usize = 4;
 
 /// A record is about 130 bytes; anything much bigger is not one.
 const MARKER_BYTES_MAX: u64 = 256;
@@ -114,6 +152,7 @@ pub struct DirEngine {
     lists_dir: PathBuf,
     blobs_dir: PathBuf,
     tmp_dir: PathBuf,
+    leases_dir: PathBuf,
     file_mode: u32,
     dir_mode: u32,
     /// `<hostname>.<pid>.`: the start of our temp file names.
@@ -153,6 +192,7 @@ impl DirEngine {
             lists_dir: ns_dir.join("lists"),
             blobs_dir: root.join("blobs"),
             tmp_dir: root.join("tmp"),
+            leases_dir: root.join("leases"),
             file_mode: 0o666 & !umask,
             dir_mode: 0o777 & !umask,
             temp_prefix: format!("{}.{}.", hostname(), std::process::id()),
@@ -205,7 +245,12 @@ impl DirEngine {
     }
 
     fn create_layout(&self) -> Result<(), String> {
-        for dir in [&self.tmp_dir, &self.blobs_dir, &self.root.join("ns")] {
+        for dir in [
+            &self.tmp_dir,
+            &self.blobs_dir,
+            &self.root.join("ns"),
+            &self.leases_dir,
+        ] {
             self.make_dir(dir)
                 .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         }
@@ -297,6 +342,7 @@ impl DirEngine {
                 }
                 self.make_dir(&ldir)
                     .map_err(|e| io_error("create", &ldir, e))?;
+                self.write_listing_path(&ldir, parent);
                 r = create();
             }
             match r {
@@ -519,6 +565,7 @@ impl DirEngine {
             match self.read_raw(&dest)? {
                 Raw::Good(existing) => {
                     debug!("shared put_record path={:?} outcome=kept-existing", shown());
+                    self.touch(&dest); // a publication is a use
                     return Ok(Put::Exists(existing));
                 }
                 Raw::Damaged(seen, _) => damaged = Some(seen),
@@ -567,9 +614,11 @@ impl DirEngine {
         )))
     }
 
-    /// Takes `dest` away if it is the damaged version `seen`, then binds
-    /// `temp` in its place create-only. Ok(true) if we bound it.
-    fn swap_damaged(&self, temp: &TempFile, dest: &Path, seen: &Seen) -> TierResult<bool> {
+    /// Takes `dest` away if it is the version `seen` (one host wins the
+    /// rename; what it moved is checked): the moved file, unlinked when
+    /// dropped. What was not `seen` is put back (create-only: a newer one
+    /// bound meanwhile wins) and None returned.
+    fn take_away(&self, dest: &Path, seen: &Seen) -> TierResult<Option<TempFile>> {
         let n = TEMP_SEQ.fetch_add(1, Ordering::Relaxed);
         let moved = TempFile {
             path: self
@@ -579,7 +628,7 @@ impl DirEngine {
         };
         match fs::rename(dest, &moved.path) {
             Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_error("rename away", dest, e)),
         }
         let is_it = match self.read_raw(&moved.path)? {
@@ -587,22 +636,166 @@ impl DirEngine {
             Raw::Good(r) => *seen == Seen::Bytes(r.encode()),
             Raw::Missing => false,
         };
+        let is_dir = fs::symlink_metadata(&moved.path).is_ok_and(|m| m.is_dir());
         if !is_it {
-            // Not ours to replace (healed or replaced meanwhile): put it back.
-            if fs::symlink_metadata(&moved.path).is_ok_and(|m| m.is_dir()) {
+            // Not ours to take (healed or replaced meanwhile): put it back.
+            if is_dir {
                 let _ = fs::rename(&moved.path, dest);
             } else {
                 let _ = self.link_into(&moved, dest);
             }
-            return Ok(false);
+            return Ok(None);
         }
-        if fs::symlink_metadata(&moved.path).is_ok_and(|m| m.is_dir()) {
+        if is_dir {
             let _ = fs::remove_dir_all(&moved.path);
+        }
+        Ok(Some(moved))
+    }
+
+    /// Takes `dest` away if it is the damaged version `seen`, then binds
+    /// `temp` in its place create-only. Ok(true) if we bound it.
+    fn swap_damaged(&self, temp: &TempFile, dest: &Path, seen: &Seen) -> TierResult<bool> {
+        if self.take_away(dest, seen)?.is_none() {
+            return Ok(false);
         }
         let bound = self
             .link_into(temp, dest)
             .map_err(|e| io_error("link to", dest, e))?;
         Ok(bound)
+    }
+
+    /// Sets a file's mtime to the file server's now (`UTIME_NOW` needs only
+    /// write permission, not ownership); best effort.
+    fn touch(&self, file: &Path) {
+        let Ok(c) = std::ffi::CString::new(file.as_os_str().as_encoded_bytes()) else {
+            return;
+        };
+        let now = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        };
+        let times = [now, now];
+        // SAFETY: a valid NUL-terminated path and two timespecs.
+        let r = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), 0) };
+        if r != 0 {
+            debug!(
+                "shared touch file={} error={} outcome=not-touched",
+                file.display(),
+                io::Error::last_os_error()
+            );
+        }
+    }
+
+    /// Up to `max` names of the sharded directory `top` (`<XX>/<name>`)
+    /// after `cursor` (a name; empty: from the start), in order, with the
+    /// cursor of the next page.
+    fn scan_sharded(
+        &self,
+        top: &Path,
+        cursor: &[u8],
+        max: usize,
+    ) -> TierResult<super::Page<(String, PathBuf)>> {
+        let cursor = std::str::from_utf8(cursor).unwrap_or("");
+        let first_shard = cursor.get(..2).unwrap_or("");
+        let mut shards: Vec<String> = match fs::read_dir(top) {
+            Ok(e) => e
+                .flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| n.len() == 2 && n.as_str() >= first_shard)
+                .collect(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(super::Page::default()),
+            Err(e) => return Err(io_error("list", top, e)),
+        };
+        shards.sort();
+        let mut out = Vec::new();
+        for shard in shards {
+            let dir = top.join(&shard);
+            let mut names: Vec<String> = match fs::read_dir(&dir) {
+                Ok(e) => e
+                    .take(SHARD_NAMES_MAX)
+                    .flatten()
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .filter(|n| n.len() == 64 && n.as_str() > cursor)
+                    .collect(),
+                Err(e) if e.kind() == io::ErrorKind::NotFound || is_stale(&e) => continue,
+                Err(e) => return Err(io_error("list", &dir, e)),
+            };
+            names.sort();
+            for name in names {
+                if out.len() >= max.max(1) {
+                    let next = out
+                        .last()
+                        .map(|(n, _): &(String, PathBuf)| n.clone().into_bytes());
+                    return Ok(super::Page { items: out, next });
+                }
+                let path = dir.join(&name);
+                out.push((name, path));
+            }
+        }
+        Ok(super::Page {
+            items: out,
+            next: None,
+        })
+    }
+
+    /// Writes the `path` file of a listing directory (create-only, best
+    /// effort: a listing without one is only skipped by the sweep).
+    fn write_listing_path(&self, ldir: &Path, path: &[u8]) {
+        if let Ok(temp) = self.write_temp(path) {
+            let _ = self.link_into(&temp, &ldir.join(LISTING_PATH_NAME));
+        }
+    }
+
+    /// Sweeps one listing directory: names whose record (a file) or whose
+    /// record and listing (a directory) are gone, and the directory itself
+    /// once empty. The count removed.
+    fn sweep_listing(&self, ldir: &Path) -> u64 {
+        let Ok(Some(path)) = self.read_tolerant(&ldir.join(LISTING_PATH_NAME), RECORD_BYTES_MAX)
+        else {
+            return 0; // from before listings knew their path
+        };
+        let Ok(entries) = fs::read_dir(ldir) else {
+            return 0;
+        };
+        let mut removed = 0;
+        let mut left = 0;
+        for entry in entries.take(SHARD_NAMES_MAX).flatten() {
+            let fname = entry.file_name();
+            let Some(listed) = parse_list_entry(fname.as_encoded_bytes()) else {
+                continue;
+            };
+            let mut child = path.clone();
+            if !child.is_empty() {
+                child.push(b'/');
+            }
+            child.extend_from_slice(&listed.name);
+            let has_record = fs::symlink_metadata(self.record_path(&child)).is_ok();
+            let has_listing =
+                listed.dir && fs::symlink_metadata(self.list_dir_path(&child)).is_ok();
+            if !has_record && !has_listing && fs::remove_file(entry.path()).is_ok() {
+                removed += 1;
+            } else {
+                left += 1;
+            }
+        }
+        if left == 0 && !path.is_empty() {
+            let pfile = ldir.join(LISTING_PATH_NAME);
+            let _ = fs::remove_file(&pfile);
+            if fs::remove_dir(ldir).is_ok() {
+                removed += 1;
+            } else {
+                // A publisher listed a name meanwhile: it keeps its path.
+                self.write_listing_path(ldir, &path);
+            }
+        }
+        removed
+    }
+
+    fn lease_file(&self, name: &str) -> TierResult<PathBuf> {
+        if !super::valid_namespace(name) {
+            return Err(TierError::Data(format!("lease name {name:?}")));
+        }
+        Ok(self.leases_dir.join(name))
     }
 }
 
@@ -651,6 +844,7 @@ impl Engine for DirEngine {
             "put_blob with bytes that are not {id}"
         );
         if self.has_blob(id)? {
+            self.touch(&self.blob_path(id)); // renews its grace
             return Ok(());
         }
         let dest = self.blob_path(id);
@@ -715,6 +909,7 @@ impl Engine for DirEngine {
         progress: &super::Progress,
     ) -> TierResult<()> {
         if self.has_blob(id)? {
+            self.touch(&self.blob_path(id)); // renews its grace
             return Ok(());
         }
         let dest = self.blob_path(id);
@@ -793,649 +988,179 @@ impl Engine for DirEngine {
     fn records_healed(&self) -> u64 {
         self.healed.load(Ordering::Relaxed)
     }
-}
 
-/// A listing file's name for `name`: `f.` or `d.` and the escaped name.
-fn list_entry_name(name: &[u8], dir: bool) -> Option<String> {
-    let mut out = String::from(if dir { "d." } else { "f." });
-    for &c in name {
-        if c.is_ascii_alphanumeric() || b"._-".contains(&c) {
-            out.push(c as char);
-        } else {
-            out.push_str(&format!("%{c:02X}"));
+    fn record_key(&self, path: &[u8]) -> Vec<u8> {
+        blake3::hash(path).to_hex().as_bytes().to_vec()
+    }
+
+    fn scan_records(
+        &self,
+        namespace: &str,
+        cursor: &[u8],
+        max: usize,
+    ) -> TierResult<super::Page<super::Scanned>> {
+        if !super::valid_namespace(namespace) {
+            return Err(TierError::Data(format!("namespace {namespace:?}")));
         }
-    }
-    (out.len() <= LIST_NAME_BYTES_MAX + 2).then_some(out)
-}
-
-/// The name a listing file's name stands for (total: None for anything
-/// `list_entry_name` does not write).
-pub(crate) fn parse_list_entry(file: &[u8]) -> Option<Listed> {
-    let (dir, rest) = match file {
-        [b'd', b'.', rest @ ..] => (true, rest),
-        [b'f', b'.', rest @ ..] => (false, rest),
-        _ => return None,
-    };
-    let mut name = Vec::with_capacity(rest.len());
-    let mut i = 0;
-    while i < rest.len() {
-        if rest[i] == b'%' {
-            // Two hex digits (from_str_radix alone would take "+f").
-            let hex = rest
-                .get(i + 1..i + 3)
-                .filter(|h| h.iter().all(u8::is_ascii_hexdigit))?;
-            name.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
-            i += 3;
-        } else {
-            name.push(rest[i]);
-            i += 1;
+        let top = self.root.join("ns").join(namespace).join("records");
+        let super::Page { items: names, next } = self.scan_sharded(&top, cursor, max)?;
+        let mut items = Vec::with_capacity(names.len());
+        for (name, file) in names {
+            let used_s = match fs::symlink_metadata(&file) {
+                Ok(m) => m.mtime().max(0) as u64,
+                Err(_) => continue, // gone since the listing: nothing to see
+            };
+            let (seen, record) = match self.read_raw(&file)? {
+                Raw::Missing => continue,
+                Raw::Good(r) => (Seen::Bytes(r.encode()), Some(r)),
+                Raw::Damaged(seen, _) => (seen, None),
+            };
+            items.push(super::Scanned {
+                key: name.into_bytes(),
+                seen,
+                record,
+                used_s,
+            });
         }
+        Ok(super::Page { items, next })
     }
-    (!name.is_empty()).then_some(Listed { name, dir })
-}
 
-/// A temp file we created; unlinked on drop unless disarmed (renamed away).
-struct TempFile {
-    path: PathBuf,
-    armed: bool,
-}
-
-impl TempFile {
-    fn link_count(&self) -> u64 {
-        fs::symlink_metadata(&self.path)
-            .map(|m| m.nlink())
-            .unwrap_or(0)
+    fn delete_record(&self, key: &[u8], seen: &Seen) -> TierResult<bool> {
+        let Some(hex) = std::str::from_utf8(key)
+            .ok()
+            .filter(|k| k.len() == 64 && k.bytes().all(|c| c.is_ascii_hexdigit()))
+        else {
+            return Err(TierError::Data(format!("record key {key:?}")));
+        };
+        let file = self.records_dir.join(&hex[..2]).join(hex);
+        // The listing entry stays until `sweep_listings`: a listed name
+        // whose record is gone is a miss.
+        Ok(self.take_away(&file, seen)?.is_some())
     }
-    fn exists(&self) -> bool {
-        fs::symlink_metadata(&self.path).is_ok()
-    }
-}
 
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        if self.armed {
-            if let Err(e) = fs::remove_file(&self.path) {
-                if e.kind() != io::ErrorKind::NotFound {
-                    warn!(
-                        "shared temp={} outcome=left-behind error={e}",
-                        self.path.display()
-                    );
-                }
-            }
+    fn scan_blobs(&self, cursor: &[u8], max: usize) -> TierResult<super::Page<super::StoredBlob>> {
+        let super::Page { items: names, next } = self.scan_sharded(&self.blobs_dir, cursor, max)?;
+        let items = names
+            .into_iter()
+            .filter_map(|(name, file)| {
+                let id = BlobId::from_hex(&name)?;
+                let m = fs::symlink_metadata(&file).ok()?;
+                Some(super::StoredBlob {
+                    id,
+                    bytes: m.len(),
+                    stored_s: m.mtime().max(0) as u64,
+                })
+            })
+            .collect();
+        Ok(super::Page { items, next })
+    }
+
+    fn delete_blob(&self, id: &BlobId, stored_before_s: u64) -> TierResult<bool> {
+        let file = self.blob_path(id);
+        match fs::symlink_metadata(&file) {
+            Ok(m) if (m.mtime().max(0) as u64) < stored_before_s => {}
+            Ok(_) => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(io_error("stat", &file, e)),
         }
-    }
-}
-
-enum ReadFail {
-    TooBig(u64),
-    Io(io::Error),
-}
-
-fn read_once(path: &Path, max_bytes: u64) -> Result<Vec<u8>, ReadFail> {
-    let file = File::open(path).map_err(ReadFail::Io)?;
-    let len = file.metadata().map_err(ReadFail::Io)?.len();
-    if len > max_bytes {
-        return Err(ReadFail::TooBig(len));
-    }
-    let mut bytes = Vec::with_capacity(len as usize);
-    // Bounded even if the file grows while we read it.
-    file.take(max_bytes.saturating_add(1))
-        .read_to_end(&mut bytes)
-        .map_err(ReadFail::Io)?;
-    if bytes.len() as u64 > max_bytes {
-        return Err(ReadFail::TooBig(bytes.len() as u64));
-    }
-    Ok(bytes)
-}
-
-pub(crate) fn check_marker(text: &[u8]) -> Result<(), String> {
-    let text = String::from_utf8_lossy(text);
-    let line = text.lines().next().unwrap_or("").trim_end();
-    match line.strip_prefix(MARKER_PREFIX) {
-        Some(v) if v == MARKER_FORMAT.to_string() => Ok(()),
-        Some(v) => Err(format!(
-            "it uses casfs shared format {v:?}, and this casfs knows only format {MARKER_FORMAT} \
-             (upgrade casfs, or give another directory)"
-        )),
-        None => Err(format!(
-            "{MARKER_NAME} is not a casfs marker (it starts {line:?})"
-        )),
-    }
-}
-
-/// The first name in `root` that is not part of our layout, if any.
-fn first_foreign_entry(root: &Path) -> Result<Option<String>, String> {
-    let entries = fs::read_dir(root).map_err(|e| format!("cannot list it: {e}"))?;
-    for entry in entries {
-        let entry = entry.map_err(|e| format!("cannot list it: {e}"))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if !LAYOUT_NAMES.contains(&name.as_str()) {
-            return Ok(Some(name));
-        }
-    }
-    Ok(None)
-}
-
-fn is_stale(e: &io::Error) -> bool {
-    e.raw_os_error() == Some(libc::ESTALE)
-}
-
-/// What a failed file-system call means: a timeout, a refusal (the shared
-/// directory is full, over quota, read-only or not ours to write: it
-/// answered, and waiting will not change it until an operator acts), or an
-/// outage (anything else: gone, unreachable, I/O errors).
-fn io_error(op: &str, path: &Path, e: io::Error) -> TierError {
-    let text = format!("{op} {}: {e}", path.display());
-    match e.raw_os_error() {
-        Some(libc::ETIMEDOUT) => TierError::Timeout,
-        Some(
-            libc::ENOSPC | libc::EDQUOT | libc::EROFS | libc::EACCES | libc::EPERM | libc::EFBIG,
-        ) => TierError::Refused(text),
-        _ => TierError::Unavailable(text),
-    }
-}
-
-/// This host's name, reduced to characters safe in a file name.
-fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: the buffer is valid for its length; gethostname writes at most that.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    let name: &[u8] = if rc == 0 {
-        &buf[..buf.iter().position(|&b| b == 0).unwrap_or(buf.len())]
-    } else {
-        b""
-    };
-    let clean: String = name
-        .iter()
-        .take(HOSTNAME_BYTES_MAX)
-        .map(|&b| {
-            if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
-                b as char
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    if clean.is_empty() {
-        "unknown-host".into()
-    } else {
-        clean
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::atomic::AtomicUsize;
-    use std::sync::{Arc, Barrier};
-
-    static SEQ: AtomicUsize = AtomicUsize::new(0);
-
-    /// A fresh ROOT path (not created), removed at the end of the test.
-    struct TempRoot(PathBuf);
-
-    impl TempRoot {
-        fn new() -> TempRoot {
-            let n = SEQ.fetch_add(1, Ordering::Relaxed);
-            let p =
-                std::env::temp_dir().join(format!("casfs-shared-dir-{}-{n}", std::process::id()));
-            let _ = fs::remove_dir_all(&p);
-            TempRoot(p)
-        }
-        fn open(&self, namespace: &str) -> DirEngine {
-            DirEngine::open(&self.0, &config(namespace, 0o022)).unwrap()
-        }
-        fn tmp_entries(&self) -> Vec<String> {
-            fs::read_dir(self.0.join("tmp"))
-                .unwrap()
-                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                .collect()
+        match fs::remove_file(&file) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_error("unlink", &file, e)),
         }
     }
 
-    impl Drop for TempRoot {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
+    fn note_used(&self, paths: &[Vec<u8>], _now_s: u64) -> TierResult<()> {
+        for p in paths {
+            self.touch(&self.record_path(p));
         }
+        Ok(())
     }
 
-    fn config(namespace: &str, umask: u32) -> EngineConfig {
-        EngineConfig {
-            namespace: namespace.into(),
-            timeout: Duration::from_secs(2),
-            umask,
-            password: None,
-        }
-    }
-
-    fn record(n: u64) -> Record {
-        Record {
-            kind: RecordKind::File {
-                blob: BlobId::of(&n.to_le_bytes()),
-                size: n,
-                mode: 0o644,
-            },
-            mtime_ns: 1_700_000_000_000_000_000 + n,
-        }
-    }
-
-    fn mode_of(p: &Path) -> u32 {
-        fs::symlink_metadata(p).unwrap().mode() & 0o7777
-    }
-
-    #[test]
-    fn create_only_race_between_eight_writers_keeps_exactly_one() {
-        const ROUNDS: u64 = 30;
-        let root = TempRoot::new();
-        let _ = root.open("default");
-        let path_of =
-            |round: u64| format!("cc/a/e/c8aiq5frsd7ctaaepqbvl8shkb4kc{round}R").into_bytes();
-        let barrier = Arc::new(Barrier::new(8));
-        let threads: Vec<_> = (0..8u64)
-            .map(|i| {
-                // One engine per thread, like one per host; all start each round together.
-                let engine = root.open("default");
-                let barrier = barrier.clone();
-                std::thread::spawn(move || {
-                    let mut outcomes = Vec::new();
-                    for round in 0..ROUNDS {
-                        barrier.wait();
-                        outcomes.push(
-                            engine
-                                .put_record(&path_of(round), &record(round * 100 + i), true)
-                                .unwrap(),
-                        );
+    fn lease(&self, name: &str, holder: &str, ttl_s: u64, now_s: u64) -> TierResult<super::Lease> {
+        let file = self.lease_file(name)?;
+        let mine = super::encode_lease(holder, now_s + ttl_s);
+        for _ in 0..LEASE_ATTEMPTS_MAX {
+            let current = self.read_tolerant(&file, RECORD_BYTES_MAX);
+            let current = match current {
+                Err(TierError::Protocol(_)) => Some(Vec::new()), // oversize: damaged
+                other => other?,
+            };
+            let temp = self
+                .write_temp(&mine)
+                .map_err(|e| io_error("write temp in", &self.tmp_dir, e))?;
+            match current {
+                None => {
+                    if !fs::symlink_metadata(&self.leases_dir).is_ok_and(|m| m.is_dir()) {
+                        self.make_dir(&self.leases_dir)
+                            .map_err(|e| io_error("create", &self.leases_dir, e))?;
                     }
-                    outcomes
-                })
-            })
-            .collect();
-        let outcomes: Vec<Vec<Put>> = threads.into_iter().map(|t| t.join().unwrap()).collect();
-        let engine = root.open("default");
-        for round in 0..ROUNDS {
-            let puts: Vec<&Put> = outcomes.iter().map(|o| &o[round as usize]).collect();
-            let winners: Vec<u64> = (0..8)
-                .filter(|&i| *puts[i as usize] == Put::Stored)
-                .collect();
-            assert_eq!(
-                winners.len(),
-                1,
-                "round {round}: exactly one writer stores: {puts:?}"
-            );
-            let winner = record(round * 100 + winners[0]);
-            for (i, put) in puts.iter().enumerate() {
-                if i as u64 != winners[0] {
-                    assert_eq!(
-                        **put,
-                        Put::Exists(winner.clone()),
-                        "round {round}: writer {i} sees the winner"
-                    );
-                }
-            }
-            let path = path_of(round);
-            assert_eq!(engine.get_record(&path).unwrap(), Some(winner.clone()));
-            // The file itself holds the winner's encoding.
-            assert_eq!(
-                fs::read(engine.record_path(&path)).unwrap(),
-                winner.encode()
-            );
-            // And a later create-only put still reports the winner.
-            assert_eq!(
-                engine.put_record(&path, &record(99), true).unwrap(),
-                Put::Exists(winner)
-            );
-        }
-        assert_eq!(
-            root.tmp_entries(),
-            Vec::<String>::new(),
-            "no temp file is left behind"
-        );
-    }
-
-    #[test]
-    fn link_onto_an_existing_name_reports_it_and_keeps_the_old_content() {
-        let root = TempRoot::new();
-        let engine = root.open("default");
-        let dest = engine.record_path(b"cc/x");
-        let first = engine.write_temp(b"first").unwrap();
-        assert!(
-            engine.link_into(&first, &dest).unwrap(),
-            "a new name is ours"
-        );
-        let second = engine.write_temp(b"second").unwrap();
-        assert!(
-            !engine.link_into(&second, &dest).unwrap(),
-            "an existing name is not"
-        );
-        assert_eq!(fs::read(&dest).unwrap(), b"first");
-        drop((first, second));
-        assert_eq!(root.tmp_entries(), Vec::<String>::new());
-        assert_eq!(fs::read(&dest).unwrap(), b"first");
-    }
-
-    #[test]
-    fn replace_is_last_writer_wins_and_never_mixed() {
-        let root = TempRoot::new();
-        let engine = root.open("default");
-        let path = b"stats";
-        assert_eq!(
-            engine.put_record(path, &record(1), true).unwrap(),
-            Put::Stored
-        );
-        assert_eq!(
-            engine.put_record(path, &record(2), false).unwrap(),
-            Put::Stored
-        );
-        assert_eq!(engine.get_record(path).unwrap(), Some(record(2)));
-        assert_eq!(
-            engine.put_record(path, &record(3), false).unwrap(),
-            Put::Stored
-        );
-        assert_eq!(engine.get_record(path).unwrap(), Some(record(3)));
-
-        // Concurrent replacers and readers: readers only ever see whole records.
-        let engine = Arc::new(engine);
-        let writers: Vec<_> = (10..18u64)
-            .map(|i| {
-                let engine = engine.clone();
-                std::thread::spawn(move || {
-                    for k in 0..20 {
-                        engine
-                            .put_record(path, &record(i * 100 + k), false)
-                            .unwrap();
+                    if self
+                        .link_into(&temp, &file)
+                        .map_err(|e| io_error("link to", &file, e))?
+                    {
+                        return Ok(super::Lease::Held {
+                            until_s: now_s + ttl_s,
+                        });
                     }
-                })
-            })
-            .collect();
-        let reader = {
-            let engine = engine.clone();
-            std::thread::spawn(move || {
-                for _ in 0..200 {
-                    let r = engine
-                        .get_record(path)
-                        .unwrap()
-                        .expect("a replaced record is never missing");
-                    let RecordKind::File { size, .. } = r.kind else {
-                        panic!("not a file record")
-                    };
-                    assert_eq!(r, record(size));
                 }
-            })
-        };
-        for w in writers {
-            w.join().unwrap();
-        }
-        reader.join().unwrap();
-        let last = engine.get_record(path).unwrap().unwrap();
-        let RecordKind::File { size, .. } = last.kind else {
-            panic!()
-        };
-        assert!(
-            (1000..1820).contains(&size) && size % 100 == 19,
-            "the last put of some writer: {size}"
-        );
-        assert_eq!(root.tmp_entries(), Vec::<String>::new());
-    }
-
-    #[test]
-    fn blobs_put_concurrently_are_harmless_and_read_back() {
-        let root = TempRoot::new();
-        let engine = Arc::new(root.open("default"));
-        let bytes: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
-        let id = BlobId::of(&bytes);
-        assert!(!engine.has_blob(&id).unwrap());
-        assert_eq!(engine.get_blob(&id, 1 << 20).unwrap(), None);
-        let barrier = Arc::new(Barrier::new(8));
-        let threads: Vec<_> = (0..8)
-            .map(|_| {
-                let (engine, barrier, bytes) = (engine.clone(), barrier.clone(), bytes.clone());
-                std::thread::spawn(move || {
-                    barrier.wait();
-                    engine.put_blob(&id, &bytes).unwrap();
-                })
-            })
-            .collect();
-        for t in threads {
-            t.join().unwrap();
-        }
-        assert!(engine.has_blob(&id).unwrap());
-        assert_eq!(engine.get_blob(&id, 1 << 20).unwrap(), Some(bytes.clone()));
-        assert_eq!(
-            fs::symlink_metadata(engine.blob_path(&id)).unwrap().nlink(),
-            1
-        );
-        engine.put_blob(&id, &bytes).unwrap();
-        assert_eq!(root.tmp_entries(), Vec::<String>::new());
-        // Over max_bytes: refused, not truncated.
-        match engine.get_blob(&id, 1000) {
-            Err(TierError::Data(m)) => assert!(m.contains("200000 bytes"), "{m}"),
-            other => panic!("expected a Data error, got {other:?}"),
-        }
-        // The empty blob is a blob.
-        let empty = BlobId::of(b"");
-        engine.put_blob(&empty, b"").unwrap();
-        assert_eq!(engine.get_blob(&empty, 0).unwrap(), Some(vec![]));
-    }
-
-    #[test]
-    fn namespaces_do_not_see_each_others_records_but_share_blobs() {
-        let root = TempRoot::new();
-        let a = root.open("debian-13_gcc.14");
-        let b = root.open("other");
-        assert_eq!(
-            a.put_record(b"cc/x", &record(1), true).unwrap(),
-            Put::Stored
-        );
-        assert_eq!(b.get_record(b"cc/x").unwrap(), None);
-        assert_eq!(
-            b.put_record(b"cc/x", &record(2), true).unwrap(),
-            Put::Stored
-        );
-        assert_eq!(a.get_record(b"cc/x").unwrap(), Some(record(1)));
-        assert_eq!(b.get_record(b"cc/x").unwrap(), Some(record(2)));
-        a.put_blob(&BlobId::of(b"shared"), b"shared").unwrap();
-        assert!(b.has_blob(&BlobId::of(b"shared")).unwrap());
-    }
-
-    #[test]
-    fn odd_path_bytes_and_dir_records_round_trip() {
-        let root = TempRoot::new();
-        let engine = root.open("default");
-        let long = vec![b'd'; 5000];
-        let paths: [&[u8]; 4] = [b"", b"a/\0/b\n", &[0xff, 0xfe, b'/'], &long];
-        for (i, p) in paths.iter().enumerate() {
-            assert_eq!(
-                engine.put_record(p, &record(i as u64), true).unwrap(),
-                Put::Stored
-            );
-        }
-        for (i, p) in paths.iter().enumerate() {
-            assert_eq!(engine.get_record(p).unwrap(), Some(record(i as u64)));
-        }
-        let dir = Record {
-            kind: RecordKind::Dir,
-            mtime_ns: 7,
-        };
-        engine.put_record(b"cc/a", &dir, true).unwrap();
-        assert_eq!(engine.get_record(b"cc/a").unwrap(), Some(dir));
-    }
-
-    #[test]
-    fn undecodable_record_is_a_data_error_and_a_create_only_put_replaces_it() {
-        let root = TempRoot::new();
-        let engine = root.open("default");
-        let file = engine.record_path(b"cc/bad");
-        fs::create_dir_all(file.parent().unwrap()).unwrap();
-        fs::write(&file, b"casfs-record 9\nwhat\n").unwrap();
-        match engine.get_record(b"cc/bad") {
-            Err(TierError::Data(m)) => assert!(m.contains(&*file.to_string_lossy()), "{m}"),
-            other => panic!("expected a Data error, got {other:?}"),
-        }
-        // A create-only put onto it replaces it, and it is counted.
-        assert_eq!(
-            engine.put_record(b"cc/bad", &record(1), true).unwrap(),
-            Put::Stored
-        );
-        assert_eq!(engine.get_record(b"cc/bad").unwrap(), Some(record(1)));
-        assert_eq!(engine.records_healed(), 1);
-        // A replace of a version that is no longer there does nothing.
-        assert!(!engine
-            .replace_damaged(
-                b"cc/bad",
-                &Seen::Bytes(b"casfs-record 9\nwhat\n".to_vec()),
-                &record(2)
-            )
-            .unwrap());
-        assert_eq!(engine.get_record(b"cc/bad").unwrap(), Some(record(1)));
-        assert_eq!(root.tmp_entries(), Vec::<String>::new());
-    }
-
-    #[test]
-    fn listings_name_every_level_and_imply_lost_directories() {
-        let root = TempRoot::new();
-        let engine = root.open("default");
-        engine.put_record(b"cc/a/x%y R", &record(1), true).unwrap();
-        let names = |p: &[u8]| {
-            let mut v = engine.list(p, 100).unwrap();
-            v.sort();
-            v
-        };
-        assert_eq!(
-            names(b""),
-            vec![Listed {
-                name: b"cc".to_vec(),
-                dir: true
-            }]
-        );
-        assert_eq!(
-            names(b"cc/a"),
-            vec![Listed {
-                name: b"x%y R".to_vec(),
-                dir: false
-            }]
-        );
-        // No record for cc/a, but a listing: a directory.
-        assert_eq!(
-            engine.get_record(b"cc/a").unwrap(),
-            Some(Record::implied_dir())
-        );
-        assert_eq!(engine.get_record(b"cc/b").unwrap(), None);
-        assert_eq!(list_entry_name(&[b'a'; 300], false), None);
-    }
-
-    #[test]
-    fn root_without_marker_or_with_unknown_format_is_refused() {
-        // Non-empty, no marker.
-        let root = TempRoot::new();
-        fs::create_dir_all(&root.0).unwrap();
-        fs::write(root.0.join("somebody-elses-file"), b"x").unwrap();
-        let err = DirEngine::open(&root.0, &config("default", 0o022))
-            .err()
-            .unwrap();
-        assert!(
-            err.contains("no casfs-shared marker") && err.contains("somebody-elses-file"),
-            "{err}"
-        );
-        assert!(!root.0.join("ns").exists(), "nothing was written into it");
-
-        // A newer format.
-        let root = TempRoot::new();
-        let _ = root.open("default");
-        fs::write(root.0.join(MARKER_NAME), b"casfs shared format 2\n").unwrap();
-        let err = DirEngine::open(&root.0, &config("default", 0o022))
-            .err()
-            .unwrap();
-        assert!(
-            err.contains("format \"2\"") && err.contains("knows only format 1"),
-            "{err}"
-        );
-
-        // Not a marker at all.
-        fs::write(root.0.join(MARKER_NAME), b"hello\n").unwrap();
-        let err = DirEngine::open(&root.0, &config("default", 0o022))
-            .err()
-            .unwrap();
-        assert!(err.contains("not a casfs marker"), "{err}");
-
-        // Empty existing ROOT, and a ROOT holding only our layout, are adopted;
-        // reopening an initialised one works.
-        let root = TempRoot::new();
-        fs::create_dir_all(root.0.join("tmp")).unwrap();
-        let _ = root.open("default");
-        assert_eq!(
-            fs::read(root.0.join(MARKER_NAME)).unwrap(),
-            b"casfs shared format 1\n"
-        );
-        let _ = root.open("default");
-        assert!(DirEngine::open(Path::new("relative/dir"), &config("default", 0o022)).is_err());
-    }
-
-    #[test]
-    fn files_and_dirs_get_the_configured_umask_not_the_process_one() {
-        for (umask, file_mode, dir_mode) in [(0o002, 0o664, 0o775), (0o022, 0o644, 0o755)] {
-            let root = TempRoot::new();
-            let engine = DirEngine::open(&root.0.join("sub"), &config("ns1", umask)).unwrap();
-            engine.put_record(b"cc/r", &record(1), true).unwrap();
-            engine.put_record(b"stats", &record(2), false).unwrap();
-            engine.put_blob(&BlobId::of(b"blob"), b"blob").unwrap();
-            let sub = root.0.join("sub");
-            let dirs = [
-                root.0.clone(),
-                sub.clone(),
-                sub.join("tmp"),
-                sub.join("blobs"),
-                sub.join("ns"),
-                sub.join("ns/ns1"),
-                sub.join("ns/ns1/records"),
-                engine.record_path(b"cc/r").parent().unwrap().to_path_buf(),
-                engine
-                    .blob_path(&BlobId::of(b"blob"))
-                    .parent()
-                    .unwrap()
-                    .to_path_buf(),
-            ];
-            for d in &dirs {
-                assert_eq!(
-                    mode_of(d),
-                    dir_mode,
-                    "umask {umask:03o}: dir {}",
-                    d.display()
-                );
-            }
-            let files = [
-                sub.join(MARKER_NAME),
-                engine.record_path(b"cc/r"),
-                engine.record_path(b"stats"),
-                engine.blob_path(&BlobId::of(b"blob")),
-            ];
-            for f in &files {
-                assert_eq!(
-                    mode_of(f),
-                    file_mode,
-                    "umask {umask:03o}: file {}",
-                    f.display()
-                );
+                Some(bytes) => {
+                    if let Some((h, until_s)) = super::decode_lease(&bytes) {
+                        if h != holder && until_s > now_s {
+                            return Ok(super::Lease::Other { holder: h, until_s });
+                        }
+                    }
+                    // Ours to renew, expired, or damaged: take it over.
+                    if self.take_away(&file, &Seen::Bytes(bytes))?.is_some()
+                        && self
+                            .link_into(&temp, &file)
+                            .map_err(|e| io_error("link to", &file, e))?
+                    {
+                        return Ok(super::Lease::Held {
+                            until_s: now_s + ttl_s,
+                        });
+                    }
+                }
             }
         }
+        // It kept changing: someone else is taking it.
+        match self
+            .read_tolerant(&file, RECORD_BYTES_MAX)
+            .ok()
+            .flatten()
+            .and_then(|b| super::decode_lease(&b))
+        {
+            Some((holder, until_s)) => Ok(super::Lease::Other { holder, until_s }),
+            None => Err(TierError::Unavailable(format!(
+                "{}: the lease kept changing",
+                file.display()
+            ))),
+        }
     }
 
-    #[test]
-    fn stale_temp_files_are_swept_at_open_and_fresh_ones_kept() {
-        let root = TempRoot::new();
-        let _ = root.open("default");
-        let old = root.0.join("tmp/deadhost.1.0.tmp");
-        let fresh = root.0.join("tmp/livehost.2.0.tmp");
-        fs::write(&old, b"x").unwrap();
-        fs::write(&fresh, b"y").unwrap();
-        let two_days_ago = SystemTime::now() - Duration::from_secs(2 * 24 * 3600);
-        File::options()
-            .write(true)
-            .open(&old)
-            .unwrap()
-            .set_modified(two_days_ago)
-            .unwrap();
-        let _ = root.open("default");
-        assert!(!old.exists());
-        assert!(fresh.exists());
+    fn release_lease(&self, name: &str, holder: &str) -> TierResult<()> {
+        let file = self.lease_file(name)?;
+        if let Some(bytes) = self.read_tolerant(&file, RECORD_BYTES_MAX)? {
+            if super::decode_lease(&bytes).is_some_and(|(h, _)| h == holder) {
+                drop(self.take_away(&file, &Seen::Bytes(bytes))?);
+            }
+        }
+        Ok(())
+    }
+
+    fn sweep_listings(&self, cursor: &[u8], max: usize) -> TierResult<(u64, Option<Vec<u8>>)> {
+        let super::Page { items: dirs, next } = self.scan_sharded(&self.lists_dir, cursor, max)?;
+        let removed = dirs.iter().map(|(_, d)| self.sweep_listing(d)).sum();
+        Ok((removed, next))
+    }
+
+    fn namespaces(&self) -> TierResult<Vec<String>> {
+        let top = self.root.join("ns");
+        let entries = fs::read_dir(&top).map_err(|e| io_error("list", &top, e))?;
+        Ok(entries
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| super::valid_namespace(n))
+            .collect())
     }
 }

@@ -1,3 +1,7 @@
+//! Files: this one (callers, deadlines, the breaker's use, lookups,
+//! recency reports), `uploads.rs` (the write-back queue, delivery,
+//! `sync`), `stats.rs` (the figures), `tests.rs`.
+//!
 //! The shared tier as the core uses it: an engine behind deadlines, a
 //! circuit breaker, a short negative cache, and a bounded write-back queue
 //! with upload workers. This is the one place that decides how the network
@@ -51,6 +55,20 @@
 //! - A `TierError::Data` (a damaged record about one name) is a miss for
 //!   that name, counted and logged once; it never counts against the
 //!   breaker, since the engine answered.
+//! - A record whose blob the engine does not have (evicted, collected) is
+//!   a miss, logged at debug only, and dropped from the engine in the
+//!   background (`Uses::drops`, bounded): compare-and-delete of the very
+//!   record that named the missing blob, after checking once more that
+//!   the blob is still missing.
+//! - Uses are reported (`note_use`, from opens of shared entries and from
+//!   fetches) at most once per `TierConfig::use_report_interval` per inode,
+//!   batched (`USE_BATCH_LEN_MAX`) and sent every `USE_FLUSH_MS` on a
+//!   background caller: the collector's recency, at no cost to a hit.
+//!
+//! Locks: `breaker`, `negative`, `damaged`, `known_dirs`, `uses`,
+//! `given_up`, `last_wait_error`, `refusing` and `queue` are each a leaf
+//! (held for one change, never across a call or a sleep, never two at
+//! once); `collector` is taken only at start and drop.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -64,6 +82,14 @@ use super::breaker::{Admit, Breaker, Outcome, Rng, Transition};
 use super::{Engine, Put, Record, TierError, TierResult};
 use crate::stats::{Extra, Histogram, Snapshot};
 use crate::store::ids::BlobId;
+
+mod stats;
+#[cfg(test)]
+mod tests;
+mod uploads;
+
+use uploads::Queue;
+pub use uploads::SyncState;
 
 /// Uploads waiting for a worker in memory (more wait in the store).
 pub const UPLOAD_QUEUE_LEN_MAX: usize = 16_384;
@@ -111,6 +137,16 @@ const NEGATIVE_ENTRIES_MAX: usize = 65_536;
 const KNOWN_DIRS_MAX: usize = 65_536;
 /// Damaged shared blobs remembered for repair.
 const DAMAGED_MAX: usize = 4096;
+/// Uses waiting to be reported, records waiting to be dropped, inodes
+/// whose last report is remembered (past it the memory starts afresh:
+/// some uses are reported twice).
+const USE_BATCH_LEN_MAX: usize = 4096;
+const DROPS_LEN_MAX: usize = 1024;
+const USE_REMEMBERED_MAX: usize = 262_144;
+/// How often the batch of uses is sent.
+const USE_FLUSH_MS: u64 = 5_000;
+/// How often a host reports using one entry (`--shared-use-report-s`).
+pub const USE_REPORT_S_DEFAULT: u64 = 3600;
 /// Largest blob fetched from the tier (it streams to a staging file: the
 /// bound is the disk's, not memory's).
 pub const FETCH_BYTES_MAX: u64 = 1 << 36;
@@ -216,6 +252,20 @@ pub struct TierStats {
     /// refusal in the engine's words.
     pub refusals: AtomicU64,
     pub last_refusal: Mutex<String>,
+    /// Records dropped because their blob was gone.
+    pub records_dropped: AtomicU64,
+    /// Uses reported to the engine.
+    pub uses_reported: AtomicU64,
+}
+
+/// Recency reports and drops waiting for the flusher (`note_use`).
+#[derive(Default)]
+struct Uses {
+    /// When each inode's use was last reported.
+    reported: HashMap<u64, Instant>,
+    batch: Vec<Vec<u8>>,
+    /// Records found naming a missing blob: (path, blob).
+    drops: Vec<(Vec<u8>, BlobId)>,
 }
 
 /// Distinct damaged-record messages logged per mount.
@@ -232,6 +282,8 @@ pub struct TierConfig {
     /// Request-path calls that may be in flight at once: one per FUSE
     /// worker (the daemon passes `--threads`).
     pub request_callers: usize,
+    /// How often one entry's use is reported (`--shared-use-report-s`).
+    pub use_report_interval: Duration,
 }
 
 impl TierConfig {
@@ -239,6 +291,7 @@ impl TierConfig {
         TierConfig {
             timeout,
             request_callers: REQUEST_CALLERS_DEFAULT,
+            use_report_interval: Duration::from_secs(USE_REPORT_S_DEFAULT),
         }
     }
 }
@@ -343,6 +396,13 @@ pub struct Tier {
     /// The engine's words when it last refused an upload, until an upload
     /// is delivered again (`sync` fails while it is set).
     refusing: Mutex<Option<String>>,
+    uses: Mutex<Uses>,
+    use_report_interval: Duration,
+    /// This daemon's collector (`--shared-gc-max-size`), its budget, and
+    /// what its passes did.
+    collector: Mutex<Option<super::gc::Collector>>,
+    gc_budget_bytes: AtomicU64,
+    pub gc_stats: Arc<super::gc::CollectorStats>,
 }
 
 impl Tier {
@@ -384,7 +444,16 @@ impl Tier {
             progressed: Condvar::new(),
             last_wait_error: Mutex::new(String::new()),
             refusing: Mutex::new(None),
+            uses: Mutex::new(Uses::default()),
+            use_report_interval: config.use_report_interval,
+            collector: Mutex::new(None),
+            gc_budget_bytes: AtomicU64::new(0),
+            gc_stats: Arc::default(),
         });
+        let weak = Arc::downgrade(&tier);
+        let _ = std::thread::Builder::new()
+            .name("tier-uses".into())
+            .spawn(move || Tier::flush_uses(weak));
         for i in 0..UPLOAD_WORKERS {
             let tier = tier.clone();
             let lost = lost_race.clone();
@@ -409,171 +478,87 @@ impl Tier {
         self.engine.describe()
     }
 
-    /// Adds the tier's figures to a statistics snapshot.
-    pub fn snapshot<'a>(&'a self, snap: &mut Snapshot<'a>) {
-        let s = &self.stats;
-        let v = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let rows = [
-            (
-                "shared_hits",
-                "Lookups answered by the shared tier",
-                v(&s.hits),
-                false,
-            ),
-            (
-                "shared_misses",
-                "Lookups the shared tier did not know",
-                v(&s.misses),
-                false,
-            ),
-            (
-                "shared_uploads",
-                "Publications delivered to the shared tier",
-                v(&s.uploads),
-                false,
-            ),
-            (
-                "shared_upload_queue_len",
-                "Uploads waiting in memory for a worker",
-                self.queue_len(),
-                true,
-            ),
-            (
-                "shared_uploads_pending",
-                "Uploads not yet delivered (all kept in the store)",
-                self.pending(),
-                true,
-            ),
-            (
-                "shared_uploads_dropped",
-                "Always 0: uploads that do not fit in memory wait in the store",
-                v(&s.uploads_dropped),
-                false,
-            ),
-            (
-                "shared_uploads_failed",
-                "Uploads given up for a reason retrying cannot fix (logged; casfs sync fails)",
-                v(&s.uploads_failed),
-                false,
-            ),
-            (
-                "shared_uploads_superseded",
-                "Uploads skipped because a later publication of the name replaced them",
-                v(&s.uploads_superseded),
-                false,
-            ),
-            (
-                "shared_errors",
-                "Shared-tier calls that failed",
-                v(&s.errors),
-                false,
-            ),
-            (
-                "shared_timeouts",
-                "Shared-tier calls that timed out",
-                v(&s.timeouts),
-                false,
-            ),
-            (
-                "shared_breaker_open",
-                "1 while the shared tier is considered down (breaker open or probing)",
-                self.breaker_is_down() as u64,
-                true,
-            ),
-            (
-                "shared_prefetches",
-                "Round trips that prefetched the listings below a directory (a walk's next levels)",
-                v(&s.prefetches),
-                false,
-            ),
-            (
-                "shared_dirs_prefetched",
-                "Directories found in a prefetched listing (bound with no round trip of their own)",
-                v(&s.dirs_prefetched),
-                false,
-            ),
-            (
-                "shared_blobs_fetched",
-                "Blobs brought from the shared tier (at open: a lookup or stat takes only the record)",
-                v(&s.blobs_fetched),
-                false,
-            ),
-            (
-                "shared_bytes_fetched",
-                "Bytes of blobs brought from the shared tier",
-                v(&s.bytes_fetched),
-                false,
-            ),
-            (
-                "shared_busy",
-                "Shared-tier calls that found no caller thread free in time (local back-pressure: misses, never counted against the engine)",
-                v(&s.busy),
-                false,
-            ),
-            (
-                "shared_refusals",
-                "Commands the engine answered with a refusal that is not an outage (e.g. Redis OOM); the last one is in shared_last_refusal",
-                v(&s.refusals),
-                false,
-            ),
-            (
-                "shared_corrupt_blobs",
-                "Blobs from the shared tier that failed verification",
-                v(&s.corrupt_blobs),
-                false,
-            ),
-            (
-                "shared_conflicts_lost",
-                "Results another host published first (local copy replaced)",
-                v(&s.conflicts_lost),
-                false,
-            ),
-            (
-                "shared_damaged_records",
-                "Shared records that could not be used (unparseable, wrong type, oversize, newer format, size not the blob's)",
-                v(&s.data_errors),
-                false,
-            ),
-            (
-                "shared_records_healed",
-                "Damaged create-only records replaced by a verified newcomer",
-                self.engine.records_healed(),
-                false,
-            ),
-            (
-                "shared_names_listed",
-                "Names readdir listed from the shared tier",
-                v(&s.names_listed),
-                false,
-            ),
-            (
-                "shared_revalidations",
-                "Mutable entries checked against the shared tier after the freshness bound",
-                v(&s.revalidations),
-                false,
-            ),
-            (
-                "shared_refreshed",
-                "Mutable entries replaced by a newer version from the shared tier",
-                v(&s.refreshed),
-                false,
-            ),
-        ];
-        for (name, help, value, gauge) in rows {
-            snap.extras.push(Extra {
-                name,
-                help,
-                value,
-                gauge,
-            });
+    /// Starts collecting this namespace in the background (at most one
+    /// host per namespace collects at once: see `gc.rs`).
+    pub fn start_collector(&self, config: super::gc::GcConfig, interval: Duration) {
+        self.gc_budget_bytes
+            .store(config.max_bytes, Ordering::Relaxed);
+        let c = super::gc::Collector::start(
+            self.engine.clone(),
+            config,
+            interval,
+            self.gc_stats.clone(),
+        );
+        *self.collector.lock().unwrap() = Some(c);
+    }
+
+    /// True if a use of inode `ino` is due to be reported (and remembers
+    /// that it is being reported now).
+    pub fn use_due(&self, ino: u64) -> bool {
+        let mut u = self.uses.lock().unwrap();
+        if u.reported
+            .get(&ino)
+            .is_some_and(|t| t.elapsed() < self.use_report_interval)
+        {
+            return false;
         }
-        snap.histograms.push((
-            "shared_fetch",
-            "Latency of lookups answered by the shared tier",
-            &s.fetch_ms,
-        ));
-        snap.histograms
-            .push(("shared_upload", "Latency of uploads", &s.upload_ms));
+        if u.reported.len() >= USE_REMEMBERED_MAX {
+            u.reported.clear();
+        }
+        u.reported.insert(ino, Instant::now());
+        true
+    }
+
+    /// Reports a use of the entry at `path` (in the next batch).
+    pub fn note_use(&self, path: Vec<u8>) {
+        let mut u = self.uses.lock().unwrap();
+        if u.batch.len() < USE_BATCH_LEN_MAX {
+            u.batch.push(path);
+        }
+    }
+
+    /// The flusher: sends the batch of uses and drops records without
+    /// blobs, every `USE_FLUSH_MS`, while the tier lives.
+    fn flush_uses(tier: Weak<Tier>) {
+        loop {
+            std::thread::sleep(Duration::from_millis(USE_FLUSH_MS));
+            let Some(tier) = tier.upgrade() else { return };
+            let (batch, drops) = {
+                let mut u = tier.uses.lock().unwrap();
+                (std::mem::take(&mut u.batch), std::mem::take(&mut u.drops))
+            };
+            if !batch.is_empty() {
+                let n = batch.len() as u64;
+                let now = super::now_s();
+                if tier
+                    .call(Lane::Background, move |e| e.note_used(&batch, now))
+                    .is_ok()
+                {
+                    tier.stats.uses_reported.fetch_add(n, Ordering::Relaxed);
+                }
+            }
+            for (path, id) in drops {
+                let p = path.clone();
+                let dropped = tier.call(Lane::Background, move |e| {
+                    let Some(r) = e.get_record(&p)? else {
+                        return Ok(false);
+                    };
+                    let names_it =
+                        matches!(r.kind, super::RecordKind::File { blob, .. } if blob == id);
+                    if !names_it || e.has_blob(&id)? {
+                        return Ok(false);
+                    }
+                    e.delete_record(&e.record_key(&p), &super::Seen::Bytes(r.encode()))
+                });
+                if let Ok(true) = dropped {
+                    tier.stats.records_dropped.fetch_add(1, Ordering::Relaxed);
+                    log::debug!(
+                        "shared drop path={:?} blob={id} outcome=dropped-record-without-blob",
+                        String::from_utf8_lossy(&path)
+                    );
+                }
+            }
+        }
     }
 
     /// True while calls are refused outright (the breaker is open and
@@ -801,9 +786,24 @@ impl Tier {
     ) -> bool {
         let shown = || String::from_utf8_lossy(path).into_owned();
         match self.blob_into(lane, id, size, file) {
-            Fetch::Got(_) => return true,
-            Fetch::Missing | Fetch::Corrupt => warn!(
-                "shared tier: record {:?} names blob {id}, which is missing or corrupt: a miss",
+            Fetch::Got(_) => {
+                self.note_use(path.to_vec());
+                return true;
+            }
+            Fetch::Missing => {
+                // Evicted or collected: dropped in the background, not
+                // warned about at every lookup.
+                log::debug!(
+                    "shared fetch path={:?} blob={id} outcome=miss-blob-gone",
+                    shown()
+                );
+                let mut u = self.uses.lock().unwrap();
+                if u.drops.len() < DROPS_LEN_MAX {
+                    u.drops.push((path.to_vec(), id));
+                }
+            }
+            Fetch::Corrupt => warn!(
+                "shared tier: record {:?} names blob {id}, which is corrupt: a miss",
                 shown()
             ),
             Fetch::WrongSize(len) => self.note_data_error(format!(
@@ -897,490 +897,6 @@ impl Tier {
     pub fn forget_missing(&self, path: &[u8]) {
         self.negative.lock().unwrap().remove(path);
     }
-
-    /// Takes a committed publication (its durable record is written); never
-    /// blocks. When the in-memory queue is full the upload stays in the
-    /// store only, and is read back when the queue has drained.
-    pub fn enqueue(&self, up: Upload) {
-        let mut q = self.queue.lock().unwrap();
-        if !q.push(up) {
-            let first = !q.spilled_logged;
-            q.spilled_logged = true;
-            if first {
-                info!(
-                    "shared tier: more than {UPLOAD_QUEUE_LEN_MAX} uploads waiting; the rest wait in the store and are read back in order"
-                );
-            }
-        }
-        drop(q);
-        self.queue_changed.notify_one();
-    }
-
-    /// Counts uploads about to be committed (before they are visible in
-    /// the store, so they are counted before they can be settled).
-    pub fn count_pending(&self, n: u64) {
-        self.pending.fetch_add(n, Ordering::Relaxed);
-    }
-
-    /// The commit that would have written them failed.
-    pub fn uncount_pending(&self, n: u64) {
-        let _ = self
-            .pending
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |p| {
-                Some(p.saturating_sub(n))
-            });
-    }
-
-    /// Uploads not yet acknowledged by the engine (or given up): every one
-    /// is in the store.
-    pub fn pending(&self) -> u64 {
-        self.pending.load(Ordering::Relaxed)
-    }
-
-    fn outbox(&self) -> Option<Arc<dyn Outbox>> {
-        self.outbox.upgrade()
-    }
-
-    /// One upload worker: takes the next upload whose name no other worker
-    /// is uploading, delivers it, and goes on until the core is gone.
-    fn work(&self, lost_race: &LostRace) {
-        while let Some(up) = self.next_upload() {
-            let Some(outbox) = self.outbox() else { return };
-            self.deliver(&*outbox, &up, lost_race);
-            drop(outbox);
-            let mut q = self.queue.lock().unwrap();
-            q.in_flight.remove(&up.path);
-            q.queued.remove(&up.seq);
-            if q.newest.get(&up.path) == Some(&up.seq) {
-                q.newest.remove(&up.path);
-            }
-            drop(q);
-            self.queue_changed.notify_all();
-        }
-    }
-
-    /// The oldest queued upload whose path is not being uploaded; refills
-    /// the queue from the store when it is empty and uploads wait there.
-    /// None when the core is gone.
-    fn next_upload(&self) -> Option<Upload> {
-        let mut q = self.queue.lock().unwrap();
-        loop {
-            let free = q
-                .items
-                .iter()
-                .take(IN_FLIGHT_SKIP_MAX)
-                .position(|u| !q.in_flight.contains(&u.path));
-            if let Some(i) = free {
-                let up = q.items.remove(i).expect("position is in range");
-                q.in_flight.insert(up.path.clone());
-                return Some(up);
-            }
-            if q.items.is_empty() && q.spilled && !q.refilling {
-                q.refilling = true;
-                q.spilled = false;
-                drop(q);
-                let loaded = match self.outbox() {
-                    None => return None,
-                    Some(o) => o.pending(UPLOAD_QUEUE_LEN_MAX),
-                };
-                q = self.queue.lock().unwrap();
-                q.refilling = false;
-                if loaded.len() >= UPLOAD_QUEUE_LEN_MAX {
-                    q.spilled = true;
-                }
-                for up in loaded {
-                    q.push(up);
-                }
-                self.queue_changed.notify_all();
-                continue;
-            }
-            if self.outbox.strong_count() == 0 {
-                return None;
-            }
-            q = self
-                .queue_changed
-                .wait_timeout(q, Duration::from_millis(QUEUE_POLL_MS))
-                .unwrap()
-                .0;
-        }
-    }
-
-    /// Delivers one upload, or gives it up for a reason retrying cannot
-    /// fix. Waiting for an engine that is down or failing costs no attempt:
-    /// the upload is durable, so it waits as long as it takes.
-    fn deliver(&self, outbox: &dyn Outbox, up: &Upload, lost_race: &LostRace) {
-        let newer_queued = self
-            .queue
-            .lock()
-            .unwrap()
-            .newest
-            .get(&up.path)
-            .is_some_and(|s| *s > up.seq);
-        let local = outbox.local(up);
-        if local == Local::Settled {
-            return;
-        }
-        if newer_queued || local == Local::Replaced {
-            // A later publication of the name supersedes this one (last
-            // writer wins): never upload a stale version after a newer one.
-            log::debug!(
-                "upload path={:?} seq={} outcome=superseded",
-                String::from_utf8_lossy(&up.path),
-                up.seq
-            );
-            self.stats
-                .uploads_superseded
-                .fetch_add(1, Ordering::Relaxed);
-            return self.settle(outbox, up);
-        }
-        let mut attempts = 0;
-        let mut waits = 0;
-        loop {
-            while self.breaker_is_open() {
-                std::thread::sleep(Duration::from_millis(BREAKER_POLL_MS));
-            }
-            let started = Instant::now();
-            let error = match self.try_upload(up) {
-                Ok(put) => {
-                    self.stats.uploads.fetch_add(1, Ordering::Relaxed);
-                    *self.refusing.lock().unwrap() = None;
-                    self.stats.upload_ms.observe(started.elapsed());
-                    self.forget_missing(&up.path);
-                    // Converge (or heal a damaged record) before the upload
-                    // counts as settled, so `sync` returns after both.
-                    if let Put::Exists(winner) = put {
-                        // Ours already, unless it names our blob with another
-                        // size (a damaged record: the core heals it).
-                        let same = match (&winner.kind, &up.record.kind) {
-                            (
-                                super::RecordKind::File { blob, size, .. },
-                                super::RecordKind::File { size: ours, .. },
-                            ) => *blob == up.blob && size == ours,
-                            _ => false,
-                        };
-                        if !same {
-                            self.stats.conflicts_lost.fetch_add(1, Ordering::Relaxed);
-                            lost_race(&up.path, winner);
-                        }
-                    }
-                    self.settle(outbox, up);
-                    return;
-                }
-                Err(Failure::Local(reason, detail)) => {
-                    return self.give_up(outbox, up, reason, detail)
-                }
-                Err(Failure::Engine(e)) => e,
-            };
-            if error.is_outage() || matches!(error, TierError::Busy) {
-                // The engine is down or not answering, or every caller is
-                // busy: wait, at no cost.
-                *self.last_wait_error.lock().unwrap() = error.to_string();
-                waits += 1;
-                std::thread::sleep(self.backoff(waits));
-                continue;
-            }
-            if let TierError::Refused(m) = &error {
-                *self.refusing.lock().unwrap() = Some(m.clone());
-            }
-            attempts += 1;
-            if attempts >= UPLOAD_ATTEMPTS_MAX {
-                return self.give_up(
-                    outbox,
-                    up,
-                    GIVEN_UP_REFUSED,
-                    format!("after {attempts} attempts: {error}"),
-                );
-            }
-            // The pause is drawn under the breaker's lock, and slept after.
-            let pause = self.breaker.lock().unwrap().backoff(
-                attempts,
-                REFUSED_BACKOFF_MS_BASE,
-                REFUSED_BACKOFF_MS_MAX,
-            );
-            std::thread::sleep(pause);
-        }
-    }
-
-    fn try_upload(&self, up: &Upload) -> Result<Put, Failure> {
-        // The directories above the name, so other hosts can walk to it.
-        let mut end = 0;
-        while let Some(i) = up.path[end..].iter().position(|c| *c == b'/') {
-            end += i;
-            let dir = up.path[..end].to_vec();
-            end += 1;
-            if self.known_dirs.lock().unwrap().contains(&dir) {
-                continue;
-            }
-            let (d, rec) = (
-                dir.clone(),
-                Record {
-                    kind: super::RecordKind::Dir,
-                    mtime_ns: up.record.mtime_ns,
-                },
-            );
-            self.call(Lane::Background, move |e| e.put_record(&d, &rec, true))?;
-            let mut known = self.known_dirs.lock().unwrap();
-            if known.len() >= KNOWN_DIRS_MAX {
-                known.clear();
-            }
-            known.insert(dir);
-        }
-        let id = up.blob;
-        if self.damaged.lock().unwrap().contains(&id) {
-            let (mut file, len) = self.open_local_blob(up)?;
-            let mut bytes = Vec::new();
-            std::io::Read::read_to_end(&mut file, &mut bytes).map_err(|e| {
-                Failure::Local(
-                    GIVEN_UP_UNREADABLE,
-                    format!("cannot read local blob {id}: {e}"),
-                )
-            })?;
-            if bytes.len() as u64 != len {
-                return Err(Failure::Local(
-                    GIVEN_UP_UNREADABLE,
-                    format!("local blob {id} changed while it was read"),
-                ));
-            }
-            self.call(Lane::Background, move |e| e.repair_blob(&id, &bytes))?;
-            self.damaged.lock().unwrap().remove(&id);
-        } else if !self.call(Lane::Background, move |e| e.has_blob(&id))? {
-            let (mut file, len) = self.open_local_blob(up)?;
-            self.call_transfer(Lane::Background, move |e, progress| {
-                e.put_blob_from(&id, &mut file, len, progress)
-            })?;
-        }
-        let (path, record, create_only) = (up.path.clone(), up.record.clone(), up.create_only);
-        Ok(self.call(Lane::Background, move |e| {
-            e.put_record(&path, &record, create_only)
-        })?)
-    }
-
-    /// The upload's blob file from the local store, checked against its
-    /// id (hashed a chunk at a time), at its start, and its length.
-    fn open_local_blob(&self, up: &Upload) -> Result<(std::fs::File, u64), Failure> {
-        use std::io::{Read, Seek};
-        let unreadable = |e: std::io::Error| {
-            Failure::Local(
-                GIVEN_UP_UNREADABLE,
-                format!("cannot read local blob {}: {e}", up.blob),
-            )
-        };
-        let mut file = match std::fs::File::open(&up.blob_file) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Failure::Local(
-                    GIVEN_UP_GONE,
-                    format!(
-                        "blob {} was evicted or deleted here before it could be uploaded, and the shared tier does not have it",
-                        up.blob
-                    ),
-                ))
-            }
-            Err(e) => return Err(unreadable(e)),
-        };
-        let mut hasher = blake3::Hasher::new();
-        let mut buf = vec![0u8; super::TRANSFER_CHUNK_BYTES];
-        let mut len = 0u64;
-        loop {
-            let n = file.read(&mut buf).map_err(unreadable)?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            len += n as u64;
-        }
-        if *hasher.finalize().as_bytes() != up.blob.0 {
-            return Err(Failure::Local(
-                GIVEN_UP_UNREADABLE,
-                format!(
-                    "local blob {} does not match its hash (the scrub will quarantine it)",
-                    up.blob
-                ),
-            ));
-        }
-        file.rewind().map_err(unreadable)?;
-        Ok((file, len))
-    }
-
-    /// The upload is done with (delivered, superseded or given up).
-    fn settle(&self, outbox: &dyn Outbox, up: &Upload) {
-        outbox.remove(up);
-        let _ = self
-            .pending
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                Some(n.saturating_sub(1))
-            });
-        let _g = self.given_up.lock().unwrap();
-        self.progressed.notify_all();
-    }
-
-    /// Gives an upload up: counted, logged, and reported by every `sync`
-    /// of this mount from now on.
-    fn give_up(&self, outbox: &dyn Outbox, up: &Upload, reason: &'static str, detail: String) {
-        self.stats.uploads_failed.fetch_add(1, Ordering::Relaxed);
-        warn!(
-            "shared tier: gave up the upload of {:?} ({reason}): {detail}",
-            String::from_utf8_lossy(&up.path)
-        );
-        {
-            let mut g = self.given_up.lock().unwrap();
-            let entry = g.entry(reason).or_default();
-            entry.0 += 1;
-            entry.1 = detail;
-        }
-        self.settle(outbox, up);
-    }
-
-    /// The mark a `sync` starting now waits for: every publication
-    /// acknowledged before now has a smaller tick.
-    pub fn sync_mark(&self) -> Result<u64, String> {
-        match self.outbox() {
-            Some(outbox) => Ok(outbox.tick()),
-            None => Err("the filesystem is shutting down".into()),
-        }
-    }
-
-    /// Where the uploads of publications acknowledged before `mark` stand,
-    /// answered at once (never waits): delivered (and none of this mount's
-    /// uploads was ever given up), still on their way, or failed, with
-    /// what is missing and why: uploads given up, an engine that is down,
-    /// or an engine that refuses them (in its own words; they are still
-    /// retried with backoff, and given up after `UPLOAD_ATTEMPTS_MAX`
-    /// refusals each).
-    pub fn sync_state(&self, mark: u64) -> SyncState {
-        let Some(outbox) = self.outbox() else {
-            return SyncState::Failed("the filesystem is shutting down".into());
-        };
-        let pending = match outbox.oldest_seq() {
-            Err(e) => return SyncState::Failed(format!("cannot read the pending uploads: {e}")),
-            Ok(oldest) => oldest.is_some_and(|seq| seq <= mark),
-        };
-        if pending {
-            let waiting = self.pending();
-            if self.breaker_is_open() {
-                return SyncState::Failed(format!(
-                    "{waiting} uploads cannot be delivered now: shared tier {} is down ({}); they are kept in the store and retried in the background",
-                    self.engine.describe(),
-                    self.last_wait_error.lock().unwrap()
-                ));
-            }
-            if let Some(m) = &*self.refusing.lock().unwrap() {
-                return SyncState::Failed(format!(
-                    "{waiting} uploads pending: shared tier {} refuses them ({m}); they are kept in the store and retried with backoff, each given up after {UPLOAD_ATTEMPTS_MAX} refusals",
-                    self.engine.describe()
-                ));
-            }
-            return SyncState::Waiting(waiting);
-        }
-        let g = self.given_up.lock().unwrap();
-        let total: u64 = g.values().map(|(n, _)| n).sum();
-        if total > 0 {
-            let reasons: Vec<String> = g
-                .iter()
-                .map(|(reason, (n, last))| format!("{n} {reason} (last: {last})"))
-                .collect();
-            return SyncState::Failed(format!(
-                "{total} uploads given up since this mount started, so those publications are not in the shared tier {}: {}",
-                self.engine.describe(),
-                reasons.join("; ")
-            ));
-        }
-        SyncState::Done(self.stats.uploads.load(Ordering::Relaxed))
-    }
-
-    /// Waits (on this thread) until every publication acknowledged before
-    /// the call has been delivered, up to `deadline`: `sync_state` polled
-    /// as uploads settle. Ok(n) (n: uploads delivered by this mount) only
-    /// if, in addition, no upload of this mount was ever given up;
-    /// Err(message) names what is missing and why.
-    pub fn sync(&self, deadline: Duration) -> Result<u64, String> {
-        let mark = self.sync_mark()?;
-        let until = Instant::now() + deadline;
-        loop {
-            let waiting = match self.sync_state(mark) {
-                SyncState::Done(n) => return Ok(n),
-                SyncState::Failed(m) => return Err(m),
-                SyncState::Waiting(n) => n,
-            };
-            let now = Instant::now();
-            if now >= until {
-                return Err(format!(
-                    "{waiting} uploads still pending after {} s (shared tier {}; last error: {})",
-                    deadline.as_secs(),
-                    self.engine.describe(),
-                    self.last_wait_error.lock().unwrap()
-                ));
-            }
-            let slice = (until - now).min(Duration::from_millis(BREAKER_POLL_MS));
-            let g = self.given_up.lock().unwrap();
-            drop(self.progressed.wait_timeout(g, slice).unwrap());
-        }
-    }
-}
-
-/// What `Tier::sync_state` found.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum SyncState {
-    /// Delivered; this mount's uploads delivered so far.
-    Done(u64),
-    /// This many uploads are still on their way.
-    Waiting(u64),
-    Failed(String),
-}
-
-/// Why one try of an upload failed.
-enum Failure {
-    /// The engine failed: an outage (timeout, unavailable) is waited out;
-    /// anything else costs an attempt.
-    Engine(TierError),
-    /// Something here that retrying cannot fix: give up now.
-    Local(&'static str, String),
-}
-
-impl From<TierError> for Failure {
-    fn from(e: TierError) -> Failure {
-        Failure::Engine(e)
-    }
-}
-
-/// The in-memory part of the upload queue (the store holds all of it).
-#[derive(Default)]
-struct Queue {
-    /// In publication order, at most `UPLOAD_QUEUE_LEN_MAX`.
-    items: VecDeque<Upload>,
-    /// Ticks of the uploads in `items` or being delivered.
-    queued: HashSet<u64>,
-    /// Paths being delivered (one upload per path at a time, so a newer
-    /// version is never overtaken by an older one).
-    in_flight: HashSet<Vec<u8>>,
-    /// The newest queued tick of each path (bounded; a hint, the local
-    /// name is the authority).
-    newest: HashMap<Vec<u8>, u64>,
-    /// Some pending uploads are only in the store.
-    spilled: bool,
-    spilled_logged: bool,
-    refilling: bool,
-}
-
-impl Queue {
-    /// False if it did not fit (it waits in the store).
-    fn push(&mut self, up: Upload) -> bool {
-        if self.queued.contains(&up.seq) {
-            return true;
-        }
-        if self.items.len() >= UPLOAD_QUEUE_LEN_MAX {
-            self.spilled = true;
-            return false;
-        }
-        if self.newest.len() >= NEWEST_PATHS_MAX {
-            self.newest.clear();
-        }
-        let newest = self.newest.entry(up.path.clone()).or_insert(up.seq);
-        *newest = (*newest).max(up.seq);
-        self.queued.insert(up.seq);
-        self.items.push_back(up);
-        true
-    }
 }
 
 /// What the core asks beyond lookups and uploads: healing, listing and
@@ -1446,190 +962,5 @@ impl Tier {
     ) -> TierResult<Vec<super::Listing>> {
         self.stats.prefetches.fetch_add(1, Ordering::Relaxed);
         self.call(Lane::Request, move |e| e.list_many(&paths, max_each))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::shared::RecordKind;
-    use std::collections::BTreeMap;
-
-    type Records = Arc<Mutex<HashMap<Vec<u8>, Record>>>;
-
-    /// An engine in memory that holds every blob already.
-    #[derive(Default)]
-    struct MemEngine {
-        records: Records,
-        puts: Arc<AtomicU64>,
-    }
-
-    impl Engine for MemEngine {
-        fn get_record(&self, path: &[u8]) -> TierResult<Option<Record>> {
-            Ok(self.records.lock().unwrap().get(path).cloned())
-        }
-        fn put_record(&self, path: &[u8], record: &Record, create_only: bool) -> TierResult<Put> {
-            self.puts.fetch_add(1, Ordering::Relaxed);
-            let mut r = self.records.lock().unwrap();
-            if create_only {
-                if let Some(old) = r.get(path) {
-                    return Ok(Put::Exists(old.clone()));
-                }
-            }
-            r.insert(path.to_vec(), record.clone());
-            Ok(Put::Stored)
-        }
-        fn has_blob(&self, _: &BlobId) -> TierResult<bool> {
-            Ok(true)
-        }
-        fn get_blob(&self, _: &BlobId, _: u64) -> TierResult<Option<Vec<u8>>> {
-            Ok(None)
-        }
-        fn put_blob(&self, _: &BlobId, _: &[u8]) -> TierResult<()> {
-            Ok(())
-        }
-        fn repair_blob(&self, _: &BlobId, _: &[u8]) -> TierResult<()> {
-            Ok(())
-        }
-        fn describe(&self) -> String {
-            "memory".into()
-        }
-        fn replace_damaged(
-            &self,
-            _: &[u8],
-            _: &crate::shared::Seen,
-            _: &Record,
-        ) -> TierResult<bool> {
-            Ok(false)
-        }
-        fn list(&self, _: &[u8], _: usize) -> TierResult<Vec<crate::shared::Listed>> {
-            Ok(vec![])
-        }
-        fn records_healed(&self) -> u64 {
-            0
-        }
-    }
-
-    /// A durable queue in memory; `current` is the blob each local name holds.
-    #[derive(Default)]
-    struct MemOutbox {
-        pending: Mutex<BTreeMap<u64, (Vec<u8>, BlobId)>>,
-        current: Mutex<HashMap<Vec<u8>, BlobId>>,
-        clock: AtomicU64,
-    }
-
-    impl MemOutbox {
-        fn publish(&self, path: &[u8], blob: BlobId) {
-            let seq = self.clock.fetch_add(1, Ordering::Relaxed) + 1;
-            self.pending
-                .lock()
-                .unwrap()
-                .insert(seq, (path.to_vec(), blob));
-            self.current.lock().unwrap().insert(path.to_vec(), blob);
-        }
-    }
-
-    impl Outbox for MemOutbox {
-        fn pending(&self, limit: usize) -> Vec<Upload> {
-            self.pending
-                .lock()
-                .unwrap()
-                .iter()
-                .take(limit)
-                .map(|(seq, (path, blob))| Upload {
-                    seq: *seq,
-                    path: path.clone(),
-                    record: Record {
-                        kind: RecordKind::File {
-                            blob: *blob,
-                            size: 1,
-                            mode: 0o644,
-                        },
-                        mtime_ns: *seq,
-                    },
-                    create_only: false,
-                    blob_file: "/nonexistent".into(),
-                    blob: *blob,
-                })
-                .collect()
-        }
-        fn oldest_seq(&self) -> Result<Option<u64>, String> {
-            Ok(self.pending.lock().unwrap().keys().next().copied())
-        }
-        fn count(&self) -> u64 {
-            self.pending.lock().unwrap().len() as u64
-        }
-        fn local(&self, up: &Upload) -> Local {
-            if !self.pending.lock().unwrap().contains_key(&up.seq) {
-                return Local::Settled;
-            }
-            match self.current.lock().unwrap().get(&up.path) {
-                Some(b) if *b == up.blob => Local::Current,
-                Some(_) => Local::Replaced,
-                None => Local::Gone,
-            }
-        }
-        fn remove(&self, up: &Upload) {
-            self.pending.lock().unwrap().remove(&up.seq);
-        }
-        fn tick(&self) -> u64 {
-            self.clock.fetch_add(1, Ordering::Relaxed) + 1
-        }
-    }
-
-    /// Starts a tier on a `MemEngine`; returns its records and put count.
-    fn start(outbox: &Arc<MemOutbox>) -> (Arc<Tier>, Records, Arc<AtomicU64>) {
-        let engine = MemEngine::default();
-        let (records, puts) = (engine.records.clone(), engine.puts.clone());
-        let weak: Weak<dyn Outbox> = Arc::downgrade(outbox) as Weak<dyn Outbox>;
-        let tier = Tier::start(
-            Box::new(engine),
-            TierConfig::new(Duration::from_secs(5)),
-            Arc::new(|_: &[u8], _| {}),
-            weak,
-        );
-        (tier, records, puts)
-    }
-
-    #[test]
-    fn more_pending_uploads_than_the_queue_holds_are_all_delivered() {
-        let outbox = Arc::new(MemOutbox::default());
-        let n = UPLOAD_QUEUE_LEN_MAX + 500;
-        for i in 0..n {
-            outbox.publish(format!("d/x{i}").as_bytes(), BlobId::of(&i.to_le_bytes()));
-        }
-        let (tier, records, _) = start(&outbox);
-        assert_eq!(tier.pending(), n as u64);
-        assert!(tier.queue_len() <= UPLOAD_QUEUE_LEN_MAX as u64);
-        assert_eq!(tier.sync(Duration::from_secs(120)), Ok(n as u64));
-        assert_eq!(tier.pending(), 0);
-        // n file records and one directory record.
-        assert_eq!(records.lock().unwrap().len(), n + 1);
-    }
-
-    #[test]
-    fn a_superseded_upload_is_never_delivered_after_the_newer_one() {
-        let outbox = Arc::new(MemOutbox::default());
-        let blobs: Vec<BlobId> = (0..3u8).map(|i| BlobId::of(&[i])).collect();
-        for b in &blobs {
-            outbox.publish(b"d/manifest", *b);
-        }
-        let (tier, records, puts) = start(&outbox);
-        assert!(tier.sync(Duration::from_secs(60)).is_ok());
-        let r = records.lock().unwrap()[&b"d/manifest"[..]].clone();
-        assert_eq!(
-            r.kind,
-            RecordKind::File {
-                blob: blobs[2],
-                size: 1,
-                mode: 0o644
-            }
-        );
-        assert_eq!(tier.stats.uploads_superseded.load(Ordering::Relaxed), 2);
-        assert_eq!(
-            puts.load(Ordering::Relaxed),
-            2,
-            "the directory, then the newest only"
-        );
     }
 }

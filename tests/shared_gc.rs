@@ -152,13 +152,20 @@ fn has(e: &dyn Engine, path: &str) -> bool {
     e.get_record(path.as_bytes()).unwrap().is_some()
 }
 
-/// Waits until the clock is in a new second (last-use times are seconds).
+/// Waits until the clock is in a new second (last-use times are seconds),
+/// and a little more: file times come from the kernel's coarse clock, which
+/// lags the one `now_s` reads by up to a tick (the directory engine's times
+/// would otherwise fall in the second before).
 fn next_second() {
     let s = now_s();
     while now_s() == s {
         std::thread::sleep(Duration::from_millis(20));
     }
+    std::thread::sleep(Duration::from_millis(COARSE_CLOCK_LAG_MS));
 }
+
+/// More than one kernel tick at any HZ (100 Hz: 10 ms).
+const COARSE_CLOCK_LAG_MS: u64 = 30;
 
 const ENTRY_BYTES: usize = 4000;
 

@@ -423,8 +423,9 @@ impl Core {
         self.check_new_name(parent, name)?;
         let write = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
         if let Some((attr, file, created)) = self.local_create(parent, name, mode, flags, caller)? {
-            let _ = created;
-            let fh = self.local_new_handle(attr.ino, file, write);
+            // A created file's handle writes, as every create's does (the
+            // kernel checks the caller's access mode itself).
+            let fh = self.local_new_handle(attr.ino, file, write || created);
             return Ok((attr, fh));
         }
         if let Some(attr) = self.local_lookup(parent, name)? {

@@ -75,8 +75,10 @@ struct Node {
     file: u64,
     /// Imported into RocksDB as this inode (see the module doc).
     forward: Option<Ino>,
-    /// Kernel references (lookups not yet forgotten) and open handles.
-    refs: u64,
+    /// Kernel references (lookups not yet forgotten).
+    lookups: u64,
+    /// Open handles.
+    handles: u64,
 }
 
 #[derive(Default)]
@@ -94,7 +96,7 @@ impl Maps {
                     let file = n.file;
                     self.by_file.remove(&file);
                 }
-                if n.refs == 0 {
+                if n.lookups == 0 && n.handles == 0 {
                     self.by_ino.remove(&ino);
                 }
             }
@@ -239,7 +241,8 @@ impl LocalTree {
                         names: Vec::new(),
                         file,
                         forward: None,
-                        refs: 0,
+                        lookups: 0,
+                        handles: 0,
                     },
                 );
                 ino
@@ -250,7 +253,7 @@ impl LocalTree {
             n.names.push((dir, name.to_vec()));
         }
         if reference {
-            n.refs += 1;
+            n.lookups += 1;
         }
         ino
     }
@@ -266,18 +269,23 @@ impl LocalTree {
         m.by_ino.get(&ino).and_then(|n| n.forward)
     }
 
-    fn unref(&self, ino: Ino, n: u64) {
+    /// Counts `n` kernel references (`lookup`) or handles (`!lookup`) off
+    /// `ino`; returns where it forwards to.
+    fn unref(&self, ino: Ino, n: u64, lookup: bool) -> Option<Ino> {
         let mut m = self.maps.lock().unwrap();
-        if let Some(node) = m.by_ino.get_mut(&ino) {
-            node.refs = node.refs.saturating_sub(n);
-        }
+        let node = m.by_ino.get_mut(&ino)?;
+        let count = if lookup { &mut node.lookups } else { &mut node.handles };
+        debug_assert!(*count >= n, "ino={ino}: {n} references dropped, {count} held");
+        *count = count.saturating_sub(n);
+        let forward = node.forward;
         m.prune(ino);
+        forward
     }
 
-    fn add_ref(&self, ino: Ino) {
+    fn add_handle(&self, ino: Ino) {
         let mut m = self.maps.lock().unwrap();
         if let Some(node) = m.by_ino.get_mut(&ino) {
-            node.refs += 1;
+            node.handles += 1;
         }
     }
 
@@ -821,6 +829,14 @@ impl Core {
         for _ in 0..open {
             self.usage.open(ino, false);
         }
+        // So do the kernel's references to it (`local_forget`).
+        let lookups = old.map_or(0, |o| {
+            let m = self.local.maps.lock().unwrap();
+            m.by_ino.get(&o).map_or(0, |n| n.lookups)
+        });
+        for _ in 0..lookups {
+            self.usage.remember(ino);
+        }
         let _g = self.lock(&[parent, ino]);
         let p = path_of(parent, name);
         let fd = self.local.fd();
@@ -884,6 +900,7 @@ impl Core {
             for _ in 0..open {
                 self.usage.close(ino, false);
             }
+            self.usage.forget(ino, lookups);
             self.blobs.remove_staging(ino);
             return Err(e);
         }
@@ -967,21 +984,22 @@ impl Core {
         }
     }
 
-    /// The kernel forgot `n` references to tree file `ino`.
+    /// The kernel forgot `n` references to tree file `ino` (and so to the
+    /// inode it was imported as, which holds them since).
     pub(super) fn local_forget(&self, ino: Ino, n: u64) {
-        self.local.unref(ino, n);
+        if let Some(r) = self.local.unref(ino, n, true) {
+            self.forget(r, n);
+        }
     }
 
     /// A handle of tree file `ino` opened / released. A handle opened
     /// before its file was imported also held the imported inode.
     pub(super) fn local_handle(&self, ino: Ino, open: bool) -> Result<()> {
         if open {
-            self.local.add_ref(ino);
+            self.local.add_handle(ino);
             return Ok(());
         }
-        let forward = self.local.forward_of(ino);
-        self.local.unref(ino, 1);
-        if let Some(r) = forward {
+        if let Some(r) = self.local.unref(ino, 1, false) {
             self.usage.close(r, false);
             self.maybe_forget(r)?;
         }

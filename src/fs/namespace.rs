@@ -331,6 +331,9 @@ impl Core {
         }
         self.writable()?;
         check_name(name)?;
+        if parent.is_local() {
+            return Err(Error::errno(libc::ENOTDIR));
+        }
         if Self::is_stats_name(parent, name) {
             return Err(Error::errno(libc::EEXIST));
         }
@@ -485,6 +488,9 @@ impl Core {
         }
         if !dir_wanted && self.local_unlink(parent, name)? {
             return Ok(());
+        }
+        if dir_wanted && self.local_has(parent, name)? {
+            return Err(Error::errno(libc::ENOTDIR));
         }
         if !dir_wanted && self.unshow_remote_name(parent, name) {
             // Shown from its shared record only: nothing here to remove.

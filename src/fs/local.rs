@@ -274,8 +274,15 @@ impl LocalTree {
     fn unref(&self, ino: Ino, n: u64, lookup: bool) -> Option<Ino> {
         let mut m = self.maps.lock().unwrap();
         let node = m.by_ino.get_mut(&ino)?;
-        let count = if lookup { &mut node.lookups } else { &mut node.handles };
-        debug_assert!(*count >= n, "ino={ino}: {n} references dropped, {count} held");
+        let count = if lookup {
+            &mut node.lookups
+        } else {
+            &mut node.handles
+        };
+        debug_assert!(
+            *count >= n,
+            "ino={ino}: {n} references dropped, {count} held"
+        );
         *count = count.saturating_sub(n);
         let forward = node.forward;
         m.prune(ino);

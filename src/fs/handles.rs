@@ -420,6 +420,18 @@ impl Core {
         flags: i32,
         caller: Caller,
     ) -> Result<(Attr, u64)> {
+        self.create_name(parent, name, mode, flags, caller)
+            .map(|(a, fh)| (self.shown(a), fh))
+    }
+
+    fn create_name(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        flags: i32,
+        caller: Caller,
+    ) -> Result<(Attr, u64)> {
         self.check_new_name(parent, name)?;
         let write = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
         if let Some((attr, file, created)) = self.local_create(parent, name, mode, flags, caller)? {

@@ -24,9 +24,15 @@
 //!   first *imported*: moved (one `renameat`, or copied when a writer holds
 //!   it or it has other names) to `staging/<new ino>` and recorded as a
 //!   staged RocksDB inode under its tree name; then the ordinary rename or
-//!   link publishes it, with every create-only rule. The kernel's inode for
-//!   the tree file then forwards to the imported one (`Node::forward`), and
-//!   its name is invalidated.
+//!   link publishes it, with every create-only rule. While the kernel holds
+//!   the tree file's inode, that inode stands for the imported one: calls
+//!   on it go to the imported inode (`Node::forward`), and every reply that
+//!   names the imported inode names the tree file's number instead
+//!   (`Maps::shown_as`, `Core::shown`), so each name the kernel learns
+//!   during that time agrees with the names it already has (`stat` and
+//!   `test -ef` see one inode). Kernel references taken meanwhile are
+//!   counted on both; once the kernel forgets the old number, replies name
+//!   the imported inode.
 //! - Only tree files live in the tree: no directories, so a directory's
 //!   tree is a flat `local/<ino>/`, made at the first local name in it and
 //!   removed with the directory (`rmdir` holds the directory's stripe
@@ -60,7 +66,7 @@ use log::{debug, info, warn};
 
 use crate::classes::Class;
 use crate::error::{enoent, Error, Result};
-use crate::fs::{Attr, Caller, Core, DirEntry, Invalidate, SetAttr, SetTime};
+use crate::fs::{Attr, Caller, Core, DirEntry, SetAttr, SetTime};
 use crate::store::ids::Ino;
 use crate::store::meta::{Content, Inode, Kind};
 
@@ -85,6 +91,9 @@ struct Node {
 struct Maps {
     by_ino: HashMap<Ino, Node>,
     by_file: HashMap<u64, Ino>,
+    /// Imported inodes shown to the kernel under the tree file's number
+    /// it still holds (see the module doc).
+    shown_as: HashMap<Ino, Ino>,
 }
 
 impl Maps {
@@ -97,6 +106,9 @@ impl Maps {
                     self.by_file.remove(&file);
                 }
                 if n.lookups == 0 && n.handles == 0 {
+                    if let Some(r) = n.forward {
+                        self.shown_as.remove(&r);
+                    }
                     self.by_ino.remove(&ino);
                 }
             }
@@ -375,6 +387,27 @@ impl Core {
             .is_some())
     }
 
+    /// An entry the kernel is about to learn (lookup, link, create): an
+    /// imported inode shows under the tree file's number while the kernel
+    /// holds that (the reference counts on both: the caller counted it on
+    /// the imported inode).
+    pub(super) fn shown(&self, attr: Attr) -> Attr {
+        if attr.ino.is_local() {
+            return attr;
+        }
+        let mut m = self.local.maps.lock().unwrap();
+        let Some(l) = m.shown_as.get(&attr.ino).copied() else {
+            return attr;
+        };
+        match m.by_ino.get_mut(&l) {
+            Some(n) => {
+                n.lookups += 1;
+                Attr { ino: l, ..attr }
+            }
+            None => attr,
+        }
+    }
+
     /// The RocksDB inode a tree file was imported as, or `ino` itself.
     pub(super) fn resolve(&self, ino: Ino) -> Ino {
         if ino.is_local() {
@@ -617,15 +650,11 @@ impl Core {
             unsafe { libc::unlinkat(self.local.fd(), p.as_ptr(), 0) };
             return Err(tree_error(e, "create"));
         }
-        let attr = Self::local_fstat(Ino(0), &file)?;
-        let st_ino = {
-            // SAFETY: as in `local_fstat`.
-            let mut st: libc::stat = unsafe { std::mem::zeroed() };
-            check(unsafe { libc::fstat(fd, &mut st) }).map_err(|e| tree_error(e, "fstat"))?;
-            st
-        };
-        let ino = self.local.bind(parent, name, &st_ino, true);
-        Ok(Some((Attr { ino, ..attr }, file, true)))
+        // SAFETY: a zeroed stat is a valid out-buffer; the descriptor is open.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        check(unsafe { libc::fstat(fd, &mut st) }).map_err(|e| tree_error(e, "fstat"))?;
+        let ino = self.local.bind(parent, name, &st, true);
+        Ok(Some((LocalTree::attr(ino, &st), file, true)))
     }
 
     /// `symlink` of a local-class name: one `symlinkat` in the tree. None if
@@ -897,9 +926,12 @@ impl Core {
         {
             let mut m = self.local.maps.lock().unwrap();
             m.unname(parent, name);
-            if let Some(n) = old.and_then(|o| m.by_ino.get_mut(&o)) {
-                if n.names.is_empty() {
-                    n.forward = Some(ino);
+            if let Some(o) = old {
+                if let Some(n) = m.by_ino.get_mut(&o) {
+                    if n.names.is_empty() {
+                        n.forward = Some(ino);
+                        m.shown_as.insert(ino, o);
+                    }
                 }
             }
         }
@@ -915,9 +947,6 @@ impl Core {
             "import name={:?} ino={ino} outcome=moved-to-store",
             String::from_utf8_lossy(name)
         );
-        if let Some(k) = self.kernel.get() {
-            k.invalidate_later(Invalidate::Entry(parent, name.to_vec()));
-        }
         Ok(ino)
     }
 

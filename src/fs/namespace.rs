@@ -65,6 +65,10 @@ impl Core {
     }
 
     pub fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Attr> {
+        self.lookup_name(parent, name).map(|a| self.shown(a))
+    }
+
+    fn lookup_name(&self, parent: Ino, name: &[u8]) -> Result<Attr> {
         Stats::bump(&self.stats.counters.lookups);
         if name.len() > NAME_BYTES_MAX {
             return Err(Error::errno(libc::ENAMETOOLONG));
@@ -580,15 +584,9 @@ impl Core {
             }
             self.local_unlink(newparent, newname)?;
         }
-        self.rename_store(parent, name, newparent, newname, flags)?;
-        if in_tree {
-            // The kernel moved its inode of the tree file to the new name;
-            // that inode forwards to the imported one until it asks again.
-            if let Some(k) = self.kernel.get() {
-                k.invalidate_later(Invalidate::Entry(newparent, newname.to_vec()));
-            }
-        }
-        Ok(())
+        // (The kernel moves its inode of the tree file to the new name; that
+        // inode stands for the imported one while the kernel holds it.)
+        self.rename_store(parent, name, newparent, newname, flags)
     }
 
     /// `rename` of a name RocksDB holds.
@@ -829,6 +827,11 @@ impl Core {
     /// inode), since a write the writer was told succeeded cannot be made
     /// part of a result afterwards.
     pub fn link(&self, ino: Ino, newparent: Ino, newname: &[u8]) -> Result<Attr> {
+        self.link_name(ino, newparent, newname)
+            .map(|a| self.shown(a))
+    }
+
+    fn link_name(&self, ino: Ino, newparent: Ino, newname: &[u8]) -> Result<Attr> {
         Self::refuse_virtual(ino)?;
         self.check_new_name(newparent, newname)?;
         let mut ino = self.resolve(ino);

@@ -734,7 +734,12 @@ fn damaged_metadata_records_are_eio_naming_fsck_and_fsck_repair_clears_them() {
     // A shared name (host-local files have no record to damage).
     let other = b"7akuu12pqg5l3n8scba4tpo4qcidrbgM".to_vec();
     core.rename(d, &tmp, d, &other, 0).unwrap();
+    // The create's reference and this lookup's: once the kernel lets the
+    // host-local number go, the name shows its own inode.
+    let shown = core.lookup(d, &other).unwrap().ino;
+    core.forget(shown, 2);
     let other_ino = core.lookup(d, &other).unwrap().ino;
+    assert!(!other_ino.is_local());
     // A short directory entry value (which used to panic the FUSE worker
     // that read it) and a short inode record: EIO, saying what to run.
     core.store

@@ -45,10 +45,13 @@
 //! back a few updates, as on a local disk). Nothing else is promised for
 //! scratch: a temporary being imported when the daemon dies may be lost.
 //!
-//! Times are the kernel's (ext4 stamps writes, `utimensat` sets them): a
-//! host-local file is never shared, so the daemon's clock, which orders
-//! shared names across hosts, has nothing to order here. A directory's
-//! mtime and ctime are the later of its record's and its tree's.
+//! Times: ext4 stamps writes (the kernel's clock); a touch to now
+//! (`utimensat(UTIME_NOW)`, ccache's `.alive` files) takes the daemon's
+//! clock, so it is never behind wall time; explicit times are kept. When a
+//! file is imported, an mtime unlike its ctime was set by a client and the
+//! publication keeps it; otherwise the publication stamps the clock's now.
+//! A directory's mtime and ctime are the later of its record's and its
+//! tree folder's.
 //!
 //! Lock order: `Maps` is a leaf (level 4), held for one map operation with
 //! no syscall under it.
@@ -473,15 +476,22 @@ impl Core {
             check(unsafe { libc::truncate(full.as_ptr(), len) }).map_err(err)?;
         }
         if set.atime.is_some() || set.mtime.is_some() {
+            // A touch to now takes the daemon's clock (never behind wall
+            // time, so ccache's stale-lock check on `.alive` files sees it
+            // move), written as an explicit time.
+            let now = set.touches().then(|| self.now());
             let ts = |t: Option<SetTime>| match t {
                 None => libc::timespec {
                     tv_sec: 0,
                     tv_nsec: libc::UTIME_OMIT,
                 },
-                Some(SetTime::Now) => libc::timespec {
-                    tv_sec: 0,
-                    tv_nsec: libc::UTIME_NOW,
-                },
+                Some(SetTime::Now) => {
+                    let t = now.unwrap_or_default();
+                    libc::timespec {
+                        tv_sec: (t / 1_000_000_000) as i64,
+                        tv_nsec: (t % 1_000_000_000) as i64,
+                    }
+                }
                 Some(SetTime::At(t)) => libc::timespec {
                     tv_sec: (t / 1_000_000_000) as i64,
                     tv_nsec: (t % 1_000_000_000) as i64,
@@ -898,6 +908,12 @@ impl Core {
                 .map_err(|e| tree_error(e, "import"))?;
         }
         let mtime = ns(st.st_mtime, st.st_mtime_nsec);
+        let ctime = ns(st.st_ctime, st.st_ctime_nsec);
+        // A time a client set (`utimensat`) moves the ctime, not to the
+        // mtime it sets; a write stamps both alike. So an mtime unlike the
+        // ctime was set by a client and the publication keeps it; any other
+        // is stamped by the daemon's clock when it publishes.
+        let mtime_set = mtime != ctime;
         let inode = Inode {
             ino,
             kind,
@@ -909,8 +925,8 @@ impl Core {
             size: st.st_size as u64,
             mtime_ns: mtime,
             atime_ns: Some(ns(st.st_atime, st.st_atime_nsec)),
-            ctime_ns: ns(st.st_ctime, st.st_ctime_nsec),
-            mtime_set: true,
+            ctime_ns: ctime,
+            mtime_set,
             parent,
             name: name.to_vec(),
             links: Vec::new(),

@@ -707,7 +707,9 @@ impl Core {
             match (src.kind == Kind::Dir, d.kind == Kind::Dir) {
                 (false, true) => return Err(Error::errno(libc::EISDIR)),
                 (true, false) => return Err(Error::errno(libc::ENOTDIR)),
-                (true, true) if !self.store.dir_is_empty(d.ino)? => {
+                (true, true)
+                    if !self.store.dir_is_empty(d.ino)? || !self.local_dir_clear(d.ino)? =>
+                {
                     return Err(Error::errno(libc::ENOTEMPTY))
                 }
                 _ => {}

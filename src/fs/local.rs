@@ -194,10 +194,17 @@ fn tree_error(e: io::Error, what: &str) -> Error {
 
 impl LocalTree {
     pub fn open(store_root: &std::path::Path) -> Result<LocalTree> {
-        let path = store_root.join(LOCAL_DIR);
+        let mut path = store_root.join(LOCAL_DIR);
         match std::fs::create_dir(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            // A store that cannot be written (a read-only mount of a store
+            // from before the tree): its root stands in, which holds no
+            // `<ino>/` folders, so the tree is empty.
+            Err(e) if !path.exists() => {
+                warn!("host-local tree {}: {e}; serving none", path.display());
+                path = store_root.to_path_buf();
+            }
             Err(e) => return Err(Error::io(e, format_args!("create {}", path.display()))),
         }
         let c = CString::new(path.as_os_str().as_bytes()).unwrap_or_default();

@@ -620,6 +620,7 @@ impl Core {
         {
             return Ok(None);
         }
+        self.check_space(0)?;
         let (uid, gid) = self.local_owner(parent, caller)?;
         let _g = self.lock(&[parent]);
         let open_flags = libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW;
@@ -689,6 +690,7 @@ impl Core {
         if self.store.dentry(parent, name)?.is_some() {
             return Err(Error::errno(libc::EEXIST));
         }
+        self.check_space(0)?;
         let (uid, gid) = self.local_owner(parent, caller)?;
         let Ok(t) = CString::new(target) else {
             return Err(Error::errno(libc::EINVAL));

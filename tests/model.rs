@@ -18,7 +18,10 @@
 //! 4. an unlink removes exactly one name;
 //! 5. a touch never moves mtime backwards, and no name's mtime decreases
 //!    while it stays bound to the same inode (also across remounts); a
-//!    rename and a link keep the inode;
+//!    rename and a link keep the inode, except that a scratch file (which
+//!    lives in the host-local tree) renamed or linked may come back as a
+//!    new inode (imported into the store), and scratch files' numbers hold
+//!    for one mount;
 //! 6. a result written under its final name stays invisible until its close
 //!    publishes it (create-only); after a remount (clean or not) every
 //!    published name and every scratch file keeps its content, a result
@@ -510,6 +513,16 @@ impl Harness {
     }
 
     /// Open direct writes of `node`.
+    /// Forgets which inode number `node` had: a host-local file renamed or
+    /// linked out of the host-local tree is imported as a new inode, and
+    /// host-local numbers hold for one mount (the kernel's references never
+    /// outlive it).
+    fn forget_ino(&mut self, node: u64) {
+        if let Some(ino) = self.node_ino.remove(&node) {
+            self.ino_node.remove(&ino);
+        }
+    }
+
     fn writers(&self, node: u64) -> usize {
         self.directs
             .iter()
@@ -717,6 +730,9 @@ impl Harness {
             return Ok(());
         }
         let src = self.files.remove(from).expect("checked above");
+        if from.class() == Class::Temp {
+            self.forget_ino(src.node);
+        }
         let replaced = self.files.contains_key(to);
         if to.class() == Class::Result && replaced {
             self.note("rename onto an existing result (first kept)");
@@ -749,13 +765,18 @@ impl Harness {
         };
         let r = self.core().link(ino, self.dir(to), to.bytes());
         self.core().forget(ino, 1);
+        if from.class() == Class::Temp {
+            let node = self.files[from].node;
+            self.forget_ino(node);
+        }
         let what = format!("link {from} -> {to}");
         match self.files.get(to) {
             Some(existing) if to.class() == Class::Result => {
                 let attr = ok(&what, r)?;
                 self.core().forget(attr.ino, 1);
+                // (Unknown if it was just imported from the host-local tree.)
                 let bound = self.node_ino.get(&existing.node);
-                if bound != Some(&attr.ino) {
+                if bound.is_some_and(|b| *b != attr.ino) {
                     return Err(format!(
                         "{what} kept the existing result but answered ino {}, not its inode {bound:?}",
                         attr.ino
@@ -1142,6 +1163,16 @@ impl Harness {
             ));
         }
         self.core = Some(start_core(&self.store.0, false)?);
+        let local: Vec<u64> = self
+            .node_ino
+            .iter()
+            .filter(|(_, ino)| ino.is_local())
+            .map(|(node, _)| *node)
+            .collect();
+        for node in local {
+            self.forget_ino(node);
+        }
+        self.ino_node.retain(|ino, _| !ino.is_local());
         Ok(())
     }
 
@@ -1215,7 +1246,11 @@ impl Harness {
         result?;
         let entry = self.files.get_mut(at).expect("present");
         entry.seen = Some((attr.ino, attr.mtime_ns));
-        self.node_ino.insert(entry.node, attr.ino);
+        if let Some(old) = self.node_ino.insert(entry.node, attr.ino) {
+            if old != attr.ino {
+                self.ino_node.remove(&old);
+            }
+        }
         self.ino_node.insert(attr.ino, entry.node);
         Ok(())
     }
@@ -1233,7 +1268,10 @@ impl Harness {
             ));
         }
         if let Some(ino) = self.node_ino.get(&entry.node) {
-            if *ino != attr.ino {
+            // A scratch file imported into the store shows under its
+            // host-local number while that is held, then under its own.
+            let alias_ended = ino.is_local() && !attr.ino.is_local();
+            if *ino != attr.ino && !alias_ended {
                 return Err(format!(
                     "{at} is bound to ino {}, expected its inode {ino}",
                     attr.ino

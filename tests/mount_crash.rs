@@ -537,3 +537,58 @@ fn kill9_mid_ccache_build_then_remount_gives_gcc_identical_objects() {
         m.stats_json()
     );
 }
+
+/// ccache's counters (`stats` files) and configuration (`ccache.conf`) are
+/// host-local files in the host-local tree: a `kill -9` of the daemon and a
+/// remount keep them as they were (ext4 keeps what was written), and its
+/// lock files and temporaries leave no record in the metadata database.
+#[test]
+fn ccache_counters_and_configuration_survive_kill9_and_remount() {
+    let td = TestDir::new("ccache-local-kill9");
+    let store = td.store();
+    let mp = td.mountpoint("mnt");
+    let all_jobs = jobs(&[1, 2]);
+    let mut m = Mount::start(&store, &mp, &[]);
+    let ccache_dir = mp.join("cc");
+    mkdir(&ccache_dir);
+    let ccache = Ccache::new(&ccache_dir, &td.root);
+    ccache.zero_stats();
+    // (The tests' ccache reads its configuration from CCACHE_CONFIGPATH;
+    // this one is the file an operator leaves in the cache directory.)
+    fs::write(ccache_dir.join("ccache.conf"), b"max_files = 123456\n").unwrap();
+    let out = td.dir("objects-cold");
+    assert_all_compiled(
+        &compile_all(Some(&ccache), &all_jobs, &out, 2),
+        "cold build",
+    );
+    let out = td.dir("objects-warm");
+    assert_all_compiled(
+        &compile_all(Some(&ccache), &all_jobs, &out, 2),
+        "warm build",
+    );
+    let before = ccache.print_stats();
+    let conf = fs::read(ccache_dir.join("ccache.conf")).expect("ccache.conf in the mount");
+    assert_eq!(before.hits(), all_jobs.len() as u64, "{}", before.summary());
+    assert!(
+        store.join("local").is_dir(),
+        "host-local files live in the store's host-local tree"
+    );
+    m.kill9();
+    clear_dead_mount(&mp);
+    drop(m);
+
+    let _m = Mount::start(&store, &mp, &[]);
+    let after = ccache.print_stats();
+    assert_eq!(
+        (after.hits(), after.misses()),
+        (before.hits(), before.misses()),
+        "ccache's counters after kill -9 and remount: {} (before: {})",
+        after.summary(),
+        before.summary()
+    );
+    assert_eq!(
+        fs::read(ccache_dir.join("ccache.conf")).expect("ccache.conf after remount"),
+        conf,
+        "ccache.conf after kill -9 and remount"
+    );
+}

@@ -45,6 +45,10 @@ use crate::store::blobs::{Blobs, FileIdentity};
 use crate::store::ids::{BlobId, Ino};
 use crate::store::meta::{Content, Inode, Kind, PendingReason};
 
+/// Whether host-local files are read and written through FUSE passthrough
+/// (see `Core::passthrough_local`).
+const LOCAL_PASSTHROUGH: bool = false;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
     Read,
@@ -180,6 +184,14 @@ impl Core {
                 true,
             ));
         }
+        let ino = self.resolve(ino);
+        if ino.is_local() {
+            if write {
+                self.writable()?;
+            }
+            let file = self.local_open_file(ino, flags)?;
+            return Ok((self.local_new_handle(ino, file, write), false));
+        }
         // A name shown from its shared record gets its contents now
         // (fetched and verified, no lock held).
         self.materialize(ino)?;
@@ -233,6 +245,44 @@ impl Core {
             libc::EAGAIN,
             format!("open ino={ino}: content kept changing"),
         ))
+    }
+
+    /// A handle on a host-local tree file (`local.rs`): its descriptor, and
+    /// nothing for the daemon to do at close.
+    fn local_new_handle(&self, ino: Ino, file: File, write: bool) -> u64 {
+        self.usage.open(ino, write);
+        let _ = self.local_handle(ino, true);
+        let mode = if write { Mode::Write } else { Mode::Read };
+        let fh = self.new_handle(ino, mode, Some(file), None, None);
+        if write {
+            self.set_local_writer(fh);
+        }
+        fh
+    }
+
+    /// For a handle on a host-local tree file: whether its descriptor may
+    /// serve the kernel directly (passthrough). Off: measured, it saves the
+    /// READ and WRITE of ccache's `stats` rewrite (24.1 -> 21.1 requests per
+    /// hit), but writes through passthrough bypass the daemon's free-space
+    /// reserve (`check_space`, which keeps the metadata database working
+    /// on a filling disk) and its error counting (`tests/mount_full_disk.rs`),
+    /// and passthrough reads only would make a write open fail while a
+    /// reader holds the inode (the kernel refuses to mix the two).
+    pub fn passthrough_local(&self, _fh: u64) -> bool {
+        LOCAL_PASSTHROUGH
+    }
+
+    /// The attributes of `ino`, through handle `fh` when it is a host-local
+    /// file's (its descriptor answers also once its last name is gone).
+    pub fn getattr_fh(&self, ino: Ino, fh: Option<u64>) -> Result<Attr> {
+        if let (true, Some(h)) = (ino.is_local(), fh.and_then(|fh| self.handle(fh).ok())) {
+            if h.ino == ino {
+                if let Some(f) = h.file.read().unwrap().as_ref() {
+                    return Self::local_fstat(ino, f);
+                }
+            }
+        }
+        self.getattr(ino)
     }
 
     /// Opens for writing: a writer of a published result is a `Discard`
@@ -388,7 +438,36 @@ impl Core {
         flags: i32,
         caller: Caller,
     ) -> Result<(Attr, u64)> {
+        self.create_name(parent, name, mode, flags, caller)
+            .map(|(a, fh)| (self.shown(a), fh))
+    }
+
+    fn create_name(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        flags: i32,
+        caller: Caller,
+    ) -> Result<(Attr, u64)> {
         self.check_new_name(parent, name)?;
+        let write = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
+        if let Some((attr, file, created)) = self.local_create(parent, name, mode, flags, caller)? {
+            // A created file's handle writes, as every create's does (the
+            // kernel checks the caller's access mode itself).
+            let fh = self.local_new_handle(attr.ino, file, write || created);
+            return Ok((attr, fh));
+        }
+        if let Some(attr) = self.local_lookup(parent, name)? {
+            // A tree name whose path is in a shared class now (its
+            // directory was renamed): opened as it is.
+            if flags & libc::O_EXCL != 0 {
+                self.local_forget(attr.ino, 1);
+                return Err(Error::errno(libc::EEXIST));
+            }
+            let file = self.local_open_file(attr.ino, flags)?;
+            return Ok((attr.clone(), self.local_new_handle(attr.ino, file, write)));
+        }
         if let Some(existing) = self.store.dentry(parent, name)? {
             if flags & libc::O_EXCL != 0 {
                 return Err(Error::errno(libc::EEXIST));
@@ -632,6 +711,9 @@ impl Core {
     /// FLUSH would have recorded at close, for writers the kernel closes
     /// silently); any other file's is stamped at the next FLUSH.
     fn wrote(&self, h: &Handle) -> Result<()> {
+        if h.ino.is_local() {
+            return Ok(()); // the tree file's own mtime moved
+        }
         if h.local_writer {
             self.stamp_mtime(h.ino)
         } else {
@@ -665,7 +747,7 @@ impl Core {
     /// `bound_at_close` for files created under a create-only name).
     pub fn flush(&self, fh: u64) -> Result<()> {
         let h = self.handle(fh)?;
-        if h.mode != Mode::Write || h.published.load(Ordering::Acquire) {
+        if h.mode != Mode::Write || h.published.load(Ordering::Acquire) || h.ino.is_local() {
             return Ok(());
         }
         // Written since the mtime was last stamped or set by a client (a
@@ -728,6 +810,9 @@ impl Core {
         self.usage.close(ino, was_writer);
         if ino.is_virtual() {
             return Ok(());
+        }
+        if ino.is_local() {
+            return self.local_handle(ino, false);
         }
         let result = if was_writer {
             self.publish_if_idle(ino, Share::Now)

@@ -18,9 +18,14 @@
 //! - `tier_link`: the one seam to the shared tier.
 //!
 //! How bytes move:
-//! - Every regular file is either *staged* (its bytes in `staging/<ino>`:
-//!   being written, or a host-local file) or a *blob* (published, immutable,
-//!   named by its hash).
+//! - A host-local file (class `local`) is a plain file in the host-local
+//!   tree, `local/<dir ino>/<name>`, with no record in RocksDB (`local`:
+//!   each operation one syscall there); it is imported into RocksDB as a
+//!   staged file when it gets a shared name (ccache's temporary renamed
+//!   onto a result).
+//! - Every other regular file is either *staged* (its bytes in
+//!   `staging/<ino>`: being written, or a host-local file of a store from
+//!   before the tree) or a *blob* (published, immutable, named by its hash).
 //! - A staged file in a shared class (result, mutable, ccache-entry) is
 //!   published when it is renamed or linked into such a name, or when the
 //!   last writer closes a file created under its final name. Publication is
@@ -80,7 +85,8 @@
 //!    `usage` shards (kernel references, handles, writers, sealing; writers
 //!    and sealers wait on them only with no other lock held), the handle
 //!    table, directory listings, the verified-blob set, the
-//!    supplementary-group cache, the spare staging files, the clock and the
+//!    supplementary-group cache, the spare staging files, the host-local
+//!    inode maps (`local`), the clock and the
 //!    inode-number allocator. The last two write a lease record (a RocksDB
 //!    put, not synced) under their mutex once per lease.
 //! 5. The store's hold on its database (`store/meta.rs`): shared for one
@@ -117,6 +123,7 @@
 //! `Stats::lock_wait` (`.casfs/metrics`: `casfs_lock_wait_seconds`).
 
 mod handles;
+mod local;
 mod locks;
 mod maintenance;
 mod namespace;
@@ -307,6 +314,8 @@ pub struct Core {
     inode_locks: InodeLocks,
     blob_locks: BlobLocks,
     usage: Usage,
+    /// Host-local files: their tree and inode numbers (local.rs).
+    local: local::LocalTree,
     handles: HandleTable,
     /// Open directory listings, and whether each was read from the start.
     dirs: Sharded<u64, (Arc<Vec<DirEntry>>, bool)>,
@@ -363,6 +372,7 @@ impl Core {
         let inos = InoAllocator::start(store.ino_lease()?);
         let gauges = Gauges::new(store.gauges()?);
         let blobs = Blobs::new(&store.root, config.durable);
+        let local = local::LocalTree::open(&store.root)?;
         let core = Core {
             store,
             blobs,
@@ -375,6 +385,7 @@ impl Core {
             inode_locks: InodeLocks::new(),
             blob_locks: BlobLocks::new(),
             usage: Usage::new(),
+            local,
             handles: HandleTable::new(),
             dirs: Sharded::new(),
             next_fh: AtomicU64::new(1),
@@ -395,6 +406,7 @@ impl Core {
         core.ensure_root()?;
         if !core.config.read_only {
             core.recover()?;
+            core.recover_local()?;
             core.apply_root_settings()?;
         }
         Ok(core)

@@ -65,12 +65,19 @@ impl Core {
     }
 
     pub fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Attr> {
+        self.lookup_name(parent, name).map(|a| self.shown(a))
+    }
+
+    fn lookup_name(&self, parent: Ino, name: &[u8]) -> Result<Attr> {
         Stats::bump(&self.stats.counters.lookups);
         if name.len() > NAME_BYTES_MAX {
             return Err(Error::errno(libc::ENAMETOOLONG));
         }
         if let Some(answer) = self.lookup_virtual(parent, name) {
             return answer;
+        }
+        if let Some(attr) = self.local_lookup(parent, name)? {
+            return Ok(attr);
         }
         let found = {
             let _shared = self.inode_locks.read(parent, &self.stats.lock_wait);
@@ -102,6 +109,9 @@ impl Core {
     }
 
     pub fn forget(&self, ino: Ino, n: u64) {
+        if ino.is_local() {
+            return self.local_forget(ino, n);
+        }
         if self.usage.forget(ino, n) {
             self.forget_remote(ino);
             if let Err(e) = self.maybe_forget(ino) {
@@ -114,8 +124,20 @@ impl Core {
         if ino.is_virtual() {
             return Ok(self.virtual_attr(ino));
         }
+        if ino.is_local() {
+            return match self.resolve(ino) {
+                r if r == ino => self.local_getattr(ino),
+                r => self.getattr(r).map(|a| Attr { ino, ..a }),
+            };
+        }
         match self.store.inode(ino)? {
-            Some(inode) => Ok(self.attr_of(&inode)),
+            Some(inode) => {
+                let mut attr = self.attr_of(&inode);
+                if inode.kind == Kind::Dir {
+                    self.local_dir_times(&mut attr);
+                }
+                Ok(attr)
+            }
             // Shown from its shared record only.
             None => self.remote_getattr(ino).map_or_else(enoent, Ok),
         }
@@ -133,6 +155,12 @@ impl Core {
             return self.setattr_virtual(ino, &set);
         }
         self.writable()?;
+        if ino.is_local() {
+            return match self.resolve(ino) {
+                r if r == ino => self.local_setattr(ino, &set),
+                r => self.setattr(r, set).map(|a| Attr { ino, ..a }),
+            };
+        }
         self.materialize(ino)?;
         // A truncate writes the file: no publication may be sealing it.
         let truncates = set.size.is_some();
@@ -243,6 +271,10 @@ impl Core {
     }
 
     pub fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {
+        let ino = self.resolve(ino);
+        if ino.is_local() {
+            return self.local_readlink(ino);
+        }
         match self.inode(ino)?.content {
             Content::Symlink(t) => Ok(t),
             _ => Err(Error::errno(libc::EINVAL)),
@@ -250,6 +282,9 @@ impl Core {
     }
 
     pub fn access(&self, ino: Ino) -> Result<()> {
+        if ino.is_local() {
+            return self.getattr(ino).map(|_| ());
+        }
         if !ino.is_virtual()
             && self.store.inode(ino)?.is_none()
             && self.remote_getattr(ino).is_none()
@@ -305,6 +340,9 @@ impl Core {
         }
         self.writable()?;
         check_name(name)?;
+        if parent.is_local() {
+            return Err(Error::errno(libc::ENOTDIR));
+        }
         if Self::is_stats_name(parent, name) {
             return Err(Error::errno(libc::EEXIST));
         }
@@ -369,6 +407,9 @@ impl Core {
         caller: Caller,
     ) -> Result<Attr> {
         self.check_new_name(parent, name)?;
+        if self.local_has(parent, name)? {
+            return Err(Error::errno(libc::EEXIST));
+        }
         self.check_space(0)?;
         let ino = self.alloc_ino()?;
         let _g = self.lock(&[parent]);
@@ -402,6 +443,10 @@ impl Core {
     pub fn symlink(&self, parent: Ino, name: &[u8], target: &[u8], caller: Caller) -> Result<Attr> {
         if target.len() > SYMLINK_BYTES_MAX {
             return Err(Error::errno(libc::ENAMETOOLONG));
+        }
+        self.check_new_name(parent, name)?;
+        if let Some(attr) = self.local_symlink(parent, name, target, caller)? {
+            return Ok(attr);
         }
         let content = Content::Symlink(target.to_vec());
         self.make_node(parent, name, Kind::Symlink, 0o777, content, caller)
@@ -450,6 +495,12 @@ impl Core {
         if name.len() > NAME_BYTES_MAX {
             return Err(Error::errno(libc::ENAMETOOLONG));
         }
+        if !dir_wanted && self.local_unlink(parent, name)? {
+            return Ok(());
+        }
+        if dir_wanted && self.local_has(parent, name)? {
+            return Err(Error::errno(libc::ENOTDIR));
+        }
         if !dir_wanted && self.unshow_remote_name(parent, name) {
             // Shown from its shared record only: nothing here to remove.
             return Ok(());
@@ -462,7 +513,7 @@ impl Core {
         match (inode.kind == Kind::Dir, dir_wanted) {
             (true, false) => return Err(Error::errno(libc::EISDIR)),
             (false, true) => return Err(Error::errno(libc::ENOTDIR)),
-            (true, true) if !self.store.dir_is_empty(ino)? => {
+            (true, true) if !self.store.dir_is_empty(ino)? || !self.local_dir_clear(ino)? => {
                 return Err(Error::errno(libc::ENOTEMPTY))
             }
             _ => {}
@@ -511,9 +562,6 @@ impl Core {
         newname: &[u8],
         flags: u32,
     ) -> Result<()> {
-        if flags & libc::RENAME_EXCHANGE != 0 {
-            return Err(Error::errno(libc::EINVAL));
-        }
         if parent.is_virtual() || newparent.is_virtual() || Self::is_stats_name(parent, name) {
             return Err(Error::errno(libc::EPERM));
         }
@@ -521,6 +569,40 @@ impl Core {
             return Err(Error::errno(libc::ENAMETOOLONG));
         }
         self.check_new_name(newparent, newname)?;
+        // A tree name moves in the tree, or is imported and moved below.
+        let in_tree = self.local_has(parent, name)?;
+        if in_tree && self.local_rename((parent, name), (newparent, newname), flags)? {
+            return Ok(());
+        }
+        if flags & libc::RENAME_EXCHANGE != 0 {
+            return Err(Error::errno(libc::EINVAL));
+        }
+        if self.local_has(newparent, newname)? {
+            // A RocksDB name replacing a tree name (a shared file renamed
+            // onto a local-class name, or onto a tree name whose directory
+            // was renamed into a shared class).
+            if flags & libc::RENAME_NOREPLACE != 0 {
+                return Err(Error::errno(libc::EEXIST));
+            }
+            if self.store.dentry(parent, name)?.is_none() {
+                return enoent();
+            }
+            self.local_unlink(newparent, newname)?;
+        }
+        // (The kernel moves its inode of the tree file to the new name; that
+        // inode stands for the imported one while the kernel holds it.)
+        self.rename_store(parent, name, newparent, newname, flags)
+    }
+
+    /// `rename` of a name RocksDB holds.
+    fn rename_store(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        newparent: Ino,
+        newname: &[u8],
+        flags: u32,
+    ) -> Result<()> {
         self.materialize_name(parent, name);
         for _ in 0..RETRIES_MAX {
             // Outside any lock: what is being moved, and the blob it will
@@ -630,7 +712,9 @@ impl Core {
             match (src.kind == Kind::Dir, d.kind == Kind::Dir) {
                 (false, true) => return Err(Error::errno(libc::EISDIR)),
                 (true, false) => return Err(Error::errno(libc::ENOTDIR)),
-                (true, true) if !self.store.dir_is_empty(d.ino)? => {
+                (true, true)
+                    if !self.store.dir_is_empty(d.ino)? || !self.local_dir_clear(d.ino)? =>
+                {
                     return Err(Error::errno(libc::ENOTEMPTY))
                 }
                 _ => {}
@@ -750,9 +834,27 @@ impl Core {
     /// inode), since a write the writer was told succeeded cannot be made
     /// part of a result afterwards.
     pub fn link(&self, ino: Ino, newparent: Ino, newname: &[u8]) -> Result<Attr> {
+        self.link_name(ino, newparent, newname)
+            .map(|a| self.shown(a))
+    }
+
+    fn link_name(&self, ino: Ino, newparent: Ino, newname: &[u8]) -> Result<Attr> {
         Self::refuse_virtual(ino)?;
-        self.materialize(ino)?;
         self.check_new_name(newparent, newname)?;
+        let mut ino = self.resolve(ino);
+        if ino.is_local() {
+            match self.local_link(ino, newparent, newname)? {
+                Some(attr) => return Ok(attr),
+                None => ino = self.resolve(ino),
+            }
+            if ino.is_local() {
+                return enoent();
+            }
+        }
+        if self.local_has(newparent, newname)? {
+            return Err(Error::errno(libc::EEXIST));
+        }
+        self.materialize(ino)?;
         let peek = self.inode(ino)?;
         if peek.kind == Kind::Dir {
             return Err(Error::errno(libc::EPERM));
@@ -972,6 +1074,7 @@ impl Core {
                     });
                 }
             }
+            self.local_list(ino, &mut entries)?;
             // Names only the shared tier has (bounded, cached briefly).
             self.list_shared(ino, &mut entries)?;
         }

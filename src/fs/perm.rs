@@ -126,7 +126,7 @@ impl Core {
         if who.uid == 0 || dir.perm & 0o1000 == 0 || dir.uid == who.uid {
             return Ok(());
         }
-        match self.store.dentry(parent, name)? {
+        match self.child(parent, name)? {
             Some(child) if self.getattr(child)?.uid != who.uid => Err(Error::errno(libc::EPERM)),
             _ => Ok(()),
         }
@@ -145,7 +145,7 @@ impl Core {
         self.permit_remove(who, parent, name)?;
         self.permit_remove(who, newparent, newname)?;
         if parent != newparent && who.uid != 0 {
-            if let Some(child) = self.store.dentry(parent, name)? {
+            if let Some(child) = self.child(parent, name)? {
                 if self.getattr(child)?.kind == Kind::Dir {
                     self.permit(who, child, MAY_WRITE)?;
                 }

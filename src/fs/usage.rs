@@ -128,6 +128,11 @@ impl Usage {
         map.get(&ino).is_some_and(|u| u.handles > 0)
     }
 
+    pub fn handles(&self, ino: Ino) -> u64 {
+        let (_leaf, map, _) = self.shard(ino);
+        map.get(&ino).map_or(0, |u| u.handles as u64)
+    }
+
     pub fn writers(&self, ino: Ino) -> u32 {
         let (_leaf, map, _) = self.shard(ino);
         map.get(&ino).map_or(0, |u| u.writers)

@@ -93,10 +93,17 @@ pub const BACKING_CACHE_MAX: usize = 4096;
 /// backing file attached to the inode, the kernel refuses a second one (and
 /// any non-passthrough open of that inode), so such an open fails with EIO
 /// until they are closed; never the old file's bytes.
+///
+/// Host-local tree files (`fs/local.rs`) are read and written through
+/// passthrough too: every open of such an inode is a passthrough open (the
+/// kernel refuses to mix the two on one inode), sharing one backing file
+/// per inode while any handle holds it (`local`); the last release closes
+/// it, so an unlinked scratch file's space is freed.
 #[derive(Default)]
 struct Backing {
     by_fh: HashMap<u64, Arc<BackingId>>,
     by_ino: HashMap<u64, (BlobId, FileIdentity, Arc<BackingId>)>,
+    local: HashMap<u64, std::sync::Weak<BackingId>>,
 }
 
 impl CasFs {
@@ -176,6 +183,58 @@ impl CasFs {
             flags - FopenFlags::FOPEN_KEEP_CACHE,
             &backing,
         );
+    }
+
+    /// The backing file for a handle on a host-local tree file: the one
+    /// other handles of the inode use, or the handle's own descriptor,
+    /// registered by `register`. None: no passthrough (refused, or off).
+    fn local_backing(
+        &self,
+        ino: u64,
+        fh: u64,
+        register: impl FnOnce(&std::fs::File) -> std::io::Result<BackingId>,
+    ) -> Option<Arc<BackingId>> {
+        if !self.passthrough.load(std::sync::atomic::Ordering::Relaxed)
+            || !self.core.passthrough_local(fh)
+        {
+            return None;
+        }
+        let shared = self
+            .backing
+            .lock()
+            .unwrap()
+            .local
+            .get(&ino)
+            .and_then(|w| w.upgrade());
+        let backing = match shared {
+            Some(b) => b,
+            None => match self.core.with_file(fh, register) {
+                Ok(Ok(id)) => {
+                    let fresh = Arc::new(id);
+                    let mut b = self.backing.lock().unwrap();
+                    match b.local.get(&ino).and_then(|w| w.upgrade()) {
+                        // Another open of this inode registered one meanwhile.
+                        Some(other) => other,
+                        None => {
+                            b.local.retain(|_, w| w.strong_count() > 0);
+                            b.local.insert(ino, Arc::downgrade(&fresh));
+                            fresh
+                        }
+                    }
+                }
+                Ok(Err(e)) => {
+                    debug!("passthrough for local ino={ino} refused ({e}); through the daemon");
+                    return None;
+                }
+                Err(_) => return None,
+            },
+        };
+        self.backing
+            .lock()
+            .unwrap()
+            .by_fh
+            .insert(fh, backing.clone());
+        Some(backing)
     }
 
     /// Drops a released handle's hold on its backing file (the file stays
@@ -484,9 +543,9 @@ impl Filesystem for CasFs {
         self.core.forget(ino(i), nlookup);
     }
 
-    fn getattr(&self, _req: &Request, i: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+    fn getattr(&self, _req: &Request, i: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         let t = self.begin(Op::Getattr);
-        match self.core.getattr(ino(i)) {
+        match self.core.getattr_fh(ino(i), fh.map(|f| f.0)) {
             Ok(a) => reply.attr(&ttl(&a), &file_attr(&a)),
             Err(e) => reply.error(t.errno(&e)),
         }
@@ -695,6 +754,13 @@ impl Filesystem for CasFs {
                     flags.0 & libc::O_ACCMODE == libc::O_RDONLY && flags.0 & libc::O_TRUNC == 0;
                 if read_only || self.core.close_is_silent(fh) {
                     f |= FopenFlags::FOPEN_NOFLUSH;
+                }
+                if let Some(b) = self.local_backing(i.0, fh, |file| reply.open_backing(file)) {
+                    return reply.opened_passthrough(
+                        FileHandle(fh),
+                        f - FopenFlags::FOPEN_KEEP_CACHE,
+                        &b,
+                    );
                 }
                 if read_only
                     && !direct
@@ -935,6 +1001,16 @@ impl Filesystem for CasFs {
                 let mut f = FopenFlags::FOPEN_KEEP_CACHE;
                 if self.core.close_is_silent(fh) {
                     f |= FopenFlags::FOPEN_NOFLUSH;
+                }
+                if let Some(b) = self.local_backing(a.ino.0, fh, |file| reply.open_backing(file)) {
+                    return reply.created_passthrough(
+                        &ttl(&a),
+                        &file_attr(&a),
+                        Generation(0),
+                        FileHandle(fh),
+                        f - FopenFlags::FOPEN_KEEP_CACHE,
+                        &b,
+                    );
                 }
                 reply.created(&ttl(&a), &file_attr(&a), Generation(0), FileHandle(fh), f)
             }

@@ -24,9 +24,21 @@ impl Ino {
     /// `casfs sync` in progress: MARK is the clock tick it waits for,
     /// below 2^63 until the year 2262). Never allocated to a real inode.
     const SYNC_MARK_BIT: u64 = 1 << 63;
+    /// Set in the numbers of host-local tree files (`fs/local.rs`), handed
+    /// out per mount; never in a RocksDB inode (those count up from 16).
+    pub const LOCAL_BIT: u64 = 1 << 62;
+    /// With `LOCAL_BIT`: a tree file shown in a listing before any lookup
+    /// (readdir's numbers are informational); never handed to the kernel
+    /// as an inode.
+    pub const LOCAL_UNSEEN_BIT: u64 = 1 << 61;
 
     pub fn is_virtual(self) -> bool {
         (self.0 >= Ino::STATS_DIR.0 && self.0 < Ino::FIRST_DYNAMIC.0) || self.sync_mark().is_some()
+    }
+
+    /// A host-local tree file (`fs/local.rs`).
+    pub fn is_local(self) -> bool {
+        self.0 & (Ino::SYNC_MARK_BIT | Ino::LOCAL_BIT) == Ino::LOCAL_BIT
     }
 
     /// The virtual file that reports on the sync waiting for `mark`.

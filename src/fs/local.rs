@@ -118,6 +118,41 @@ impl Maps {
         }
     }
 
+    /// Before a syscall that may remove the last link of the file at
+    /// `name` in `dir`: forgets which number its ext4 inode has, so that a
+    /// file ext4 makes in that inode once it is freed (the kernel reuses
+    /// inode numbers at once) gets a number of its own, never this one.
+    /// Without it, a file created elsewhere between the syscall and
+    /// `unname` would be bound to the old number, which the kernel still
+    /// holds for other names (a renamed temporary's result name), and would
+    /// serve its bytes under them. The kernel keeps lookups of `name` out
+    /// meanwhile (it holds the directory's lock across an unlink or
+    /// rename); a file with more links than this mount knows of may get a
+    /// second number for a later-seen name, which is harmless. Returns what
+    /// `reattach` restores if the syscall fails.
+    fn detach(&mut self, dir: Ino, name: &[u8]) -> Option<(u64, Ino)> {
+        let (ino, n) = self
+            .by_ino
+            .iter()
+            .find(|(_, n)| n.names.iter().any(|(d, m)| *d == dir && m == name))?;
+        if n.names.len() != 1 || self.by_file.get(&n.file) != Some(ino) {
+            return None;
+        }
+        let (file, ino) = (n.file, *ino);
+        self.by_file.remove(&file);
+        Some((file, ino))
+    }
+
+    /// The syscall after `detach` failed: the file keeps its number unless
+    /// another file took its inode meanwhile.
+    fn reattach(&mut self, detached: Option<(u64, Ino)>) {
+        if let Some((file, ino)) = detached {
+            if self.by_ino.contains_key(&ino) {
+                self.by_file.entry(file).or_insert(ino);
+            }
+        }
+    }
+
     /// `name` in `dir` is no longer bound to what it was (unlinked,
     /// replaced by a rename, imported).
     fn unname(&mut self, dir: Ino, name: &[u8]) {
@@ -316,6 +351,23 @@ impl LocalTree {
         if let Some(node) = m.by_ino.get_mut(&ino) {
             node.handles += 1;
         }
+    }
+
+    /// Runs `op`, a syscall that may remove the last link of the file at
+    /// `name` in `dir`, between `Maps::detach` and, if it fails,
+    /// `Maps::reattach` (no syscall under the lock).
+    fn removing<T>(
+        &self,
+        dir: Ino,
+        name: &[u8],
+        op: impl FnOnce() -> io::Result<T>,
+    ) -> io::Result<T> {
+        let detached = self.maps.lock().unwrap().detach(dir, name);
+        let r = op();
+        if r.is_err() {
+            self.maps.lock().unwrap().reattach(detached);
+        }
+        r
     }
 
     /// Runs `op` on the tree path of `name` in `dir`, making the
@@ -722,8 +774,11 @@ impl Core {
     pub(super) fn local_unlink(&self, parent: Ino, name: &[u8]) -> Result<bool> {
         let _g = self.lock(&[parent]);
         let p = path_of(parent, name);
-        // SAFETY: unlinkat(2) with a valid descriptor and C string.
-        match check(unsafe { libc::unlinkat(self.local.fd(), p.as_ptr(), 0) }) {
+        let fd = self.local.fd();
+        match self.local.removing(parent, name, || {
+            // SAFETY: unlinkat(2) with a valid descriptor and C string.
+            check(unsafe { libc::unlinkat(fd, p.as_ptr(), 0) })
+        }) {
             Ok(()) => {
                 self.local.maps.lock().unwrap().unname(parent, name);
                 Ok(true)
@@ -765,6 +820,13 @@ impl Core {
         let _g = self.lock(&[parent, newparent]);
         let (p, q) = (path_of(parent, name), path_of(newparent, newname));
         let fd = self.local.fd();
+        // An exchange keeps both files linked; any other rename may unlink
+        // the target's file.
+        let replaced = if flags & libc::RENAME_EXCHANGE != 0 {
+            None
+        } else {
+            self.local.maps.lock().unwrap().detach(newparent, newname)
+        };
         self.local
             .in_dir(newparent, || {
                 // SAFETY: renameat2(2) within the tree.
@@ -780,7 +842,10 @@ impl Core {
                 };
                 check(rc as libc::c_int)
             })
-            .map_err(|e| tree_error(e, "rename"))?;
+            .map_err(|e| {
+                self.local.maps.lock().unwrap().reattach(replaced);
+                tree_error(e, "rename")
+            })?;
         let mut m = self.local.maps.lock().unwrap();
         let src = m.by_file.get(&st.st_ino).copied();
         if flags & libc::RENAME_EXCHANGE != 0 {
@@ -893,29 +958,12 @@ impl Core {
             self.usage.remember(ino);
         }
         let _g = self.lock(&[parent, ino]);
-        let p = path_of(parent, name);
-        let fd = self.local.fd();
-        if kind == Kind::File {
-            let staging = self.blobs.staging_path(ino);
-            if movable(&st, writers) {
-                let to = CString::new(staging.as_os_str().as_bytes()).unwrap_or_default();
-                // SAFETY: renameat(2) from the tree into the staging folder
-                // (one filesystem).
-                check(unsafe { libc::renameat(fd, p.as_ptr(), libc::AT_FDCWD, to.as_ptr()) })
-                    .map_err(|e| tree_error(e, "import"))?;
-            } else {
-                let from = self.local_full_path(parent, name);
-                let from = std::path::Path::new(std::ffi::OsStr::from_bytes(from.as_bytes()));
-                std::fs::copy(from, &staging).map_err(|e| Error::io(e, "import copy"))?;
-                // SAFETY: unlinkat(2) of the tree name just copied.
-                check(unsafe { libc::unlinkat(fd, p.as_ptr(), 0) })
-                    .map_err(|e| tree_error(e, "import"))?;
-            }
-        } else {
-            // SAFETY: unlinkat(2) of the tree name (its target is kept).
-            check(unsafe { libc::unlinkat(fd, p.as_ptr(), 0) })
-                .map_err(|e| tree_error(e, "import"))?;
+        let detached = self.local.maps.lock().unwrap().detach(parent, name);
+        let moved = self.local_import_file(kind, &st, writers, (parent, name), ino);
+        if moved.is_err() {
+            self.local.maps.lock().unwrap().reattach(detached);
         }
+        moved?;
         let mtime = ns(st.st_mtime, st.st_mtime_nsec);
         let ctime = ns(st.st_ctime, st.st_ctime_nsec);
         // A time a client set (`utimensat`) moves the ctime, not to the
@@ -973,6 +1021,47 @@ impl Core {
             String::from_utf8_lossy(name)
         );
         Ok(ino)
+    }
+
+    /// The bytes of the tree file at `name` into `staging/<ino>`: moved,
+    /// or copied when a writer holds it or it has other links (a writer's
+    /// late release: ccache closes its temporary before the rename, and the
+    /// kernel sends RELEASE asynchronously, so it may arrive after it).
+    /// Writes a program makes through such a handle after the rename reach
+    /// the tree file, not the copy: a gap against POSIX that ccache never
+    /// meets (doc/semantics.md).
+    fn local_import_file(
+        &self,
+        kind: Kind,
+        st: &libc::stat,
+        writers: u32,
+        (parent, name): (Ino, &[u8]),
+        ino: Ino,
+    ) -> Result<()> {
+        let p = path_of(parent, name);
+        let fd = self.local.fd();
+        if kind == Kind::File {
+            let staging = self.blobs.staging_path(ino);
+            if movable(st, writers) {
+                let to = CString::new(staging.as_os_str().as_bytes()).unwrap_or_default();
+                // SAFETY: renameat(2) from the tree into the staging folder
+                // (one filesystem).
+                check(unsafe { libc::renameat(fd, p.as_ptr(), libc::AT_FDCWD, to.as_ptr()) })
+                    .map_err(|e| tree_error(e, "import"))?;
+            } else {
+                let from = self.local_full_path(parent, name);
+                let from = std::path::Path::new(std::ffi::OsStr::from_bytes(from.as_bytes()));
+                std::fs::copy(from, &staging).map_err(|e| Error::io(e, "import copy"))?;
+                // SAFETY: unlinkat(2) of the tree name just copied.
+                check(unsafe { libc::unlinkat(fd, p.as_ptr(), 0) })
+                    .map_err(|e| tree_error(e, "import"))?;
+            }
+        } else {
+            // SAFETY: unlinkat(2) of the tree name (its target is kept).
+            check(unsafe { libc::unlinkat(fd, p.as_ptr(), 0) })
+                .map_err(|e| tree_error(e, "import"))?;
+        }
+        Ok(())
     }
 
     fn local_readlink_at(&self, parent: Ino, name: &[u8]) -> Result<Vec<u8>> {
@@ -1100,5 +1189,67 @@ trait IntoVecBytes {
 impl IntoVecBytes for std::ffi::OsString {
     fn into_vec_bytes(self) -> Vec<u8> {
         std::os::unix::ffi::OsStringExt::into_vec(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one_file(file: u64, dir: Ino, name: &[u8]) -> (Maps, Ino) {
+        let ino = Ino(Ino::LOCAL_BIT | 1);
+        let mut m = Maps::default();
+        m.by_file.insert(file, ino);
+        m.by_ino.insert(
+            ino,
+            Node {
+                names: vec![(dir, name.to_vec())],
+                file,
+                forward: None,
+                lookups: 1,
+                handles: 0,
+            },
+        );
+        (m, ino)
+    }
+
+    /// A file ext4 makes in the inode of a removed tree file (its number
+    /// is reused at once) must not be bound to the removed file's number,
+    /// which the kernel may still hold under the name a rename gave it.
+    #[test]
+    fn a_reused_ext4_inode_never_inherits_the_removed_files_number() {
+        let dir = Ino(300);
+        let (mut m, _old) = one_file(7, dir, b"r.tmp");
+        let detached = m.detach(dir, b"r.tmp");
+        assert!(detached.is_some());
+        assert_eq!(
+            m.by_file.get(&7),
+            None,
+            "the removed file's inode is forgotten"
+        );
+        m.unname(dir, b"r.tmp");
+        assert_eq!(m.by_file.get(&7), None);
+    }
+
+    #[test]
+    fn a_failed_removal_keeps_the_files_number() {
+        let dir = Ino(300);
+        let (mut m, ino) = one_file(7, dir, b"stats");
+        let detached = m.detach(dir, b"stats");
+        m.reattach(detached);
+        assert_eq!(m.by_file.get(&7), Some(&ino));
+    }
+
+    #[test]
+    fn a_file_with_another_known_name_keeps_its_number() {
+        let dir = Ino(300);
+        let (mut m, ino) = one_file(7, dir, b"a");
+        m.by_ino
+            .get_mut(&ino)
+            .unwrap()
+            .names
+            .push((dir, b"b".to_vec()));
+        assert_eq!(m.detach(dir, b"a"), None);
+        assert_eq!(m.by_file.get(&7), Some(&ino));
     }
 }

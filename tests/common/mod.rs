@@ -98,6 +98,13 @@ pub fn require_tools() {
     }
 }
 
+/// The daemon's log level in tests: `CASFS_TEST_LOG` (`info` when unset;
+/// `debug` logs every namespace decision, for chasing a failure together
+/// with `CASFS_TEST_KEEP`, which keeps a failing test's directory).
+pub fn test_log_level() -> String {
+    std::env::var("CASFS_TEST_LOG").unwrap_or_else(|_| "info".into())
+}
+
 /// The FUSE transport the mount tests use: `CASFS_TEST_TRANSPORT` (`dev`
 /// when unset). `uring` fails the test at once (never skips) when the
 /// kernel does not offer FUSE over io_uring.
@@ -171,6 +178,13 @@ impl TestDir {
 
 impl Drop for TestDir {
     fn drop(&mut self) {
+        for mp in mounts_under(&self.root) {
+            force_unmount(&mp);
+        }
+        if thread::panicking() && std::env::var_os("CASFS_TEST_KEEP").is_some() {
+            eprintln!("TestDir: kept {:?} (CASFS_TEST_KEEP is set)", self.root);
+            return;
+        }
         for mp in mounts_under(&self.root) {
             force_unmount(&mp);
         }
@@ -397,7 +411,7 @@ impl Mount {
         }
         cmd.args(extra)
             .arg(mountpoint)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", test_log_level())
             .env_remove("NOTIFY_SOCKET")
             .env_remove("JOURNAL_STREAM")
             .stdin(Stdio::null())

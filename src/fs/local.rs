@@ -583,22 +583,7 @@ impl Core {
         let Some((dir, name)) = self.local.name_of(ino) else {
             return enoent();
         };
-        let p = path_of(dir, &name);
-        let mut buf = vec![0u8; crate::fs::SYMLINK_BYTES_MAX + 1];
-        // SAFETY: readlinkat(2) into a buffer of the given length.
-        let n = unsafe {
-            libc::readlinkat(
-                self.local.fd(),
-                p.as_ptr(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-            )
-        };
-        if n < 0 {
-            return Err(tree_error(io::Error::last_os_error(), "readlink"));
-        }
-        buf.truncate(n as usize);
-        Ok(buf)
+        self.local_readlink_at(dir, &name)
     }
 
     /// Opens the tree file of `ino` with the client's access mode.
